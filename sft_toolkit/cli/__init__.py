@@ -1,0 +1,38 @@
+"""`sft-toolkit` command line: one small module per command, one exit-code policy for all of them.
+
+Exit codes: 0 fine, 1 a check failed (lint errors, zero-mask data), 2 unusable input or invocation
+(one line on stderr naming the file/row/field, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..problems import InputError
+from . import lint, show
+
+COMMANDS = {"lint": lint, "show": show}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sft-toolkit",
+        description="Train chat models only on what the assistant says, and never silently on nothing.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except InputError as err:
+        print(f"sft-toolkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sft-toolkit {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,51 @@
+"""`sft-toolkit lint TEMPLATE... [--tokenizer TOK] [--reference ORIGINAL.jinja] [--format text|json]`"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from ..lint import lint
+from ..problems import ERROR, INFO, WARNING
+from ..templates import load_template
+from ..tokenizer import load_tokenizer
+
+COLORS = {ERROR: "red", WARNING: "yellow", INFO: "cyan"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lint", help="check chat templates for assistant-only training",
+                       description="Static (Jinja AST) and rendered checks of chat templates' generation markers.")
+    p.add_argument("templates", nargs="+", metavar="TEMPLATE",
+                   help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name")
+    p.add_argument("--tokenizer", help="tokenizer directory, hub id or offline:NAME, for token-level checks")
+    p.add_argument("--reference", help="the original inference template: any byte difference is an error")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+
+def run(args) -> int:
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    reference = load_template(args.reference).source if args.reference else None
+    results = []
+    for spec in args.templates:
+        template = load_template(spec)
+        results.append(lint(template.source, template.origin, tokenizer=tokenizer, reference=reference))
+    if args.format == "json":
+        print(json.dumps({"results": [r.to_json() for r in results]}, indent=2, ensure_ascii=False))
+    else:
+        _print_text(results)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _print_text(results) -> None:
+    console = Console(highlight=False, soft_wrap=True)
+    for result in results:
+        errors = sum(f.severity == ERROR for f in result.findings)
+        warnings = sum(f.severity == WARNING for f in result.findings)
+        verdict = "[green]ok[/]" if result.ok else "[red]FAIL[/]"
+        console.print(f"[bold]{result.template}[/]: {verdict} ({errors} errors, {warnings} warnings)")
+        for f in result.findings:
+            where = f"{result.template}:{f.line}" if f.line else result.template
+            console.print(f"  {where}: [{COLORS[f.severity]}]{f.severity}[/] {f.rule} ", end="")
+            console.print(f.message, markup=False)

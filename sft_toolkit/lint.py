@@ -1,0 +1,442 @@
+"""Lint a chat template for assistant-only training: static rules on jinja2's AST, rendered rules on probes.
+
+Static rules read the template without running it (jinja2's own parser, with a `generation` tag that
+parses like transformers' and remembers where the block ends). Rendered rules run the template through
+transformers' renderer on the probe corpus and compare what is trained with where each assistant turn
+really is. A turn's place is found without knowing the family: `render(messages[:i],
+add_generation_prompt=True)` ends where the model starts writing turn i, so everything the template
+emits from there up to the turn's end-of-turn text is the assistant's output; everything else must
+stay untrained.
+
+Rule codes are stable (other tools match on them):
+  S001 syntax-error             S002 no-generation-block        S003 generation-unbalanced
+  S004 generation-not-assistant S005 eot-outside-generation
+  R001 assistant-turn-untrained R002 trained-outside-assistant  R003 eot-not-trained
+  R004 generation-prompt-mismatch R005 reference-mismatch       R006 mask-inside-token
+  R007 render-failed            I001 probe-rejected
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+
+from .masks import Rendered, TemplateRaised, render, tokenize
+from .probes import PROBES, Probe
+from .problems import ERROR, INFO, WARNING, Finding, InputError
+
+ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
+OTHER_ROLES = {"user", "system", "tool", "ipython", "human", "developer"}
+# Literal text that ends a turn in the families we know; used by the static S005 rule only (the rendered
+# R003 rule finds each template's own end-of-turn text by rendering).
+EOT_LITERAL = re.compile(r"^\s*(<\|(?:im_end|eot_id|end|endoftext|eom_id)\|>|<end_of_turn>|</s>|<turn\|>)")
+
+
+@dataclass(frozen=True)
+class LintResult:
+    template: str
+    findings: list[Finding]
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == ERROR for f in self.findings)
+
+    def to_json(self) -> dict:
+        return {"template": self.template, "ok": self.ok, "findings": [f.to_json() for f in self.findings]}
+
+
+def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None) -> LintResult:
+    """All rules on one template. `reference` is the original inference template to compare bytes with."""
+    findings = static_findings(source)
+    # Rendering is pointless when the template can't parse, or has no blocks (every turn would be "untrained").
+    if not any(f.rule in ("S001", "S002", "S003") for f in findings):
+        findings += rendered_findings(source, tokenizer=tokenizer, reference=reference)
+    order = {ERROR: 0, WARNING: 1, INFO: 2}
+    findings.sort(key=lambda f: (order[f.severity], f.line or 0, f.rule))
+    return LintResult(template=name, findings=findings)
+
+
+# --------------------------------------------------------------------------------------------- static
+
+
+class _GenerationTag(Extension):
+    """Parses `{% generation %}` the way transformers' AssistantTracker does, and records the closing line."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=False)
+        end_lineno = parser.stream.current.lineno
+        next(parser.stream)
+        block = nodes.CallBlock(self.call_method("_generation"), [], [], body).set_lineno(lineno)
+        block.end_lineno = end_lineno
+        return block
+
+
+_PARSER = jinja2.Environment(extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True, lstrip_blocks=True)
+
+
+def generation_blocks(source: str) -> list[nodes.CallBlock]:
+    """The `{% generation %}` blocks of a template, in source order (raises jinja2.TemplateSyntaxError)."""
+    return list(_PARSER.parse(source).find_all(nodes.CallBlock))
+
+
+def static_findings(source: str) -> list[Finding]:
+    try:
+        tree = _PARSER.parse(source)
+    except jinja2.TemplateSyntaxError as err:
+        col = _error_column(source, err)
+        if "generation" in err.message:
+            return [Finding("S003", ERROR, f"unbalanced generation block at {err.lineno}:{col}: {err.message} "
+                            "Every {% generation %} needs exactly one {% endgeneration %}.", err.lineno)]
+        return [Finding("S001", ERROR, f"syntax error at {err.lineno}:{col}: {err.message}", err.lineno)]
+
+    blocks = list(tree.find_all(nodes.CallBlock))
+    if not blocks:
+        return [Finding("S002", ERROR, "no {% generation %} block: assistant_only_loss would train on nothing. "
+                        "Wrap each assistant message's output and its end-of-turn token in "
+                        "{% generation %}...{% endgeneration %} (or run `sft-toolkit add-markers`).")]
+    findings = []
+    for block in blocks:
+        for inner in block.find_all(nodes.CallBlock):
+            findings.append(Finding("S003", ERROR, f"generation block at line {inner.lineno} is nested inside the "
+                                    f"one at line {block.lineno}; transformers records both spans. Remove the inner one.",
+                                    inner.lineno))
+    for block, conditions in _blocks_with_conditions(tree):
+        findings += _role_finding(block, conditions)
+    findings += _eot_after_block_findings(tree)
+    return findings
+
+
+def _error_column(source: str, err: jinja2.TemplateSyntaxError) -> int:
+    """jinja2 reports only the line; point at the tag it names, else at the line's first statement."""
+    lines = source.splitlines()
+    if not err.lineno or err.lineno > len(lines):
+        return 1
+    line = lines[err.lineno - 1]
+    named = re.search(r"'(\w+)'", err.message)
+    if named and (m := re.search(r"\{[%{]-?\s*" + re.escape(named.group(1)), line)):
+        return m.start() + 1
+    m = re.search(r"\{[%{#]", line)
+    return (m.start() + 1) if m else 1
+
+
+def _blocks_with_conditions(tree) -> list[tuple[nodes.CallBlock, list[tuple[nodes.Node, bool]]]]:
+    """Each generation block with the `if` tests on its path: (test, True) in a body, (test, False) in an else."""
+    found = []
+
+    def walk(node, conditions):
+        if isinstance(node, nodes.CallBlock):
+            found.append((node, conditions))
+        if isinstance(node, nodes.If):
+            walk(node.test, conditions)
+            for child in node.body:
+                walk(child, conditions + [(node.test, True)])
+            negated = conditions + [(node.test, False)]
+            for elif_ in node.elif_:
+                walk(elif_, negated)
+            for child in node.else_:
+                walk(child, negated)
+            return
+        for child in node.iter_child_nodes():
+            walk(child, conditions)
+
+    walk(tree, [])
+    return found
+
+
+def _roles_in(test: nodes.Node) -> set[str]:
+    return {c.value for c in test.find_all(nodes.Const) if isinstance(c.value, str)} & (ASSISTANT_ROLES | OTHER_ROLES)
+
+
+def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
+    for test, positive in reversed(conditions):
+        roles = _roles_in(test)
+        if positive and roles & ASSISTANT_ROLES:
+            return []
+        if positive and roles & OTHER_ROLES and not roles & ASSISTANT_ROLES:
+            role = sorted(roles & OTHER_ROLES)[0]
+            return [Finding("S004", ERROR, f"generation block at line {block.lineno} sits under a condition on role "
+                            f"'{role}': it would train {role} text. Move it into the assistant branch.", block.lineno)]
+    return [Finding("S004", WARNING, f"generation block at line {block.lineno} is not inside an `if` on the "
+                    "assistant role; check it only wraps assistant output.", block.lineno)]
+
+
+def _eot_after_block_findings(tree) -> list[Finding]:
+    """An end-of-turn literal emitted right after `{% endgeneration %}` is left untrained: the model never learns to stop."""
+    findings = []
+    for parent in tree.find_all((nodes.Template, nodes.If, nodes.For, nodes.CallBlock, nodes.Macro)):
+        for field in ("body", "else_"):
+            children = getattr(parent, field, None) or []
+            for block, following in zip(children, children[1:]):
+                if isinstance(block, nodes.CallBlock) and (eot := _leading_eot(following)):
+                    findings.append(Finding("S005", ERROR, f"end-of-turn {eot!r} on line {following.lineno} is emitted "
+                                            f"after {{% endgeneration %}} (line {block.end_lineno}): it is not "
+                                            "trained, so the model never learns to stop. Move it inside the block.",
+                                            following.lineno))
+    return findings
+
+
+def _leading_eot(node: nodes.Node) -> str | None:
+    if not isinstance(node, nodes.Output) or not node.nodes:
+        return None
+    first = node.nodes[0]
+    text = first.data if isinstance(first, nodes.TemplateData) else None
+    if isinstance(first, nodes.Const) and isinstance(first.value, str):
+        text = first.value
+    if isinstance(first, nodes.Name) and first.name == "eos_token":
+        return "{{ eos_token }}"
+    if isinstance(first, nodes.Add):  # '<|im_end|>' + '\n'
+        left = first.left
+        while isinstance(left, nodes.Add):
+            left = left.left
+        if isinstance(left, nodes.Const) and isinstance(left.value, str):
+            text = left.value
+    m = EOT_LITERAL.match(text or "")
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------------------------------- rendered
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Where assistant message `index` sits in the full render.
+
+    `region` may be trained (from where the generation prompt ends to just past the end-of-turn text and
+    the whitespace after it); `required` spans must be trained, each with its kind ("content" or "eot");
+    `header` is the role header the generation prompt writes before the turn, which must not be trained.
+    """
+
+    index: int
+    region: tuple[int, int]
+    required: list[tuple[int, int, str]]
+    header: tuple[int, int] | None
+
+
+def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None) -> list[Finding]:
+    """Run the probe corpus; one finding per distinct problem, naming the probes (and turns) that show it."""
+    kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
+    line = _single_block_line(source)
+    seen: dict[tuple, list[str]] = defaultdict(list)
+
+    def add(rule, severity, message, where: str, at_line=line):
+        seen[(rule, severity, message, at_line)].append(where)
+
+    eot, rendered_any = None, False
+    for probe in PROBES:
+        try:
+            full = _render(source, probe, probe.messages, False, kwargs)
+        except TemplateRaised as err:
+            add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
+            continue
+        except InputError as err:
+            add("R007", ERROR, f"{err}", probe.name, None)
+            continue
+        rendered_any = True
+        eot = eot or _end_of_turn(source, probe, kwargs)
+        for rule, severity, message, turn in _check_probe(source, probe, full, eot, kwargs):
+            add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name)
+        if reference is not None:
+            for message in _reference_diffs(source, reference, probe, kwargs):
+                add("R005", ERROR, message, probe.name, None)
+        if tokenizer is not None:
+            for message in _token_boundaries(source, probe, tokenizer):
+                add("R006", WARNING, message, probe.name)
+
+    findings = [Finding(rule, sev, f"{msg} [seen in {_summarize(where)}]", ln)
+                for (rule, sev, msg, ln), where in seen.items()]
+    if not rendered_any and not any(f.rule == "R007" for f in findings):
+        findings.append(Finding("R007", ERROR, "the template rejected every probe conversation; nothing could be "
+                                "checked. Does it accept a plain user/assistant exchange?"))
+    return findings
+
+
+def _summarize(where: list[str], limit: int = 4) -> str:
+    unique = list(dict.fromkeys(where))
+    shown = ", ".join(unique[:limit])
+    more = len(unique) - limit
+    return f"probe {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def _render(source, probe: Probe, messages, add_generation_prompt, kwargs) -> Rendered:
+    return render(source, messages, add_generation_prompt=add_generation_prompt, tools=probe.tools,
+                  template_kwargs={**kwargs, **probe.template_kwargs})
+
+
+def _single_block_line(source: str) -> int | None:
+    blocks = generation_blocks(source)
+    return blocks[0].lineno if len(blocks) == 1 else None
+
+
+def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
+    """The template's end-of-turn text: what it writes right after a plain assistant message's content."""
+    for i, message in enumerate(probe.messages):
+        content = message.get("content")
+        if message.get("role") != "assistant" or not content or message.get("tool_calls"):
+            continue
+        try:
+            text = _render(source, probe, probe.messages[: i + 1], False, kwargs).text
+        except (TemplateRaised, InputError):
+            return None
+        at = text.rfind(content)
+        if at < 0:
+            return None
+        tail = text[at + len(content):].split()
+        return tail[0] if tail else None
+    return None
+
+
+def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwargs) -> tuple[list[Turn], list[tuple[str, int]]]:
+    """Find each assistant turn of `probe` in `full`; also return generation-prompt mismatches found on the way."""
+    turns, mismatches = [], []
+    text = full.text
+    cursor = 0
+    for i, message in enumerate(probe.messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt, header = _generation_prompt(source, probe, i, kwargs)
+        if prompt is not None and not text.startswith(prompt):
+            at = _first_difference(prompt, text)
+            mismatches.append((
+                f"train/inference mismatch: the generation prompt writes {prompt[at:at + 30]!r} where training "
+                f"renders {text[at:at + 30]!r}. The model would be trained on a context it never sees at inference.",
+                i))
+            prompt, header = None, None
+        content = message.get("content") if isinstance(message.get("content"), str) else ""
+        start = len(prompt) if prompt is not None else cursor
+        content_at = text.find(content, start) if content else -1
+        body_end = content_at + len(content) if content_at >= 0 else start
+        required = [(content_at, body_end, "content")] if content_at >= 0 else []
+        end = body_end
+        if eot and (eot_at := text.find(eot, body_end)) >= 0:
+            required.append((eot_at, eot_at + len(eot), "eot"))
+            end = eot_at + len(eot)
+        while end < len(text) and text[end] in " \t\r\n":
+            end += 1
+        turns.append(Turn(i, (start, end), required, header))
+        cursor = end
+    return turns, mismatches
+
+
+def _generation_prompt(source: str, probe: Probe, i: int, kwargs) -> tuple[str | None, tuple[int, int] | None]:
+    """render(messages[:i], add_generation_prompt=True), and the header span it adds to the plain render."""
+    if i == 0:
+        return None, None
+    try:
+        prompt = _render(source, probe, probe.messages[:i], True, kwargs).text
+        plain = _render(source, probe, probe.messages[:i], False, kwargs).text
+    except (TemplateRaised, InputError):
+        return None, None
+    header = (len(plain), len(prompt)) if prompt.startswith(plain) and len(prompt) > len(plain) else None
+    return prompt, header
+
+
+def _first_difference(a: str, b: str) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs) -> list[tuple[str, str, str, int | None]]:
+    out = []
+    turns, mismatches = locate_turns(source, probe, full, eot, kwargs)
+    out += [("R004", ERROR, m, turn) for m, turn in mismatches]
+    text, trained = full.text, full.trained_chars()
+    for turn in turns:
+        s, e = turn.region
+        if not any(trained[s:e]):
+            out.append(("R001", ERROR, "an assistant turn has no trained characters, so it is not learned. Is the "
+                        "generation block in a branch this turn doesn't take (e.g. only the last turn)?", turn.index))
+            continue
+        for a, b, kind in turn.required:
+            if all(trained[a:b]):
+                continue
+            if kind == "eot":
+                out.append(("R003", ERROR, f"the end-of-turn {eot!r} after an assistant turn is not trained, so the "
+                            "model never learns to stop. Put it inside {% generation %}.", turn.index))
+            else:
+                untrained = "".join(c for c, t in zip(text[a:b], trained[a:b]) if not t)
+                out.append(("R001", ERROR, f"an assistant turn's content is only partly trained (untrained: "
+                            f"{untrained[:40]!r}).", turn.index))
+    allowed = [False] * len(text)
+    for turn in turns:
+        allowed[turn.region[0]:turn.region[1]] = [True] * (turn.region[1] - turn.region[0])
+    for start, end in _runs([t and not a for t, a in zip(trained, allowed)]):
+        what, turn = _describe(text, start, turns, probe)
+        out.append(("R002", ERROR, f"trained text outside assistant output: {text[start:end][:60]!r} ({what}). "
+                    "Only assistant output and its end-of-turn may be inside {% generation %}.", turn))
+    return out
+
+
+def _describe(text: str, at: int, turns: list[Turn], probe: Probe) -> tuple[str, int | None]:
+    """Say what untrainable text the mask covers: a role header, another message, or template text."""
+    for turn in turns:
+        if turn.header and turn.header[0] <= at < turn.header[1]:
+            header = text[turn.header[0]:turn.header[1]]
+            return f"part of the role header {header!r} that the generation prompt writes", turn.index
+        if turn.region[1] == at:
+            return "text after the assistant turn's end-of-turn", turn.index
+    for message in probe.messages:
+        content = message.get("content")
+        if isinstance(content, str) and content and (pos := text.find(content)) <= at < pos + len(content):
+            return f"{message['role']} message text", None
+    return f"template text at char {at}", None
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, f in enumerate(flags + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _reference_diffs(source: str, reference: str, probe: Probe, kwargs) -> list[str]:
+    diffs = []
+    cases = [(probe.messages, False), (probe.messages, True)]
+    cases += [(probe.messages[:i], True) for i, m in enumerate(probe.messages) if m.get("role") == "assistant" and i]
+    for messages, gen in cases:
+        try:
+            ours = _render(source, probe, messages, gen, kwargs).text
+        except (TemplateRaised, InputError) as err:
+            ours = f"<raised: {err}>"
+        try:
+            theirs = _render(reference, probe, messages, gen, kwargs).text
+        except (TemplateRaised, InputError) as err:
+            theirs = f"<raised: {err}>"
+        if ours != theirs:
+            at = _first_difference(ours, theirs)
+            line = theirs.count("\n", 0, at) + 1
+            diffs.append(f"renders differently from the reference ({len(messages)} messages, add_generation_prompt="
+                         f"{gen}) at output line {line}: ours {ours[at:at + 40]!r}, reference {theirs[at:at + 40]!r}")
+    return diffs
+
+
+def _token_boundaries(source: str, probe: Probe, tokenizer) -> list[str]:
+    try:
+        tm = tokenize(tokenizer, probe.messages, template=source, tools=probe.tools, template_kwargs=probe.template_kwargs)
+    except (TemplateRaised, InputError):
+        return []
+    out = []
+    for start, end in tm.spans:
+        for (a, b), token_id in zip(tm.offsets, tm.ids):
+            token = tm.text[a:b]
+            if a < start < b:
+                out.append(f"mask starts inside token {token!r} (id {token_id}): transformers trains the whole "
+                           f"token, so {tm.text[a:start]!r} before the generation block is trained too")
+            if a < end < b:
+                out.append(f"mask ends inside token {token!r} (id {token_id}): transformers trains the whole "
+                           f"token, so {tm.text[end:b]!r} after the generation block is trained too. Usually the "
+                           "end-of-turn text is not a single token in this vocabulary")
+    return out

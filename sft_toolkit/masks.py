@@ -1,0 +1,133 @@
+"""Which characters and tokens of a rendered conversation the model learns from: the one home of that answer.
+
+Everything goes through transformers' own renderer (`render_jinja_template`, the function behind
+`apply_chat_template(..., return_assistant_tokens_mask=True)`), so the spans reported here are the spans
+TRL's `assistant_only_loss` uses, not a re-implementation that could drift from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jinja2
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .problems import InputError
+
+# Placeholders for the special-token variables templates read (`bos_token`, ...) when no tokenizer is given.
+# transformers passes `tokenizer.special_tokens_map` to the template; these stand in for it in static use.
+DEFAULT_SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<pad>",
+}
+
+
+class TemplateRaised(Exception):
+    """The template itself refused the conversation (`raise_exception`, e.g. roles must alternate)."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered conversation and the character spans inside `{% generation %}` blocks (the trained text)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+
+    def trained_chars(self) -> list[bool]:
+        flags = [False] * len(self.text)
+        for start, end in self.spans:
+            for i in range(start, end):
+                flags[i] = True
+        return flags
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """A tokenized conversation: ids, the assistant mask TRL trains on, and each token's character offsets."""
+
+    text: str
+    ids: list[int]
+    mask: list[int]
+    offsets: list[tuple[int, int]]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.mask)
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Drop keys whose value is None, exactly as `apply_chat_template` does before rendering."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def render(
+    template: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
+) -> Rendered:
+    """Render like `apply_chat_template` and return the text with its generation spans.
+
+    Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, and
+    `InputError` for any other template failure (syntax, undefined attribute used as a callable, ...).
+    """
+    kwargs = {**DEFAULT_SPECIAL_TOKENS, **(template_kwargs or {})}
+    try:
+        texts, spans = render_jinja_template(
+            conversations=[normalize_messages(messages)],
+            tools=tools,
+            chat_template=template,
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+    except jinja2.TemplateSyntaxError as err:
+        raise InputError(f"template syntax error at line {err.lineno}: {err.message}") from None
+    except jinja2.TemplateError as err:
+        # transformers' raise_exception raises a bare TemplateError; jinja's own errors are subclasses.
+        if type(err) is jinja2.TemplateError:
+            raise TemplateRaised(str(err)) from None
+        raise InputError(f"template failed to render: {err}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+        raise InputError(f"template failed to render: {type(err).__name__}: {err}") from None
+    return Rendered(text=texts[0], spans=[tuple(s) for s in spans[0]])
+
+
+def tokenize(
+    tokenizer,
+    messages: list[dict],
+    *,
+    template: str | None = None,
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
+) -> TokenMask:
+    """Tokenize exactly as TRL does for `assistant_only_loss` (via `apply_chat_template`) and keep offsets.
+
+    The ids and mask come from `apply_chat_template(return_assistant_tokens_mask=True)` itself; offsets come
+    from the same call (`return_offsets_mapping`), so token i's text is `text[offsets[i][0]:offsets[i][1]]`.
+    """
+    template = template or tokenizer.chat_template
+    special = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
+    rendered = render(template, messages, tools=tools, template_kwargs=special)
+    out = tokenizer.apply_chat_template(
+        normalize_messages(messages),
+        chat_template=template,
+        tools=tools,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        tokenizer_kwargs={"return_offsets_mapping": True},
+        **(template_kwargs or {}),
+    )
+    return TokenMask(
+        text=rendered.text,
+        ids=list(out["input_ids"]),
+        mask=list(out["assistant_masks"]),
+        offsets=[tuple(o) for o in out["offset_mapping"]],
+        spans=rendered.spans,
+    )

@@ -1,0 +1,130 @@
+"""The probe corpus: small conversations that exercise every path a chat template has.
+
+Lint renders each probe (and every prefix of it, with and without the generation prompt) to see what
+the template trains; the template tests render each probe with the bundled training template and the
+family's original to prove they are byte-identical. Every message text is unique within its probe so
+a rendered message can be found by searching for its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city name."}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    messages: list[dict]
+    tools: list[dict] | None = None
+    template_kwargs: dict = field(default_factory=dict)
+
+
+def _call(city: str) -> dict:
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+PROBES: list[Probe] = [
+    Probe(
+        "single-turn",
+        [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "2 + 3 = 5."},
+        ],
+    ),
+    Probe(
+        "system",
+        [
+            {"role": "system", "content": "You are a terse calculator."},
+            {"role": "user", "content": "What is 7 * 6?"},
+            {"role": "assistant", "content": "42"},
+        ],
+    ),
+    Probe(
+        "multi-turn",
+        [
+            {"role": "user", "content": "Convert 3 km to metres."},
+            {"role": "assistant", "content": "3 km is 3000 metres."},
+            {"role": "user", "content": "And 2.5 km?"},
+            {"role": "assistant", "content": "2.5 km is 2500 metres."},
+            {"role": "user", "content": "Thanks! One more: 40 m in cm?"},
+            {"role": "assistant", "content": "40 m is 4000 centimetres."},
+        ],
+    ),
+    Probe(
+        "multi-turn-system",
+        [
+            {"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "Name a prime above 10."},
+            {"role": "assistant", "content": "11 is a prime above 10."},
+            {"role": "user", "content": "And one above 20?"},
+            {"role": "assistant", "content": "23 is a prime above 20."},
+        ],
+    ),
+    Probe(
+        "multiline-unicode",
+        [
+            {"role": "user", "content": "Write two lines about caf\u00e9s \u2615."},
+            {"role": "assistant", "content": "Caf\u00e9s hum at dawn,\n  cups clink \u2014 \u00fcber-cosy \u2615."},
+        ],
+    ),
+    Probe(
+        "reasoning",
+        [
+            {"role": "user", "content": "Is 91 prime?"},
+            {
+                "role": "assistant",
+                "reasoning_content": "91 = 7 * 13, so it has divisors.",
+                "content": "No: 91 = 7 \u00d7 13.",
+            },
+        ],
+    ),
+    Probe(
+        "reasoning-multi-turn",
+        [
+            {"role": "user", "content": "Is 97 prime?"},
+            {"role": "assistant", "reasoning_content": "Check 2, 3, 5, 7: none divide 97.", "content": "Yes, 97 is prime."},
+            {"role": "user", "content": "Is 99 prime?"},
+            {"role": "assistant", "reasoning_content": "99 = 9 * 11.", "content": "No, 99 = 9 \u00d7 11."},
+        ],
+    ),
+    Probe(
+        "tool-call",
+        [
+            {"role": "user", "content": "What's the weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("Paris")]},
+            {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 18, "sky": "cloudy"}'},
+            {"role": "assistant", "content": "It is 18 \u00b0C and cloudy in Paris."},
+        ],
+        tools=[WEATHER_TOOL],
+    ),
+    Probe(
+        "tool-call-system",
+        [
+            {"role": "system", "content": "You can look up the weather."},
+            {"role": "user", "content": "Weather in Oslo and Rome?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("Oslo"), _call("Rome")]},
+            {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 4}'},
+            {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 21}'},
+            {"role": "assistant", "content": "Oslo is 4 \u00b0C, Rome is 21 \u00b0C."},
+        ],
+        tools=[WEATHER_TOOL],
+    ),
+]
+
+
+def prefixes_ending_before_assistant(messages: list[dict]) -> list[int]:
+    """Indices i such that messages[i] is an assistant turn: messages[:i] is what the model is prompted with."""
+    return [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
