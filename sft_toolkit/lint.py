@@ -225,9 +225,13 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     line = _single_block_line(source)
     seen: dict[tuple, list[str]] = defaultdict(list)
+    examples: dict[tuple, str] = {}
 
-    def add(rule, severity, message, where: str, at_line=line):
-        seen[(rule, severity, message, at_line)].append(where)
+    def add(rule, severity, message, where: str, at_line=line, example: str | None = None):
+        key = (rule, severity, message, at_line)
+        seen[key].append(where)
+        if example is not None:
+            examples.setdefault(key, example)
 
     eot, rendered_any = None, False
     for probe in PROBES:
@@ -241,8 +245,8 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             continue
         rendered_any = True
         eot = eot or _end_of_turn(source, probe, kwargs)
-        for rule, severity, message, turn in _check_probe(source, probe, full, eot, kwargs):
-            add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name)
+        for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs):
+            add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name, example=example)
         if reference is not None:
             for message in _reference_diffs(source, reference, probe, kwargs):
                 add("R005", ERROR, message, probe.name, None)
@@ -250,8 +254,11 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             for message in _token_boundaries(source, probe, tokenizer):
                 add("R006", WARNING, message, probe.name)
 
-    findings = [Finding(rule, sev, f"{msg} [seen in {_summarize(where)}]", ln)
-                for (rule, sev, msg, ln), where in seen.items()]
+    findings = []
+    for key, where in seen.items():
+        rule, severity, message, at_line = key
+        example = f" e.g. {examples[key]}." if key in examples else ""
+        findings.append(Finding(rule, severity, f"{message}{example} [seen in {_summarize(where)}]", at_line))
     if not rendered_any and not any(f.rule == "R007" for f in findings):
         findings.append(Finding("R007", ERROR, "the template rejected every probe conversation; nothing could be "
                                 "checked. Does it accept a plain user/assistant exchange?"))
@@ -293,7 +300,7 @@ def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
     return None
 
 
-def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwargs) -> tuple[list[Turn], list[tuple[str, int]]]:
+def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwargs) -> tuple[list[Turn], list[tuple[str, int, str]]]:
     """Find each assistant turn of `probe` in `full`; also return generation-prompt mismatches found on the way."""
     turns, mismatches = [], []
     text = full.text
@@ -305,12 +312,13 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if prompt is not None and not text.startswith(prompt):
             at = _first_difference(prompt, text)
             mismatches.append((
-                f"train/inference mismatch: the generation prompt writes {prompt[at:at + 30]!r} where training "
-                f"renders {text[at:at + 30]!r}. The model would be trained on a context it never sees at inference.",
-                i))
+                "train/inference mismatch: the generation prompt (add_generation_prompt=True) does not end where "
+                "training renders the assistant turn, so the model is trained on a context it never sees at "
+                "inference. Make the prompt write exactly the header training writes.",
+                i, f"prompt {prompt[at:at + 20]!r} vs training {text[at:at + 20]!r}"))
             prompt, header = None, None
         content = message.get("content") if isinstance(message.get("content"), str) else ""
-        start = len(prompt) if prompt is not None else cursor
+        start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
         content_at = text.find(content, start) if content else -1
         body_end = content_at + len(content) if content_at >= 0 else start
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
@@ -323,6 +331,15 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         turns.append(Turn(i, (start, end), required, header))
         cursor = end
     return turns, mismatches
+
+
+def _after_previous(text: str, previous: dict | None, cursor: int, eot: str | None) -> int:
+    """Without a usable generation prompt, a turn starts after the previous message's text and end-of-turn."""
+    content = previous.get("content") if previous else None
+    if not isinstance(content, str) or not content or (at := text.find(content, cursor)) < 0:
+        return cursor
+    at += len(content)
+    return at + len(eot) if eot and text.startswith(eot, at) else at
 
 
 def _generation_prompt(source: str, probe: Probe, i: int, kwargs) -> tuple[str | None, tuple[int, int] | None]:
@@ -345,50 +362,52 @@ def _first_difference(a: str, b: str) -> int:
     return min(len(a), len(b))
 
 
-def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs) -> list[tuple[str, str, str, int | None]]:
+def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs) -> list[tuple[str, str, str, int | None, str | None]]:
     out = []
     turns, mismatches = locate_turns(source, probe, full, eot, kwargs)
-    out += [("R004", ERROR, m, turn) for m, turn in mismatches]
+    out += [("R004", ERROR, m, turn, example) for m, turn, example in mismatches]
     text, trained = full.text, full.trained_chars()
     for turn in turns:
         s, e = turn.region
         if not any(trained[s:e]):
             out.append(("R001", ERROR, "an assistant turn has no trained characters, so it is not learned. Is the "
-                        "generation block in a branch this turn doesn't take (e.g. only the last turn)?", turn.index))
+                        "generation block in a branch this turn doesn't take (e.g. only the last turn)?", turn.index, None))
             continue
         for a, b, kind in turn.required:
             if all(trained[a:b]):
                 continue
             if kind == "eot":
                 out.append(("R003", ERROR, f"the end-of-turn {eot!r} after an assistant turn is not trained, so the "
-                            "model never learns to stop. Put it inside {% generation %}.", turn.index))
+                            "model never learns to stop. Put it inside {% generation %}.", turn.index, None))
             else:
                 untrained = "".join(c for c, t in zip(text[a:b], trained[a:b]) if not t)
-                out.append(("R001", ERROR, f"an assistant turn's content is only partly trained (untrained: "
-                            f"{untrained[:40]!r}).", turn.index))
+                out.append(("R001", ERROR, "an assistant turn's content is only partly trained.", turn.index,
+                            f"untrained {untrained[:40]!r}"))
     allowed = [False] * len(text)
     for turn in turns:
         allowed[turn.region[0]:turn.region[1]] = [True] * (turn.region[1] - turn.region[0])
     for start, end in _runs([t and not a for t, a in zip(trained, allowed)]):
-        what, turn = _describe(text, start, turns, probe)
-        out.append(("R002", ERROR, f"trained text outside assistant output: {text[start:end][:60]!r} ({what}). "
-                    "Only assistant output and its end-of-turn may be inside {% generation %}.", turn))
+        what, turn = _describe(text, start, end, turns, probe)
+        out.append(("R002", ERROR, f"trained text outside assistant output: {what}. Only assistant output and "
+                    "its end-of-turn may be inside {% generation %}.", turn, repr(text[start:end][:60])))
     return out
 
 
-def _describe(text: str, at: int, turns: list[Turn], probe: Probe) -> tuple[str, int | None]:
-    """Say what untrainable text the mask covers: a role header, another message, or template text."""
-    for turn in turns:
-        if turn.header and turn.header[0] <= at < turn.header[1]:
-            header = text[turn.header[0]:turn.header[1]]
-            return f"part of the role header {header!r} that the generation prompt writes", turn.index
-        if turn.region[1] == at:
-            return "text after the assistant turn's end-of-turn", turn.index
+def _describe(text: str, start: int, end: int, turns: list[Turn], probe: Probe) -> tuple[str, int | None]:
+    """Say what untrainable text a trained run covers: another message, a role header, or template text."""
     for message in probe.messages:
         content = message.get("content")
-        if isinstance(content, str) and content and (pos := text.find(content)) <= at < pos + len(content):
-            return f"{message['role']} message text", None
-    return f"template text at char {at}", None
+        if message.get("role") != "assistant" and isinstance(content, str) and content:
+            pos = text.find(content)
+            if pos >= 0 and pos < end and start < pos + len(content):
+                return f"{message['role']} message text", None
+    for turn in turns:
+        if turn.header and turn.header[0] <= start < turn.header[1]:
+            header = text[turn.header[0]:turn.header[1]]
+            return f"part of the role header {header!r} that the generation prompt writes", turn.index
+        if turn.region[1] == start:
+            return "text after the assistant turn's end-of-turn", turn.index
+    return "template text between turns", None
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:

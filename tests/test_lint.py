@@ -1,0 +1,121 @@
+"""Each lint rule: a broken template that triggers it, paired with the fixed one that does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trl
+
+from sft_toolkit.lint import lint
+from sft_toolkit.probes import PROBES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "templates"
+GOOD = (FIXTURES / "good_chatml.jinja").read_text()
+TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+
+
+def rules(source: str, **kwargs) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for f in lint(source, "t", **kwargs).findings:
+        found.setdefault(f.rule, []).append(f)
+    return found
+
+
+def test_fixed_template_is_clean():
+    result = lint(GOOD, "good")
+    assert result.ok and result.findings == []
+
+
+# (fixture, rule, severity, expected line or None)
+BROKEN = [
+    ("S001_syntax_error", "S001", "error", 2),
+    ("S002_no_markers", "S002", "error", None),
+    ("S003_unclosed_block", "S003", "error", 7),
+    ("S003_nested_blocks", "S003", "error", 5),
+    ("S004_user_branch", "S004", "error", 4),
+    ("S005_eot_after_block", "S005", "error", 7),
+    ("R001_last_turn_only", "R001", "error", 5),
+    ("R002_header_in_mask", "R002", "error", 4),
+    ("R002_user_in_mask", "R002", "error", 4),
+    ("R003_eot_untrained", "R003", "error", 5),
+    ("R004_prompt_mismatch", "R004", "error", 4),
+    ("R007_render_error", "R007", "error", None),
+    ("I001_rejects_system", "I001", "info", None),
+]
+
+
+@pytest.mark.parametrize("name,rule,severity,line", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_template_triggers_rule(name, rule, severity, line):
+    found = rules((FIXTURES / f"{name}.jinja").read_text())
+    assert rule in found, f"{rule} not reported; got {sorted(found)}"
+    finding = found[rule][0]
+    assert finding.severity == severity
+    assert finding.line == line
+    assert rule not in rules(GOOD)
+
+
+def test_syntax_error_names_line_and_column():
+    (finding,) = rules((FIXTURES / "S001_syntax_error.jinja").read_text())["S001"]
+    assert "at 2:" in finding.message
+
+
+def test_rejected_probe_is_info_not_error():
+    result = lint((FIXTURES / "I001_rejects_system.jinja").read_text(), "t")
+    assert result.ok
+    assert {f.rule for f in result.findings} == {"I001"}
+    assert "System role not supported" in result.findings[0].message
+
+
+def test_eot_untrained_is_caught_when_static_rule_cannot_see_it():
+    # The end-of-turn comes from a variable, so the static S005 rule is blind; the rendered R003 is not.
+    found = rules((FIXTURES / "R003_eot_untrained.jinja").read_text())
+    assert "S005" not in found and "R003" in found
+
+
+def test_header_newline_in_mask_names_the_header():
+    (finding,) = rules((FIXTURES / "R002_header_in_mask.jinja").read_text())["R002"]
+    assert "role header" in finding.message and "'\\n'" in finding.message
+
+
+def test_reference_mismatch_reports_first_difference():
+    reference = GOOD.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    assert "R005" not in rules(GOOD, reference=reference)
+    changed = reference.replace("message.content + '<|im_end|>' }}", "message.content | trim + '<|im_end|>' }}", 1)
+    changed = changed.replace("'\\n' }}", "'\\n\\n' }}", 1)  # one extra newline after each assistant turn
+    assert changed != reference
+    found = rules(GOOD, reference=changed)
+    assert "R005" in found
+    assert "reference" in found["R005"][0].message
+
+
+def test_trl_qwen2_5_training_template_trains_the_header_newline():
+    """TRL's own training template puts the header's '\\n' inside the block: a real-world R002."""
+    found = rules((TRL_TEMPLATES / "qwen2_5_training.jinja").read_text())
+    assert "R002" in found and "role header" in found["R002"][0].message
+
+
+def test_trl_qwen3_training_is_not_byte_identical_to_qwen3():
+    found = rules((TRL_TEMPLATES / "qwen3_training.jinja").read_text(),
+                  reference=(TRL_TEMPLATES / "qwen3.jinja").read_text())
+    assert "R005" in found
+
+
+def test_untrained_token_boundary_is_a_warning(llama3_tokenizer):
+    """ChatML on the Llama 3 vocabulary: '<|im_end|>' is not one token, and a BPE token crosses the block's end."""
+    result = lint(GOOD, "good", tokenizer=llama3_tokenizer)
+    boundary = [f for f in result.findings if f.rule == "R006"]
+    assert boundary and all(f.severity == "warning" for f in boundary)
+    assert result.ok  # a warning doesn't fail lint
+    assert "inside token" in boundary[0].message
+
+
+def test_no_boundary_warning_when_eot_is_one_token(qwen_tokenizer):
+    result = lint(GOOD, "good", tokenizer=qwen_tokenizer)
+    assert not [f for f in result.findings if f.rule == "R006"]
+
+
+def test_probe_texts_are_unique_within_each_probe():
+    for probe in PROBES:
+        texts = [m["content"] for m in probe.messages if m.get("content")]
+        assert len(texts) == len(set(texts)), probe.name
