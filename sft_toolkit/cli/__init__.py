@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..problems import InputError
-from . import lint, show
+from . import check_data, lint, show
 
-COMMANDS = {"lint": lint, "show": show}
+COMMANDS = {"lint": lint, "show": show, "check-data": check_data}
 
 
 def build_parser() -> argparse.ArgumentParser:

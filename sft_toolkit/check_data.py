@@ -1,0 +1,284 @@
+"""check-data: run the trainer's preprocessing on a recipe's dataset and account for every trainable token.
+
+The verdict is strict on purpose: a row that ends with nothing to train, a packed sequence with nothing
+to train, or an assistant token trained without the conversation it answers all fail the check, because
+each of them is compute spent on nothing or on the wrong thing, and none of them shows up in a loss curve
+until it is too late.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import preprocess
+from .problems import InputError
+
+BATCH = 1000
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    tokens: int = 0
+    trainable_tokens_before: int = 0  # after tokenization, before truncation / packing
+    trainable_tokens: int = 0  # what the trainer will actually train on
+    zero_mask_rows: list[dict] = field(default_factory=list)  # {"index", "reason"}; empty answers included
+    dropped_rows: int = 0  # rows TRL filters out (no packing)
+    truncated_assistant_tokens: int = 0
+    orphaned_assistant_tokens: int = 0
+    orphaned_rows: list[int] = field(default_factory=list)
+    sequences: int = 0
+    zero_trainable_sequences: int = 0
+    steps: int = 0
+    zero_trainable_steps: int = 0
+    trl_would_abort: bool = False  # plain TRL raises on the first row without assistant tokens
+    max_zero_rows: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return (len(self.zero_mask_rows) <= self.max_zero_rows and self.zero_trainable_sequences == 0
+                and self.zero_trainable_steps == 0 and self.orphaned_assistant_tokens == 0 and self.rows > 0)
+
+    def problems(self) -> list[str]:
+        """Each reason the check fails, with numbers and the change that fixes it."""
+        out = []
+        if self.rows == 0:
+            out.append("the dataset is empty")
+        if len(self.zero_mask_rows) > self.max_zero_rows:
+            out.append(f"{len(self.zero_mask_rows)} rows end with zero trainable tokens (allowed: {self.max_zero_rows}); "
+                       "fix or remove them, or raise --max-zero-rows")
+        if self.zero_trainable_sequences:
+            out.append(f"{self.zero_trainable_sequences} of {self.sequences} packed sequences have zero trainable tokens "
+                       "(wasted compute); use packing_strategy: bfd and drop zero-trainable rows, or raise max_length")
+        if self.zero_trainable_steps:
+            out.append(f"{self.zero_trainable_steps} of {self.steps} optimizer steps would see zero trainable tokens")
+        if self.orphaned_assistant_tokens:
+            out.append(f"{self.orphaned_assistant_tokens} assistant tokens in {len(self.orphaned_rows)} rows would be "
+                       "trained without the conversation before them (split by packing); use packing_strategy: bfd")
+        return out
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["problems"] = self.problems()
+        return {"ok": data.pop("ok"), **data}
+
+
+def check_data(recipe, *, world_size: int = 1) -> tuple[Report, object]:
+    """Return the report and the dataset the trainer would train on (input_ids, labels[, seq_lengths])."""
+    from .data import load_rows
+
+    sft, script = recipe.sft, recipe.script
+    tokenizer = preprocess.load_tokenizer_for(recipe)
+    template = preprocess.training_template(tokenizer, sft)
+    raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
+    tokenized = preprocess.tokenize(raw, tokenizer, template, sft)
+    report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
+
+    per_row = _row_stats(tokenized, report)
+    if sft.packing:
+        trained = preprocess.pack(tokenized, sft)
+        _packed_stats(trained, per_row, report)
+        final = trained
+    else:
+        if sft.max_length is not None:
+            tokenized = preprocess.truncate(tokenized, sft)
+        _truncated_stats(tokenized, per_row, report)
+        if sft.max_length is not None:
+            final = preprocess.drop_fully_masked(tokenized, sft)
+        else:
+            final = tokenized
+    _zero_rows(per_row, report)
+    final = final.select_columns([c for c in ("input_ids", "labels", "seq_lengths") if c in final.column_names])
+    if sft.shuffle_dataset:
+        final = final.shuffle(seed=sft.seed)
+    _steps(final, sft, world_size, report)
+    return report, final
+
+
+def _settings(sft, world_size) -> dict:
+    keys = ("assistant_only_loss", "max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
+            "per_device_train_batch_size", "gradient_accumulation_steps")
+    return {**{k: getattr(sft, k) for k in keys}, "world_size": world_size}
+
+
+@dataclass
+class _Rows:
+    """Per-row numbers, indexed by the row's position in the dataset as the user gave it."""
+
+    before: np.ndarray
+    after: np.ndarray
+    reasons: dict[int, str]
+
+
+def _batches(dataset, columns):
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=BATCH):
+        yield table if isinstance(table, pa.Table) else pa.Table.from_pydict(table)
+
+
+def _row_stats(tokenized, report: Report) -> _Rows:
+    before, reasons, problems, tokens = [], {}, [], 0
+    for table in _batches(tokenized, ["src_row", "n_trainable", "reason", "problem", "input_ids"]):
+        rows = table["src_row"].to_numpy()
+        before.append(table["n_trainable"].to_numpy())
+        tokens += int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+        for row, reason, problem in zip(rows, table["reason"].to_pylist(), table["problem"].to_pylist()):
+            if reason:
+                reasons[int(row)] = reason
+            if problem:
+                problems.append((int(row), problem))
+    if problems:
+        shown = "; ".join(f"row {r}: {p}" for r, p in problems[:5])
+        more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
+        raise InputError(f"malformed rows — {shown}{more}")
+    report.rows = sum(len(b) for b in before)
+    report.tokens = tokens
+    before = np.concatenate(before) if before else np.zeros(0, dtype=np.int64)
+    report.trainable_tokens_before = int(before.sum())
+    report.trl_would_abort = bool(report.settings["assistant_only_loss"] and (before == 0).any())
+    return _Rows(before=before, after=before.copy(), reasons=reasons)
+
+
+def _truncated_stats(tokenized, per_row: _Rows, report: Report) -> None:
+    """Without packing: trainable tokens kept per row; TRL drops rows left with none."""
+    if report.settings["max_length"] is None:
+        report.trainable_tokens = report.trainable_tokens_before
+        report.sequences = report.rows - int((per_row.before == 0).sum())
+        report.dropped_rows = int((per_row.before == 0).sum())
+        return
+    kept = []
+    for table in _batches(tokenized, ["labels"]):
+        flags = pc.not_equal(pc.list_flatten(table["labels"]), -100)
+        kept.append(_segment_sums(flags, table["labels"]))
+    per_row.after = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    report.trainable_tokens = int(per_row.after.sum())
+    report.truncated_assistant_tokens = int((per_row.before - per_row.after).sum())
+    report.dropped_rows = int((per_row.after == 0).sum())
+    report.sequences = report.rows - report.dropped_rows
+
+
+def _segment_sums(flags: pa.Array, lists: pa.ChunkedArray) -> np.ndarray:
+    """Sum a flat boolean array over the list boundaries of `lists`."""
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    values = np.asarray(flags.to_numpy(zero_copy_only=False), dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    sums = np.add.reduceat(values, offsets[:-1]) if len(values) else np.zeros(len(lengths), dtype=np.int64)
+    sums[lengths == 0] = 0  # reduceat repeats the next value for empty segments
+    return sums
+
+
+def _packed_stats(packed, per_row: _Rows, report: Report) -> None:
+    after = np.zeros(len(per_row.before), dtype=np.int64)
+    orphaned = np.zeros(len(per_row.before), dtype=np.int64)
+    columns = ["labels", "src_rows", "src_pos"] + (["seq_lengths"] if "seq_lengths" in packed.column_names else [])
+    for table in _batches(packed, columns):
+        labels = table["labels"]
+        trainable = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
+        rows = pc.list_flatten(table["src_rows"]).to_numpy(zero_copy_only=False)
+        pos = pc.list_flatten(table["src_pos"]).to_numpy(zero_copy_only=False)
+        per_seq = _segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels)
+        report.sequences += len(per_seq)
+        report.zero_trainable_sequences += int((per_seq == 0).sum())
+        np.add.at(after, rows[trainable], 1)
+        starts = _document_starts(table, rows)
+        segment = np.cumsum(starts) - 1
+        orphan_segment = pos[starts] > 0  # the document starts mid-conversation: its context is elsewhere
+        orphan_token = orphan_segment[segment] & trainable
+        np.add.at(orphaned, rows[orphan_token], 1)
+    per_row.after = after
+    report.trainable_tokens = int(after.sum())
+    report.truncated_assistant_tokens = int((per_row.before - after).sum())
+    report.orphaned_assistant_tokens = int(orphaned.sum())
+    report.orphaned_rows = [int(r) for r in np.flatnonzero(orphaned)]
+
+
+def _document_starts(table: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """True where a token starts a document: a packed sequence's start, a seq_lengths boundary, a new row."""
+    n = len(rows)
+    starts = np.zeros(n, dtype=bool)
+    lengths = pc.list_value_length(table["labels"]).to_numpy(zero_copy_only=False)
+    seq_offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    starts[seq_offsets[seq_offsets < n]] = True
+    if n:
+        starts[1:] |= rows[1:] != rows[:-1]
+    if "seq_lengths" in table.column_names:
+        doc_lengths = pc.list_flatten(table["seq_lengths"]).to_numpy(zero_copy_only=False)
+        doc_offsets = np.concatenate([[0], np.cumsum(doc_lengths)])[:-1]
+        starts[doc_offsets[doc_offsets < n]] = True
+    return starts
+
+
+def _zero_rows(per_row: _Rows, report: Report) -> None:
+    flagged = np.zeros(len(per_row.after), dtype=bool)
+    flagged[list(per_row.reasons)] = True
+    for row in np.flatnonzero((per_row.after == 0) | flagged):
+        row = int(row)
+        reason = per_row.reasons.get(row) or (preprocess.PAST_MAX_LENGTH if per_row.before[row] > 0 else
+                                              preprocess.TEMPLATE_MARKS_NOTHING)
+        report.zero_mask_rows.append({"index": row, "reason": reason})
+
+
+def _steps(final, sft, world_size: int, report: Report) -> None:
+    """Optimizer steps in dataset order (a step takes batch x accumulation x ranks sequences)."""
+    per_step = sft.per_device_train_batch_size * sft.gradient_accumulation_steps * world_size
+    zero_flags = []
+    for table in _batches(final, ["labels"]):
+        labels = table["labels"]
+        zero_flags.append(_segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels) == 0)
+    flags = np.concatenate(zero_flags) if zero_flags else np.zeros(0, dtype=bool)
+    report.steps = math.ceil(len(flags) / per_step) if per_step else 0
+    report.zero_trainable_steps = sum(bool(flags[i:i + per_step].all()) for i in range(0, len(flags), per_step))
+
+
+REASON_HELP = {
+    preprocess.NO_ASSISTANT_TURN: "the conversation has no assistant message: add the answer or drop the row",
+    preprocess.EMPTY_ASSISTANT_CONTENT: "every assistant message is empty: only the end-of-turn would be trained",
+    preprocess.TEMPLATE_MARKS_NOTHING: "the chat template marks nothing in this row: lint the template",
+    preprocess.PAST_MAX_LENGTH: "all assistant tokens lie past max_length: raise max_length or shorten the prompt",
+    preprocess.TEMPLATE_ERROR: "the chat template refused this row: fix the row (e.g. role order) or the template",
+}
+
+
+def reason_help(reason: str) -> str:
+    return REASON_HELP.get(reason.split(":")[0], "")
+
+
+def to_markdown(report: Report, title: str) -> str:
+    """The human-readable report `--report` writes beside the JSON."""
+    verdict = "PASS: fit to train" if report.ok else "FAIL: not fit to train"
+    s = report.settings
+    lines = [
+        f"# check-data: {title}", "", f"**{verdict}**", "",
+        f"Settings: max_length={s.get('max_length')}, truncation_mode={s.get('truncation_mode')}, "
+        f"packing={s.get('packing')} ({s.get('packing_strategy')}), batch={s.get('per_device_train_batch_size')} "
+        f"x accumulation {s.get('gradient_accumulation_steps')} x ranks {s.get('world_size')}", "",
+        "| | |", "|---|---|",
+        f"| rows | {report.rows} |",
+        f"| tokens | {report.tokens} |",
+        f"| trainable tokens before truncation/packing | {report.trainable_tokens_before} |",
+        f"| trainable tokens the trainer sees | {report.trainable_tokens} |",
+        f"| rows with zero trainable tokens | {len(report.zero_mask_rows)} (allowed {report.max_zero_rows}) |",
+        f"| rows TRL would drop silently | {report.dropped_rows} |",
+        f"| assistant tokens lost to truncation | {report.truncated_assistant_tokens} |",
+        f"| assistant tokens trained without their context | {report.orphaned_assistant_tokens} |",
+        f"| sequences (packed or not) | {report.sequences} |",
+        f"| sequences with zero trainable tokens | {report.zero_trainable_sequences} |",
+        f"| optimizer steps (dataset order) with zero trainable tokens | {report.zero_trainable_steps} of {report.steps} |",
+        f"| plain TRL would abort (a row without assistant tokens) | {'yes' if report.trl_would_abort else 'no'} |",
+        "",
+    ]
+    if report.problems():
+        lines += ["## Problems", ""] + [f"- {p}" for p in report.problems()] + [""]
+    if report.zero_mask_rows:
+        lines += ["## Rows with nothing to train", "", "| row | reason | what to do |", "|---|---|---|"]
+        lines += [f"| {r['index']} | {r['reason']} | {reason_help(r['reason'])} |" for r in report.zero_mask_rows]
+        lines.append("")
+    if report.orphaned_rows:
+        lines += ["## Rows split by packing", "", ", ".join(map(str, report.orphaned_rows)), ""]
+    return "\n".join(lines)

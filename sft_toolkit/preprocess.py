@@ -1,0 +1,203 @@
+"""The preprocessing `SFTTrainer` runs, step for step, with every row and token accounted for.
+
+TRL's `SFTTrainer._prepare_dataset` tokenizes conversations with `apply_chat_template(...,
+return_assistant_tokens_mask=True)`, builds `labels`, truncates (or packs) and silently filters rows
+left with nothing to train; one row without assistant tokens aborts the whole run with an error that
+names no row. We need the opposite: per-row reasons, and counts of what truncation and packing cost.
+So we drive TRL's own pieces (`trl.data_utils._tokenize`, its template selection, `pack_dataset`) in
+the same order with the same arguments, and carry two extra columns through packing: the source row
+and position of every token. `tests/test_check_data_matches_trl.py` proves the result is what the
+trainer sees, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import jinja2
+import numpy as np
+
+from .problems import InputError
+from .templates import bundled_names, load_template
+
+# Why a row ends with zero trainable tokens (stable strings: JSON consumers match on them).
+NO_ASSISTANT_TURN = "no_assistant_turn"
+EMPTY_ASSISTANT_CONTENT = "empty_assistant_content"
+TEMPLATE_MARKS_NOTHING = "template_marks_nothing"
+TEMPLATE_ERROR = "template_error"
+PAST_MAX_LENGTH = "all_assistant_tokens_past_max_length"
+
+KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
+
+
+def load_tokenizer_for(recipe):
+    """The tokenizer `SFTTrainer` would use: from `model_name_or_path`, with `chat_template_path` applied.
+
+    `chat_template_path` may also name a bundled template (e.g. `chatml`): an extension of TRL's key.
+    """
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model.model_name_or_path)
+    path = recipe.sft.chat_template_path
+    if path:
+        if path in bundled_names() or path.endswith((".jinja", ".j2")):
+            tokenizer.chat_template = load_template(path).source
+        else:
+            raise InputError(f"{recipe.source}: chat_template_path: {path!r} must be a .jinja file or a bundled template "
+                             f"name ({', '.join(bundled_names())}); cloning another tokenizer's template is not supported")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def training_template(tokenizer, sft) -> str | None:
+    """The template the trainer renders with: TRL swaps in its own training template for a few known models."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if not tokenizer.chat_template:
+        raise InputError("the tokenizer has no chat template; set chat_template_path (a .jinja file or a bundled name)")
+    if sft.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        try:
+            return get_training_chat_template(tokenizer)
+        except ValueError:
+            return None
+    return None
+
+
+def row_problem(example: dict) -> str | None:
+    """A malformed row: say which field is wrong and how (None when the row is usable)."""
+    messages = example.get("messages")
+    if not isinstance(messages, list):
+        return "field 'messages' must be a list of {role, content} objects"
+    if not messages:
+        return "field 'messages' is empty"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] must be an object, got {type(m).__name__}"
+        role = m.get("role")
+        if not isinstance(role, str):
+            return f"messages[{i}].role is missing"
+        if role not in KNOWN_ROLES:
+            return f"messages[{i}].role {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))}"
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            return f"messages[{i}].content must be a string, got {type(content).__name__}"
+        if content is None and role != "assistant":
+            return f"messages[{i}].content is missing"
+    return None
+
+
+def zero_reason(messages: list[dict]) -> str:
+    """Why a well-formed row got no trainable tokens from the template."""
+    assistant = [m for m in messages if m.get("role") == "assistant"]
+    if not assistant:
+        return NO_ASSISTANT_TURN
+    if all(not m.get("content") and not m.get("tool_calls") for m in assistant):
+        return EMPTY_ASSISTANT_CONTENT
+    return TEMPLATE_MARKS_NOTHING
+
+
+def _code_salt() -> str:
+    """datasets fingerprints a module-level function by its name, not its code, so a cached map from an older
+    toolkit would be reused after an upgrade; passing this module's source hash as an argument prevents it."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code_salt=None):
+    """TRL's `tokenize_fn` (conversational language-modeling case), minus its abort, plus accounting."""
+    from trl.data_utils import _tokenize
+
+    problem = row_problem(example)
+    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "reason": "", "problem": problem or ""}
+    if problem:
+        return out
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
+    try:
+        processed = _tokenize(tokenizer, example["messages"], return_assistant_tokens_mask=assistant_only_loss, **kwargs)
+    except jinja2.TemplateError as err:
+        out["reason"] = f"{TEMPLATE_ERROR}: {err}"
+        return out
+    ids = list(processed["input_ids"])
+    if assistant_only_loss:
+        mask = processed["assistant_masks"]
+        labels = [t if m else -100 for t, m in zip(ids, mask)]
+    else:
+        labels = list(ids)
+    trainable = sum(1 for t in labels if t != -100)
+    out.update(input_ids=ids, labels=labels, n_trainable=trainable)
+    reason = zero_reason(example["messages"])
+    # A row whose assistant turns are all empty still trains the end-of-turn token: it teaches the model to
+    # answer with nothing, so it counts as a zero-mask row although TRL's labels are not all -100.
+    if trainable == 0 or (assistant_only_loss and reason == EMPTY_ASSISTANT_CONTENT):
+        out["reason"] = reason
+    return out
+
+
+def tokenize(dataset, tokenizer, template, sft, *, desc: str = "Tokenizing"):
+    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, reason, problem."""
+    from datasets import Dataset
+
+    if "messages" not in dataset.column_names:
+        raise InputError(_no_messages_hint(dataset.column_names))
+    kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
+              "fn_kwargs": {"tokenizer": tokenizer, "template": template,
+                            "assistant_only_loss": sft.assistant_only_loss, "code_salt": _code_salt()}}
+    if isinstance(dataset, Dataset):
+        kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
+    return dataset.map(_tokenize_row, **kwargs)
+
+
+def _no_messages_hint(columns: list[str]) -> str:
+    if "conversations" in columns:
+        return ("the dataset has a 'conversations' column (ShareGPT style) but no 'messages'; convert "
+                "from/value to role/content, e.g. with trl.data_utils.maybe_convert_to_chatml")
+    return (f"the dataset has no 'messages' column (columns: {', '.join(columns)}); assistant-only training needs "
+            "conversations as a list of {role, content} messages")
+
+
+def truncate(tokenized, sft):
+    """TRL's truncation (no packing): slice input_ids and labels to max_length, keep_start or keep_end."""
+    sl = slice(None, sft.max_length) if sft.truncation_mode == "keep_start" else slice(-sft.max_length, None)
+
+    def cut(example):
+        return {"input_ids": example["input_ids"][sl], "labels": example["labels"][sl]}
+
+    return tokenized.map(cut, **_map_kwargs(tokenized, sft, "Truncating"))
+
+
+def drop_fully_masked(truncated, sft):
+    """TRL's filter after truncation: rows with no label left contribute no loss and are removed."""
+    return truncated.filter(lambda example: any(label != -100 for label in example["labels"]),
+                            **_map_kwargs(truncated, sft, "Dropping fully masked examples"))
+
+
+def pack(tokenized, sft):
+    """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from."""
+    from trl.data_utils import pack_dataset
+
+    def provenance(example):
+        n = len(example["input_ids"])
+        return {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
+
+    packable = tokenized.map(provenance, **_map_kwargs(tokenized, sft, "Tagging tokens"))
+    packable = packable.select_columns(["input_ids", "labels", "src_rows", "src_pos"])
+    if sft.shuffle_dataset:
+        packable = packable.shuffle(seed=sft.seed)
+    return pack_dataset(packable, sft.max_length, sft.packing_strategy, _map_kwargs(tokenized, sft, "Packing"))
+
+
+def _map_kwargs(dataset, sft, desc: str) -> dict:
+    from datasets import Dataset
+
+    return {"num_proc": sft.dataset_num_proc, "desc": desc} if isinstance(dataset, Dataset) else {}
+
+
+def flat(column) -> np.ndarray:
+    """A list column of an Arrow-backed dataset as one flat numpy array (no Python lists)."""
+    import pyarrow.compute as pc
+
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False)

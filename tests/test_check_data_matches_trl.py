@@ -1,0 +1,79 @@
+"""check-data's numbers are the trainer's numbers: compare with the dataset TRL's SFTTrainer really builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from sft_toolkit import offline_tokenizers
+from sft_toolkit.check_data import check_data
+from sft_toolkit.data import load_rows
+from sft_toolkit.recipe import build_recipe
+from sft_toolkit.templates import bundled_path
+
+
+def conversations() -> list[dict]:
+    """Rows TRL accepts (every row has assistant tokens), some long enough to be truncated or split."""
+    rows = []
+    for i in range(24):
+        user = f"Question {i}: what is {i} times {i + 3}?" + (" Please explain every step." * (i % 5) * 6)
+        turns = [{"role": "user", "content": user},
+                 {"role": "assistant", "content": f"{i} x {i + 3} = {i * (i + 3)}." + " Indeed." * (i % 3) * 10}]
+        if i % 4 == 0:
+            turns += [{"role": "user", "content": "And doubled?"},
+                      {"role": "assistant", "content": f"Doubled it is {2 * i * (i + 3)}."}]
+        if i % 6 == 1:
+            turns.insert(0, {"role": "system", "content": "You are a patient maths tutor."})
+        rows.append({"messages": turns})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trl")
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations()))
+    tokenizer_dir = offline_tokenizers.cached("qwen2")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    return folder, data, tokenizer_dir, model
+
+
+CASES = [
+    {"packing": False, "max_length": None},
+    {"packing": False, "max_length": 96, "truncation_mode": "keep_start"},
+    {"packing": False, "max_length": 96, "truncation_mode": "keep_end"},
+    {"packing": True, "max_length": 128, "packing_strategy": "bfd"},
+    {"packing": True, "max_length": 128, "packing_strategy": "bfd_split"},
+    {"packing": True, "max_length": 128, "packing_strategy": "wrapped"},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_labels_equal_sfttrainer(setup, case):
+    folder, data, tokenizer_dir, model = setup
+    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(data), "assistant_only_loss": True,
+            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), **case}
+    recipe = build_recipe(keys)
+    report, ours = check_data(recipe)
+
+    trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
+    args = SFTConfig(**trainer_args, use_cpu=True, report_to="none")
+    tokenizer = offline_tokenizers.load("qwen2")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=load_rows(str(data)), processing_class=tokenizer)
+    theirs = trainer.train_dataset
+
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["labels"] == theirs["labels"]
+    trained_by_trl = sum(sum(1 for t in labels if t != -100) for labels in theirs["labels"])
+    assert report.trainable_tokens == trained_by_trl
+    assert report.sequences == len(theirs)
+    zero_sequences = sum(all(t == -100 for t in labels) for labels in theirs["labels"])
+    assert report.zero_trainable_sequences == zero_sequences
+    if "seq_lengths" in theirs.column_names:
+        assert ours["seq_lengths"] == theirs["seq_lengths"]
