@@ -167,10 +167,9 @@ def _segment_sums(flags: pa.Array, lists: pa.ChunkedArray) -> np.ndarray:
     """Sum a flat boolean array over the list boundaries of `lists`."""
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     values = np.asarray(flags.to_numpy(zero_copy_only=False), dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    sums = np.add.reduceat(values, offsets[:-1]) if len(values) else np.zeros(len(lengths), dtype=np.int64)
-    sums[lengths == 0] = 0  # reduceat repeats the next value for empty segments
-    return sums
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    running = np.concatenate([[0], np.cumsum(values)])
+    return running[offsets[1:]] - running[offsets[:-1]]
 
 
 def _packed_stats(packed, per_row: _Rows, report: Report) -> None:

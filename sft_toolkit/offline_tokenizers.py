@@ -27,9 +27,9 @@ No chat template is attached: templates are passed separately. Requires transfor
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import struct
@@ -322,7 +322,7 @@ def read_sentencepiece_model(path: Path) -> tuple[list[tuple[str, float, int]], 
     """The pieces [(piece, score, type)] and the trainer/normalizer settings of a SentencePiece model."""
     pieces: list[tuple[str, float, int]] = []
     settings: dict[str, object] = {}
-    trainer_fields = {3: "model_type", 24: "byte_fallback", 35: "split_digits", 40: "unk_id", 41: "bos_id", 42: "eos_id"}
+    trainer_fields = {3: "model_type", 25: "split_digits", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id"}
     normalizer_fields = {1: "normalizer_name", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
     for field, wire, value in _proto_fields(Path(path).read_bytes()):
         if field == 1 and wire == 2:  # SentencePiece
@@ -344,69 +344,72 @@ def read_sentencepiece_model(path: Path) -> tuple[list[tuple[str, float, int]], 
 
 
 def sentencepiece_bpe_to_tokenizer(path: Path):
-    """A `tokenizers.Tokenizer` for a SentencePiece BPE model (Llama/Mistral style, byte fallback).
+    """A `tokenizers.Tokenizer` for a SentencePiece BPE model (Llama 2 / Mistral style, byte fallback).
 
-    SentencePiece BPE merges the adjacent pair whose merged piece has the highest score, so the merge
-    list is every split of a normal piece into two pieces, ordered by the merged piece's score (not
-    its id: user-defined and control pieces sit early in the id order).
+    SentencePiece BPE repeatedly merges the adjacent pair whose merged piece has the highest score
+    (ties: the leftmost pair). So the merge list is every split of a normal piece into two normal
+    pieces, ordered by the merged piece's score, not its id (control and user-defined pieces come
+    first in id order, and a few whitespace-run pieces share the score -1e9). Within one score the
+    split with the longer left part goes first, which reproduces the leftmost-first growth of runs
+    of spaces. The rest mirrors what transformers 5 builds for such a model: a ``▁`` Metaspace
+    prepended to the first segment only (sentencepiece's dummy prefix), byte fallback, and control
+    pieces as special added tokens.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
     pieces, settings = read_sentencepiece_model(path)
-    if settings.get("model_type", 2) != 2:
+    if settings.get("model_type", 1) != 2:
         raise ValueError(f"{path} is not a SentencePiece BPE model")
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     normal = {piece: score for piece, score, kind in pieces if kind == _SP_NORMAL}
-    candidates: list[tuple[float, int, int, str, str]] = []
+    candidates: list[tuple[float, int, int, int, str, str]] = []
     for piece, score in normal.items():
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in normal and right in normal:
-                candidates.append((-score, vocab[left], vocab[right], left, right))
+                candidates.append((-score, -len(left), vocab[left], vocab[right], left, right))
     candidates.sort()
-    merges = [(left, right) for _, _, _, left, right in candidates]
+    merges = [(left, right) for *_, left, right in candidates]
     unk = next((piece for piece, _, kind in pieces if kind == _SP_UNKNOWN), None)
     tokenizer = Tokenizer(
         BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=bool(settings.get("byte_fallback")), dropout=None)
     )
-    steps = []
-    if settings.get("add_dummy_prefix", True):
-        steps.append(normalizers.Prepend("▁"))
-    steps.append(normalizers.Replace(" ", "▁"))
-    tokenizer.normalizer = normalizers.Sequence(steps)
-    tokenizer.pre_tokenizer = None
-    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if settings.get("add_dummy_prefix", True):
-        decode.append(decoders.Strip(" ", 1, 0))
-    tokenizer.decoder = decoders.Sequence(decode)
-    specials = [AddedToken(piece, special=True, normalized=False) for piece, _, kind in pieces if kind in (_SP_UNKNOWN, _SP_CONTROL)]
-    users = [AddedToken(piece, special=False, normalized=False) for piece, _, kind in pieces if kind == _SP_USER_DEFINED]
-    tokenizer.add_special_tokens(specials)
-    if users:
-        tokenizer.add_tokens(users)
-    del Regex
-    return tokenizer, pieces, settings
+    dummy_prefix = bool(settings.get("add_dummy_prefix", True))
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if dummy_prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if dummy_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    tokenizer.add_special_tokens(
+        [AddedToken(piece, special=True, normalized=False) for piece, _, kind in pieces if kind in (_SP_UNKNOWN, _SP_CONTROL)]
+    )
+    user_defined = [AddedToken(piece, special=False, normalized=False) for piece, _, kind in pieces if kind == _SP_USER_DEFINED]
+    if user_defined:
+        tokenizer.add_tokens(user_defined)
+    return tokenizer, pieces, len(merges)
 
 
 def _build_mistral_v3():
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    backend, pieces, settings = sentencepiece_bpe_to_tokenizer(source_file("mistral_v3"))
+    backend, pieces, _ = sentencepiece_bpe_to_tokenizer(source_file("mistral_v3"))
     bos, bos_id = "<s>", backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
     )
-    named = [p for p, _, kind in pieces if kind == _SP_CONTROL and not p.startswith("[control_")]
+    named = [piece for piece, _, kind in pieces if kind == _SP_CONTROL and not piece.startswith("[control_")]
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=bos,
         eos_token="</s>",
         unk_token="<unk>",
-        extra_special_tokens=[t for t in named if t not in ("<s>", "</s>", "<unk>")],
+        extra_special_tokens=[t for t in named if t not in ("<s>", "</s>")],
         clean_up_tokenization_spaces=False,
-        legacy=True,
     )
 
 
@@ -441,14 +444,20 @@ def cache_root() -> Path:
 
 
 def version_tag(name: str) -> str:
-    """What the cached build depends on: this module's build version and the source package's version."""
+    """What a cached build depends on: the source package's version, and a digest of this module,
+    `BUILD_VERSION` and the transformers / tokenizers versions (so an edit here never reuses a stale build)."""
     _check_name(name)
     dist = _SOURCES[name][0]
     try:
         source_version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         source_version = "unknown"
-    return f"b{BUILD_VERSION}-{dist}-{source_version}"
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"{BUILD_VERSION}|{transformers.__version__}|{tokenizers.__version__}".encode())
+    return f"{dist}-{source_version}-{digest.hexdigest()[:10]}"
 
 
 def cached(name: str, cache_dir: Path | None = None) -> Path:
@@ -483,7 +492,3 @@ def load(name: str, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(cached(name, cache_dir)))
-
-
-def _manifest(path: Path) -> dict:  # pragma: no cover - debugging aid
-    return json.loads((Path(path) / "tokenizer_config.json").read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ..problems import InputError
 from . import check_data, lint, show
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' deprecation notices about its own defaults are not the user's business here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|trl\.")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)

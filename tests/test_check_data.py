@@ -1,0 +1,148 @@
+"""check-data: each zero-mask reason names its row; exit codes and report keys as other tools rely on them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sft_toolkit import offline_tokenizers
+from sft_toolkit.check_data import check_data
+from sft_toolkit.problems import InputError
+from sft_toolkit.recipe import build_recipe
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "templates"
+
+
+def qa(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+GOOD_ROWS = [qa(f"What is {i} + 1?", f"{i} + 1 = {i + 1}.") for i in range(10)]
+
+
+def write(tmp_path, rows, **keys) -> str:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": str(data),
+              "chat_template_path": "chatml", "assistant_only_loss": True, **keys}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run(path: str) -> dict:
+    from sft_toolkit.recipe import load_recipe
+
+    report, _ = check_data(load_recipe(path))
+    return report.to_json()
+
+
+def test_clean_dataset_passes(tmp_path):
+    report = run(write(tmp_path, GOOD_ROWS, max_length=64))
+    assert report["ok"] and report["zero_mask_rows"] == [] and report["rows"] == 10
+    assert report["trainable_tokens"] > 0 and report["dropped_rows"] == 0
+
+
+def test_each_zero_mask_reason_names_its_row(tmp_path):
+    rows = list(GOOD_ROWS)
+    rows[2] = {"messages": [{"role": "user", "content": "Anyone there?"}]}
+    rows[4] = {"messages": [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}]}
+    rows[6] = qa("A very long question. " * 80, "Short answer.")
+    report = run(write(tmp_path, rows, max_length=64))
+    assert not report["ok"]
+    assert report["zero_mask_rows"] == [
+        {"index": 2, "reason": "no_assistant_turn"},
+        {"index": 4, "reason": "empty_assistant_content"},
+        {"index": 6, "reason": "all_assistant_tokens_past_max_length"},
+    ]
+    assert report["dropped_rows"] == 2  # rows 2 and 6: TRL filters them after truncation, silently
+    assert report["truncated_assistant_tokens"] > 0
+    assert report["trl_would_abort"] is True
+
+
+def test_template_without_markers_marks_nothing(tmp_path):
+    report = run(write(tmp_path, GOOD_ROWS[:3], chat_template_path=str(FIXTURES / "S002_no_markers.jinja")))
+    assert [r["reason"] for r in report["zero_mask_rows"]] == ["template_marks_nothing"] * 3
+
+
+def test_template_rejecting_a_row_is_named(tmp_path):
+    rows = [GOOD_ROWS[0], {"messages": [{"role": "system", "content": "Be brief."}] + GOOD_ROWS[1]["messages"]}]
+    report = run(write(tmp_path, rows, chat_template_path=str(FIXTURES / "I001_rejects_system.jinja")))
+    (row,) = report["zero_mask_rows"]
+    assert row["index"] == 1 and row["reason"].startswith("template_error") and "System role" in row["reason"]
+
+
+def test_bfd_split_orphans_assistant_tokens_and_wastes_sequences(tmp_path):
+    rows = GOOD_ROWS + [qa("Tell me a story. " * 30, "Once upon a time. " * 30)]
+    report = run(write(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd_split"))
+    assert report["orphaned_assistant_tokens"] > 0 and report["orphaned_rows"] == [10]
+    assert not report["ok"]
+    bfd = run(write(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd"))
+    assert bfd["orphaned_assistant_tokens"] == 0
+    assert bfd["truncated_assistant_tokens"] > 0
+
+
+def test_zero_trainable_steps_are_counted(tmp_path):
+    rows = [qa("Long prompt. " * 60, "ok")] * 4 + GOOD_ROWS[:4]
+    report = run(write(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd",
+                       per_device_train_batch_size=2))
+    assert report["zero_trainable_sequences"] == 4
+    assert report["zero_trainable_steps"] >= 1
+
+
+def test_malformed_rows_are_bad_input_naming_row_and_field(tmp_path):
+    rows = [GOOD_ROWS[0], {"messages": [{"role": "user", "content": "hi"}, {"content": "no role"}]}]
+    with pytest.raises(InputError, match=r"row 1: messages\[1\]\.role is missing"):
+        run(write(tmp_path, rows))
+
+
+def test_unknown_recipe_key_suggests_the_closest(tmp_path):
+    with pytest.raises(InputError, match="unknown key 'max_lenght'; did you mean 'max_length'"):
+        build_recipe({"model_name_or_path": "x", "dataset_name": "y", "max_lenght": 10})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(InputError, match="max_length: expected an integer or null"):
+        build_recipe({"model_name_or_path": "x", "dataset_name": "y", "max_length": "long"})
+
+
+def test_packing_without_max_length_is_rejected():
+    with pytest.raises(InputError, match="packing: true needs max_length"):
+        build_recipe({"model_name_or_path": "x", "dataset_name": "y", "packing": True, "max_length": None})
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "sft_toolkit", "check-data", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_exit_codes_json_and_report(tmp_path):
+    rows = list(GOOD_ROWS)
+    rows[5] = {"messages": [{"role": "user", "content": "Anyone?"}]}
+    recipe = write(tmp_path, rows)
+    proc = cli(recipe, "--format", "json", "--report", str(tmp_path / "report.json"))
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    for key, kind in {"ok": bool, "rows": int, "zero_mask_rows": list, "trainable_tokens": int, "dropped_rows": int,
+                      "truncated_assistant_tokens": int, "orphaned_assistant_tokens": int,
+                      "zero_trainable_sequences": int}.items():
+        assert isinstance(data[key], kind), key
+    assert data["zero_mask_rows"] == [{"index": 5, "reason": "no_assistant_turn"}]
+    assert json.loads((tmp_path / "report.json").read_text()) == data
+    assert "| 5 | no_assistant_turn |" in (tmp_path / "report.md").read_text()
+    assert cli(recipe, "--max-zero-rows", "1").returncode == 0
+
+
+def test_cli_bad_input_exits_two_without_traceback(tmp_path):
+    data = tmp_path / "broken.jsonl"
+    data.write_text(json.dumps(GOOD_ROWS[0]) + "\n{not json\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(offline_tokenizers.cached("qwen2")),
+                                      "dataset_name": str(data), "chat_template_path": "chatml"}))
+    proc = cli(str(recipe))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{data}:2: not valid JSON" in proc.stderr
