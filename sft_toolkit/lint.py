@@ -50,15 +50,32 @@ class LintResult:
         return {"template": self.template, "ok": self.ok, "findings": [f.to_json() for f in self.findings]}
 
 
+PRAGMA = re.compile(r"sft-toolkit:\s*allow\s+([A-Z]\d{3}(?:\s*,\s*[A-Z]\d{3})*)\s*(?:\((.*?)\))?")
+
+
 def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None) -> LintResult:
     """All rules on one template. `reference` is the original inference template to compare bytes with."""
     findings = static_findings(source)
     # Rendering is pointless when the template can't parse, or has no blocks (every turn would be "untrained").
     if not any(f.rule in ("S001", "S002", "S003") for f in findings):
         findings += rendered_findings(source, tokenizer=tokenizer, reference=reference)
+    findings = _apply_allowances(source, findings)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     findings.sort(key=lambda f: (order[f.severity], f.line or 0, f.rule))
     return LintResult(template=name, findings=findings)
+
+
+def _apply_allowances(source: str, findings: list[Finding]) -> list[Finding]:
+    """A template may accept a rule it breaks by design, with a reason, in a comment:
+    `{# sft-toolkit: allow R004 (Mistral moves the system prompt to the last user turn) #}`.
+    Such findings stay visible as info, with the reason; nothing is silently dropped."""
+    allowed = {}
+    for comment in re.findall(r"\{#(.*?)#\}", source, flags=re.S):
+        for m in PRAGMA.finditer(comment):
+            for rule in re.split(r"\s*,\s*", m.group(1)):
+                allowed[rule] = (m.group(2) or "no reason given").strip()
+    return [Finding(f.rule, INFO, f"allowed by the template ({allowed[f.rule]}): {f.message}", f.line)
+            if f.rule in allowed and f.severity != INFO else f for f in findings]
 
 
 # --------------------------------------------------------------------------------------------- static

@@ -70,13 +70,16 @@ def render(
     add_generation_prompt: bool = False,
     tools: list[dict] | None = None,
     template_kwargs: dict | None = None,
+    placeholders: bool = True,
 ) -> Rendered:
     """Render like `apply_chat_template` and return the text with its generation spans.
 
+    `placeholders` fills bos_token/eos_token/... when no tokenizer provides them; pass False to render exactly
+    as `apply_chat_template` does with a tokenizer's own special tokens.
     Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, and
     `InputError` for any other template failure (syntax, undefined attribute used as a callable, ...).
     """
-    kwargs = {**DEFAULT_SPECIAL_TOKENS, **(template_kwargs or {})}
+    kwargs = {**(DEFAULT_SPECIAL_TOKENS if placeholders else {}), **(template_kwargs or {})}
     try:
         texts, spans = render_jinja_template(
             conversations=[normalize_messages(messages)],
@@ -113,7 +116,7 @@ def tokenize(
     """
     template = template or tokenizer.chat_template
     special = {**tokenizer.special_tokens_map, **(template_kwargs or {})}
-    rendered = render(template, messages, tools=tools, template_kwargs=special)
+    rendered = render(template, messages, tools=tools, template_kwargs=special, placeholders=False)
     out = tokenizer.apply_chat_template(
         normalize_messages(messages),
         chat_template=template,

@@ -119,3 +119,12 @@ def test_probe_texts_are_unique_within_each_probe():
     for probe in PROBES:
         texts = [m["content"] for m in probe.messages if m.get("content")]
         assert len(texts) == len(set(texts)), probe.name
+
+
+def test_allow_pragma_keeps_the_finding_visible_as_info():
+    source = (FIXTURES / "R004_prompt_mismatch.jinja").read_text()
+    allowed = "{# sft-toolkit: allow R004 (this format moves its header by design) #}" + source
+    result = lint(allowed, "t")
+    assert result.ok
+    (finding,) = [f for f in result.findings if f.rule == "R004"]
+    assert finding.severity == "info" and "by design" in finding.message
