@@ -13,6 +13,8 @@ vocabularies themselves are on PyPI:
   converted by transformers' own tekken converter; adds ``<s>`` like the hub tokenizers.
 * ``mistral_v3``: Mistral 7B v0.3's SentencePiece BPE (``mistral-common``'s
   ``mistral_instruct_tokenizer_240323.model.v3``), rebuilt as a ``tokenizers`` BPE with byte fallback.
+  Equal to sentencepiece except that a text starting with a space gets no extra dummy-prefix ``▁``
+  (tokenizers' Metaspace, as in transformers' own Llama/Mistral tokenizers).
 
 Each is built as a ``tokenizers``-backed transformers tokenizer and written with ``save_pretrained``,
 so the directory loads with ``AutoTokenizer.from_pretrained(dir)`` and works as ``--tokenizer DIR``.
@@ -20,8 +22,10 @@ No chat template is attached: templates are passed separately. Requires transfor
 ``tokenizer_class`` is ``TokenizersBackend``).
 
     >>> from sft_toolkit import offline_tokenizers
-    >>> tok = offline_tokenizers.load("qwen2")           # built once, cached afterwards
-    >>> offline_tokenizers.build("llama3", Path("out"))  # or write a directory yourself
+    >>> tok = offline_tokenizers.load("qwen2")  # built once into $SFT_TOOLKIT_CACHE/tokenizers, then reused
+    >>> offline_tokenizers.build("llama3", Path("out/llama3"))  # or write a directory yourself
+
+``scripts/build_tokenizers.py OUTDIR [names...]`` does the latter from the command line.
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     two parts it was merged from; ordering the merges by the token's rank gives back the original
     merge list (one merge per non-byte token). A plain Python loop: about a second for Qwen's
     151,643 ranks, and the result is cached with the built tokenizer anyway.
+
+    Raises ValueError for a vocabulary that is not pure BPE output (some token not reachable that
+    way; Llama 3's has a few, such as ``b".:.:"``, which is why ``llama3`` uses Meta's tokenizer.json).
     """
     get = ranks.get
     merges: list[tuple[bytes, bytes]] = []
@@ -199,7 +206,7 @@ def tiktoken_to_tokenizer(ranks: dict[bytes, int], pattern: str, *, nfc: bool = 
         ]
     )
     tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
 
@@ -477,10 +484,10 @@ def cached(name: str, cache_dir: Path | None = None) -> Path:
         build(name, tmp)
         try:
             os.rename(tmp, target)
-        except OSError:
+        except OSError as error:
             # Another process finished first (the target is a non-empty directory now); use theirs.
             if not (target / "tokenizer.json").is_file():
-                raise
+                raise OSError(f"cannot create {target} (delete it if it is a broken cache entry): {error}") from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -491,4 +498,4 @@ def load(name: str, cache_dir: Path | None = None):
     """``AutoTokenizer.from_pretrained(cached(name))``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(cached(name, cache_dir)))
+    return AutoTokenizer.from_pretrained(str(cached(name, cache_dir)), local_files_only=True)

@@ -11,9 +11,9 @@ import sys
 import warnings
 
 from ..problems import InputError
-from . import check_data, lint, show
+from . import check_data, lint, quickstart, show, train
 
-COMMANDS = {"lint": lint, "show": show, "check-data": check_data}
+COMMANDS = {"lint": lint, "show": show, "check-data": check_data, "train": train, "quickstart": quickstart}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # transformers' deprecation notices about its own defaults are not the user's business here.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|trl\.")
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "train":
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train":
+        args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command].run(args)
     except InputError as err:

@@ -1,0 +1,66 @@
+"""`sft-toolkit train RECIPE.yaml [--mask-guard reject|repair|warn] [--KEY VALUE ...]`
+
+Any recipe key can be overridden on the command line (`--max_length 512`, `--packing true`); values are
+read as YAML scalars. Under several processes: `accelerate launch -m sft_toolkit train RECIPE.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from ..problems import InputError
+from ..recipe import load_recipe
+from ..train import GuardStop, train
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train with TRL's SFTTrainer on a recipe, guarded",
+                       description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
+    p.add_argument("overrides", nargs="*", help=argparse_remainder_help())
+
+
+def argparse_remainder_help() -> str:
+    return "recipe overrides as --key value pairs"
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out, key = {}, None
+    for item in items:
+        if item.startswith("--"):
+            if key is not None:
+                out[key] = True
+            key, _, value = item[2:].partition("=")
+            if value:
+                out[key], key = yaml.safe_load(value), None
+        elif key is not None:
+            out[key], key = yaml.safe_load(item), None
+        else:
+            raise InputError(f"unexpected argument {item!r}: overrides are --key value pairs")
+    if key is not None:
+        out[key] = True
+    return out
+
+
+def run(args) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.mask_guard:
+        overrides["mask_guard"] = args.mask_guard
+    recipe = load_recipe(args.recipe, overrides)
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        outcome = train(recipe, world_size=world_size)
+    except GuardStop as stop:
+        print(f"sft-toolkit train: stopped by the mask guard: {stop}")
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        r = outcome.report
+        print(json.dumps({"output_dir": outcome.output_dir, "trainable_tokens": r.trainable_tokens,
+                          "rows": r.rows, "sequences": r.sequences, "repairs": outcome.repairs,
+                          **outcome.metrics}, indent=2))
+    return 0
