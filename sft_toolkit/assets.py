@@ -192,6 +192,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the data set is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -378,6 +379,9 @@ def build_quickstart_assets(root: Path) -> dict[str, Path]:
         try:
             train_tokenizer(render_conversations(rows), tmp)
             build_tiny_model(tmp, tmp, seed=MODEL_SEED)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            for file in tmp.iterdir():
+                file.chmod(0o644)
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             os.replace(tmp, model_dir)

@@ -38,8 +38,8 @@ def run(args) -> int:
         return 1
 
     report, _ = check_data(recipe)
-    print(f"3/4 check-data: {'PASS' if report.ok else 'FAIL'} — {report.rows} rows, {report.sequences} packed "
-          f"sequences, {report.trainable_tokens} trainable of {report.tokens} tokens")
+    print(f"3/4 check-data: {'PASS' if report.ok else 'FAIL'} — {report.rows} rows, {report.sequences} "
+          f"{'packed ' if recipe.sft.packing else ''}sequences, {report.trainable_tokens} trainable of {report.tokens} tokens")
     if not report.ok:
         print("\n".join(report.problems()))
         return 1
