@@ -32,23 +32,48 @@ class Outcome:
     output_dir: str
 
 
-def guard(report: Report, policy: str) -> tuple[bool, list[str]]:
-    """Decide before loading the model: (go ahead?, what will be repaired or warned about)."""
+def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
+    """Decide before loading the model. Returns the report, the dataset to train on, and what was changed.
+
+    reject: any problem stops the run (GuardStop) with the numbers and the fix.
+    repair: the smallest change that makes the run sound, each said with its effect:
+      split/wrapped packing that orphans assistant tokens or wastes sequences -> bfd (re-checked);
+      sequences left with zero trainable tokens -> dropped (counted).
+    warn: go ahead, saying what is wrong; the in-training guard still stops a step with nothing to train.
+    """
+    report, dataset = check_data(recipe, world_size=world_size)
     problems = report.problems()
+    policy = recipe.toolkit.mask_guard
     if not problems:
-        return True, []
+        return report, dataset, []
     if policy == "reject":
-        return False, problems
+        raise GuardStop("mask guard (reject): " + "; ".join(problems)
+                        + ". Fix the data or recipe, or set mask_guard: repair.")
     if policy == "warn":
-        return True, [f"warning: {p}" for p in problems]
-    repairs = []
-    if report.orphaned_assistant_tokens:
-        # Splitting can't be undone by dropping: only a different packing strategy repairs it.
-        return False, problems + ["repair cannot un-split conversations: set packing_strategy: bfd"]
-    if report.zero_trainable_sequences:
-        repairs.append(f"dropped {report.zero_trainable_sequences} of {report.sequences} sequences with zero "
-                       "trainable tokens")
-    return True, repairs
+        return report, dataset, [f"warning: {p}" for p in problems]
+    notes = []
+    sft = recipe.sft
+    if sft.packing and sft.packing_strategy != "bfd" and (report.orphaned_assistant_tokens
+                                                          or report.zero_trainable_sequences):
+        before = report
+        sft.packing_strategy = "bfd"
+        report, dataset = check_data(recipe, world_size=world_size)
+        notes.append(f"packing_strategy {before.settings['packing_strategy']} -> bfd: assistant tokens trained "
+                     f"without context {before.orphaned_assistant_tokens} -> {report.orphaned_assistant_tokens}, "
+                     f"zero-trainable sequences {before.zero_trainable_sequences} -> "
+                     f"{report.zero_trainable_sequences} of {report.sequences}")
+    zero = _zero_sequences(dataset)
+    if zero:
+        dataset = drop_zero_trainable(dataset)
+        notes.append(f"dropped {zero} of {report.sequences} sequences with zero trainable tokens")
+    if report.zero_mask_rows:
+        shown = ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:10])
+        notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: {shown}")
+    return report, dataset, notes
+
+
+def _zero_sequences(dataset) -> int:
+    return sum(all(label == -100 for label in labels) for labels in dataset["labels"])
 
 
 def drop_zero_trainable(dataset):
@@ -64,11 +89,14 @@ def guarded_trainer_class():
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             local = sum(int((s["labels"][..., 1:] != -100).sum()) for s in samples if "labels" in s)
-            total = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "sum")
-            if samples and int(total) == 0:
-                raise GuardStop(f"step {self.state.global_step + 1}: zero trainable tokens on every rank "
-                                f"({len(samples)} micro-batches each); the step would train on nothing. "
-                                "Run check-data on this recipe to find the rows.")
+            # One collective: every rank learns every rank's count, so all decide alike and stop together.
+            counts = self.accelerator.gather(torch.tensor([local], device=self.accelerator.device)).tolist()
+            empty = [rank for rank, n in enumerate(counts) if n == 0]
+            if samples and empty:
+                raise GuardStop(f"step {self.state.global_step + 1}: zero trainable tokens on rank(s) "
+                                f"{', '.join(map(str, empty))} of {len(counts)} (tokens per rank: {counts}); the "
+                                "step would spend compute on nothing. Run `sft-toolkit check-data` on this recipe "
+                                "to find the rows, or use mask_guard: repair.")
             return samples, num_items
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -92,15 +120,9 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
 
     from .preprocess import load_tokenizer_for, training_template
 
-    report, dataset = check_data(recipe, world_size=world_size)
-    go, notes = guard(report, recipe.toolkit.mask_guard)
-    if not go:
-        raise GuardStop("mask guard (reject): " + "; ".join(notes)
-                        + ". Fix the data or recipe, or set mask_guard: repair.")
+    report, dataset, notes = guard(recipe, world_size)
     for note in notes:
         log(f"mask guard ({recipe.toolkit.mask_guard}): {note}")
-    if recipe.toolkit.mask_guard == "repair" and report.zero_trainable_sequences:
-        dataset = drop_zero_trainable(dataset)
 
     tokenizer = load_tokenizer_for(recipe)
     template = training_template(tokenizer, recipe.sft)

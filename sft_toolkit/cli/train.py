@@ -56,7 +56,7 @@ def run(args) -> int:
     try:
         outcome = train(recipe, world_size=world_size)
     except GuardStop as stop:
-        print(f"sft-toolkit train: stopped by the mask guard: {stop}")
+        print(f"sft-toolkit train: stopped by the mask guard: {stop}", flush=True)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         r = outcome.report

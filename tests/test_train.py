@@ -1,0 +1,119 @@
+"""Training under the mask guard: reject before loading weights, repair and say so, stop on every rank at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sft_toolkit.assets import build_quickstart_assets
+from sft_toolkit.recipe import build_recipe
+from sft_toolkit.train import GuardStop, train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_quickstart_assets(tmp_path_factory.mktemp("assets"))
+
+
+def rows_with_long_prompts(assets, n_long: int = 6) -> list[dict]:
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:40]]
+    long = {"messages": [{"role": "user", "content": "Convert 3 km to m. " * 40},
+                         {"role": "assistant", "content": "3 km = 3000 m."}]}
+    return rows + [long] * n_long
+
+
+def recipe_keys(assets, tmp_path, rows, **keys) -> dict:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model_name_or_path": str(assets["model"]), "dataset_name": str(data), "chat_template_path": "chatml",
+            "assistant_only_loss": True, "output_dir": str(tmp_path / "run"), "max_steps": 4,
+            "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+            "use_cpu": True, "bf16": False, "seed": 0, "dataloader_num_workers": 0, **keys}
+
+
+def test_wrapped_packing_seed_failure_is_rejected_before_loading_the_model(assets, tmp_path):
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets), max_length=64, packing=True,
+                       packing_strategy="wrapped")
+    with pytest.raises(GuardStop, match="mask guard \\(reject\\).*trained without the conversation"):
+        train(build_recipe(keys), log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # nothing was trained or saved
+
+
+def test_repair_switches_to_bfd_drops_empty_sequences_and_trains_every_step(assets, tmp_path):
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets), max_length=64, packing=True,
+                       packing_strategy="wrapped", mask_guard="repair")
+    said = []
+    outcome = train(build_recipe(keys), log=said.append)
+    assert any("packing_strategy wrapped -> bfd" in s for s in said)
+    assert any(s.startswith("mask guard (repair): dropped") for s in said)
+    assert outcome.metrics["first_loss"] > 0 and outcome.metrics["last_loss"] > 0
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_zero_trainable_step_stops_training(assets, tmp_path):
+    # warn lets the zero-trainable sequences through; the in-training guard must catch the step.
+    rows = [{"messages": [{"role": "user", "content": "Convert 3 km to m. " * 40},
+                          {"role": "assistant", "content": "3 km = 3000 m."}]}] * 4
+    keys = recipe_keys(assets, tmp_path, rows, max_length=64, packing=True, mask_guard="warn",
+                       per_device_train_batch_size=1)
+    with pytest.raises(GuardStop, match="step 1: zero trainable tokens on rank\\(s\\) 0"):
+        train(build_recipe(keys), log=lambda _: None)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(assets["model"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(broken)
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128)
+    keys["model_name_or_path"] = str(broken)
+    with pytest.raises(GuardStop, match="step 1: non-finite loss"):
+        train(build_recipe(keys), log=lambda _: None)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(recipe: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--module", "sft_toolkit", "train", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128,
+                                               max_steps=3)))
+    proc = launch_two(good)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert '"trainable_tokens"' in proc.stdout
+
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    rows = rows_with_long_prompts(assets, 6)[:8] + rows_with_long_prompts(assets, 6)[40:]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe_keys(assets, bad_dir, rows, max_length=64, packing=True, mask_guard="warn",
+                                              per_device_train_batch_size=1, max_steps=50)))
+    proc = launch_two(bad)  # the timeout above is the "no rank left hanging" assertion
+    assert proc.returncode != 0
+    steps = re.findall(r"stopped by the mask guard: step (\d+): zero trainable tokens", proc.stdout)
+    assert len(steps) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # both ranks ...
+    assert len(set(steps)) == 1  # ... at the same step
