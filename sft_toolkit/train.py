@@ -20,6 +20,10 @@ import torch
 from .check_data import Report, check_data
 
 
+# Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.
+ISOLATION_TOLERANCE = 1e-3
+
+
 class GuardStop(RuntimeError):
     """Raised on every rank at once when a step would train on nothing or the loss is not finite."""
 
@@ -30,6 +34,7 @@ class Outcome:
     repairs: list[str]
     metrics: dict
     output_dir: str
+    history: list[float]  # the logged training losses, in order
 
 
 def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
@@ -74,6 +79,38 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
 
 def _zero_sequences(dataset) -> int:
     return sum(all(label == -100 for label in labels) for labels in dataset["labels"])
+
+
+def packing_isolation(trainer, *, use_cache: bool = False) -> float:
+    """Largest logit difference for a sequence run alone vs packed after another one (0.0 = isolated).
+
+    Packed (padding-free) sequences share one row; they stay separate only if the model builds its
+    attention from `position_ids`. transformers does that for sdpa/eager only without a cache, and
+    remote-code models may not at all, so we measure it on the real model and collator, the same forward
+    `compute_loss` makes (`use_cache=False`), instead of trusting it.
+    """
+    tokenizer = trainer.processing_class
+    first = tokenizer("The first conversation talks about kilometres.", add_special_tokens=False)["input_ids"]
+    second = tokenizer("A second, unrelated one about grams.", add_special_tokens=False)["input_ids"]
+
+    def example(ids, lengths):
+        return {"input_ids": ids, "labels": ids, "seq_lengths": lengths}
+
+    packed = trainer.data_collator([example(first + second, [len(first), len(second)])])
+    alone = trainer.data_collator([example(second, [len(second)])])
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            keep = {"input_ids", "attention_mask", "position_ids"}
+            run = {k: v.to(model.device) for k, v in packed.items() if k in keep}
+            solo = {k: v.to(model.device) for k, v in alone.items() if k in keep}
+            packed_logits = model(**run, use_cache=use_cache).logits[0, len(first):len(first) + len(second)]
+            alone_logits = model(**solo, use_cache=use_cache).logits[0, :len(second)]
+    finally:
+        model.train(was_training)
+    return float((packed_logits.float() - alone_logits.float()).abs().max())
 
 
 def drop_zero_trainable(dataset):
@@ -147,6 +184,16 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         processing_class=tokenizer,
         peft_config=get_peft_config(recipe.model),
     )
+    if trainer.padding_free:
+        leak = packing_isolation(trainer)
+        if leak > ISOLATION_TOLERANCE:
+            message = (f"packed sequences attend to each other under attn_implementation="
+                       f"{trainer.model.config._attn_implementation!r} (logits differ by {leak:.3g} when a sequence is "
+                       "packed after another); set packing: false and padding_free: false, or use an attention "
+                       "implementation that reads position_ids (flash_attention_2, sdpa)")
+            if recipe.toolkit.mask_guard != "warn":
+                raise GuardStop(f"mask guard: {message}")
+            log(f"mask guard (warn): warning: {message}")
     result = trainer.train(resume_from_checkpoint=sft.resume_from_checkpoint)
     trainer.save_model(sft.output_dir)
     metrics = dict(result.metrics)
@@ -157,4 +204,5 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         if accuracy:
             metrics["first_accuracy"], metrics["last_accuracy"] = accuracy[0], accuracy[-1]
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-    return Outcome(report=report, repairs=notes, metrics=metrics, output_dir=sft.output_dir)
+    return Outcome(report=report, repairs=notes, metrics=metrics, output_dir=sft.output_dir,
+                   history=[h["loss"] for h in history])

@@ -117,3 +117,39 @@ def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp
     steps = re.findall(r"stopped by the mask guard: step (\d+): zero trainable tokens", proc.stdout)
     assert len(steps) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # both ranks ...
     assert len(set(steps)) == 1  # ... at the same step
+
+
+def test_packing_isolation_probe_tells_isolated_from_leaking(assets, tmp_path):
+    from sft_toolkit.preprocess import load_tokenizer_for
+    from sft_toolkit.train import ISOLATION_TOLERANCE, guarded_trainer_class, packing_isolation
+    from datasets import Dataset
+
+    recipe = build_recipe(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128,
+                                      packing=True))
+    recipe.sft.assistant_only_loss = False
+    recipe.sft.chat_template_path = None
+    recipe.sft.dataset_kwargs = {"skip_prepare_dataset": True}
+    dataset = Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]], "seq_lengths": [[3]]})
+    trainer = guarded_trainer_class()(model=str(assets["model"]), args=recipe.sft, train_dataset=dataset,
+                                      processing_class=load_tokenizer_for(recipe))
+    assert trainer.padding_free
+    # The forward compute_loss makes (no cache) keeps packed sequences apart ...
+    assert packing_isolation(trainer) <= ISOLATION_TOLERANCE
+    # ... a forward with a cache builds a causal mask over the whole row, and the probe sees the leak.
+    assert packing_isolation(trainer, use_cache=True) > ISOLATION_TOLERANCE
+
+
+def test_resume_from_checkpoint_gives_the_same_loss_curve(assets, tmp_path):
+    rows = rows_with_long_prompts(assets, 0)
+    (tmp_path / "a").mkdir()
+    first = recipe_keys(assets, tmp_path / "a", rows, max_length=128, max_steps=4, save_strategy="steps",
+                        save_steps=2, output_dir=str(tmp_path / "a" / "run"))
+    whole = train(build_recipe(first), log=lambda _: None)
+    (tmp_path / "b").mkdir()
+    second = {**first, "output_dir": str(tmp_path / "b" / "run"),
+              "resume_from_checkpoint": str(tmp_path / "a" / "run" / "checkpoint-2")}
+    resumed = train(build_recipe(second), log=lambda _: None)
+    assert resumed.metrics["last_loss"] == pytest.approx(whole.metrics["last_loss"], rel=1e-4)
+    # The resumed run carries steps 1-2 from the checkpoint state and computes steps 3-4 itself.
+    assert len(resumed.history) == len(whole.history) == 4
+    assert resumed.history == pytest.approx(whole.history, rel=1e-4)
