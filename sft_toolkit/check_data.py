@@ -64,10 +64,7 @@ class Report:
         return out
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["ok"] = self.ok
-        data["problems"] = self.problems()
-        return {"ok": data.pop("ok"), **data}
+        return {"ok": self.ok, **asdict(self), "problems": self.problems()}
 
 
 def check_data(recipe, *, world_size: int = 1) -> tuple[Report, object]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import jinja2
-import numpy as np
 
 from .problems import InputError
 from .templates import bundled_names, load_template
@@ -194,10 +193,3 @@ def _map_kwargs(dataset, sft, desc: str) -> dict:
     from datasets import Dataset
 
     return {"num_proc": sft.dataset_num_proc, "desc": desc} if isinstance(dataset, Dataset) else {}
-
-
-def flat(column) -> np.ndarray:
-    """A list column of an Arrow-backed dataset as one flat numpy array (no Python lists)."""
-    import pyarrow.compute as pc
-
-    return pc.list_flatten(column).to_numpy(zero_copy_only=False)

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train chat models only on what the assistant says, and never silently on nothing.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         module.add_parser(sub)
     return parser
 

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from ..data import read_conversation
 from ..masks import render, tokenize
+from ..problems import InputError
 from ..show import char_views, to_html, to_plain, to_rich, token_views
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
@@ -35,8 +36,6 @@ def run(args) -> int:
     elif tokenizer is not None and tokenizer.chat_template:
         source, name = tokenizer.chat_template, args.tokenizer
     else:
-        from ..problems import InputError
-
         raise InputError("show needs --template, or a --tokenizer that has a chat template")
     if tokenizer is not None:
         tm = tokenize(tokenizer, messages, template=source, tools=tools)

@@ -7,6 +7,7 @@ read as YAML scalars. Under several processes: `accelerate launch -m sft_toolkit
 from __future__ import annotations
 
 import json
+import os
 
 import yaml
 
@@ -20,11 +21,7 @@ def add_parser(sub) -> None:
                        description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
-    p.add_argument("overrides", nargs="*", help=argparse_remainder_help())
-
-
-def argparse_remainder_help() -> str:
-    return "recipe overrides as --key value pairs"
+    p.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -50,8 +47,6 @@ def run(args) -> int:
     if args.mask_guard:
         overrides["mask_guard"] = args.mask_guard
     recipe = load_recipe(args.recipe, overrides)
-    import os
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         outcome = train(recipe, world_size=world_size)
