@@ -75,7 +75,7 @@ def check_data(recipe, *, world_size: int = 1) -> tuple[Report, object]:
     tokenizer = preprocess.load_tokenizer_for(recipe)
     template = preprocess.training_template(tokenizer, sft)
     raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
-    tokenized = preprocess.tokenize(raw, tokenizer, template, sft)
+    tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map)
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
 
     per_row = _row_stats(tokenized, report)

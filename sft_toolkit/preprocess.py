@@ -76,7 +76,8 @@ def row_problem(example: dict) -> str | None:
         if not isinstance(role, str):
             return f"messages[{i}].role is missing"
         if role not in KNOWN_ROLES:
-            return f"messages[{i}].role {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))}"
+            return (f"messages[{i}].role {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))} "
+                    "(rename it, or map it with the recipe key role_map)")
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             return f"messages[{i}].content must be a string, got {type(content).__name__}"
@@ -136,10 +137,11 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
     return out
 
 
-def tokenize(dataset, tokenizer, template, sft, *, desc: str = "Tokenizing"):
+def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing"):
     """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, reason, problem."""
     from datasets import Dataset
 
+    dataset = to_chatml(dataset, sft, role_map)
     if "messages" not in dataset.column_names:
         raise InputError(_no_messages_hint(dataset.column_names))
     kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
@@ -150,10 +152,33 @@ def tokenize(dataset, tokenizer, template, sft, *, desc: str = "Tokenizing"):
     return dataset.map(_tokenize_row, **kwargs)
 
 
+# ShareGPT's role names. TRL's `maybe_convert_to_chatml` renames the keys but keeps these values, and
+# chat templates then skip 'human' turns and never train 'gpt' ones (TRL aborts on the first such row);
+# so we also map the names. A recipe's `role_map` replaces this table.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "observation": "tool",
+                  "function_call": "assistant"}
+
+
+def to_chatml(dataset, sft, role_map: dict | None = None):
+    """ShareGPT rows (`conversations` of {from, value}) become `messages` with ChatML role names."""
+    from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml
+
+    if "conversations" not in dataset.column_names or not is_conversational_from_value(next(iter(dataset))):
+        return dataset
+    roles = SHAREGPT_ROLES if role_map is None else role_map
+
+    def convert(example):
+        example = maybe_convert_to_chatml(example)
+        example["messages"] = [{**m, "role": roles.get(m.get("role"), m.get("role"))} for m in example["messages"]]
+        return example
+
+    return dataset.map(convert, remove_columns="conversations", **_map_kwargs(dataset, sft, "Converting to ChatML"))
+
+
 def _no_messages_hint(columns: list[str]) -> str:
     if "conversations" in columns:
-        return ("the dataset has a 'conversations' column (ShareGPT style) but no 'messages'; convert "
-                "from/value to role/content, e.g. with trl.data_utils.maybe_convert_to_chatml")
+        return ("the dataset's 'conversations' column is not ShareGPT-style {from, value} messages and there is no "
+                "'messages' column; provide conversations as a 'messages' list of {role, content}")
     return (f"the dataset has no 'messages' column (columns: {', '.join(columns)}); assistant-only training needs "
             "conversations as a list of {role, content} messages")
 

@@ -146,3 +146,19 @@ def test_cli_bad_input_exits_two_without_traceback(tmp_path):
     proc = cli(str(recipe))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{data}:2: not valid JSON" in proc.stderr
+
+
+def test_sharegpt_rows_are_converted_like_sfttrainer_does(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": f"What is {i} + 1?"},
+                               {"from": "gpt", "value": f"{i} + 1 = {i + 1}."}]} for i in range(5)]
+    sharegpt = run(write(tmp_path, rows))
+    chatml = run(write(tmp_path, GOOD_ROWS[:5]))
+    assert sharegpt["ok"] and sharegpt["trainable_tokens"] == chatml["trainable_tokens"] > 0
+
+
+def test_sharegpt_role_map_is_a_recipe_option(tmp_path):
+    rows = [{"conversations": [{"from": "asker", "value": "Hi?"}, {"from": "answerer", "value": "Hello."}]}]
+    report = run(write(tmp_path, rows, role_map={"asker": "user", "answerer": "assistant"}))
+    assert report["ok"]
+    with pytest.raises(InputError, match="role 'asker' is not one of"):
+        run(write(tmp_path, rows))
