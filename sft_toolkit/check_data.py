@@ -37,6 +37,7 @@ class Report:
     steps: int = 0
     zero_trainable_steps: int = 0
     trl_would_abort: bool = False  # plain TRL raises on the first row without assistant tokens
+    max_length_to_keep_all: int = 0  # the smallest max_length that loses no assistant token
     max_zero_rows: int = 0
     settings: dict = field(default_factory=dict)
 
@@ -121,8 +122,9 @@ def _batches(dataset, columns):
 
 def _row_stats(tokenized, report: Report) -> _Rows:
     before, reasons, problems, tokens = [], {}, [], 0
-    for table in _batches(tokenized, ["src_row", "n_trainable", "reason", "problem", "input_ids"]):
+    for table in _batches(tokenized, ["src_row", "n_trainable", "span", "reason", "problem", "input_ids"]):
         rows = table["src_row"].to_numpy()
+        report.max_length_to_keep_all = max(report.max_length_to_keep_all, int(pc.max(table["span"]).as_py() or 0))
         before.append(table["n_trainable"].to_numpy())
         tokens += int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
         for row, reason, problem in zip(rows, table["reason"].to_pylist(), table["problem"].to_pylist()):

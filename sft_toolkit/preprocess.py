@@ -110,7 +110,8 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
     from trl.data_utils import _tokenize
 
     problem = row_problem(example)
-    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "reason": "", "problem": problem or ""}
+    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
+           "problem": problem or ""}
     if problem:
         return out
     tools = example.get("tools")
@@ -128,7 +129,10 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
     else:
         labels = list(ids)
     trainable = sum(1 for t in labels if t != -100)
-    out.update(input_ids=ids, labels=labels, n_trainable=trainable)
+    # span: the shortest max_length that keeps every trainable token of this row (for either truncation side)
+    trained_at = [i for i, t in enumerate(labels) if t != -100]
+    span = max(trained_at[-1] + 1, len(ids) - trained_at[0]) if trained_at else 0
+    out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span)
     reason = zero_reason(example["messages"])
     # A row whose assistant turns are all empty still trains the end-of-turn token: it teaches the model to
     # answer with nothing, so it counts as a zero-mask row although TRL's labels are not all -100.
@@ -138,7 +142,7 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
 
 
 def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing"):
-    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, reason, problem."""
+    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem."""
     from datasets import Dataset
 
     dataset = to_chatml(dataset, sft, role_map)

@@ -31,6 +31,8 @@ class ToolkitArguments:
     mask_guard: str = field(default="reject", metadata={"choices": list(GUARD_POLICIES),
                             "help": "what to do when the data would train on nothing: reject, repair or warn"})
     max_zero_rows: int = field(default=0, metadata={"help": "rows allowed to end with zero trainable tokens"})
+    max_length_limit: int | None = field(default=None, metadata={
+        "help": "repair may raise max_length up to this many tokens (what memory allows) to keep assistant tokens"})
     role_map: dict | None = field(default=None, metadata={
         "help": "role names of ShareGPT-style rows -> ChatML roles (default: human->user, gpt->assistant, ...)"})
 

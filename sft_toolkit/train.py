@@ -48,6 +48,8 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
 
     reject: any problem stops the run (GuardStop) with the numbers and the fix.
     repair: the smallest change that makes the run sound, each said with its effect:
+      assistant tokens cut by max_length -> max_length raised to the smallest value that keeps them all,
+      if that is within the recipe's max_length_limit (what memory allows), else kept and reported;
       split/wrapped packing that orphans assistant tokens or wastes sequences -> bfd (re-checked);
       sequences left with zero trainable tokens -> dropped (counted).
     warn: go ahead, saying what is wrong; the in-training guard still stops a step with nothing to train.
@@ -64,6 +66,20 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
         return report, dataset, [f"warning: {p}" for p in problems]
     notes = []
     sft = recipe.sft
+    limit = recipe.toolkit.max_length_limit
+    if report.truncated_assistant_tokens and sft.max_length is not None and not (
+            sft.packing and sft.packing_strategy != "bfd"):
+        needed = report.max_length_to_keep_all
+        if limit is not None and needed <= limit:
+            before, sft.max_length = report, needed
+            report, dataset = check_data(recipe, world_size=world_size)
+            notes.append(f"max_length {before.settings['max_length']} -> {needed} (max_length_limit {limit}): "
+                         f"assistant tokens lost to truncation {before.truncated_assistant_tokens} -> "
+                         f"{report.truncated_assistant_tokens}, zero-trainable rows {len(before.zero_mask_rows)} -> "
+                         f"{len(report.zero_mask_rows)}")
+        else:
+            notes.append(f"kept max_length {sft.max_length}: keeping every assistant token needs {needed} "
+                         f"(max_length_limit {limit}); {report.truncated_assistant_tokens} assistant tokens are cut")
     if sft.packing and sft.packing_strategy != "bfd" and (report.orphaned_assistant_tokens
                                                           or report.zero_trainable_sequences):
         before = report

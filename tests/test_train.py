@@ -153,3 +153,16 @@ def test_resume_from_checkpoint_gives_the_same_loss_curve(assets, tmp_path):
     # The resumed run carries steps 1-2 from the checkpoint state and computes steps 3-4 itself.
     assert len(resumed.history) == len(whole.history) == 4
     assert resumed.history == pytest.approx(whole.history, rel=1e-4)
+
+
+def test_repair_raises_max_length_within_the_limit(assets, tmp_path):
+    rows = rows_with_long_prompts(assets, 2)  # long prompts push their answers past max_length 64
+    keys = recipe_keys(assets, tmp_path, rows, max_length=64, mask_guard="repair", max_steps=1)
+    said = []
+    train(build_recipe({**keys, "max_length_limit": 16}), log=said.append)
+    assert any(s.startswith("mask guard (repair): kept max_length 64") for s in said)
+    said.clear()
+    outcome = train(build_recipe({**keys, "max_length_limit": 2048}), log=said.append)
+    raised = [s for s in said if "max_length 64 ->" in s]
+    assert raised and "assistant tokens lost to truncation" in raised[0] and "-> 0," in raised[0]
+    assert outcome.report.truncated_assistant_tokens == 0 and outcome.report.zero_mask_rows == []
