@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
 def _has_accelerator() -> bool:
     import torch
 
-    return torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "false"
+    return torch.cuda.is_available()
 
 
 def _check_value(source: str, key: str, value, f: dataclasses.Field) -> None:
