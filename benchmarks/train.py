@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sft_toolkit import offline_tokenizers  # noqa: E402
 from sft_toolkit.check_data import check_data  # noqa: E402
 from sft_toolkit.recipe import build_recipe  # noqa: E402
-from sft_toolkit.train import guarded_trainer_class  # noqa: E402
+from sft_toolkit.train import guarded_trainer_class, prepared_trainer_args  # noqa: E402
 
 WORDS = ("the model learns only what the assistant says while user system and tool text stays context "
          "packing keeps sequences apart when position ids reset at each boundary so nothing leaks").split()
@@ -91,9 +91,7 @@ def measure(keys: dict, guarded: bool, warmup: int, steps: int) -> dict:
 
     recipe = build_recipe({**keys, "max_steps": warmup + steps})
     report, dataset = check_data(recipe)
-    sft = recipe.sft
-    sft.chat_template_path, sft.assistant_only_loss = None, False
-    sft.dataset_kwargs = {"skip_prepare_dataset": True}
+    sft = prepared_trainer_args(recipe)
     from sft_toolkit.preprocess import load_tokenizer_for
 
     cls = guarded_trainer_class() if guarded else SFTTrainer

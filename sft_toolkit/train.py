@@ -173,6 +173,23 @@ def guarded_trainer_class():
     return GuardedSFTTrainer
 
 
+def prepared_trainer_args(recipe):
+    """The recipe's SFTConfig, set up for a dataset check_data already prepared (tokenized, labelled,
+    truncated or packed exactly as TRL would) and a tokenizer that already carries the template."""
+    sft, model_args = recipe.sft, recipe.model
+    # As TRL's own `trl sft` script does: the model's loading options come from ModelConfig.
+    sft.model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": sft.trust_remote_code,
+                             "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+                             **(sft.model_init_kwargs or {})}
+    # The template is already on the tokenizer (bundled names resolved); TRL would look a name up on the hub.
+    sft.chat_template_path = None
+    sft.dataset_kwargs = {**(sft.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    # The assistant mask is already in the labels (-100 elsewhere); TRL only checks this flag against a raw
+    # conversational dataset, which the trainer no longer receives.
+    sft.assistant_only_loss = False
+    return sft
+
+
 def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     """Check, decide, then train with TRL. Raises GuardStop when the guard refuses or stops the run."""
     from trl import get_peft_config
@@ -187,18 +204,7 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     template = training_template(tokenizer, recipe.sft)
     if template:
         tokenizer.chat_template = template  # saved with the model, so the trained format travels with it
-    sft, model_args = recipe.sft, recipe.model
-    # As TRL's own `trl sft` script does: the model's loading options come from ModelConfig.
-    sft.model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": sft.trust_remote_code,
-                             "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
-                             **(sft.model_init_kwargs or {})}
-    # The template is already on the tokenizer (bundled names resolved); TRL would look a name up on the hub.
-    sft.chat_template_path = None
-    # The dataset is already prepared (tokenized, labelled, truncated or packed) exactly as TRL would.
-    sft.dataset_kwargs = {**(sft.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    # The assistant mask is already in the labels (-100 elsewhere); TRL only checks this flag against a raw
-    # conversational dataset, which the trainer no longer receives.
-    sft.assistant_only_loss = False
+    sft = prepared_trainer_args(recipe)
     trainer = guarded_trainer_class()(
         model=recipe.model.model_name_or_path,
         args=sft,

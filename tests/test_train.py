@@ -121,16 +121,13 @@ def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp
 
 def test_packing_isolation_probe_tells_isolated_from_leaking(assets, tmp_path):
     from sft_toolkit.preprocess import load_tokenizer_for
-    from sft_toolkit.train import ISOLATION_TOLERANCE, guarded_trainer_class, packing_isolation
+    from sft_toolkit.train import ISOLATION_TOLERANCE, guarded_trainer_class, packing_isolation, prepared_trainer_args
     from datasets import Dataset
 
     recipe = build_recipe(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128,
                                       packing=True))
-    recipe.sft.assistant_only_loss = False
-    recipe.sft.chat_template_path = None
-    recipe.sft.dataset_kwargs = {"skip_prepare_dataset": True}
     dataset = Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]], "seq_lengths": [[3]]})
-    trainer = guarded_trainer_class()(model=str(assets["model"]), args=recipe.sft, train_dataset=dataset,
+    trainer = guarded_trainer_class()(model=str(assets["model"]), args=prepared_trainer_args(recipe), train_dataset=dataset,
                                       processing_class=load_tokenizer_for(recipe))
     assert trainer.padding_free
     # The forward compute_loss makes (no cache) keeps packed sequences apart ...
