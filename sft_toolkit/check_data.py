@@ -9,7 +9,7 @@ until it is too late.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -67,24 +67,37 @@ class Report:
     def to_json(self) -> dict:
         return {"ok": self.ok, **asdict(self), "problems": self.problems()}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Report":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
-def check_data(recipe, *, world_size: int = 1) -> tuple[Report, object]:
-    """Return the report and the dataset the trainer would train on (input_ids, labels[, seq_lengths])."""
+
+def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) -> tuple[Report, object]:
+    """Return the report and the dataset the trainer would train on (input_ids, labels[, seq_lengths]).
+
+    keep_provenance: also keep src_rows / src_pos (each token's source row and position in it), for a
+    prepared dataset that other commands trace back to the user's rows.
+    """
     from .data import load_rows
 
     sft, script = recipe.sft, recipe.script
     tokenizer = preprocess.load_tokenizer_for(recipe)
-    template = preprocess.training_template(tokenizer, sft)
     raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
+    # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).
+    template = preprocess.training_template(tokenizer, sft) if preprocess.needs_template(raw.column_names) else None
     tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map)
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
 
     per_row = _row_stats(tokenized, report)
+    if preprocess.is_pretokenized(raw.column_names):
+        report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
     if sft.packing:
         trained = preprocess.pack(tokenized, sft)
         _packed_stats(trained, per_row, report)
         final = trained
     else:
+        if keep_provenance:
+            tokenized = preprocess.add_provenance(tokenized, sft)
         if sft.max_length is not None:
             tokenized = preprocess.truncate(tokenized, sft)
         _truncated_stats(tokenized, per_row, report)
@@ -93,7 +106,8 @@ def check_data(recipe, *, world_size: int = 1) -> tuple[Report, object]:
         else:
             final = tokenized
     _zero_rows(per_row, report)
-    final = final.select_columns([c for c in ("input_ids", "labels", "seq_lengths") if c in final.column_names])
+    keep = ("input_ids", "labels", "seq_lengths") + (preprocess.PROVENANCE if keep_provenance else ())
+    final = final.select_columns([c for c in keep if c in final.column_names])
     if sft.shuffle_dataset:
         final = final.shuffle(seed=sft.seed)
     _steps(final, sft, world_size, report)
@@ -240,6 +254,7 @@ REASON_HELP = {
     preprocess.TEMPLATE_MARKS_NOTHING: "the chat template marks nothing in this row: lint the template",
     preprocess.PAST_MAX_LENGTH: "all assistant tokens lie past max_length: raise max_length or shorten the prompt",
     preprocess.TEMPLATE_ERROR: "the chat template refused this row: fix the row (e.g. role order) or the template",
+    preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
 }
 
 

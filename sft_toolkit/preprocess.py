@@ -24,6 +24,7 @@ EMPTY_ASSISTANT_CONTENT = "empty_assistant_content"
 TEMPLATE_MARKS_NOTHING = "template_marks_nothing"
 TEMPLATE_ERROR = "template_error"
 PAST_MAX_LENGTH = "all_assistant_tokens_past_max_length"
+MASK_MARKS_NOTHING = "mask_marks_nothing"  # a pre-tokenized row whose labels / assistant_masks mark no token
 
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
 
@@ -128,10 +129,7 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
         labels = [t if m else -100 for t, m in zip(ids, mask)]
     else:
         labels = list(ids)
-    trainable = sum(1 for t in labels if t != -100)
-    # span: the shortest max_length that keeps every trainable token of this row (for either truncation side)
-    trained_at = [i for i, t in enumerate(labels) if t != -100]
-    span = max(trained_at[-1] + 1, len(ids) - trained_at[0]) if trained_at else 0
+    trainable, span = _trainable_and_span(labels)
     out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span)
     reason = zero_reason(example["messages"])
     # A row whose assistant turns are all empty still trains the end-of-turn token: it teaches the model to
@@ -141,12 +139,35 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
     return out
 
 
+def _trainable_and_span(labels: list[int]) -> tuple[int, int]:
+    """Trainable tokens, and the shortest max_length that keeps all of them (for either truncation side)."""
+    trained_at = [i for i, t in enumerate(labels) if t != -100]
+    return len(trained_at), (max(trained_at[-1] + 1, len(labels) - trained_at[0]) if trained_at else 0)
+
+
+def is_pretokenized(columns) -> bool:
+    """TRL's own test (`is_processed = "input_ids" in column_names`): such rows skip template and tokenization."""
+    return "input_ids" in (columns or ())
+
+
+def needs_template(columns) -> bool:
+    return not is_pretokenized(columns) and ("messages" in (columns or ()) or "conversations" in (columns or ()))
+
+
 def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing"):
-    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem."""
+    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem.
+
+    Conversations go through the chat template; plain text (`dataset_text_field`, no mask) and
+    pre-tokenized rows (`input_ids` plus `labels` or `assistant_masks`) take TRL's matching paths.
+    """
     from datasets import Dataset
 
+    if is_pretokenized(dataset.column_names):
+        return from_tokens(dataset, sft)
     dataset = to_chatml(dataset, sft, role_map)
     if "messages" not in dataset.column_names:
+        if sft.dataset_text_field in dataset.column_names:
+            return _tokenize_text(dataset, tokenizer, sft)
         raise InputError(_no_messages_hint(dataset.column_names))
     kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
               "fn_kwargs": {"tokenizer": tokenizer, "template": template,
@@ -154,6 +175,84 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
     return dataset.map(_tokenize_row, **kwargs)
+
+
+def _tokenize_text(dataset, tokenizer, sft):
+    """TRL's language-modeling path for plain text: append eos unless present, tokenize, train every token."""
+    field = sft.dataset_text_field
+    if sft.assistant_only_loss:
+        raise InputError(f"the dataset is plain text (column {field!r}) and has no assistant turns to train: set "
+                         "assistant_only_loss: false for continued pretraining, or give conversations as 'messages'")
+    eos = tokenizer.eos_token or ""
+    return dataset.map(_text_row, with_indices=True, remove_columns=dataset.column_names,
+                       fn_kwargs={"tokenizer": tokenizer, "field": field, "eos": eos, "code_salt": _code_salt()},
+                       **_map_kwargs(dataset, sft, "Tokenizing"))
+
+
+def _text_row(example, index, tokenizer, field, eos, code_salt=None):
+    from trl.data_utils import _tokenize
+
+    text = example[field]
+    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
+           "problem": "" if isinstance(text, str) else f"field {field!r} must be a string"}
+    if out["problem"]:
+        return out
+    ids = list(_tokenize(tokenizer, text if text.endswith(eos) else text + eos)["input_ids"])
+    trainable, span = _trainable_and_span(ids)
+    out.update(input_ids=ids, labels=ids, n_trainable=trainable, span=span)
+    return out
+
+
+def from_tokens(dataset, sft):
+    """A user's pre-tokenized rows, checked and labelled as TRL's preparation would label them.
+
+    TRL keeps a `labels` column as is and builds one from `assistant_masks` (and `completion_mask` when
+    `completion_only_loss`); with no mask at all it trains every token, so under `assistant_only_loss` a
+    dataset without a mask would silently train user turns too: refused here.
+    """
+    columns = dataset.column_names
+    masks = [c for c in ("labels", "assistant_masks") if c in columns]
+    if sft.completion_only_loss and "completion_mask" in columns:
+        masks.append("completion_mask")
+    if not masks and sft.assistant_only_loss:
+        raise InputError(f"the dataset is pre-tokenized (has 'input_ids') but has no 'labels' or 'assistant_masks' "
+                         f"column (columns: {', '.join(columns)}), so nothing says which tokens are the assistant's; "
+                         "add one, or set assistant_only_loss: false to train on every token")
+    return dataset.map(_tokens_row, with_indices=True, remove_columns=columns,
+                       fn_kwargs={"masks": masks[:1] if "labels" in masks else masks, "code_salt": _code_salt()},
+                       **_map_kwargs(dataset, sft, "Checking tokens"))
+
+
+def _tokens_row(example, index, masks, code_salt=None):
+    ids = example["input_ids"]
+    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
+           "problem": _tokens_problem(example, masks)}
+    if out["problem"]:
+        return out
+    ids = list(ids)
+    if masks == ["labels"]:
+        labels = list(example["labels"])
+    else:
+        labels = [t if all(example[m][i] for m in masks) else -100 for i, t in enumerate(ids)]
+    trainable, span = _trainable_and_span(labels)
+    out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span,
+               reason="" if trainable else MASK_MARKS_NOTHING)
+    return out
+
+
+def _tokens_problem(example, masks) -> str:
+    ids = example["input_ids"]
+    if not ids:
+        return "field 'input_ids' is empty"
+    for m in masks:
+        if example[m] is None or len(example[m]) != len(ids):
+            return f"field {m!r} has {len(example[m] or [])} entries for {len(ids)} input_ids"
+    if masks == ["labels"]:
+        bad = next((i for i, (t, label) in enumerate(zip(ids, example["labels"])) if label not in (-100, t)), None)
+        if bad is not None:
+            return (f"labels[{bad}] is {example['labels'][bad]} but input_ids[{bad}] is {ids[bad]}: labels must be "
+                    "the input_ids (unshifted; the model shifts them) with -100 where nothing is trained")
+    return ""
 
 
 # ShareGPT's role names. TRL's `maybe_convert_to_chatml` renames the keys but keeps these values, and
@@ -187,12 +286,16 @@ def _no_messages_hint(columns: list[str]) -> str:
             "conversations as a list of {role, content} messages")
 
 
+PROVENANCE = ("src_rows", "src_pos")
+
+
 def truncate(tokenized, sft):
-    """TRL's truncation (no packing): slice input_ids and labels to max_length, keep_start or keep_end."""
+    """TRL's truncation (no packing): slice input_ids and labels (and provenance) to max_length, keep_start or keep_end."""
     sl = slice(None, sft.max_length) if sft.truncation_mode == "keep_start" else slice(-sft.max_length, None)
+    cut_columns = [c for c in ("input_ids", "labels", *PROVENANCE) if c in tokenized.column_names]
 
     def cut(example):
-        return {"input_ids": example["input_ids"][sl], "labels": example["labels"][sl]}
+        return {c: example[c][sl] for c in cut_columns}
 
     return tokenized.map(cut, **_map_kwargs(tokenized, sft, "Truncating"))
 
@@ -207,15 +310,27 @@ def pack(tokenized, sft):
     """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from."""
     from trl.data_utils import pack_dataset
 
-    def provenance(example):
-        n = len(example["input_ids"])
-        return {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
-
-    packable = tokenized.map(provenance, **_map_kwargs(tokenized, sft, "Tagging tokens"))
-    packable = packable.select_columns(["input_ids", "labels", "src_rows", "src_pos"])
+    packable = add_provenance(tokenized, sft).select_columns(["input_ids", "labels", *PROVENANCE])
     if sft.shuffle_dataset:
         packable = packable.shuffle(seed=sft.seed)
     return pack_dataset(packable, sft.max_length, sft.packing_strategy, _map_kwargs(tokenized, sft, "Packing"))
+
+
+def add_provenance(tokenized, sft):
+    """src_rows / src_pos: each token's source row and its position in that row's tokenization (int32: two
+    more columns as long as input_ids)."""
+    from datasets import Dataset, List, Value
+
+    kwargs = _map_kwargs(tokenized, sft, "Tagging tokens")
+    if isinstance(tokenized, Dataset):
+        kwargs["features"] = tokenized.features.copy()
+        kwargs["features"].update({c: List(Value("int32")) for c in PROVENANCE})
+    return tokenized.map(_provenance, **kwargs)
+
+
+def _provenance(example):
+    n = len(example["input_ids"])
+    return {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
 
 
 def _map_kwargs(dataset, sft, desc: str) -> dict:

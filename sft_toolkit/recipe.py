@@ -34,6 +34,8 @@ class ToolkitArguments:
         "help": "repair may raise max_length up to this many tokens (what memory allows) to keep assistant tokens"})
     role_map: dict | None = field(default=None, metadata={
         "help": "role names of ShareGPT-style rows -> ChatML roles (default: human->user, gpt->assistant, ...)"})
+    prepared: str | None = field(default=None, metadata={
+        "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
 
 
 @dataclass
@@ -164,6 +166,6 @@ def _check_consistency(source: str, built: dict) -> None:
     if not built["model"].model_name_or_path:
         raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
                          "is loaded from it)")
-    if not built["script"].dataset_name:
+    if not built["script"].dataset_name and not built["toolkit"].prepared:
         raise InputError(f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
-                         ".parquet file)")
+                         ".parquet file), or prepared: DIR (a dataset `sft-toolkit prepare` saved)")

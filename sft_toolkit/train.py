@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .check_data import Report, check_data
+from .prepared import load_prepared
 
 
 # Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.
@@ -43,7 +44,7 @@ class Outcome:
     history: list[float]  # the logged training losses, in order
 
 
-def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
+def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tuple[Report, object, list[str]]:
     """Decide before loading the model. Returns the report, the dataset to train on, and what was changed.
 
     reject: any problem stops the run (GuardStop) with the numbers and the fix.
@@ -53,15 +54,17 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
       split/wrapped packing that orphans assistant tokens or wastes sequences -> bfd (re-checked);
       sequences left with zero trainable tokens -> dropped (counted).
     warn: go ahead, saying what is wrong; the in-training guard still stops a step with nothing to train.
+    keep_provenance: keep each token's source row and position (src_rows, src_pos) for `prepare` to save.
     """
-    report, dataset = check_data(recipe, world_size=world_size)
+    report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
     problems = report.problems()
     policy = recipe.toolkit.mask_guard
     if not problems:
         return report, dataset, []
     if policy == "reject":
-        raise GuardStop("mask guard (reject): " + "; ".join(problems)
-                        + ". Fix the data or recipe, or set mask_guard: repair.")
+        rows = f" Rows with nothing to train: {_shown_rows(report)}." if report.zero_mask_rows else ""
+        raise GuardStop("mask guard (reject): " + "; ".join(problems) + "." + rows
+                        + " Fix the data or recipe, or set mask_guard: repair.")
     if policy == "warn":
         return report, dataset, [f"warning: {p}" for p in problems]
     notes = []
@@ -72,7 +75,7 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
         needed = report.max_length_to_keep_all
         if limit is not None and needed <= limit:
             before, sft.max_length = report, needed
-            report, dataset = check_data(recipe, world_size=world_size)
+            report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
             notes.append(f"max_length {before.settings['max_length']} -> {needed} (max_length_limit {limit}): "
                          f"assistant tokens lost to truncation {before.truncated_assistant_tokens} -> "
                          f"{report.truncated_assistant_tokens}, zero-trainable rows {len(before.zero_mask_rows)} -> "
@@ -84,7 +87,7 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
                                                           or report.zero_trainable_sequences):
         before = report
         sft.packing_strategy = "bfd"
-        report, dataset = check_data(recipe, world_size=world_size)
+        report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
         notes.append(f"packing_strategy {before.settings['packing_strategy']} -> bfd: assistant tokens trained "
                      f"without context {before.orphaned_assistant_tokens} -> {report.orphaned_assistant_tokens}, "
                      f"zero-trainable sequences {before.zero_trainable_sequences} -> "
@@ -94,9 +97,15 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
         dataset = drop_zero_trainable(dataset)
         notes.append(f"dropped {zero} of {report.sequences} sequences with zero trainable tokens")
     if report.zero_mask_rows:
-        shown = ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:10])
-        notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: {shown}")
+        notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: "
+                     f"{_shown_rows(report)}")
     return report, dataset, notes
+
+
+def _shown_rows(report: Report, limit: int = 10) -> str:
+    more = len(report.zero_mask_rows) - limit
+    return ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:limit]) + \
+        (f" and {more} more" if more > 0 else "")
 
 
 def _zero_sequences(dataset) -> int:
@@ -196,12 +205,16 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
 
     from .preprocess import load_tokenizer_for, training_template
 
-    report, dataset, notes = guard(recipe, world_size)
+    if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
+        report, dataset, notes = load_prepared(recipe, world_size)
+    else:
+        report, dataset, notes = guard(recipe, world_size)
     for note in notes:
         log(f"mask guard ({recipe.toolkit.mask_guard}): {note}")
 
     tokenizer = load_tokenizer_for(recipe)
-    template = training_template(tokenizer, recipe.sft)
+    # Plain-text data needs no template, and a base model may have none.
+    template = training_template(tokenizer, recipe.sft) if tokenizer.chat_template else None
     if template:
         tokenizer.chat_template = template  # saved with the model, so the trained format travels with it
     sft = prepared_trainer_args(recipe)

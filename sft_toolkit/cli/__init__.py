@@ -11,9 +11,10 @@ import sys
 import warnings
 
 from ..problems import InputError
-from . import check_data, lint, quickstart, show, train
+from . import check_data, lint, prepare, quickstart, show, train
 
-COMMANDS = {"lint": lint, "show": show, "check-data": check_data, "train": train, "quickstart": quickstart}
+COMMANDS = {"lint": lint, "show": show, "check-data": check_data, "prepare": prepare, "train": train,
+            "quickstart": quickstart}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' deprecation notices about its own defaults are not the user's business here.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|trl\.")
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "prepare"):
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "train":
+    if args.command in ("train", "prepare"):
         args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command].run(args)

@@ -1,4 +1,4 @@
-"""`sft-toolkit train RECIPE.yaml [--mask-guard reject|repair|warn] [--KEY VALUE ...]`
+"""`sft-toolkit train RECIPE.yaml [--mask-guard reject|repair|warn] [--prepared DIR] [--KEY VALUE ...]`
 
 Any recipe key can be overridden on the command line (`--max_length 512`, `--packing true`); values are
 read as YAML scalars. Under several processes: `accelerate launch -m sft_toolkit train RECIPE.yaml`.
@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
                        description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
+    p.add_argument("--prepared", metavar="DIR", help="train from a dataset `sft-toolkit prepare` saved (checked "
+                                                      "against the recipe; not re-tokenized)")
     p.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
 
 
@@ -46,6 +48,8 @@ def run(args) -> int:
     overrides = parse_overrides(args.overrides)
     if args.mask_guard:
         overrides["mask_guard"] = args.mask_guard
+    if args.prepared:
+        overrides["prepared"] = args.prepared
     recipe = load_recipe(args.recipe, overrides)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

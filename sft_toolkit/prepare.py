@@ -1,0 +1,46 @@
+"""prepare: tokenize, mask, truncate or pack once, under the mask guard, and save what `train` would train on.
+
+At scale data is prepared once (on CPU machines) and trained on many times (on GPU machines, many
+ranks). This is not a second pipeline: it is `train.guard` (check-data's accounting, then reject /
+repair / warn) with each token's provenance kept, saved with `datasets.save_to_disk`, plus a manifest
+(`prepared.build_manifest`) that lets `train --prepared DIR` refuse data that this recipe would not
+have produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .check_data import Report
+from .prepared import build_manifest, rendering_template, save, shaping_keys
+from .problems import InputError
+from .train import guard
+
+
+@dataclass
+class Prepared:
+    report: Report
+    notes: list[str]  # the guard's repairs or warnings
+    manifest: dict
+    path: Path  # the directory: DIR/dataset, DIR/manifest.json
+
+
+def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
+    """Run the guard on the recipe's raw dataset and save the result. Raises GuardStop when it refuses."""
+    from .preprocess import load_tokenizer_for
+
+    if recipe.toolkit.prepared:
+        raise InputError(f"{recipe.source}: prepared: {recipe.toolkit.prepared} is set; prepare reads the raw "
+                         "dataset_name, so remove the key (or --prepared) to prepare again")
+    if recipe.script.dataset_streaming:
+        raise InputError(f"{recipe.source}: dataset_streaming: true; prepare saves the whole dataset to disk, so set "
+                         "dataset_streaming: false")
+    keys = shaping_keys(recipe)  # as the recipe asks: the guard's repairs change recipe.sft in place
+    report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
+    tokenizer = load_tokenizer_for(recipe)
+    applied = {"max_length": recipe.sft.max_length, "packing_strategy": recipe.sft.packing_strategy}
+    manifest = build_manifest(keys, tokenizer, rendering_template(tokenizer, recipe.sft), report, notes, applied,
+                              dataset)
+    path = save(out_dir, dataset, manifest)
+    return Prepared(report=report, notes=notes, manifest=manifest, path=path)

@@ -1,0 +1,264 @@
+"""A prepared dataset on disk: what shaped it, and the checks that let `train` trust it without re-tokenizing.
+
+`sft-toolkit prepare` writes DIR/dataset/ (`datasets.save_to_disk`: input_ids, labels, seq_lengths when
+packed, and each token's source row and position, src_rows / src_pos) and DIR/manifest.json. A saved
+dataset is where masks get lost most easily: one built with another template, another max_length or
+another tokenizer looks exactly like a good one, and TRL's `skip_prepare_dataset` path checks nothing.
+So the manifest records every recipe key that shaped the data and hashes of the tokenizer and template,
+and `load_prepared` rejects any difference by name, then re-checks the labels column (vectorized, one
+pass over memory-mapped Arrow) before the trainer sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .check_data import Report
+from .problems import InputError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DATASET = "dataset"
+BATCH = 1000
+SHOWN = 10
+
+
+def shaping_keys(recipe) -> dict:
+    """The recipe keys the prepared data depends on (only those that matter for the settings in force):
+    change any of them and the tokens or labels could differ. The template and tokenizer are compared by
+    content (hashes), not by path, so the same files on another machine match."""
+    sft, script, toolkit = recipe.sft, recipe.script, recipe.toolkit
+    keys = {"dataset_name": script.dataset_name, "dataset_train_split": script.dataset_train_split,
+            "assistant_only_loss": sft.assistant_only_loss, "dataset_text_field": sft.dataset_text_field,
+            "max_length": sft.max_length, "packing": sft.packing, "shuffle_dataset": sft.shuffle_dataset,
+            "role_map": toolkit.role_map, "mask_guard": toolkit.mask_guard}
+    if sft.packing:
+        keys["packing_strategy"] = sft.packing_strategy
+    elif sft.max_length is not None:
+        keys["truncation_mode"] = sft.truncation_mode
+    if sft.shuffle_dataset:
+        keys["seed"] = sft.seed
+    if toolkit.mask_guard == "repair":
+        keys["max_length_limit"] = toolkit.max_length_limit
+    if sft.completion_only_loss:
+        keys["completion_only_loss"] = sft.completion_only_loss
+    return keys
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """The tokenizer's content: its full serialization (vocabulary, merges, normalizer, pre/post-processor,
+    added tokens) and its special tokens; not its path, which differs between machines."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True)
+    return hashlib.sha256((body + "\n" + special).encode()).hexdigest()
+
+
+def rendering_template(tokenizer, sft) -> str | None:
+    """The chat template rows are rendered with (TRL's training variant where it swaps one in)."""
+    from .preprocess import training_template
+
+    if not tokenizer.chat_template:
+        return None
+    return training_template(tokenizer, sft) or tokenizer.chat_template
+
+
+def _sha256(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+
+
+def versions() -> dict:
+    import datasets
+    import transformers
+    import trl
+
+    from . import __version__
+
+    return {"sft_toolkit": __version__, "trl": trl.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__}
+
+
+def dataset_summary(dataset) -> dict:
+    """Numbers the re-check recomputes: a dataset dir swapped or edited after prepare no longer matches."""
+    stats = _scan(dataset)
+    return {"sequences": len(dataset), "tokens": stats.tokens, "trainable_tokens": stats.trainable_tokens}
+
+
+def build_manifest(recipe_keys: dict, tokenizer, template: str | None, report: Report, repairs: list[str],
+                   applied: dict, dataset) -> dict:
+    return {
+        "format": FORMAT,
+        "recipe": recipe_keys,
+        "applied": applied,  # settings in force after the guard's repairs (what train must use)
+        "repairs": repairs,
+        "tokenizer": {"name_or_path": tokenizer.name_or_path, "sha256": tokenizer_sha256(tokenizer)},
+        "template": {"sha256": _sha256(template)},
+        "versions": versions(),
+        "accounting": report.to_json(),
+        "dataset": dataset_summary(dataset),
+    }
+
+
+def save(out_dir: str | Path, dataset, manifest: dict) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise InputError(f"{out}: exists and is not a prepared dataset; choose an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a half-written directory must not look complete
+    dataset.save_to_disk(str(out / DATASET))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def read_manifest(prepared_dir: str | Path) -> dict:
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{prepared_dir}: no {MANIFEST}; not a directory `sft-toolkit prepare` wrote (or it did not "
+                         "finish): run prepare again")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err}); run prepare again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
+                         f"is not {FORMAT}; prepare it again with this version of sft-toolkit")
+    return manifest
+
+
+def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
+    """Every difference between how the data was prepared and how this recipe would prepare it, named."""
+    out = []
+    theirs = manifest.get("recipe", {})
+    for key, value in shaping_keys(recipe).items():
+        if key == "dataset_name" and value is None:
+            continue  # a recipe with only `prepared:` trains on what was prepared, wherever it came from
+        if key not in theirs or theirs[key] != value:
+            out.append(f"{key}: recipe {value!r}, prepared {theirs.get(key, '(not set)')!r}")
+    for key in sorted(set(theirs) - set(shaping_keys(recipe))):
+        out.append(f"{key}: recipe (not in force), prepared {theirs[key]!r}")
+    sha = tokenizer_sha256(tokenizer)
+    if manifest.get("tokenizer", {}).get("sha256") != sha:
+        out.append(f"tokenizer: recipe {tokenizer.name_or_path} (sha256 {sha[:12]}), prepared "
+                   f"{manifest.get('tokenizer', {}).get('name_or_path')} "
+                   f"(sha256 {str(manifest.get('tokenizer', {}).get('sha256'))[:12]})")
+    template_sha = _sha256(rendering_template(tokenizer, recipe.sft))
+    if manifest.get("template", {}).get("sha256") != template_sha:
+        out.append(f"chat template: recipe sha256 {str(template_sha)[:12]}, prepared "
+                   f"sha256 {str(manifest.get('template', {}).get('sha256'))[:12]}")
+    return out
+
+
+def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
+    """The prepared dataset for this recipe, checked; returns (accounting, dataset, notes) like `guard`.
+
+    Raises InputError naming each difference from the recipe or tokenizer, or what is wrong in the data.
+    Every rank of a multi-process run calls this and memory-maps the same files: nothing is re-tokenized.
+    """
+    import datasets
+
+    from .preprocess import load_tokenizer_for
+
+    folder = Path(recipe.toolkit.prepared)
+    manifest = read_manifest(folder)
+    tokenizer = load_tokenizer_for(recipe)
+    differences = mismatches(manifest, recipe, tokenizer)
+    if differences:
+        raise InputError(f"{folder}: prepared with other settings than {recipe.source} — " + "; ".join(differences)
+                         + f". Run `sft-toolkit prepare {recipe.source} -o {folder}` again, or fix the recipe")
+    try:
+        dataset = datasets.load_from_disk(str(folder / DATASET))
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{folder / DATASET}: cannot load the prepared dataset ({err}); run prepare again") from None
+    for key, value in manifest.get("applied", {}).items():
+        setattr(recipe.sft, key, value)  # the guard's repairs at prepare time (e.g. a raised max_length)
+    stats = recheck(dataset, recipe, manifest, folder)
+    report = Report.from_json(manifest["accounting"])
+    sft = recipe.sft
+    per_step = sft.per_device_train_batch_size * sft.gradient_accumulation_steps * world_size
+    report.settings = {**report.settings, "per_device_train_batch_size": sft.per_device_train_batch_size,
+                       "gradient_accumulation_steps": sft.gradient_accumulation_steps, "world_size": world_size}
+    report.steps = math.ceil(len(stats.zero) / per_step)
+    report.zero_trainable_steps = sum(bool(stats.zero[i:i + per_step].all()) for i in range(0, len(stats.zero), per_step))
+    notes = [f"prepared dataset {folder}: manifest matches the recipe, tokenizer and template; {len(dataset)} "
+             f"sequences re-checked, {stats.trainable_tokens} trainable tokens; not re-tokenized"]
+    notes += [f"prepare applied: {r}" for r in manifest.get("repairs", [])]
+    ours = versions()
+    notes += [f"warning: prepared with {name} {v}, training with {ours.get(name)}"
+              for name, v in manifest.get("versions", {}).items() if ours.get(name) != v]
+    if stats.zero.any():
+        notes.append(f"warning: {int(stats.zero.sum())} sequences have zero trainable tokens (mask_guard warn)")
+    return report, dataset, notes
+
+
+class _Stats:
+    def __init__(self):
+        self.tokens = self.trainable_tokens = 0
+        self.zero = np.zeros(0, dtype=bool)
+        self.longest = 0
+        self.bad_labels: list[tuple[int, int]] = []  # (sequence, position)
+        self.bad_lengths: list[int] = []
+
+
+def _scan(dataset) -> _Stats:
+    """One vectorized pass: lengths, labels vs input_ids, trainable tokens per sequence."""
+    stats, zero, start = _Stats(), [], 0
+    for table in dataset.select_columns(["input_ids", "labels"]).with_format("arrow").iter(batch_size=BATCH):
+        table = table if isinstance(table, pa.Table) else pa.Table.from_pydict(table)
+        lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
+        label_lengths = pc.list_value_length(table["labels"]).to_numpy(zero_copy_only=False)
+        stats.bad_lengths += [start + int(i) for i in np.flatnonzero(lengths != label_lengths)]
+        stats.longest = max(stats.longest, int(lengths.max(initial=0)))
+        stats.tokens += int(lengths.sum())
+        if not stats.bad_lengths:
+            ids = pc.list_flatten(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+            labels = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False).astype(np.int64)
+            trained = labels != -100
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            wrong = np.flatnonzero(trained & (labels != ids))
+            if len(wrong) and not stats.bad_labels:
+                seq = int(np.searchsorted(offsets, wrong[0], side="right") - 1)
+                stats.bad_labels.append((start + seq, int(wrong[0] - offsets[seq])))
+            running = np.concatenate([[0], np.cumsum(trained)])
+            per_seq = running[offsets[1:]] - running[offsets[:-1]]
+            stats.trainable_tokens += int(per_seq.sum())
+            zero.append(per_seq == 0)
+        start += len(lengths)
+    stats.zero = np.concatenate(zero) if zero else np.zeros(0, dtype=bool)
+    return stats
+
+
+def recheck(dataset, recipe, manifest: dict, folder: Path) -> _Stats:
+    """The cheap re-check before training: labels consistent with input_ids, no zero-trainable sequence
+    (unless mask_guard: warn), no sequence past max_length, and the numbers prepare recorded."""
+    missing = {"input_ids", "labels"} - set(dataset.column_names)
+    if missing:
+        raise InputError(f"{folder / DATASET}: no {', '.join(sorted(missing))} column; run prepare again")
+    stats = _scan(dataset)
+    where = f"{folder / DATASET}"
+    if stats.bad_lengths:
+        raise InputError(f"{where}: labels and input_ids differ in length in sequences "
+                         f"{', '.join(map(str, stats.bad_lengths[:SHOWN]))}; run prepare again")
+    if stats.bad_labels:
+        seq, pos = stats.bad_labels[0]
+        raise InputError(f"{where}: sequence {seq}, position {pos}: a trained label differs from its input_id "
+                         "(labels must be the input_ids, -100 where nothing is trained); run prepare again")
+    max_length = recipe.sft.max_length
+    if max_length is not None and stats.longest > max_length:
+        raise InputError(f"{where}: a sequence has {stats.longest} tokens, more than max_length {max_length}")
+    zero = np.flatnonzero(stats.zero)
+    if len(zero) and recipe.toolkit.mask_guard != "warn":
+        raise InputError(f"{where}: {len(zero)} sequences have zero trainable tokens "
+                         f"({', '.join(map(str, zero[:SHOWN]))}); run prepare again or set mask_guard: warn")
+    recorded = manifest.get("dataset", {})
+    found = {"sequences": len(dataset), "tokens": stats.tokens, "trainable_tokens": stats.trainable_tokens}
+    changed = [f"{k} {recorded.get(k)} recorded, {v} found" for k, v in found.items() if recorded.get(k) != v]
+    if changed:
+        raise InputError(f"{where}: changed since prepare wrote it ({'; '.join(changed)}); run prepare again")
+    return stats
