@@ -156,7 +156,8 @@ def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
 
 
 def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
-    """The prepared dataset for this recipe, checked; returns (accounting, dataset, notes) like `guard`.
+    """The prepared dataset for this recipe, checked; returns (accounting, dataset, notes) like `guard`
+    (notes: the repairs prepare applied, and warnings).
 
     Raises InputError naming each difference from the recipe or tokenizer, or what is wrong in the data.
     Every rank of a multi-process run calls this and memory-maps the same files: nothing is re-tokenized.
@@ -186,9 +187,7 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
                        "gradient_accumulation_steps": sft.gradient_accumulation_steps, "world_size": world_size}
     report.steps = math.ceil(len(stats.zero) / per_step)
     report.zero_trainable_steps = sum(bool(stats.zero[i:i + per_step].all()) for i in range(0, len(stats.zero), per_step))
-    notes = [f"prepared dataset {folder}: manifest matches the recipe, tokenizer and template; {len(dataset)} "
-             f"sequences re-checked, {stats.trainable_tokens} trainable tokens; not re-tokenized"]
-    notes += [f"prepare applied: {r}" for r in manifest.get("repairs", [])]
+    notes = [f"prepare applied: {r}" for r in manifest.get("repairs", [])]
     ours = versions()
     notes += [f"warning: prepared with {name} {v}, training with {ours.get(name)}"
               for name, v in manifest.get("versions", {}).items() if ours.get(name) != v]

@@ -207,6 +207,8 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
 
     if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
         report, dataset, notes = load_prepared(recipe, world_size)
+        log(f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
+            f"{len(dataset)} sequences re-checked; not re-tokenized")
     else:
         report, dataset, notes = guard(recipe, world_size)
     for note in notes:
