@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -196,13 +197,14 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
     return report, dataset, notes
 
 
+@dataclass
 class _Stats:
-    def __init__(self):
-        self.tokens = self.trainable_tokens = 0
-        self.zero = np.zeros(0, dtype=bool)
-        self.longest = 0
-        self.bad_labels: list[tuple[int, int]] = []  # (sequence, position)
-        self.bad_lengths: list[int] = []
+    tokens: int = 0
+    trainable_tokens: int = 0
+    longest: int = 0
+    zero: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per sequence: nothing trains
+    bad_labels: list[tuple[int, int]] = field(default_factory=list)  # (sequence, position)
+    bad_lengths: list[int] = field(default_factory=list)  # sequences whose labels and input_ids differ in length
 
 
 def _scan(dataset) -> _Stats:
