@@ -211,43 +211,47 @@ def from_tokens(dataset, sft):
     dataset without a mask would silently train user turns too: refused here.
     """
     columns = dataset.column_names
-    masks = [c for c in ("labels", "assistant_masks") if c in columns]
-    if sft.completion_only_loss and "completion_mask" in columns:
-        masks.append("completion_mask")
-    if not masks and sft.assistant_only_loss:
+    if "labels" in columns:
+        label_from = ["labels"]  # kept as is, like TRL; checked against input_ids below
+    else:
+        label_from = [c for c in ("assistant_masks",) if c in columns]
+        if sft.completion_only_loss and "completion_mask" in columns:
+            label_from.append("completion_mask")
+    if not label_from and sft.assistant_only_loss:
         raise InputError(f"the dataset is pre-tokenized (has 'input_ids') but has no 'labels' or 'assistant_masks' "
                          f"column (columns: {', '.join(columns)}), so nothing says which tokens are the assistant's; "
                          "add one, or set assistant_only_loss: false to train on every token")
     return dataset.map(_tokens_row, with_indices=True, remove_columns=columns,
-                       fn_kwargs={"masks": masks[:1] if "labels" in masks else masks, "code_salt": _code_salt()},
+                       fn_kwargs={"label_from": label_from, "code_salt": _code_salt()},
                        **_map_kwargs(dataset, sft, "Checking tokens"))
 
 
-def _tokens_row(example, index, masks, code_salt=None):
+def _tokens_row(example, index, label_from, code_salt=None):
+    """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token)."""
     ids = example["input_ids"]
     out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
-           "problem": _tokens_problem(example, masks)}
+           "problem": _tokens_problem(example, label_from)}
     if out["problem"]:
         return out
     ids = list(ids)
-    if masks == ["labels"]:
+    if label_from == ["labels"]:
         labels = list(example["labels"])
     else:
-        labels = [t if all(example[m][i] for m in masks) else -100 for i, t in enumerate(ids)]
+        labels = [t if all(example[m][i] for m in label_from) else -100 for i, t in enumerate(ids)]
     trainable, span = _trainable_and_span(labels)
     out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span,
                reason="" if trainable else MASK_MARKS_NOTHING)
     return out
 
 
-def _tokens_problem(example, masks) -> str:
+def _tokens_problem(example, label_from) -> str:
     ids = example["input_ids"]
     if not ids:
         return "field 'input_ids' is empty"
-    for m in masks:
+    for m in label_from:
         if example[m] is None or len(example[m]) != len(ids):
             return f"field {m!r} has {len(example[m] or [])} entries for {len(ids)} input_ids"
-    if masks == ["labels"]:
+    if label_from == ["labels"]:
         bad = next((i for i, (t, label) in enumerate(zip(ids, example["labels"])) if label not in (-100, t)), None)
         if bad is not None:
             return (f"labels[{bad}] is {example['labels'][bad]} but input_ids[{bad}] is {ids[bad]}: labels must be "

@@ -15,6 +15,7 @@ from test_train import launch_two, recipe_keys, rows_with_long_prompts
 from sft_toolkit.assets import build_quickstart_assets
 from sft_toolkit.check_data import check_data
 from sft_toolkit.cli import main
+from sft_toolkit.data import load_rows
 from sft_toolkit.prepare import prepare
 from sft_toolkit.prepared import load_prepared
 from sft_toolkit.problems import InputError
@@ -227,3 +228,19 @@ def test_two_phase_recipes_base_lm_then_assistant_only_sft(assets, tmp_path):
     second = train(build_recipe({**sft, "prepared": str(tmp_path / "sft-data")}), log=quiet)
     assert 0 < second.report.trainable_tokens < second.report.tokens  # assistant tokens only
     assert (tmp_path / "sft" / "model.safetensors").exists()
+
+
+def test_plain_text_rows_are_tokenized_as_trl_tokenizes_them(assets, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} km = {i * 1000} m. " * (1 + i % 7)}) + "\n" for i in range(30)))
+    keys = {"model_name_or_path": str(assets["model"]), "dataset_name": str(data), "packing": True, "max_length": 32}
+    with pytest.raises(InputError, match="plain text .* set assistant_only_loss: false"):
+        check_data(build_recipe({**keys, "assistant_only_loss": True}))
+    report, ours = check_data(build_recipe({**keys, "assistant_only_loss": False}))
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), packing=True, max_length=32, use_cpu=True, report_to="none")
+    theirs = SFTTrainer(model=str(assets["model"]), args=args, train_dataset=load_rows(str(data)),
+                        processing_class=_tokenizer(assets)).train_dataset
+    assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+    assert report.trainable_tokens == sum(len(ids) for ids in ours["input_ids"])
