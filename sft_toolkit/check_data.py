@@ -81,6 +81,9 @@ def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) ->
     from .data import load_rows
 
     sft, script = recipe.sft, recipe.script
+    if not script.dataset_name:
+        raise InputError(f"{recipe.source}: dataset_name is not set; this recipe trains from prepared: "
+                         f"{recipe.toolkit.prepared}, whose accounting is in its manifest.json")
     tokenizer = preprocess.load_tokenizer_for(recipe)
     raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
     # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,10 +110,11 @@ def build_manifest(recipe_keys: dict, tokenizer, template: str | None, report: R
 
 def save(out_dir: str | Path, dataset, manifest: dict) -> Path:
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.is_file() or out.exists() and {p.name for p in out.iterdir()} - {MANIFEST, DATASET}:
         raise InputError(f"{out}: exists and is not a prepared dataset; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a half-written directory must not look complete
+    shutil.rmtree(out / DATASET, ignore_errors=True)  # save_to_disk would leave an older run's extra shards
     dataset.save_to_disk(str(out / DATASET))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out

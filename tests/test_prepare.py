@@ -244,3 +244,31 @@ def test_plain_text_rows_are_tokenized_as_trl_tokenizes_them(assets, tmp_path):
                         processing_class=_tokenizer(assets)).train_dataset
     assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
     assert report.trainable_tokens == sum(len(ids) for ids in ours["input_ids"])
+
+
+def test_prepare_again_into_the_same_directory_replaces_it_and_refuses_foreign_ones(prepared, tmp_path):
+    keys = {k: v for k, v in prepared.items() if k != "prepared"}
+    prepare(build_recipe(keys), tmp_path / "out")
+    prepare(build_recipe({**keys, "max_length": 64, "mask_guard": "warn"}), tmp_path / "out")
+    load_prepared(build_recipe({**keys, "max_length": 64, "mask_guard": "warn", "prepared": str(tmp_path / "out")}))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="exists and is not a prepared dataset"):
+        prepare(build_recipe(keys), tmp_path / "mine")
+    without_data = {k: v for k, v in prepared.items() if k != "dataset_name"}
+    with pytest.raises(InputError, match="dataset_name is not set; this recipe trains from prepared"):
+        check_data(build_recipe(without_data))
+    load_prepared(build_recipe(without_data))  # a recipe that names only the prepared data trains from it
+
+
+def test_repairs_made_at_prepare_time_are_applied_when_training_from_it(assets, tmp_path):
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 2), max_length=64, mask_guard="repair",
+                       max_length_limit=2048)
+    result = prepare(build_recipe(keys), tmp_path / "prepared")
+    raised = result.manifest["applied"]["max_length"]
+    assert raised > 64 and result.manifest["recipe"]["max_length"] == 64
+    assert any("max_length 64 ->" in r for r in result.manifest["repairs"])
+    recipe = build_recipe({**keys, "prepared": str(tmp_path / "prepared")})
+    _, data, notes = load_prepared(recipe)  # sequences longer than 64 pass: the repaired max_length is in force
+    assert recipe.sft.max_length == raised and max(len(ids) for ids in data["input_ids"]) > 64
+    assert any(n.startswith("prepare applied: max_length 64 ->") for n in notes)
