@@ -13,7 +13,7 @@ Rule codes are stable (other tools match on them):
   S004 generation-not-assistant S005 eot-outside-generation
   R001 assistant-turn-untrained R002 trained-outside-assistant  R003 eot-not-trained
   R004 generation-prompt-mismatch R005 reference-mismatch       R006 mask-inside-token
-  R007 render-failed            I001 probe-rejected
+  R007 render-failed            R008 message-control          I001 probe-rejected
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
 
+from . import policy as control
 from .masks import Rendered, TemplateRaised, render, tokenize
-from .probes import PROBES, Probe
+from .probes import CONTROL_PROBES, PROBES, Probe
 from .problems import ERROR, INFO, WARNING, Finding, InputError
 
 ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
@@ -251,7 +252,7 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             examples.setdefault(key, example)
 
     eot, rendered_any = None, False
-    for probe in PROBES:
+    for probe in [*PROBES, *CONTROL_PROBES]:
         try:
             full = _render(source, probe, probe.messages, False, kwargs)
         except TemplateRaised as err:
@@ -262,12 +263,18 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             continue
         rendered_any = True
         eot = eot or _end_of_turn(source, probe, kwargs)
-        for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs):
+        try:
+            full, off = _apply_control(probe.messages, full)
+        except control.MappingError as err:
+            add("R008", WARNING, "per-message training control (train: false, train_roles, train_turns) can't be "
+                f"used with this template: {err}. Write one {{% generation %}} block per assistant message.", probe.name)
+            continue
+        for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs, off):
             add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name, example=example)
         if reference is not None:
             for message in _reference_diffs(source, reference, probe, kwargs):
                 add("R005", ERROR, message, probe.name, None)
-        if tokenizer is not None:
+        if tokenizer is not None and probe in PROBES:  # control probes add no new token boundaries
             for message in _token_boundaries(source, probe, tokenizer):
                 add("R006", WARNING, message, probe.name)
 
@@ -290,8 +297,18 @@ def _summarize(where: list[str], limit: int = 4) -> str:
 
 
 def _render(source, probe: Probe, messages, add_generation_prompt, kwargs) -> Rendered:
-    return render(source, messages, add_generation_prompt=add_generation_prompt, tools=probe.tools,
-                  template_kwargs={**kwargs, **probe.template_kwargs})
+    # Training renders without the control fields (preprocess strips them), so lint does too.
+    return render(source, control.strip_control(messages), add_generation_prompt=add_generation_prompt,
+                  tools=probe.tools, template_kwargs={**kwargs, **probe.template_kwargs})
+
+
+def _apply_control(messages: list[dict], full: Rendered) -> tuple[Rendered, frozenset[int]]:
+    """The render as training sees it under the messages' own train fields, and the switched-off turns."""
+    if not control.has_flags(messages):
+        return full, frozenset()
+    policy = control.TurnPolicy()
+    off = frozenset(i for i, on in control.selected(messages, policy).items() if not on)
+    return Rendered(full.text, control.kept_spans(messages, full, policy)), off
 
 
 def _single_block_line(source: str) -> int | None:
@@ -379,13 +396,21 @@ def _first_difference(a: str, b: str) -> int:
     return min(len(a), len(b))
 
 
-def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs) -> list[tuple[str, str, str, int | None, str | None]]:
+def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs,
+                 off: frozenset[int] = frozenset()) -> list[tuple[str, str, str, int | None, str | None]]:
+    """`off`: assistant messages switched off by per-message control, which must stay untrained."""
     out = []
     turns, mismatches = locate_turns(source, probe, full, eot, kwargs)
     out += [("R004", ERROR, m, turn, example) for m, turn, example in mismatches]
     text, trained = full.text, full.trained_chars()
     for turn in turns:
         s, e = turn.region
+        if turn.index in off:
+            if any(trained[s:e]):
+                out.append(("R008", ERROR, "an assistant turn switched off (train: false) is still trained: the "
+                            "template's generation blocks are not one per assistant message, in order.", turn.index,
+                            None))
+            continue
         if not any(trained[s:e]):
             out.append(("R001", ERROR, "an assistant turn has no trained characters, so it is not learned. Is the "
                         "generation block in a branch this turn doesn't take (e.g. only the last turn)?", turn.index, None))

@@ -125,6 +125,24 @@ PROBES: list[Probe] = [
 ]
 
 
+# Probes with per-message training control (`train` / `weight` fields, see sft_toolkit/policy.py): lint
+# applies the control to the template's spans and checks that exactly the switched-off turns go untrained.
+# Kept apart from PROBES because reference renderers (mistral-common) refuse messages with unknown keys.
+CONTROL_PROBES: list[Probe] = [
+    Probe(
+        "turn-switched-off",
+        [
+            {"role": "user", "content": "Hi there!"},
+            {"role": "assistant", "content": "Hello! How can I help you today?", "train": False},
+            {"role": "user", "content": "How many grams are in 3 kg?"},
+            {"role": "assistant", "content": "3 kg is 3000 grams."},
+            {"role": "user", "content": "And in 0.5 kg?"},
+            {"role": "assistant", "content": "0.5 kg is 500 grams.", "weight": 1},
+        ],
+    ),
+]
+
+
 def prefixes_ending_before_assistant(messages: list[dict]) -> list[int]:
     """Indices i such that messages[i] is an assistant turn: messages[:i] is what the model is prompted with."""
     return [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
