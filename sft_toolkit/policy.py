@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .masks import Rendered
+from .masks import Rendered, TokenMask
 from .problems import InputError
 
 ROLE_CHOICES = ("assistant", "answers", "tool_calls")
@@ -154,6 +154,13 @@ def kept_spans(messages: list[dict], rendered: Rendered, policy: TurnPolicy) -> 
     """The generation spans of the assistant messages that are trained (raises MappingError)."""
     chosen = selected(messages, policy)
     return [span for i, span in assign_spans(messages, rendered).items() if chosen[i]]
+
+
+def controlled_token_mask(tm: TokenMask, messages: list[dict], policy: TurnPolicy) -> list[int]:
+    """A `masks.TokenMask`'s mask with the switched-off turns cleared: a token stays trained if it touches a
+    kept span (for display, where only offsets are at hand; training uses `token_mask`)."""
+    kept = kept_spans(messages, Rendered(tm.text, tm.spans), policy)
+    return [int(bool(m) and any(a < e and s < b for s, e in kept)) for m, (a, b) in zip(tm.mask, tm.offsets)]
 
 
 def token_mask(encoding, spans: list[tuple[int, int]], length: int) -> list[int]:

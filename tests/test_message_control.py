@@ -7,6 +7,7 @@ accounting of rows it switches off entirely, the recipe keys, and a property ove
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -239,3 +240,14 @@ def test_trained_text_is_exactly_the_selected_turns(name, case):
     problems = _check_probe(source, Probe("generated", messages), controlled, eot, {}, off)
     assert [(rule, msg) for rule, _, msg, _, _ in problems if rule in ("R001", "R002", "R003", "R008")] == []
     assert len(controlled.spans) == len(selected(messages, policy)) - len(off)
+
+
+def test_show_draws_a_conversation_as_training_sees_it(tmp_path, capsys):
+    from sft_toolkit.cli import main
+
+    conversation = tmp_path / "c.json"
+    conversation.write_text(json.dumps(flagged(MULTI_TURN.messages, _1={"train": False})))
+    assert main(["show", str(conversation), "--template", "chatml", "--tokenizer", "offline:qwen2",
+                 "--format", "plain"]) == 0
+    runs = re.findall(r"⟦(.*?)⟧", capsys.readouterr().out, flags=re.S)
+    assert [run.replace("│", "") for run in runs] == [f"{MULTI_TURN.messages[i]['content']}<|im_end|>" for i in (3, 5)]

@@ -4,12 +4,14 @@ and `sft-toolkit show DIR [--sequence N] [--tokenizer TOK] [--html FILE] [--form
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
 from ..data import read_conversation
-from ..masks import render, tokenize
+from .. import policy as control
+from ..masks import Rendered, render, tokenize
 from ..problems import InputError
 from .. import show
 from ..show import char_views, to_html, to_plain, to_rich, token_views
@@ -47,15 +49,24 @@ def run(args) -> int:
         source, name = tokenizer.chat_template, args.tokenizer
     else:
         raise InputError("show needs --template, or a --tokenizer that has a chat template")
-    if tokenizer is not None:
-        tm = tokenize(tokenizer, messages, template=source, tools=tools)
-        views = token_views(tm)
-        summary = f"{tm.trainable} of {len(tm.ids)} tokens trained"
-    else:
-        rendered = render(source, messages, tools=tools)
-        views = char_views(rendered.text, rendered.spans)
-        trained = sum(e - s for s, e in rendered.spans)
-        summary = f"{trained} of {len(rendered.text)} characters trained (pass --tokenizer to see tokens)"
+    # The messages' own train/weight fields switch turns off exactly as training does (sft_toolkit/policy.py).
+    controlled, plain = control.has_flags(messages), control.strip_control(messages)
+    try:
+        if tokenizer is not None:
+            tm = tokenize(tokenizer, plain, template=source, tools=tools)
+            if controlled:
+                tm = replace(tm, mask=control.controlled_token_mask(tm, messages, control.TurnPolicy()))
+            views = token_views(tm)
+            summary = f"{tm.trainable} of {len(tm.ids)} tokens trained"
+        else:
+            rendered = render(source, plain, tools=tools)
+            if controlled:
+                rendered = Rendered(rendered.text, control.kept_spans(messages, rendered, control.TurnPolicy()))
+            views = char_views(rendered.text, rendered.spans)
+            trained = sum(e - s for s, e in rendered.spans)
+            summary = f"{trained} of {len(rendered.text)} characters trained (pass --tokenizer to see tokens)"
+    except control.MappingError as err:
+        raise InputError(f"{args.conversation}: {err}") from None
     title = f"{args.conversation}{'' if args.row is None else f' row {args.row}'} with {name}"
     if args.format == "json":
         print(json.dumps({"summary": summary, "tokens": [v.__dict__ for v in views]}, ensure_ascii=False))
