@@ -161,7 +161,6 @@ class PackedToken:
 
 @dataclass(frozen=True)
 class Prepared:
-    path: str
     dataset: object  # datasets.Dataset
     manifest: dict
 
@@ -169,6 +168,11 @@ class Prepared:
     def tokenizer_name(self) -> str | None:
         tokenizer = self.manifest.get("tokenizer")
         return tokenizer.get("name_or_path") if isinstance(tokenizer, dict) else None
+
+
+def is_prepared(path: str) -> bool:
+    """`path` is (or claims to be, with a manifest) a prepared dataset rather than conversations."""
+    return (Path(path) / "manifest.json").is_file() or prepared_location(path) is not None
 
 
 def prepared_location(path: str) -> Path | None:
@@ -207,7 +211,7 @@ def load_prepared(path: str) -> Prepared:
     if missing:
         raise InputError(f"{folder}: a prepared dataset needs columns input_ids and labels; missing "
                          f"{', '.join(sorted(missing))}")
-    return Prepared(str(path), dataset, manifest if isinstance(manifest, dict) else {})
+    return Prepared(dataset, manifest if isinstance(manifest, dict) else {})
 
 
 def documents(labels, src_rows=None, src_pos=None, seq_lengths=None) -> list[Document]:

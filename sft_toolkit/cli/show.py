@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if show.prepared_location(args.conversation) is not None:
+    if show.is_prepared(args.conversation):
         return run_prepared(args)
     if args.sequence is not None:
         raise InputError(f"{args.conversation}: --sequence applies to a prepared dataset directory; use --row for a "
@@ -108,7 +108,11 @@ def run_prepared(args) -> int:
     name = args.tokenizer or prepared.tokenizer_name
     if not name:
         raise InputError(f"{args.conversation}: no manifest.json naming the tokenizer; pass --tokenizer")
-    tokenizer = load_tokenizer(name)
+    try:
+        tokenizer = load_tokenizer(name)
+    except InputError as err:
+        raise InputError(f"{err} (named by {args.conversation}/manifest.json; --tokenizer overrides it)"
+                         if not args.tokenizer else str(err)) from None
     summary, example = sequences[index], prepared.dataset[index]
     tokens = show.packed_tokens(example, show.token_texts(tokenizer, example["input_ids"]), summary.documents)
     if args.html:
