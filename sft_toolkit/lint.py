@@ -28,7 +28,7 @@ from jinja2.ext import Extension
 
 from . import policy as control
 from .masks import Rendered, TemplateRaised, render, tokenize
-from .probes import CONTROL_PROBES, PROBES, Probe
+from .probes import CONTROL_PROBES, PROBES, Probe, probe_variants, text_of
 from .problems import ERROR, INFO, WARNING, Finding, InputError
 
 ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
@@ -253,6 +253,8 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
 
     eot, rendered_any = None, False
     for probe in [*PROBES, *CONTROL_PROBES]:
+        controls = probe in CONTROL_PROBES
+        probe = usable_probe(source, probe, kwargs)
         try:
             full = _render(source, probe, probe.messages, False, kwargs)
         except TemplateRaised as err:
@@ -274,7 +276,7 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
         if reference is not None:
             for message in _reference_diffs(source, reference, probe, kwargs):
                 add("R005", ERROR, message, probe.name, None)
-        if tokenizer is not None and probe in PROBES:  # control probes add no new token boundaries
+        if tokenizer is not None and not controls:  # control probes add no new token boundaries
             for message in _token_boundaries(source, probe, tokenizer):
                 add("R006", WARNING, message, probe.name)
 
@@ -294,6 +296,25 @@ def _summarize(where: list[str], limit: int = 4) -> str:
     shown = ", ".join(unique[:limit])
     more = len(unique) - limit
     return f"probe {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def usable_probe(source: str, probe: Probe, kwargs) -> Probe:
+    """The probe in the form the template understands. Templates disagree on two shapes: vision-language ones
+    want `content` as a list of parts (and may silently render nothing for a string), some want tool-call
+    `arguments` as a JSON string. The variant whose rendering shows the most message texts wins; the probe
+    as written when none renders."""
+    best, best_score = probe, -1
+    for variant in probe_variants(probe):
+        try:
+            text = _render(source, variant, variant.messages, False, kwargs).text
+        except TemplateRaised:
+            continue
+        except InputError:
+            continue
+        score = sum(1 for m in variant.messages if (c := text_of(m.get("content"))) and c in text)
+        if score > best_score:
+            best, best_score = variant, score
+    return best
 
 
 def _render(source, probe: Probe, messages, add_generation_prompt, kwargs) -> Rendered:
@@ -319,7 +340,7 @@ def _single_block_line(source: str) -> int | None:
 def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
     """The template's end-of-turn text: what it writes right after a plain assistant message's content."""
     for i, message in enumerate(probe.messages):
-        content = message.get("content")
+        content = text_of(message.get("content"))
         if message.get("role") != "assistant" or not content or message.get("tool_calls"):
             continue
         try:
@@ -343,16 +364,19 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if message.get("role") != "assistant":
             continue
         prompt, header = _generation_prompt(source, probe, i, kwargs)
+        diverged = None
         if prompt is not None and not text.startswith(prompt):
-            at = _first_difference(prompt, text)
+            at = diverged = _first_difference(prompt, text)
             mismatches.append((
                 "train/inference mismatch: the generation prompt (add_generation_prompt=True) does not end where "
                 "training renders the assistant turn, so the model is trained on a context it never sees at "
                 "inference. Make the prompt write exactly the header training writes.",
                 i, f"prompt {prompt[at:at + 20]!r} vs training {text[at:at + 20]!r}"))
             prompt, header = None, None
-        content = message.get("content") if isinstance(message.get("content"), str) else ""
+        content = text_of(message.get("content"))
         start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
+        if diverged is not None:  # the model was prompted with the text up to where prompt and training part
+            start = max(start, diverged)
         content_at = text.find(content, start) if content else -1
         body_end = content_at + len(content) if content_at >= 0 else start
         required = [(content_at, body_end, "content")] if content_at >= 0 else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,17 +55,18 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
       sequences left with zero trainable tokens -> dropped (counted).
     warn: go ahead, saying what is wrong; the in-training guard still stops a step with nothing to train.
     """
+    policy = recipe.toolkit.mask_guard
+    marker_notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss else []
     report, dataset = check_data(recipe, world_size=world_size)
     problems = report.problems()
-    policy = recipe.toolkit.mask_guard
     if not problems:
-        return report, dataset, []
+        return report, dataset, marker_notes
     if policy == "reject":
         raise GuardStop("mask guard (reject): " + "; ".join(problems)
                         + ". Fix the data or recipe, or set mask_guard: repair.")
     if policy == "warn":
-        return report, dataset, [f"warning: {p}" for p in problems]
-    notes = []
+        return report, dataset, marker_notes + [f"warning: {p}" for p in problems]
+    notes = marker_notes
     sft = recipe.sft
     limit = recipe.toolkit.max_length_limit
     if report.truncated_assistant_tokens and sft.max_length is not None and not (
@@ -97,6 +99,41 @@ def guard(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
         shown = ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:10])
         notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: {shown}")
     return report, dataset, notes
+
+
+def _ensure_markers(recipe) -> list[str]:
+    """A chat template without generation markers makes every row train on nothing. reject: stop and say how
+    to fix it; repair: add verified markers (`sft-toolkit add-markers`), save them in the output folder and
+    train with them; warn: go on (the in-training guard stops the first empty step)."""
+    from trl.chat_template_utils import has_generation_markers
+
+    from .markers import MarkerError, add_markers
+    from .preprocess import load_tokenizer_for, training_template
+
+    tokenizer = load_tokenizer_for(recipe)
+    if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
+        return []
+    where = recipe.sft.chat_template_path or recipe.model.model_name_or_path
+    fix = (f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja, "
+           "or set mask_guard: repair to add verified markers automatically")
+    policy = recipe.toolkit.mask_guard
+    if policy == "warn":
+        return [f"warning: the chat template of {where} has no {{% generation %}} markers, so nothing is trained; {fix}"]
+    if policy == "reject":
+        raise GuardStop(f"mask guard (reject): the chat template of {where} has no {{% generation %}} markers, so "
+                        f"assistant_only_loss would train on nothing; {fix}.")
+    try:
+        result = add_markers(tokenizer.chat_template, tokenizer=tokenizer)
+    except MarkerError as err:
+        raise GuardStop(f"mask guard (repair): the chat template of {where} has no {{% generation %}} markers and "
+                        f"they could not be added automatically ({err}); place them by hand and check with "
+                        "`sft-toolkit lint`.") from None
+    path = Path(recipe.sft.output_dir) / "training_chat_template.jinja"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(result.source, encoding="utf-8")
+    recipe.sft.chat_template_path = str(path)
+    return [f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
+            f"byte-identically on the probe corpus and passes lint); training with {path}"]
 
 
 def _zero_sequences(dataset) -> int:

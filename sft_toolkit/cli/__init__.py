@@ -11,9 +11,9 @@ import sys
 import warnings
 
 from ..problems import InputError
-from . import check_data, lint, quickstart, show, train
+from . import add_markers, check_data, lint, quickstart, show, train
 
-COMMANDS = {"lint": lint, "show": show, "check-data": check_data, "train": train, "quickstart": quickstart}
+COMMANDS = {"lint": lint, "add-markers": add_markers, "show": show, "check-data": check_data, "train": train, "quickstart": quickstart}
 
 
 def build_parser() -> argparse.ArgumentParser:
