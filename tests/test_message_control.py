@@ -193,6 +193,12 @@ def test_bad_message_fields_name_row_and_field(tmp_path):
         check_data(load_recipe(write(tmp_path, rows)))
 
 
+def test_message_fields_without_assistant_only_loss_are_an_error(tmp_path):
+    rows = [{"messages": flagged(MULTI_TURN.messages, _1={"train": False})}]
+    with pytest.raises(InputError, match=r"row 0: per-message training control .* needs assistant_only_loss: true"):
+        check_data(load_recipe(write(tmp_path, rows, assistant_only_loss=False)))
+
+
 def test_policy_parsing():
     assert policy_from(None, "all").is_default
     assert policy_from(["answers", "tool_calls"], "all").is_default
