@@ -173,8 +173,25 @@ def _roles_in(test: nodes.Node) -> set[str]:
     return {c.value for c in test.find_all(nodes.Const) if isinstance(c.value, str)} & (ASSISTANT_ROLES | OTHER_ROLES)
 
 
+def _effective(test: nodes.Node, positive: bool) -> bool | None:
+    """Whether a branch selects the roles its test names: `role != 'tool'` and `not role == 'tool'` select every
+    role but those; an `or` with a clause that isn't about the role (`... or 'tool_calls' in message`)
+    selects nothing definite (None)."""
+    if isinstance(test, nodes.Not):
+        inner = _effective(test.node, not positive)
+        return inner
+    if isinstance(test, nodes.Compare) and len(test.ops) == 1 and test.ops[0].op in ("ne", "notin"):
+        return not positive
+    if isinstance(test, nodes.Or) and positive and not all(_roles_in(side) for side in (test.left, test.right)):
+        return None
+    return positive
+
+
 def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
     for test, positive in reversed(conditions):
+        positive = _effective(test, positive)
+        if positive is None:
+            continue
         roles = _roles_in(test)
         if positive and roles & ASSISTANT_ROLES:
             return []

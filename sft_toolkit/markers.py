@@ -34,7 +34,7 @@ from jinja2 import nodes
 
 from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
 from .masks import GENERATION_MARKER, TemplateRaised, render
-from .probes import PROBES, Probe
+from .probes import PROBES, Probe, text_of
 from .problems import ERROR, InputError
 
 
@@ -194,7 +194,8 @@ class _Piece:
     count: int = 1            # operands in the chain
     cuts: list = field(default_factory=list)   # operator spans between operands (for the owning expr)
     text: str | None = None   # literal value (data, string constant): splittable between characters
-    offsets: list | None = None  # source position of each character of `text`
+    offsets: list | None = None  # source position of each character of `text` (and of the closing quote)
+    variable: str | None = None  # `{{ name }}`: the text was assembled elsewhere
 
 
 @dataclass
@@ -334,6 +335,8 @@ class _Template:
             leaves, cuts = [node], []  # parentheses or mixed operators: keep the expression whole
         if len(leaves) == 1:
             piece = self._new("expr", tag.start, tag.end, tag=tag)
+            if isinstance(node, nodes.Name):
+                piece.variable = node.name
             if isinstance(node, nodes.Const) and isinstance(node.value, str):
                 inner = (tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0))
                 offsets = _literal_offsets(self.source, *inner, node.value)
@@ -568,7 +571,9 @@ def _cases(probe: Probe):
     yield probe.name, probe.messages, False
     yield f"{probe.name}+prompt", probe.messages, True
     for i, m in enumerate(probe.messages):
-        if m.get("role") == "assistant" and i + 1 < len(probe.messages):
+        # A conversation cut right after a tool call (no content) has no turn end to find: some templates
+        # keep the model's turn open for the tool's answer, so where the turn stops is unknowable there.
+        if m.get("role") == "assistant" and i + 1 < len(probe.messages) and text_of(m.get("content")):
             yield f"{probe.name}[:{i + 1}]", probe.messages[: i + 1], False
 
 
@@ -771,10 +776,14 @@ class _Placer:
                 atoms.append(_Atom("piece", piece, sig))
                 continue
             if labels is None:
-                if assistant_only:
-                    raise MarkerError("this code emits assistant output and other text in a way that can't be "
-                                      "split (one expression whose parts change role by role)", piece.line)
-                return None
+                if not assistant_only:
+                    return None
+                if piece.variable:
+                    raise MarkerError(f"the turn is assembled in the variable `{piece.variable}` and printed in one "
+                                      "piece; markers can only go where its parts are printed", piece.line)
+                raise MarkerError("the same code prints assistant output in some conversations and text the model "
+                                  "is given in others (e.g. a reasoning block the generation prompt pre-fills), "
+                                  "so no fixed place for a marker exists", piece.line)
             atoms += [_Atom("chars", piece, frozenset(label), a, b) for a, b, label in _label_runs(labels)]
         return atoms
 

@@ -31,7 +31,8 @@ BUNDLED = sorted(p for p in (Path(__file__).resolve().parents[1] / "templates").
 # Converted and verified today (README "add-markers" lists the rest with their causes). A template leaving
 # this list is a regression; one joining it should be added.
 CONVERTS = {
-    "cohere", "cohere2", "deepseekv3", "gemma", "gemma3", "gemma4_v2", "idefics3", "lfm2", "lfm2_2_5",
+    "cohere", "cohere2", "deepseekv3", "gemma", "gemma3", "gemma4", "gemma4_v2", "gemma4_v3", "gemma4_v4",
+    "gemma4_v5", "idefics3", "lfm2", "lfm2_2_5",
     "lfm2_2_5_v2", "lfm2_2_5_vl", "lfm2_v2", "llama3_1", "llama3_2", "llava_next", "phi3", "phi3_5", "qwen2_5",
     "qwen2_5_vl", "qwen3", "qwen3_5_think", "qwen3_6", "qwen3_8", "qwen3_instruct_2507", "qwen3_vl", "smolvlm",
 }
