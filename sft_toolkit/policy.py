@@ -11,12 +11,12 @@ message, in order (every bundled template does; tool calls render inside the ass
 reasoning that a template drops just makes the span shorter). When the count differs, or a message's
 text sits outside the span it was given, the row is refused with the reason instead of guessing.
 
-What decides whether an assistant message is trained, first match wins:
-  1. the message's own field: `"train": true|false` (or `"weight": 1|0`, the same thing);
-  2. the recipe's `train_turns`: `all` (default) or `last` (only the conversation's last assistant
-     message may be trained);
-  3. the recipe's `train_roles`: `assistant` (default: every assistant message), `answers` (assistant
-     messages without tool calls) and/or `tool_calls` (assistant messages that carry tool calls).
+What decides whether an assistant message is trained:
+  1. the message's own field, when it has one: `"train": true|false` (or `"weight": 1|0`, the same thing);
+  2. otherwise both recipe keys must select it: `train_roles`, `assistant` (default: every assistant
+     message), `answers` (assistant messages without tool calls) and/or `tool_calls` (assistant messages
+     that carry tool calls, text or not); and `train_turns`, `all` (default) or `last` (only the
+     conversation's last assistant message).
 Tool results, user, system text are never trained (templates don't mark them): marking one
 `train: true` is an error, not silence.
 """
