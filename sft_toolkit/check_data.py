@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import preprocess
+from .policy import recipe_policy
 from .problems import InputError
 
 BATCH = 1000
@@ -88,7 +89,8 @@ def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) ->
     raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
     # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).
     template = preprocess.training_template(tokenizer, sft) if preprocess.needs_template(raw.column_names) else None
-    tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map)
+    tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
+                                    policy=recipe_policy(recipe))
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
 
     per_row = _row_stats(tokenized, report)
@@ -257,6 +259,8 @@ REASON_HELP = {
     preprocess.TEMPLATE_MARKS_NOTHING: "the chat template marks nothing in this row: lint the template",
     preprocess.PAST_MAX_LENGTH: "all assistant tokens lie past max_length: raise max_length or shorten the prompt",
     preprocess.TEMPLATE_ERROR: "the chat template refused this row: fix the row (e.g. role order) or the template",
+    preprocess.ALL_TURNS_SWITCHED_OFF: "every assistant turn is switched off (train: false / weight: 0, train_roles, "
+                                       "train_turns): mark one turn to train or drop the row",
     preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
 }
 

@@ -13,7 +13,7 @@ Rule codes are stable (other tools match on them):
   S004 generation-not-assistant S005 eot-outside-generation
   R001 assistant-turn-untrained R002 trained-outside-assistant  R003 eot-not-trained
   R004 generation-prompt-mismatch R005 reference-mismatch       R006 mask-inside-token
-  R007 render-failed            I001 probe-rejected
+  R007 render-failed            R008 message-control          I001 probe-rejected
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension
 
+from . import policy as control
 from .masks import Rendered, TemplateRaised, render, tokenize
-from .probes import PROBES, Probe
+from .probes import CONTROL_PROBES, PROBES, Probe, probe_variants, text_of
 from .problems import ERROR, INFO, WARNING, Finding, InputError
 
 ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
@@ -172,8 +173,25 @@ def _roles_in(test: nodes.Node) -> set[str]:
     return {c.value for c in test.find_all(nodes.Const) if isinstance(c.value, str)} & (ASSISTANT_ROLES | OTHER_ROLES)
 
 
+def _effective(test: nodes.Node, positive: bool) -> bool | None:
+    """Whether a branch selects the roles its test names: `role != 'tool'` and `not role == 'tool'` select every
+    role but those; an `or` with a clause that isn't about the role (`... or 'tool_calls' in message`)
+    selects nothing definite (None)."""
+    if isinstance(test, nodes.Not):
+        inner = _effective(test.node, not positive)
+        return inner
+    if isinstance(test, nodes.Compare) and len(test.ops) == 1 and test.ops[0].op in ("ne", "notin"):
+        return not positive
+    if isinstance(test, nodes.Or) and positive and not all(_roles_in(side) for side in (test.left, test.right)):
+        return None
+    return positive
+
+
 def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
     for test, positive in reversed(conditions):
+        positive = _effective(test, positive)
+        if positive is None:
+            continue
         roles = _roles_in(test)
         if positive and roles & ASSISTANT_ROLES:
             return []
@@ -251,7 +269,9 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             examples.setdefault(key, example)
 
     eot, rendered_any = None, False
-    for probe in PROBES:
+    for probe in [*PROBES, *CONTROL_PROBES]:
+        controls = probe in CONTROL_PROBES
+        probe = usable_probe(source, probe, kwargs)
         try:
             full = _render(source, probe, probe.messages, False, kwargs)
         except TemplateRaised as err:
@@ -262,12 +282,18 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             continue
         rendered_any = True
         eot = eot or _end_of_turn(source, probe, kwargs)
-        for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs):
+        try:
+            full, off = _apply_control(probe.messages, full)
+        except control.MappingError as err:
+            add("R008", WARNING, "per-message training control (train: false, train_roles, train_turns) can't be "
+                f"used with this template: {err}. Write one {{% generation %}} block per assistant message.", probe.name)
+            continue
+        for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs, off):
             add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name, example=example)
         if reference is not None:
             for message in _reference_diffs(source, reference, probe, kwargs):
                 add("R005", ERROR, message, probe.name, None)
-        if tokenizer is not None:
+        if tokenizer is not None and not controls:  # control probes add no new token boundaries
             for message in _token_boundaries(source, probe, tokenizer):
                 add("R006", WARNING, message, probe.name)
 
@@ -289,9 +315,38 @@ def _summarize(where: list[str], limit: int = 4) -> str:
     return f"probe {shown}" + (f" and {more} more" if more > 0 else "")
 
 
+def usable_probe(source: str, probe: Probe, kwargs) -> Probe:
+    """The probe in the form the template understands. Templates disagree on two shapes: vision-language ones
+    want `content` as a list of parts (and may silently render nothing for a string), some want tool-call
+    `arguments` as a JSON string. The variant whose rendering shows the most message texts wins; the probe
+    as written when none renders."""
+    best, best_score = probe, -1
+    for variant in probe_variants(probe):
+        try:
+            text = _render(source, variant, variant.messages, False, kwargs).text
+        except TemplateRaised:
+            continue
+        except InputError:
+            continue
+        score = sum(1 for m in variant.messages if (c := text_of(m.get("content"))) and c in text)
+        if score > best_score:
+            best, best_score = variant, score
+    return best
+
+
 def _render(source, probe: Probe, messages, add_generation_prompt, kwargs) -> Rendered:
-    return render(source, messages, add_generation_prompt=add_generation_prompt, tools=probe.tools,
-                  template_kwargs={**kwargs, **probe.template_kwargs})
+    # Training renders without the control fields (preprocess strips them), so lint does too.
+    return render(source, control.strip_control(messages), add_generation_prompt=add_generation_prompt,
+                  tools=probe.tools, template_kwargs={**kwargs, **probe.template_kwargs})
+
+
+def _apply_control(messages: list[dict], full: Rendered) -> tuple[Rendered, frozenset[int]]:
+    """The render as training sees it under the messages' own train fields, and the switched-off turns."""
+    if not control.has_flags(messages):
+        return full, frozenset()
+    policy = control.TurnPolicy()
+    off = frozenset(i for i, on in control.selected(messages, policy).items() if not on)
+    return Rendered(full.text, control.kept_spans(messages, full, policy)), off
 
 
 def _single_block_line(source: str) -> int | None:
@@ -302,7 +357,7 @@ def _single_block_line(source: str) -> int | None:
 def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
     """The template's end-of-turn text: what it writes right after a plain assistant message's content."""
     for i, message in enumerate(probe.messages):
-        content = message.get("content")
+        content = text_of(message.get("content"))
         if message.get("role") != "assistant" or not content or message.get("tool_calls"):
             continue
         try:
@@ -326,16 +381,19 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if message.get("role") != "assistant":
             continue
         prompt, header = _generation_prompt(source, probe, i, kwargs)
+        diverged = None
         if prompt is not None and not text.startswith(prompt):
-            at = _first_difference(prompt, text)
+            at = diverged = _first_difference(prompt, text)
             mismatches.append((
                 "train/inference mismatch: the generation prompt (add_generation_prompt=True) does not end where "
                 "training renders the assistant turn, so the model is trained on a context it never sees at "
                 "inference. Make the prompt write exactly the header training writes.",
                 i, f"prompt {prompt[at:at + 20]!r} vs training {text[at:at + 20]!r}"))
             prompt, header = None, None
-        content = message.get("content") if isinstance(message.get("content"), str) else ""
+        content = text_of(message.get("content"))
         start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
+        if diverged is not None:  # the model was prompted with the text up to where prompt and training part
+            start = max(start, diverged)
         content_at = text.find(content, start) if content else -1
         body_end = content_at + len(content) if content_at >= 0 else start
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
@@ -379,13 +437,21 @@ def _first_difference(a: str, b: str) -> int:
     return min(len(a), len(b))
 
 
-def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs) -> list[tuple[str, str, str, int | None, str | None]]:
+def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs,
+                 off: frozenset[int] = frozenset()) -> list[tuple[str, str, str, int | None, str | None]]:
+    """`off`: assistant messages switched off by per-message control, which must stay untrained."""
     out = []
     turns, mismatches = locate_turns(source, probe, full, eot, kwargs)
     out += [("R004", ERROR, m, turn, example) for m, turn, example in mismatches]
     text, trained = full.text, full.trained_chars()
     for turn in turns:
         s, e = turn.region
+        if turn.index in off:
+            if any(trained[s:e]):
+                out.append(("R008", ERROR, "an assistant turn switched off (train: false) is still trained: the "
+                            "template's generation blocks are not one per assistant message, in order.", turn.index,
+                            None))
+            continue
         if not any(trained[s:e]):
             out.append(("R001", ERROR, "an assistant turn has no trained characters, so it is not learned. Is the "
                         "generation block in a branch this turn doesn't take (e.g. only the last turn)?", turn.index, None))

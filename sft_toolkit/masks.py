@@ -7,6 +7,7 @@ TRL's `assistant_only_loss` uses, not a re-implementation that could drift from 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -22,6 +23,10 @@ DEFAULT_SPECIAL_TOKENS = {
     "unk_token": "<unk>",
     "pad_token": "<pad>",
 }
+
+
+# A generation tag in any whitespace-control form (`{%- generation %}`, `{%+ generation +%}`, ...).
+GENERATION_MARKER = re.compile(r"\{%[-+]?\s*generation\s*[-+]?%\}")
 
 
 class TemplateRaised(Exception):
@@ -80,15 +85,20 @@ def render(
     `InputError` for any other template failure (syntax, undefined attribute used as a callable, ...).
     """
     kwargs = {**(DEFAULT_SPECIAL_TOKENS if placeholders else {}), **(template_kwargs or {})}
+    # transformers warns (once) when asked for a mask a template can't give; a template without markers
+    # simply has no spans, which is what we report.
+    marked = bool(GENERATION_MARKER.search(template))
     try:
         texts, spans = render_jinja_template(
             conversations=[normalize_messages(messages)],
             tools=tools,
             chat_template=template,
-            return_assistant_tokens_mask=True,
+            return_assistant_tokens_mask=marked,
             add_generation_prompt=add_generation_prompt,
             **kwargs,
         )
+        if not marked:
+            texts, spans = [texts] if isinstance(texts, str) else texts, [[]]
     except jinja2.TemplateSyntaxError as err:
         raise InputError(f"template syntax error at line {err.lineno}: {err.message}") from None
     except jinja2.TemplateError as err:

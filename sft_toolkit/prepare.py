@@ -28,7 +28,7 @@ class Prepared:
 
 def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
     """Run the guard on the recipe's raw dataset and save the result. Raises GuardStop when it refuses."""
-    from .preprocess import load_tokenizer_for
+    from .preprocess import load_tokenizer_for, renders_conversations
 
     if recipe.toolkit.prepared:
         raise InputError(f"{recipe.source}: prepared: {recipe.toolkit.prepared} is set; prepare reads the raw "
@@ -40,7 +40,7 @@ def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
     report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
     tokenizer = load_tokenizer_for(recipe)
     applied = {"max_length": recipe.sft.max_length, "packing_strategy": recipe.sft.packing_strategy}
-    manifest = build_manifest(keys, tokenizer, rendering_template(tokenizer, recipe.sft), report, notes, applied,
-                              dataset)
+    template = rendering_template(tokenizer, recipe.sft) if renders_conversations(recipe) else None
+    manifest = build_manifest(keys, tokenizer, template, report, notes, applied, dataset)
     path = save(out_dir, dataset, manifest)
     return Prepared(report=report, notes=notes, manifest=manifest, path=path)

@@ -51,6 +51,8 @@ def shaping_keys(recipe) -> dict:
         keys["max_length_limit"] = toolkit.max_length_limit
     if sft.completion_only_loss:
         keys["completion_only_loss"] = sft.completion_only_loss
+    if toolkit.train_roles is not None or toolkit.train_turns != "all":  # which assistant turns are trained
+        keys.update(train_roles=toolkit.train_roles, train_turns=toolkit.train_turns)
     return keys
 
 
@@ -101,7 +103,7 @@ def build_manifest(recipe_keys: dict, tokenizer, template: str | None, report: R
         "applied": applied,  # settings in force after the guard's repairs (what train must use)
         "repairs": repairs,
         "tokenizer": {"name_or_path": tokenizer.name_or_path, "sha256": tokenizer_sha256(tokenizer)},
-        "template": {"sha256": _sha256(template)},
+        "template": {"sha256": _sha256(template)},  # None: plain text or pre-tokenized rows, no template used
         "versions": versions(),
         "accounting": report.to_json(),
         "dataset": dataset_summary(dataset),
@@ -151,8 +153,9 @@ def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
         out.append(f"tokenizer: recipe {tokenizer.name_or_path} (sha256 {sha[:12]}), prepared "
                    f"{manifest.get('tokenizer', {}).get('name_or_path')} "
                    f"(sha256 {str(manifest.get('tokenizer', {}).get('sha256'))[:12]})")
-    template_sha = _sha256(rendering_template(tokenizer, recipe.sft))
-    if manifest.get("template", {}).get("sha256") != template_sha:
+    prepared_sha = manifest.get("template", {}).get("sha256")
+    template_sha = _sha256(rendering_template(tokenizer, recipe.sft)) if prepared_sha is not None else None
+    if prepared_sha != template_sha:  # (plain-text and pre-tokenized data were rendered with no template)
         out.append(f"chat template: recipe sha256 {str(template_sha)[:12]}, prepared "
                    f"sha256 {str(manifest.get('template', {}).get('sha256'))[:12]}")
     return out

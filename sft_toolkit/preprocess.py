@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import jinja2
 
+from . import policy as control
+from .masks import render
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -24,6 +26,7 @@ EMPTY_ASSISTANT_CONTENT = "empty_assistant_content"
 TEMPLATE_MARKS_NOTHING = "template_marks_nothing"
 TEMPLATE_ERROR = "template_error"
 PAST_MAX_LENGTH = "all_assistant_tokens_past_max_length"
+ALL_TURNS_SWITCHED_OFF = "all_turns_switched_off"
 MASK_MARKS_NOTHING = "mask_marks_nothing"  # a pre-tokenized row whose labels / assistant_masks mark no token
 
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
@@ -84,6 +87,8 @@ def row_problem(example: dict) -> str | None:
             return f"messages[{i}].content must be a string, got {type(content).__name__}"
         if content is None and role != "assistant":
             return f"messages[{i}].content is missing"
+        if problem := control.message_problem(i, m):
+            return problem
     return None
 
 
@@ -103,11 +108,15 @@ def _code_salt() -> str:
     import hashlib
     from pathlib import Path
 
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(Path(__file__).read_bytes() + Path(control.__file__).read_bytes()).hexdigest()[:16]
 
 
-def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code_salt=None):
-    """TRL's `tokenize_fn` (conversational language-modeling case), minus its abort, plus accounting."""
+def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code_salt=None, policy=None):
+    """TRL's `tokenize_fn` (conversational language-modeling case), minus its abort, plus accounting.
+
+    `policy` (per-message training control) changes the mask only for rows it concerns; other rows go
+    through exactly TRL's path.
+    """
     from trl.data_utils import _tokenize
 
     problem = row_problem(example)
@@ -117,26 +126,65 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
         return out
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
+    messages = example["messages"]
+    controlled = policy is not None and control.needs_control(messages, policy)
+    if controlled:
+        if not assistant_only_loss:
+            out["problem"] = ("per-message training control (train/weight fields, train_roles, train_turns) needs "
+                              "assistant_only_loss: true; without it every token is trained")
+            return out
+        messages = control.strip_control(messages)
     kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
     try:
-        processed = _tokenize(tokenizer, example["messages"], return_assistant_tokens_mask=assistant_only_loss, **kwargs)
+        processed = _tokenize(tokenizer, messages, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
     except jinja2.TemplateError as err:
         out["reason"] = f"{TEMPLATE_ERROR}: {err}"
         return out
     ids = list(processed["input_ids"])
+    kept = None
     if assistant_only_loss:
         mask = processed["assistant_masks"]
+        if controlled:
+            try:
+                mask, kept = _controlled_mask(tokenizer, example["messages"], processed, kwargs, policy)
+            except control.MappingError as err:
+                out["problem"] = f"{err}"
+                return out
         labels = [t if m else -100 for t, m in zip(ids, mask)]
     else:
         labels = list(ids)
     trainable, span = _trainable_and_span(labels)
     out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span)
-    reason = zero_reason(example["messages"])
+    reason = zero_reason(messages if kept is None else
+                         [m for i, m in enumerate(messages) if m.get("role") != "assistant" or i in kept])
+    if kept is not None and not kept and any(m.get("role") == "assistant" for m in messages):
+        reason = ALL_TURNS_SWITCHED_OFF
     # A row whose assistant turns are all empty still trains the end-of-turn token: it teaches the model to
     # answer with nothing, so it counts as a zero-mask row although TRL's labels are not all -100.
     if trainable == 0 or (assistant_only_loss and reason == EMPTY_ASSISTANT_CONTENT):
         out["reason"] = reason
     return out
+
+
+def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int]]:
+    """The mask of the trained assistant messages only, and their indices (raises control.MappingError).
+
+    The spans come from rendering the row again, as `apply_chat_template` did; a mask rebuilt from all
+    of them must equal transformers' own, which proves the spans and the tokens belong together.
+    """
+    clean = control.strip_control(messages)
+    template = tokenizer.get_chat_template(kwargs.get("chat_template"), kwargs.get("tools"))
+    extra = {k: v for k, v in kwargs.items() if k not in ("chat_template", "tools")}
+    rendered = render(template, clean, tools=kwargs.get("tools"),
+                      template_kwargs={**tokenizer.special_tokens_map, **extra}, placeholders=False)
+    n = len(processed["input_ids"])
+    if control.token_mask(processed, rendered.spans, n) != list(processed["assistant_masks"]):
+        raise control.MappingError("the template's generation spans don't line up with its token mask "
+                                   "(does it render differently on each call?)")
+    chosen = control.selected(messages, policy)
+    spans = control.assign_spans(messages, rendered)
+    kept = {i for i in spans if chosen[i]}
+    return control.token_mask(processed, [spans[i] for i in sorted(kept)], n), kept
 
 
 def _trainable_and_span(labels: list[int]) -> tuple[int, int]:
@@ -154,8 +202,25 @@ def needs_template(columns) -> bool:
     return not is_pretokenized(columns) and ("messages" in (columns or ()) or "conversations" in (columns or ()))
 
 
-def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing"):
+def renders_conversations(recipe) -> bool:
+    """Whether the recipe's rows go through the chat template (not plain text, not pre-tokenized), judged from
+    the first row's fields without loading the rest; a dataset that can't be read is reported by check_data."""
+    from .data import load_rows
+
+    script = recipe.script
+    try:
+        first = next(iter(load_rows(script.dataset_name, script.dataset_train_split, streaming=True)), None)
+    except InputError:
+        return True
+    return first is None or needs_template(list(first))
+
+
+def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing",
+             policy=None):
     """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem.
+
+    `policy` (a `policy.TurnPolicy`, default: every assistant message) and the messages' own `train`
+    fields decide which assistant messages are trained; rows they don't concern keep TRL's mask as it is.
 
     Conversations go through the chat template; plain text (`dataset_text_field`, no mask) and
     pre-tokenized rows (`input_ids` plus `labels` or `assistant_masks`) take TRL's matching paths.
@@ -171,7 +236,8 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
         raise InputError(_no_messages_hint(dataset.column_names))
     kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
               "fn_kwargs": {"tokenizer": tokenizer, "template": template,
-                            "assistant_only_loss": sft.assistant_only_loss, "code_salt": _code_salt()}}
+                            "assistant_only_loss": sft.assistant_only_loss, "code_salt": _code_salt(),
+                            "policy": policy or control.TurnPolicy()}}
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
     return dataset.map(_tokenize_row, **kwargs)

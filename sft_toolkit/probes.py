@@ -125,6 +125,52 @@ PROBES: list[Probe] = [
 ]
 
 
+# Probes with per-message training control (`train` / `weight` fields, see sft_toolkit/policy.py): lint
+# applies the control to the template's spans and checks that exactly the switched-off turns go untrained.
+# Kept apart from PROBES because reference renderers (mistral-common) refuse messages with unknown keys.
+CONTROL_PROBES: list[Probe] = [
+    Probe(
+        "turn-switched-off",
+        [
+            {"role": "user", "content": "Hi there!"},
+            {"role": "assistant", "content": "Hello! How can I help you today?", "train": False},
+            {"role": "user", "content": "How many grams are in 3 kg?"},
+            {"role": "assistant", "content": "3 kg is 3000 grams."},
+            {"role": "user", "content": "And in 0.5 kg?"},
+            {"role": "assistant", "content": "0.5 kg is 500 grams.", "weight": 1},
+        ],
+    ),
+]
+
+
 def prefixes_ending_before_assistant(messages: list[dict]) -> list[int]:
     """Indices i such that messages[i] is an assistant turn: messages[:i] is what the model is prompted with."""
     return [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+
+
+def text_of(content) -> str:
+    """A message's text: the string itself, or its text parts joined (content as a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def probe_variants(probe: Probe):
+    """The probe, then the same conversation with tool-call arguments as JSON strings, with content as a list
+    of text parts, and with both (the shapes templates disagree on)."""
+    import json
+
+    def string_arguments(m):
+        calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+                 for c in m.get("tool_calls", [])]
+        return {**m, "tool_calls": calls} if calls else m
+
+    def parts(m):
+        content = m.get("content")
+        return {**m, "content": [{"type": "text", "text": content}]} if isinstance(content, str) else m
+
+    yield probe
+    for change in (string_arguments, parts, lambda m: parts(string_arguments(m))):
+        yield Probe(probe.name, [change(m) for m in probe.messages], probe.tools, probe.template_kwargs)

@@ -34,6 +34,10 @@ class ToolkitArguments:
         "help": "repair may raise max_length up to this many tokens (what memory allows) to keep assistant tokens"})
     role_map: dict | None = field(default=None, metadata={
         "help": "role names of ShareGPT-style rows -> ChatML roles (default: human->user, gpt->assistant, ...)"})
+    train_roles: list | None = field(default=None, metadata={
+        "help": "assistant messages to train: assistant (all, default), answers (without tool calls), tool_calls"})
+    train_turns: str = field(default="all", metadata={"choices": ["all", "last"],
+                             "help": "all assistant turns, or only the conversation's last one"})
     prepared: str | None = field(default=None, metadata={
         "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
 
@@ -160,7 +164,13 @@ def _names(allowed: set[type]) -> str:
 
 
 def _check_consistency(source: str, built: dict) -> None:
+    from .policy import policy_from
+
     sft = built["sft"]
+    toolkit = built["toolkit"]
+    if not policy_from(toolkit.train_roles, toolkit.train_turns, source).is_default and not sft.assistant_only_loss:
+        raise InputError(f"{source}: train_roles / train_turns choose assistant turns to train, which needs "
+                         "assistant_only_loss: true (without it every token is trained)")
     if sft.packing and sft.max_length is None:
         raise InputError(f"{source}: packing: true needs max_length (the packed sequence length); set max_length")
     if not built["model"].model_name_or_path:

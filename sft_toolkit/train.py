@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .check_data import Report, check_data
-from .prepared import load_prepared
+from .prepared import load_prepared, read_manifest
+from .preprocess import renders_conversations
 
 
 # Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.
@@ -56,18 +58,20 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
     warn: go ahead, saying what is wrong; the in-training guard still stops a step with nothing to train.
     keep_provenance: keep each token's source row and position (src_rows, src_pos) for `prepare` to save.
     """
+    policy = recipe.toolkit.mask_guard
+    # Plain-text and pre-tokenized rows never meet the chat template: its markers don't matter for them.
+    marker_notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss and renders_conversations(recipe) else []
     report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
     problems = report.problems()
-    policy = recipe.toolkit.mask_guard
     if not problems:
-        return report, dataset, []
+        return report, dataset, marker_notes
     if policy == "reject":
         rows = f" Rows with nothing to train: {_shown_rows(report)}." if report.zero_mask_rows else ""
         raise GuardStop("mask guard (reject): " + "; ".join(problems) + "." + rows
                         + " Fix the data or recipe, or set mask_guard: repair.")
     if policy == "warn":
-        return report, dataset, [f"warning: {p}" for p in problems]
-    notes = []
+        return report, dataset, marker_notes + [f"warning: {p}" for p in problems]
+    notes = marker_notes
     sft = recipe.sft
     limit = recipe.toolkit.max_length_limit
     if report.truncated_assistant_tokens and sft.max_length is not None and not (
@@ -106,6 +110,41 @@ def _shown_rows(report: Report, limit: int = 10) -> str:
     more = len(report.zero_mask_rows) - limit
     return ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:limit]) + \
         (f" and {more} more" if more > 0 else "")
+
+
+def _ensure_markers(recipe) -> list[str]:
+    """A chat template without generation markers makes every row train on nothing. reject: stop and say how
+    to fix it; repair: add verified markers (`sft-toolkit add-markers`), save them in the output folder and
+    train with them; warn: go on (the in-training guard stops the first empty step)."""
+    from trl.chat_template_utils import has_generation_markers
+
+    from .markers import MarkerError, add_markers
+    from .preprocess import load_tokenizer_for, training_template
+
+    tokenizer = load_tokenizer_for(recipe)
+    if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
+        return []
+    where = recipe.sft.chat_template_path or recipe.model.model_name_or_path
+    fix = (f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja, "
+           "or set mask_guard: repair to add verified markers automatically")
+    policy = recipe.toolkit.mask_guard
+    if policy == "warn":
+        return [f"warning: the chat template of {where} has no {{% generation %}} markers, so nothing is trained; {fix}"]
+    if policy == "reject":
+        raise GuardStop(f"mask guard (reject): the chat template of {where} has no {{% generation %}} markers, so "
+                        f"assistant_only_loss would train on nothing; {fix}.")
+    try:
+        result = add_markers(tokenizer.chat_template, tokenizer=tokenizer)
+    except MarkerError as err:
+        raise GuardStop(f"mask guard (repair): the chat template of {where} has no {{% generation %}} markers and "
+                        f"they could not be added automatically ({err}); place them by hand and check with "
+                        "`sft-toolkit lint`.") from None
+    path = Path(recipe.sft.output_dir) / "training_chat_template.jinja"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(result.source, encoding="utf-8")
+    recipe.sft.chat_template_path = str(path)
+    return [f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
+            f"byte-identically on the probe corpus and passes lint); training with {path}"]
 
 
 def _zero_sequences(dataset) -> int:
@@ -206,7 +245,11 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     from .preprocess import load_tokenizer_for, training_template
 
     if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
-        report, dataset, notes = load_prepared(recipe, world_size)
+        # The same template repair as from raw data (deterministic), so the template hashes can be compared.
+        rendered = read_manifest(recipe.toolkit.prepared)["template"].get("sha256") is not None
+        notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss and rendered else []
+        report, dataset, checked = load_prepared(recipe, world_size)
+        notes += checked
         log(f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
             f"{len(dataset)} sequences re-checked; not re-tokenized")
     else:

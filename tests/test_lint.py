@@ -128,3 +128,16 @@ def test_allow_pragma_keeps_the_finding_visible_as_info():
     assert result.ok
     (finding,) = [f for f in result.findings if f.rule == "R004"]
     assert finding.severity == "info" and "by design" in finding.message
+
+
+@pytest.mark.parametrize("test, severity", [
+    ("message.role == 'tool'", "error"),          # selects tool turns: would train tool text
+    ("message.role != 'tool'", "warning"),        # selects every role but tool: not an S004 error
+    ("not message.role == 'tool'", "warning"),
+    ("message.role == 'tool' or message.tool_calls", "warning"),  # not only about the role
+])
+def test_s004_reads_negated_and_mixed_role_conditions(test, severity):
+    source = ("{% for message in messages %}{% if " + test + " %}{% generation %}{{ message.content }}"
+              "{% endgeneration %}{% else %}{{ message.content }}{% endif %}{% endfor %}")
+    s004 = [f for f in lint(source, "t").findings if f.rule == "S004"]
+    assert [f.severity for f in s004] == [severity]

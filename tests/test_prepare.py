@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -272,3 +273,24 @@ def test_repairs_made_at_prepare_time_are_applied_when_training_from_it(assets, 
     _, data, notes = load_prepared(recipe)  # sequences longer than 64 pass: the repaired max_length is in force
     assert recipe.sft.max_length == raised and max(len(ids) for ids in data["input_ids"]) > 64
     assert any(n.startswith("prepare applied: max_length 64 ->") for n in notes)
+
+
+def test_template_without_markers_repaired_at_prepare_is_repaired_alike_at_train(assets, tmp_path):
+    source = bundled_path("chatml").read_text()
+    source = source[source.index("-#}") + 3:]  # the header comment, which names the markers
+    plain = tmp_path / "chatml_plain.jinja"
+    plain.write_text(re.sub(r"\{%-? *(end)?generation *-?%\}", "", source))  # an inference template
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, max_steps=1,
+                       chat_template_path=str(plain), mask_guard="repair")
+    result = prepare(build_recipe(keys), tmp_path / "prepared")
+    assert any("added {% generation %} markers" in n for n in result.notes)
+    said = []
+    outcome = train(build_recipe({**keys, "prepared": str(tmp_path / "prepared")}), log=said.append)
+    assert any("not re-tokenized" in s for s in said) and outcome.report.trainable_tokens > 0
+
+
+def test_pretokenized_rows_need_no_template_markers(assets, tmp_path):
+    keys = pretokenized(tmp_path, assets, {k: v[:2] for k, v in ROWS.items()},
+                        chat_template_path=str(ROOT / "tests" / "fixtures" / "templates" / "S002_no_markers.jinja"))
+    report, _, notes = guard(build_recipe(keys))  # reject would stop a conversation dataset here
+    assert report.ok and notes == []

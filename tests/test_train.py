@@ -163,3 +163,36 @@ def test_repair_raises_max_length_within_the_limit(assets, tmp_path):
     raised = [s for s in said if "max_length 64 ->" in s]
     assert raised and "assistant tokens lost to truncation" in raised[0] and "-> 0," in raised[0]
     assert outcome.report.truncated_assistant_tokens == 0 and outcome.report.zero_mask_rows == []
+
+
+def unmarked_template(tmp_path) -> Path:
+    """Qwen2.5's inference template with its own system prompt: one changed line, so TRL's lookup of known
+    templates misses it and nothing marks the assistant's turns."""
+    import trl
+
+    source = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    path = tmp_path / "custom_qwen.jinja"
+    path.write_text(source.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                                   "You convert units."))
+    return path
+
+
+def test_template_without_markers_is_rejected_with_the_fix(assets, tmp_path):
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:8]]
+    keys = recipe_keys(assets, tmp_path, rows, chat_template_path=str(unmarked_template(tmp_path)))
+    with pytest.raises(GuardStop, match="no \\{% generation %\\} markers.*sft-toolkit add-markers"):
+        train(build_recipe(keys), log=lambda _: None)
+
+
+def test_repair_adds_verified_markers_and_trains_with_them(assets, tmp_path):
+    from trl.chat_template_utils import has_generation_markers
+
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:8]]
+    keys = recipe_keys(assets, tmp_path, rows, chat_template_path=str(unmarked_template(tmp_path)),
+                       mask_guard="repair", max_steps=2)
+    said = []
+    outcome = train(build_recipe(keys), log=said.append)
+    assert any("added {% generation %} markers" in s for s in said)
+    assert outcome.report.trainable_tokens > 0 and not outcome.report.zero_mask_rows
+    saved = (tmp_path / "run" / "chat_template.jinja").read_text()
+    assert has_generation_markers(saved) and "You convert units." in saved

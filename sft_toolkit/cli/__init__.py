@@ -11,10 +11,10 @@ import sys
 import warnings
 
 from ..problems import InputError
-from . import check_data, lint, prepare, quickstart, show, train
+from . import add_markers, check_data, lint, prepare, quickstart, show, train
 
-COMMANDS = {"lint": lint, "show": show, "check-data": check_data, "prepare": prepare, "train": train,
-            "quickstart": quickstart}
+COMMANDS = {"lint": lint, "add-markers": add_markers, "show": show, "check-data": check_data, "prepare": prepare,
+            "train": train, "quickstart": quickstart}
 
 
 def build_parser() -> argparse.ArgumentParser:

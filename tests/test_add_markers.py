@@ -1,0 +1,225 @@
+"""`sft-toolkit add-markers`: inference templates in, verified training templates out.
+
+The dev set is every original (non-`_training`) template TRL installs. For each one add-markers converts:
+the result renders exactly like the original and passes lint; where TRL ships its own training variant,
+our mask equals TRL's token for token except where TRL trains text lint calls wrong (a role header's
+newline, text after the end-of-turn, the part of the header the generation prompt writes). Our own
+hand-marked bundled templates, stripped of their markers, come back with the same mask. Templates that
+can't be converted fail with a line number and write nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import trl
+
+from sft_toolkit.lint import lint, locate_turns, usable_probe, _end_of_turn
+from sft_toolkit.markers import MarkerError, _strip_markers, add_markers
+from sft_toolkit.masks import TemplateRaised, render, tokenize
+from sft_toolkit.probes import PROBES
+from sft_toolkit.problems import InputError
+
+TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+DEV_SET = sorted(p.stem for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.endswith("_training"))
+BUNDLED = sorted(p for p in (Path(__file__).resolve().parents[1] / "templates").glob("*.jinja"))
+
+# Converted and verified today (README "add-markers" lists the rest with their causes). A template leaving
+# this list is a regression; one joining it should be added.
+CONVERTS = {
+    "cohere", "cohere2", "deepseekv3", "gemma", "gemma3", "gemma4", "gemma4_v2", "gemma4_v3", "gemma4_v4",
+    "gemma4_v5", "idefics3", "lfm2", "lfm2_2_5",
+    "lfm2_2_5_v2", "lfm2_2_5_vl", "lfm2_v2", "llama3_1", "llama3_2", "llava_next", "phi3", "phi3_5", "qwen2_5",
+    "qwen2_5_vl", "qwen3", "qwen3_5_think", "qwen3_6", "qwen3_8", "qwen3_instruct_2507", "qwen3_vl", "smolvlm",
+}
+
+
+@lru_cache(maxsize=None)
+def converted(name: str):
+    source = (TRL_TEMPLATES / f"{name}.jinja").read_text()
+    try:
+        return add_markers(source)
+    except MarkerError as err:
+        return err
+
+
+def cases(source: str):
+    """Every render the checks compare: whole probes with and without the generation prompt, and each
+    prefix that ends right before an assistant turn, with it."""
+    for probe in PROBES:
+        probe = usable_probe(source, probe, {})
+        yield probe, probe.messages, False
+        yield probe, probe.messages, True
+        for i, m in enumerate(probe.messages):
+            if m.get("role") == "assistant" and i:
+                yield probe, probe.messages[:i], True
+
+
+def rendered(source, probe, messages, prompt):
+    try:
+        return render(source, messages, add_generation_prompt=prompt, tools=probe.tools).text
+    except (TemplateRaised, InputError) as err:
+        return f"<failed: {err}>"
+
+
+@pytest.mark.parametrize("name", DEV_SET)
+def test_dev_set_template_converts_or_says_where_it_cannot(name):
+    result = converted(name)
+    if name in CONVERTS:
+        assert not isinstance(result, MarkerError), f"{name} no longer converts: {result}"
+    elif isinstance(result, MarkerError):
+        assert str(result).strip()  # a cause, and where the template allows it a line
+    else:
+        pytest.fail(f"{name} now converts: add it to CONVERTS and the README table")
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTS))
+def test_converted_template_renders_like_the_original_and_passes_lint(name):
+    original = (TRL_TEMPLATES / f"{name}.jinja").read_text()
+    marked = converted(name).source
+    for probe, messages, prompt in cases(original):
+        assert rendered(marked, probe, messages, prompt) == rendered(original, probe, messages, prompt), (
+            f"{name}: {probe.name} ({len(messages)} messages, add_generation_prompt={prompt})")
+    result = lint(marked, name, reference=original)
+    assert result.ok, [f.message for f in result.findings if f.severity == "error"]
+
+
+PAIRS = sorted(n for n in CONVERTS if (TRL_TEMPLATES / f"{n}_training.jinja").exists())
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_tokenizer):
+    """Token for token on every probe where TRL's training variant renders the same text. Where the masks
+    differ, TRL trains the token and we don't, and the token is whitespace or lies outside the assistant
+    turn (lint's R002: header text the generation prompt writes, text after the end-of-turn)."""
+    original = (TRL_TEMPLATES / f"{name}.jinja").read_text()
+    ours, theirs = converted(name).source, (TRL_TEMPLATES / f"{name}_training.jinja").read_text()
+    compared = 0
+    for probe in PROBES:
+        probe = usable_probe(original, probe, {})
+        try:
+            a = tokenize(qwen_tokenizer, probe.messages, template=ours, tools=probe.tools)
+            b = tokenize(qwen_tokenizer, probe.messages, template=theirs, tools=probe.tools)
+        except (TemplateRaised, InputError):
+            continue
+        if a.text != b.text:
+            continue  # TRL's variant renders other text here (e.g. qwen3's <think> on every turn)
+        compared += 1
+        full = render(original, probe.messages, tools=probe.tools)
+        eot = _end_of_turn(original, probe, {})
+        turns, _ = locate_turns(original, probe, full, eot, {})
+        inside = [False] * len(a.text)
+        for turn in turns:
+            end = len(a.text[:turn.region[1]].rstrip())
+            inside[turn.region[0]:end] = [True] * (end - turn.region[0])
+        for i, (x, y) in enumerate(zip(a.mask, b.mask)):
+            if x == y:
+                continue
+            start, stop = a.offsets[i]
+            token = a.text[start:stop]
+            assert y == 1 and x == 0, f"{name}/{probe.name}: we train {token!r}, TRL doesn't"
+            assert token.isspace() or not any(inside[start:stop]), (
+                f"{name}/{probe.name}: TRL trains assistant output {token!r} that we leave out")
+    assert compared, f"{name}: TRL's training variant never renders the original's text"
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_bundled_templates_stripped_of_markers_come_back_with_the_same_mask(path):
+    source = path.read_text()
+    bare = _strip_markers(source)
+    try:
+        marked = add_markers(bare).source
+    except MarkerError as err:
+        if path.stem == "mistral":  # its format moves the system prompt to the last user turn (R004)
+            pytest.skip(f"mistral: {err}")
+        raise
+    for probe in PROBES:
+        probe = usable_probe(source, probe, {})
+        try:
+            hand = render(source, probe.messages, tools=probe.tools)
+        except (TemplateRaised, InputError):
+            continue
+        auto = render(marked, probe.messages, tools=probe.tools)
+        assert auto.text == hand.text
+        assert auto.trained_chars() == hand.trained_chars(), f"{path.stem}/{probe.name}"
+
+
+def trained_turns(source: str, messages: list[dict]) -> list[str]:
+    out = render(source, messages)
+    return [out.text[a:b] for a, b in out.spans]
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."},
+]
+
+
+def test_plain_text_template_gets_role_conditioned_markers():
+    """Text between tags, one line for every role: the assistant's copy is marked, content plus end-of-turn."""
+    source = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}" \
+             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    marked = add_markers(source).source
+    assert "".join(trained_turns(marked, CONVERSATION)) == "Hello!<|end|>See you.<|end|>"
+    assert render(marked, CONVERSATION).text == render(source, CONVERSATION).text
+
+
+def test_whitespace_control_survives_markers():
+    """`{{-`/`-}}`, indentation and newlines around the tags render as before."""
+    source = ("{%- for message in messages %}\n"
+              "    {%- if message.role == 'assistant' %}\n"
+              "        {{- '<start>model\\n' + message.content + '<stop>\\n' }}\n"
+              "    {%- else %}\n"
+              "        {{- '<start>' + message.role + '\\n' + message.content + '<stop>\\n' }}\n"
+              "    {%- endif %}\n"
+              "{%- endfor %}\n"
+              "{%- if add_generation_prompt %}{{- '<start>model\\n' }}{%- endif %}\n")
+    marked = add_markers(source).source
+    assert render(marked, CONVERSATION).text == render(source, CONVERSATION).text
+    assert trained_turns(marked, CONVERSATION) == ["Hello!<stop>", "See you.<stop>"]
+
+
+def test_text_assembled_in_a_variable_is_refused_with_its_line():
+    source = ("{% for m in messages %}{% set text = '<' + m.role + '>' + m.content + '</s>' %}\n"
+              "{{ text }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(MarkerError) as err:
+        add_markers(source)
+    assert err.value.line == 2
+
+
+def test_already_marked_template_is_returned_unchanged():
+    source = BUNDLED[0].read_text()
+    result = add_markers(source)
+    assert result.source == source and result.blocks == 0
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sft_toolkit", "add-markers", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_cli_writes_a_template_that_lint_accepts_or_writes_nothing(tmp_path):
+    out = tmp_path / "qwen2_5_training.jinja"
+    done = cli(str(TRL_TEMPLATES / "qwen2_5.jinja"), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "verified" in done.stdout
+    assert lint(out.read_text(), "out", reference=(TRL_TEMPLATES / "qwen2_5.jinja").read_text()).ok
+
+    refused = tmp_path / "llama3_0.jinja"
+    done = cli(str(TRL_TEMPLATES / "llama3.jinja"), "-o", str(refused), "--format", "json")
+    assert done.returncode == 1
+    assert not refused.exists()
+    import json
+
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["error"]["line"] == 3
+
+    missing = cli(str(tmp_path / "nope.jinja"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
