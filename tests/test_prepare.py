@@ -194,6 +194,11 @@ def test_prepare_cli_writes_the_manifest_contract(prepared, tmp_path, capsys):
     assert set(manifest["tokenizer"]) >= {"name_or_path", "sha256"} and len(manifest["template"]["sha256"]) == 64
     assert set(manifest["versions"]) == {"sft_toolkit", "trl", "transformers", "datasets"}
     assert manifest["accounting"]["ok"] and manifest["accounting"]["sequences"] == manifest["dataset"]["sequences"]
+    # `show DIR` reads the same directory: each sequence's documents and their source rows.
+    assert main(["show", str(tmp_path / "out"), "--sequence", "0", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    saved = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))[0]
+    assert [d["row"] for d in shown["documents"]] == list(dict.fromkeys(saved["src_rows"]))
     # train --prepared with another max_length: exit 2, the difference named on stderr.
     assert main(["train", str(recipe), "--prepared", str(tmp_path / "out"), "--max_length", "64"]) == 2
     assert "max_length: recipe 64, prepared 128" in capsys.readouterr().err
