@@ -7,6 +7,11 @@ TRL's `assistant_only_loss` uses, not a re-implementation that could drift from 
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import jinja2
@@ -26,6 +31,58 @@ DEFAULT_SPECIAL_TOKENS = {
 
 class TemplateRaised(Exception):
     """The template itself refused the conversation (`raise_exception`, e.g. roles must alternate)."""
+
+
+class RenderLimit(Exception):
+    """A render ran past RENDER_SECONDS or wrote more than `max_render_chars` (a runaway template)."""
+
+
+# Templates are code (from a tokenizer or a user). transformers renders them in jinja's
+# ImmutableSandboxedEnvironment, which blocks unsafe attributes and caps `range()` at 100,000 items but bounds
+# neither time (nested loops: 100,000 x 100,000 iterations) nor output size. Read at call time: tests lower them.
+RENDER_SECONDS = 10.0
+RENDER_CHARS_FLOOR = 1_000_000  # fixed text a template may add (system prompts, tool instructions) ...
+RENDER_GROWTH = 20  # ... plus this many characters per character of the conversation (JSON)
+
+
+def max_render_chars(messages, tools=None) -> int:
+    """The most text an honest template writes for this conversation: its own text plus a few copies of it."""
+    return RENDER_CHARS_FLOOR + RENDER_GROWTH * len(json.dumps([messages, tools], default=str))
+
+
+@contextmanager
+def render_budget(what: str):
+    """Stop the code inside after RENDER_SECONDS with `RenderLimit`.
+
+    A timer signal, because a render is Python bytecode (jinja compiles templates to Python): the signal
+    handler runs between bytecodes and raises inside the runaway loop, which a watchdog thread could not
+    do, and arming it costs two system calls (about a microsecond) where a render takes a millisecond or
+    more. Signals reach only the main thread (datasets' `num_proc` workers run rows in theirs), and an
+    outer timer that is already armed is left alone; in both cases the render runs unbounded.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise RenderLimit(f"{what}: the chat template ran longer than {RENDER_SECONDS:g} s and was stopped "
+                          "(a loop that does not end?); fix the template")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def template_error_text(err: Exception) -> str:
+    """The error with the template line it happened on (jinja maps its frames to `<template>` lines)."""
+    lines = [line for frame, line in traceback.walk_tb(err.__traceback__) if frame.f_code.co_filename == "<template>"]
+    where = f" (template line {lines[-1]})" if lines else ""
+    name = "" if isinstance(err, jinja2.TemplateError) else f"{type(err).__name__}: "
+    return f"{name}{err}{where}"
 
 
 @dataclass(frozen=True)
@@ -76,28 +133,34 @@ def render(
 
     `placeholders` fills bos_token/eos_token/... when no tokenizer provides them; pass False to render exactly
     as `apply_chat_template` does with a tokenizer's own special tokens.
-    Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, and
-    `InputError` for any other template failure (syntax, undefined attribute used as a callable, ...).
+    Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, `InputError`
+    for any other template failure (syntax, undefined attribute used as a callable, ...; with the template
+    line), and `RenderLimit` for a runaway render (see `render_budget`, `max_render_chars`).
     """
     kwargs = {**(DEFAULT_SPECIAL_TOKENS if placeholders else {}), **(template_kwargs or {})}
     try:
-        texts, spans = render_jinja_template(
-            conversations=[normalize_messages(messages)],
-            tools=tools,
-            chat_template=template,
-            return_assistant_tokens_mask=True,
-            add_generation_prompt=add_generation_prompt,
-            **kwargs,
-        )
+        with render_budget("rendering"):
+            texts, spans = render_jinja_template(
+                conversations=[normalize_messages(messages)],
+                tools=tools,
+                chat_template=template,
+                return_assistant_tokens_mask=True,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
     except jinja2.TemplateSyntaxError as err:
         raise InputError(f"template syntax error at line {err.lineno}: {err.message}") from None
     except jinja2.TemplateError as err:
         # transformers' raise_exception raises a bare TemplateError; jinja's own errors are subclasses.
         if type(err) is jinja2.TemplateError:
             raise TemplateRaised(str(err)) from None
-        raise InputError(f"template failed to render: {err}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
-        raise InputError(f"template failed to render: {type(err).__name__}: {err}") from None
+        raise InputError(f"template failed to render: {template_error_text(err)}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as err:
+        raise InputError(f"template failed to render: {template_error_text(err)}") from None
+    limit = max_render_chars(messages, tools)
+    if len(texts[0]) > limit:
+        raise RenderLimit(f"the chat template wrote {len(texts[0]):,} characters for a conversation of "
+                          f"{len(json.dumps(messages, default=str)):,} (limit {limit:,}); fix the template")
     return Rendered(text=texts[0], spans=[tuple(s) for s in spans[0]])
 
 

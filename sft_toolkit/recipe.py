@@ -93,6 +93,8 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
             hint = f"; did you mean '{close[0]}'?" if close else "; see TRL's SFTConfig/ScriptArguments/ModelConfig"
             raise InputError(f"{source}: unknown key '{key}'{hint}")
         group, f = fields[key]
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            value = "true" if value else None  # transformers' own `train(resume_from_checkpoint=True)` meaning
         _check_value(source, key, value, f)
         by_group[group][key] = value
     sft_keys = by_group["sft"]
@@ -161,6 +163,14 @@ def _check_consistency(source: str, built: dict) -> None:
     sft = built["sft"]
     if sft.packing and sft.max_length is None:
         raise InputError(f"{source}: packing: true needs max_length (the packed sequence length); set max_length")
+    limit = built["toolkit"].max_length_limit
+    if limit is not None and sft.max_length is not None and limit < sft.max_length:
+        raise InputError(f"{source}: max_length_limit ({limit}) is below max_length ({sft.max_length}); the limit is "
+                         "how far mask_guard: repair may raise max_length: set it to max_length or more")
+    resume = sft.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
+        raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
+                         "checkpoint-N directory, or true for the last complete one in output_dir)")
     if not built["model"].model_name_or_path:
         raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
                          "is loaded from it)")

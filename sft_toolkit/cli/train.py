@@ -43,6 +43,17 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # Under torchrun / accelerate launch: torch's `record` writes a rank's exception where the launcher
+        # reads it, so when one rank fails, the launcher's summary names that exception as the root cause
+        # (it ends the other ranks itself) instead of "error_file: <N/A>".
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_run)(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     overrides = parse_overrides(args.overrides)
     if args.mask_guard:
         overrides["mask_guard"] = args.mask_guard
