@@ -50,6 +50,13 @@ def max_render_chars(messages, tools=None) -> int:
     return RENDER_CHARS_FLOOR + RENDER_GROWTH * len(json.dumps([messages, tools], default=str))
 
 
+def max_render_tokens(messages, tools=None) -> int:
+    """The same bound in tokens, for where only token ids come back (check-data tokenizes in one call):
+    the template's own text at a typical 4 characters per token, plus as many tokens as the conversation
+    may have characters."""
+    return RENDER_CHARS_FLOOR // 4 + RENDER_GROWTH * len(json.dumps([messages, tools], default=str))
+
+
 @contextmanager
 def render_budget(what: str):
     """Stop the code inside after RENDER_SECONDS with `RenderLimit`.
@@ -65,7 +72,7 @@ def render_budget(what: str):
         return
 
     def stop(signum, frame):
-        raise RenderLimit(f"{what}: the chat template ran longer than {RENDER_SECONDS:g} s and was stopped "
+        raise RenderLimit(f"{what}{': ' if what else ''}the chat template ran longer than {RENDER_SECONDS:g} s and was stopped "
                           "(a loop that does not end?); fix the template")
 
     previous = signal.signal(signal.SIGALRM, stop)
@@ -81,6 +88,8 @@ def template_error_text(err: Exception) -> str:
     """The error with the template line it happened on (jinja maps its frames to `<template>` lines)."""
     lines = [line for frame, line in traceback.walk_tb(err.__traceback__) if frame.f_code.co_filename == "<template>"]
     where = f" (template line {lines[-1]})" if lines else ""
+    if isinstance(err, RecursionError):  # Python's wording varies with the stack depth it was hit at
+        return f"RecursionError: a macro or loop calls itself without end{where}"
     name = "" if isinstance(err, jinja2.TemplateError) else f"{type(err).__name__}: "
     return f"{name}{err}{where}"
 
@@ -139,7 +148,7 @@ def render(
     """
     kwargs = {**(DEFAULT_SPECIAL_TOKENS if placeholders else {}), **(template_kwargs or {})}
     try:
-        with render_budget("rendering"):
+        with render_budget(""):
             texts, spans = render_jinja_template(
                 conversations=[normalize_messages(messages)],
                 tools=tools,

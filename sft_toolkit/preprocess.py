@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jinja2
 
-from .masks import RenderLimit, max_render_chars, render_budget, template_error_text
+from .masks import RenderLimit, max_render_tokens, render_budget, template_error_text
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -149,23 +149,35 @@ def canonical_messages(messages: list[dict]) -> list[dict]:
     - Tool-call `arguments` given as a JSON string (OpenAI's format) become the object: templates differ
       (chatml and llama3 write `arguments | tojson`, which double-encodes a string; qwen3 copies a string
       as is), while an object renders as JSON in all of them, as mistral-common does by parsing the string.
+    Anything else is left as it is (`row_problem` names it).
     """
     out = []
     for m in messages:
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
         m = dict(m)
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(part["text"] for part in m["content"])
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                             and p.get("type") == "text" for p in content):
+            m["content"] = "".join(part["text"] for part in content)
         if isinstance(m.get("tool_calls"), list):
             m["tool_calls"] = [_parsed_arguments(call) for call in m["tool_calls"]]
         out.append(m)
     return out
 
 
-def _parsed_arguments(call: dict) -> dict:
-    if "function" in call:
+def _parsed_arguments(call):
+    if not isinstance(call, dict):
+        return call
+    if isinstance(call.get("function"), dict):
         return {**call, "function": _parsed_arguments(call["function"])}
     if isinstance(call.get("arguments"), str):
-        return {**call, "arguments": json.loads(call["arguments"])}
+        try:
+            parsed = json.loads(call["arguments"])
+        except json.JSONDecodeError:
+            return call
+        return {**call, "arguments": parsed} if isinstance(parsed, dict) else call
     return call
 
 
@@ -205,14 +217,18 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
             processed = _tokenize(tokenizer, messages, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
     except RenderLimit as err:
         raise InputError(f"{template_name}: {err}") from None
+    except jinja2.TemplateSyntaxError as err:  # no row can render: unusable input, not a per-row reason
+        raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
+                         "lint` on the template") from None
     except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as err:
         # The template failed on this row (raise_exception, or an error it hit): the row is reported, by number.
         out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
         return out
-    if len(processed["input_ids"]) > max_render_chars(messages, tools):  # more tokens than that many characters
+    limit = max_render_tokens(messages, tools)
+    if len(processed["input_ids"]) > limit:
         raise InputError(f"{template_name}: row {index}: the chat template wrote {len(processed['input_ids']):,} "
-                         f"tokens for a conversation of {len(json.dumps(messages, default=str)):,} characters; fix "
-                         "the template")
+                         f"tokens for a conversation of {len(json.dumps(messages, default=str)):,} characters "
+                         f"(limit {limit:,}); fix the template")
     ids = list(processed["input_ids"])
     if assistant_only_loss:
         mask = processed["assistant_masks"]

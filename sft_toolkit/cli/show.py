@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from ..data import read_conversation
-from ..masks import render, tokenize
+from ..masks import RenderLimit, render, tokenize
+from ..preprocess import canonical_messages
 from ..problems import InputError
 from ..show import char_views, to_html, to_plain, to_rich, token_views
 from ..templates import load_template
@@ -37,12 +38,18 @@ def run(args) -> int:
         source, name = tokenizer.chat_template, args.tokenizer
     else:
         raise InputError("show needs --template, or a --tokenizer that has a chat template")
+    messages = canonical_messages(messages)  # text parts joined, JSON-string tool arguments parsed: as trained
+    try:
+        if tokenizer is not None:
+            tm = tokenize(tokenizer, messages, template=source, tools=tools)
+        else:
+            rendered = render(source, messages, tools=tools)
+    except RenderLimit as err:
+        raise InputError(f"{name}: {err}") from None
     if tokenizer is not None:
-        tm = tokenize(tokenizer, messages, template=source, tools=tools)
         views = token_views(tm)
         summary = f"{tm.trainable} of {len(tm.ids)} tokens trained"
     else:
-        rendered = render(source, messages, tools=tools)
         views = char_views(rendered.text, rendered.spans)
         trained = sum(e - s for s, e in rendered.spans)
         summary = f"{trained} of {len(rendered.text)} characters trained (pass --tokenizer to see tokens)"
