@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jinja2
 
-from .masks import RenderLimit, max_render_tokens, render_budget, template_error_text
+from .masks import RenderLimit, over_render_limit, render_budget, template_error_text
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -224,8 +224,8 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
         # The template failed on this row (raise_exception, or an error it hit): the row is reported, by number.
         out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
         return out
-    limit = max_render_tokens(messages, tools)
-    if len(processed["input_ids"]) > limit:
+    limit = over_render_limit(len(processed["input_ids"]), messages, tools, tokens=True)
+    if limit:
         raise InputError(f"{template_name}: row {index}: the chat template wrote {len(processed['input_ids']):,} "
                          f"tokens for a conversation of {len(json.dumps(messages, default=str)):,} characters "
                          f"(limit {limit:,}); fix the template")

@@ -83,6 +83,9 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     # Steps up to last_good come from the checkpoint; only the last two were trained by the resumed run.
     assert [h["step"] for h in final["log_history"] if "loss" in h] == list(range(1, last_good + 3))
     assert (run / "model.safetensors").is_file()
+    # train ends with check-data's accounting: all 64 rows in, none dropped or cut.
+    summary = json.loads(resumed.stdout[resumed.stdout.rindex('{\n  "output_dir"'):])
+    assert summary["rows"] == 64 and summary["dropped_rows"] == 0 and summary["truncated_assistant_tokens"] == 0
 
 
 def test_last_complete_checkpoint_skips_torn_directories(tmp_path):
