@@ -35,7 +35,7 @@ class TemplateRaised(Exception):
 
 
 class RenderLimit(Exception):
-    """A render ran past RENDER_SECONDS or wrote more than `max_render_chars` (a runaway template)."""
+    """A render ran past RENDER_SECONDS or wrote more than `over_render_limit` allows (a runaway template)."""
 
 
 # Templates are code (from a tokenizer or a user). transformers renders them in jinja's
@@ -150,7 +150,7 @@ def render(
     as `apply_chat_template` does with a tokenizer's own special tokens.
     Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, `InputError`
     for any other template failure (syntax, undefined attribute used as a callable, ...; with the template
-    line), and `RenderLimit` for a runaway render (see `render_budget`, `max_render_chars`).
+    line), and `RenderLimit` for a runaway render (see `render_budget`, `over_render_limit`).
     """
     kwargs = {**(DEFAULT_SPECIAL_TOKENS if placeholders else {}), **(template_kwargs or {})}
     try:

@@ -163,10 +163,6 @@ def _check_consistency(source: str, built: dict) -> None:
     sft = built["sft"]
     if sft.packing and sft.max_length is None:
         raise InputError(f"{source}: packing: true needs max_length (the packed sequence length); set max_length")
-    limit = built["toolkit"].max_length_limit
-    if limit is not None and sft.max_length is not None and limit < sft.max_length:
-        raise InputError(f"{source}: max_length_limit ({limit}) is below max_length ({sft.max_length}); the limit is "
-                         "how far mask_guard: repair may raise max_length: set it to max_length or more")
     resume = sft.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
         raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "

@@ -73,7 +73,7 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     (run / STAGING / f"checkpoint-{last_good + 50}").mkdir(parents=True, exist_ok=True)
 
     resumed = subprocess.run(train_cmd(recipe, "--resume_from_checkpoint", "true", "--max_steps", str(last_good + 2),
-                                       "--save_steps", "2"),
+                                       "--save_steps", "1"),
                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"{torn} is incomplete" in resumed.stdout
