@@ -88,6 +88,34 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     assert summary["rows"] == 64 and summary["dropped_rows"] == 0 and summary["truncated_assistant_tokens"] == 0
 
 
+def test_a_save_cut_short_leaves_no_checkpoint_behind(assets, tmp_path, monkeypatch):
+    # A kill rarely lands inside a tiny model's save, so cut one short deterministically: the RNG state is
+    # saved after the weights and optimizer, before trainer_state.json.
+    from transformers import Trainer
+
+    from sft_toolkit.recipe import load_recipe
+    from sft_toolkit.train import train
+
+    class Killed(BaseException):
+        pass
+
+    save_rng_state = Trainer._save_rng_state
+
+    def dies_at_step_2(self, output_dir):
+        if self.state.global_step == 2:
+            raise Killed
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", dies_at_step_2)
+    recipe = load_recipe(str(write_recipe(assets, tmp_path, max_steps=3, save_strategy="steps", save_steps=1)))
+    with pytest.raises(Killed):
+        train(recipe, log=lambda _: None)
+    run = tmp_path / "run"
+    assert (run / STAGING / "checkpoint-2" / "model.safetensors").is_file()  # the save had begun ...
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]  # ... but never became visible
+    assert last_complete_checkpoint(str(run)) == str(run / "checkpoint-1")
+
+
 def test_last_complete_checkpoint_skips_torn_directories(tmp_path):
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st'), (6, None)):
         (tmp_path / f"checkpoint-{step}").mkdir()
