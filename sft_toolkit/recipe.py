@@ -164,7 +164,7 @@ def _check_consistency(source: str, built: dict) -> None:
     if sft.packing and sft.max_length is None:
         raise InputError(f"{source}: packing: true needs max_length (the packed sequence length); set max_length")
     resume = sft.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
+    if isinstance(resume, str) and resume != "true" and not Path(resume).is_dir():
         raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
                          "checkpoint-N directory, or true for the last complete one in output_dir)")
     if not built["model"].model_name_or_path:
