@@ -4,7 +4,7 @@
 
 check-data tokenizes each row inside `masks.render_budget` (a timer signal) and checks the token count
 against `masks.over_render_limit`. This times, per row, with the real Qwen2 vocabulary and the bundled
-`chatml` template on a 470-token conversation: TRL's `_tokenize` alone, the same call bounded as
+`chatml` template on a 461-token conversation: TRL's `_tokenize` alone, the same call bounded as
 check-data makes it, and the bounds alone (entering and leaving the budget, the size check). Each figure
 is the best of `--repeats` loops of `--rows` calls, the two tokenize variants interleaved.
 """

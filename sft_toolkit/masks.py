@@ -66,7 +66,7 @@ def render_budget(what: str):
 
     A timer signal, because a render is Python bytecode (jinja compiles templates to Python): the signal
     handler runs between bytecodes and raises inside the runaway loop, which a watchdog thread could not
-    do, and the whole bound costs about 7 µs, where tokenizing a 470-token conversation takes 750 µs
+    do, and the whole bound costs about 3.4 µs, where tokenizing a 461-token conversation takes 700 µs
     (`python benchmarks/render_bounds.py`). Signals reach only a process's main thread: datasets' `num_proc`
     workers are processes and run rows in their main thread, so they are bounded too; in any other thread,
     or under an outer timer that is already armed (left alone), the render runs unbounded.
