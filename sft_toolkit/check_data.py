@@ -76,12 +76,20 @@ def check_data(recipe, *, world_size: int = 1) -> tuple[Report, object]:
     sft, script = recipe.sft, recipe.script
     tokenizer = preprocess.load_tokenizer_for(recipe)
     template = preprocess.training_template(tokenizer, sft)
-    raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
-    tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
-                                    policy=recipe_policy(recipe))
+    try:
+        raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
+    except InputError as err:
+        raise InputError(f"{recipe.source}: dataset_name: {err}") from None
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
-
-    per_row = _row_stats(tokenized, report)
+    try:  # errors about rows name the dataset they are in
+        tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
+                                        policy=recipe_policy(recipe))
+        per_row = _row_stats(tokenized, report)
+    except InputError as err:
+        raise InputError(f"{script.dataset_name}: {err}") from None
+    if report.rows == 0:
+        raise InputError(f"{script.dataset_name}: the dataset is empty (no rows in split "
+                         f"'{script.dataset_train_split}'); give at least one conversation")
     if sft.packing:
         trained = preprocess.pack(tokenized, sft)
         _packed_stats(trained, per_row, report)
@@ -137,7 +145,7 @@ def _row_stats(tokenized, report: Report) -> _Rows:
     if problems:
         shown = "; ".join(f"row {r}: {p}" for r, p in problems[:5])
         more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
-        raise InputError(f"malformed rows — {shown}{more}")
+        raise InputError(f"malformed rows (counted from 0) — {shown}{more}; fix or remove these rows")
     report.rows = sum(len(b) for b in before)
     report.tokens = tokens
     before = np.concatenate(before) if before else np.zeros(0, dtype=np.int64)
