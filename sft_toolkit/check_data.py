@@ -86,14 +86,22 @@ def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) ->
         raise InputError(f"{recipe.source}: dataset_name is not set; this recipe trains from prepared: "
                          f"{recipe.toolkit.prepared}, whose accounting is in its manifest.json")
     tokenizer = preprocess.load_tokenizer_for(recipe)
-    raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
+    try:
+        raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
+    except InputError as err:
+        raise InputError(f"{recipe.source}: dataset_name: {err}") from None
     # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).
     template = preprocess.training_template(tokenizer, sft) if preprocess.needs_template(raw.column_names) else None
-    tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
-                                    policy=recipe_policy(recipe))
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
-
-    per_row = _row_stats(tokenized, report)
+    try:  # errors about rows name the dataset they are in
+        tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
+                                        policy=recipe_policy(recipe))
+        per_row = _row_stats(tokenized, report)
+    except InputError as err:
+        raise InputError(f"{script.dataset_name}: {err}") from None
+    if report.rows == 0:
+        raise InputError(f"{script.dataset_name}: the dataset is empty (no rows in split "
+                         f"'{script.dataset_train_split}'); give at least one conversation")
     if preprocess.is_pretokenized(raw.column_names):
         report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
     if sft.packing:
@@ -154,7 +162,7 @@ def _row_stats(tokenized, report: Report) -> _Rows:
     if problems:
         shown = "; ".join(f"row {r}: {p}" for r, p in problems[:5])
         more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
-        raise InputError(f"malformed rows — {shown}{more}")
+        raise InputError(f"malformed rows (counted from 0) — {shown}{more}; fix or remove these rows")
     report.rows = sum(len(b) for b in before)
     report.tokens = tokens
     before = np.concatenate(before) if before else np.zeros(0, dtype=np.int64)

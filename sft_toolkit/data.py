@@ -33,6 +33,8 @@ def load_rows(source: str, split: str = "train", *, streaming: bool = False):
                 loaded = datasets.load_from_disk(str(path))
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(str(path), split=split, streaming=streaming)
+        if looks_local(source):
+            raise InputError(f"{source}: no such file or directory")
         return datasets.load_dataset(source, split=split, streaming=streaming)
     except InputError:
         raise
@@ -43,7 +45,9 @@ def load_rows(source: str, split: str = "train", *, streaming: bool = False):
 
 
 def check_jsonl(path: Path) -> None:
-    """Name the first broken line of a JSON Lines file (datasets would report a pyarrow offset)."""
+    """Name the first broken line of a JSON Lines file (datasets would report a pyarrow offset), and say
+    so when there is no row at all (datasets fails on an empty file with a bare StopIteration)."""
+    rows = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -54,6 +58,17 @@ def check_jsonl(path: Path) -> None:
                 raise InputError(f"{path}:{number}: not valid JSON ({err}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows += 1
+    if not rows:
+        raise InputError(f"{path}: the dataset is empty (no rows); give at least one conversation, one JSON object "
+                         "per line")
+
+
+def looks_local(spec: str) -> bool:
+    """A path the user means on this machine (not a hub id `org/name`): a known file suffix, an explicit
+    directory prefix, or more than one '/'. Used to say "no such file" instead of a hub lookup failure."""
+    return (spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
+            or Path(spec).suffix.lower() in {*FILE_BUILDERS, ".jinja", ".j2", ".yaml", ".yml"})
 
 
 def read_conversation(source: str, row: int | None = None) -> tuple[list[dict], list[dict] | None]:

@@ -13,10 +13,12 @@ trainer sees, token for token.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import jinja2
 
 from . import policy as control
-from .masks import render
+from .masks import RenderLimit, over_render_limit, render, render_budget, template_error_text
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -37,13 +39,24 @@ def load_tokenizer_for(recipe):
 
     `chat_template_path` may also name a bundled template (e.g. `chatml`): an extension of TRL's key.
     """
+    from .data import looks_local
     from .tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model.model_name_or_path)
+    model = recipe.model.model_name_or_path
+    if looks_local(model) and not Path(model).expanduser().exists():
+        raise InputError(f"{recipe.source}: model_name_or_path: {model}: no such directory (a local model "
+                         "directory or a hub id)")
+    try:
+        tokenizer = load_tokenizer(model)
+    except InputError as err:
+        raise InputError(f"{recipe.source}: model_name_or_path: {err}") from None
     path = recipe.sft.chat_template_path
     if path:
         if path in bundled_names() or path.endswith((".jinja", ".j2")):
-            tokenizer.chat_template = load_template(path).source
+            try:
+                tokenizer.chat_template = load_template(path).source
+            except InputError as err:
+                raise InputError(f"{recipe.source}: chat_template_path: {err}") from None
         else:
             raise InputError(f"{recipe.source}: chat_template_path: {path!r} must be a .jinja file or a bundled template "
                              f"name ({', '.join(bundled_names())}); cloning another tokenizer's template is not supported")
@@ -82,14 +95,93 @@ def row_problem(example: dict) -> str | None:
         if role not in KNOWN_ROLES:
             return (f"messages[{i}].role {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))} "
                     "(rename it, or map it with the recipe key role_map)")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            return f"messages[{i}].content must be a string, got {type(content).__name__}"
-        if content is None and role != "assistant":
-            return f"messages[{i}].content is missing"
-        if problem := control.message_problem(i, m):
+        problem = _content_problem(m, i) or _tool_calls_problem(m, i) or control.message_problem(i, m)
+        if problem:
             return problem
     return None
+
+
+def _content_problem(m: dict, i: int) -> str | None:
+    content = m.get("content")
+    if content is None:
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            return None  # an assistant turn that only calls tools: the template renders the calls
+        extra = " and the turn makes no tool_calls" if m.get("role") == "assistant" else ""
+        return (f"messages[{i}].content is missing or null{extra}; give the text (only an assistant turn with "
+                "tool_calls may have null content)")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                return (f"messages[{i}].content[{j}] is a {kind!r} part; text-only training takes "
+                        "[{\"type\": \"text\", \"text\": ...}] parts only: remove it or make it text")
+        return None
+    if not isinstance(content, str):
+        return f"messages[{i}].content must be a string, got {type(content).__name__}"
+    return None
+
+
+def _tool_calls_problem(m: dict, i: int) -> str | None:
+    calls = m.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        return f"messages[{i}].tool_calls must be a list, got {type(calls).__name__}"
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return f"messages[{i}].tool_calls[{j}] needs a function name ({{\"function\": {{\"name\", \"arguments\"}}}})"
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError as err:
+                return (f"messages[{i}].tool_calls[{j}].function.arguments is a string that is not JSON ({err.msg}); "
+                        "give the arguments as an object")
+            if not isinstance(parsed, dict):
+                return f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object"
+    return None
+
+
+def canonical_messages(messages: list[dict]) -> list[dict]:
+    """The one shape every template renders the same way (a valid row, see `row_problem`).
+
+    - Text-only content parts `[{"type": "text", "text": ...}]` become one string: text-only templates
+      concatenate strings (`content + ...` fails on a list, so TRL raises a TypeError), and the multimodal
+      templates that do iterate parts write their texts back to back, which is what joining with "" gives.
+    - Tool-call `arguments` given as a JSON string (OpenAI's format) become the object: templates differ
+      (chatml and llama3 write `arguments | tojson`, which double-encodes a string; qwen3 copies a string
+      as is), while an object renders as JSON in all of them, as mistral-common does by parsing the string.
+    Anything else is left as it is (`row_problem` names it).
+    """
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                             and p.get("type") == "text" for p in content):
+            m["content"] = "".join(part["text"] for part in content)
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [_parsed_arguments(call) for call in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _parsed_arguments(call):
+    if not isinstance(call, dict):
+        return call
+    if isinstance(call.get("function"), dict):
+        return {**call, "function": _parsed_arguments(call["function"])}
+    if isinstance(call.get("arguments"), str):
+        try:
+            parsed = json.loads(call["arguments"])
+        except json.JSONDecodeError:
+            return call
+        return {**call, "arguments": parsed} if isinstance(parsed, dict) else call
+    return call
 
 
 def zero_reason(messages: list[dict]) -> str:
@@ -106,12 +198,12 @@ def _code_salt() -> str:
     """datasets fingerprints a module-level function by its name, not its code, so a cached map from an older
     toolkit would be reused after an upgrade; passing this module's source hash as an argument prevents it."""
     import hashlib
-    from pathlib import Path
 
     return hashlib.sha256(Path(__file__).read_bytes() + Path(control.__file__).read_bytes()).hexdigest()[:16]
 
 
-def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code_salt=None, policy=None):
+def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, template_name="", code_salt=None,
+                  policy=None):
     """TRL's `tokenize_fn` (conversational language-modeling case), minus its abort, plus accounting.
 
     `policy` (per-message training control) changes the mask only for rows it concerns; other rows go
@@ -126,7 +218,8 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
         return out
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    messages = example["messages"]
+    original = canonical_messages(example["messages"])
+    messages = original
     controlled = policy is not None and control.needs_control(messages, policy)
     if controlled:
         if not assistant_only_loss:
@@ -136,17 +229,29 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, code
         messages = control.strip_control(messages)
     kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
     try:
-        processed = _tokenize(tokenizer, messages, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
-    except jinja2.TemplateError as err:
-        out["reason"] = f"{TEMPLATE_ERROR}: {err}"
+        with render_budget(f"row {index}"):
+            processed = _tokenize(tokenizer, messages, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
+    except RenderLimit as err:
+        raise InputError(f"{template_name}: {err}") from None
+    except jinja2.TemplateSyntaxError as err:  # no row can render: unusable input, not a per-row reason
+        raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
+                         "lint` on the template") from None
+    except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as err:
+        # The template failed on this row (raise_exception, or an error it hit): the row is reported, by number.
+        out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
         return out
+    limit = over_render_limit(len(processed["input_ids"]), messages, tools, tokens=True)
+    if limit:
+        raise InputError(f"{template_name}: row {index}: the chat template wrote {len(processed['input_ids']):,} "
+                         f"tokens for a conversation of {len(json.dumps(messages, default=str)):,} characters "
+                         f"(limit {limit:,}); fix the template")
     ids = list(processed["input_ids"])
     kept = None
     if assistant_only_loss:
         mask = processed["assistant_masks"]
         if controlled:
             try:
-                mask, kept = _controlled_mask(tokenizer, example["messages"], processed, kwargs, policy)
+                mask, kept = _controlled_mask(tokenizer, original, processed, kwargs, policy)
             except control.MappingError as err:
                 out["problem"] = f"{err}"
                 return out
@@ -231,24 +336,23 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
         return from_tokens(dataset, sft)
     dataset = to_chatml(dataset, sft, role_map)
     if "messages" not in dataset.column_names:
-        if sft.dataset_text_field in dataset.column_names:
+        if sft.dataset_text_field in dataset.column_names and not sft.assistant_only_loss:
             return _tokenize_text(dataset, tokenizer, sft)
-        raise InputError(_no_messages_hint(dataset.column_names))
+        raise InputError(_no_messages_hint(dataset.column_names, sft))
     kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
               "fn_kwargs": {"tokenizer": tokenizer, "template": template,
                             "assistant_only_loss": sft.assistant_only_loss, "code_salt": _code_salt(),
-                            "policy": policy or control.TurnPolicy()}}
+                            "policy": policy or control.TurnPolicy(),
+                            "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}}
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
     return dataset.map(_tokenize_row, **kwargs)
 
 
 def _tokenize_text(dataset, tokenizer, sft):
-    """TRL's language-modeling path for plain text: append eos unless present, tokenize, train every token."""
+    """TRL's language-modeling path for plain text (assistant_only_loss: false): append eos unless present,
+    tokenize, train every token."""
     field = sft.dataset_text_field
-    if sft.assistant_only_loss:
-        raise InputError(f"the dataset is plain text (column {field!r}) and has no assistant turns to train: set "
-                         "assistant_only_loss: false for continued pretraining, or give conversations as 'messages'")
     eos = tokenizer.eos_token or ""
     return dataset.map(_text_row, with_indices=True, remove_columns=dataset.column_names,
                        fn_kwargs={"tokenizer": tokenizer, "field": field, "eos": eos, "code_salt": _code_salt()},
@@ -336,7 +440,8 @@ def to_chatml(dataset, sft, role_map: dict | None = None):
     """ShareGPT rows (`conversations` of {from, value}) become `messages` with ChatML role names."""
     from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml
 
-    if "conversations" not in dataset.column_names or not is_conversational_from_value(next(iter(dataset))):
+    first = next(iter(dataset), None) if "conversations" in dataset.column_names else None
+    if first is None or not is_conversational_from_value(first):
         return dataset
     roles = SHAREGPT_ROLES if role_map is None else role_map
 
@@ -348,12 +453,23 @@ def to_chatml(dataset, sft, role_map: dict | None = None):
     return dataset.map(convert, remove_columns="conversations", **_map_kwargs(dataset, sft, "Converting to ChatML"))
 
 
-def _no_messages_hint(columns: list[str]) -> str:
+def _no_messages_hint(columns: list[str], sft) -> str:
     if "conversations" in columns:
-        return ("the dataset's 'conversations' column is not ShareGPT-style {from, value} messages and there is no "
-                "'messages' column; provide conversations as a 'messages' list of {role, content}")
-    return (f"the dataset has no 'messages' column (columns: {', '.join(columns)}); assistant-only training needs "
-            "conversations as a list of {role, content} messages")
+        return ("the 'conversations' column is not ShareGPT-style {from, value} messages and there is no "
+                "'messages' column; give each row a 'messages' list of {role, content} (ShareGPT rows of "
+                "{from, value} are converted, role names mapped with the recipe key role_map)")
+    if "text" in columns or "prompt" in columns:
+        kind = "plain 'text'" if "text" in columns else "'prompt'/'completion'"
+        loss = ("the recipe sets assistant_only_loss: true, which needs conversations with assistant turns; "
+                if sft.assistant_only_loss else "")
+        pretrain = (" — or, for continued pretraining on the text, set assistant_only_loss: false"
+                    if "text" in columns and sft.assistant_only_loss else "")
+        return (f"a non-conversational dataset ({kind} columns: {', '.join(columns)}) and no 'messages' column; "
+                f"{loss}the toolkit checks and trains conversations: give each row a 'messages' list of "
+                "{role, content} (e.g. user = the prompt, assistant = the completion)" + pretrain)
+    return (f"no 'messages' column (columns: {', '.join(columns)}); assistant-only training needs each row's "
+            "conversation as a 'messages' list of {role, content} (rename the column; ShareGPT 'conversations' "
+            "of {from, value} are converted)")
 
 
 PROVENANCE = ("src_rows", "src_pos")

@@ -99,6 +99,8 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
             hint = f"; did you mean '{close[0]}'?" if close else "; see TRL's SFTConfig/ScriptArguments/ModelConfig"
             raise InputError(f"{source}: unknown key '{key}'{hint}")
         group, f = fields[key]
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            value = "true" if value else None  # transformers' own `train(resume_from_checkpoint=True)` meaning
         _check_value(source, key, value, f)
         by_group[group][key] = value
     sft_keys = by_group["sft"]
@@ -173,6 +175,10 @@ def _check_consistency(source: str, built: dict) -> None:
                          "assistant_only_loss: true (without it every token is trained)")
     if sft.packing and sft.max_length is None:
         raise InputError(f"{source}: packing: true needs max_length (the packed sequence length); set max_length")
+    resume = sft.resume_from_checkpoint
+    if isinstance(resume, str) and resume != "true" and not Path(resume).is_dir():
+        raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
+                         "checkpoint-N directory, or true for the last complete one in output_dir)")
     if not built["model"].model_name_or_path:
         raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
                          "is loaded from it)")

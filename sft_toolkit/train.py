@@ -8,11 +8,17 @@ During: every optimizer step's trainable tokens are counted over all its micro-b
 all ranks (one all-reduce), and every loss is checked to be finite (one more). Every rank sees the same
 sums, so every rank stops at the same step, before the optimizer applies it; the last checkpoint stays
 the last good one.
+
+Checkpoints are written atomically (see `GuardedSFTTrainer._save_checkpoint`), and `resume_from_checkpoint:
+true` resumes from the last complete one, so a run killed at any moment resumes from a good state.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,13 +193,84 @@ def drop_zero_trainable(dataset):
     return dataset.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels")
 
 
+# Checkpoints are written under output_dir/STAGING/checkpoint-N, then renamed to output_dir/checkpoint-N.
+STAGING = ".incomplete"
+# Test hook (tests/test_faults.py): SFT_TOOLKIT_FAIL_AT="RANK:STEP" makes that rank raise an exception at that
+# step, to prove that one rank failing ends every rank. Unset, it costs one environment lookup per step.
+FAIL_AT_ENV = "SFT_TOOLKIT_FAIL_AT"
+
+
+def last_complete_checkpoint(output_dir: str, log=print) -> str | None:
+    """The newest checkpoint-N in output_dir whose trainer_state.json reads (None when there is none).
+
+    transformers' `get_last_checkpoint` takes the highest-numbered directory as it is. Our own saves are
+    atomic, but a directory from a plain transformers save killed half-way (trainer_state.json is written
+    last) or from an interrupted copy would be loaded as good; it is skipped, and said so.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(output_dir)
+    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()] if folder.is_dir() else []
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            log(f"resume: {path} is incomplete (no readable trainer_state.json, an interrupted save?); skipped")
+    return None
+
+
 def guarded_trainer_class():
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import SFTTrainer
 
     class GuardedSFTTrainer(SFTTrainer):
-        """SFTTrainer plus the in-training guard (see the module docstring)."""
+        """SFTTrainer plus the in-training guard (see the module docstring) and atomic checkpoints."""
+
+        _staging = False
+
+        def _get_output_dir(self, trial):
+            run_dir = super()._get_output_dir(trial)
+            return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+        def _save_checkpoint(self, model, trial):
+            """transformers writes checkpoint-N in place (weights, optimizer, scheduler, RNG, then
+            trainer_state.json), and `resume_from_checkpoint=True` takes the highest-numbered checkpoint-N
+            directory, complete or not: a save killed half-way leaves one that resume loads as good (or dies
+            on). So every rank writes into output_dir/.incomplete/checkpoint-N (transformers' own save, pointed
+            there through `_get_output_dir`), and once all have finished, the main process renames it into
+            place: a rename is atomic, so checkpoint-N is either complete or absent. Rotation
+            (save_total_limit) then runs on the real directory."""
+            run_dir = self._get_output_dir(trial)
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
+            if self.args.should_save and os.path.exists(staged):
+                shutil.rmtree(staged)  # left by a save that was killed
+            self.accelerator.wait_for_everyone()
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = False
+            best = self.state.best_model_checkpoint
+            if best and os.path.dirname(best) == os.path.dirname(staged):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(staged, final)
+                rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self.accelerator.wait_for_everyone()
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
+            fail = os.environ.get(FAIL_AT_ENV)
+            if fail and fail == f"{self.accelerator.process_index}:{self.state.global_step + 1}":
+                raise RuntimeError(f"injected failure on rank {self.accelerator.process_index} ({FAIL_AT_ENV}={fail})")
             samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             local = sum(int((s["labels"][..., 1:] != -100).sum()) for s in samples if "labels" in s)
             # One collective: every rank learns every rank's count, so all decide alike and stop together.
@@ -280,7 +357,11 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
             if recipe.toolkit.mask_guard != "warn":
                 raise GuardStop(f"mask guard: {message}")
             log(f"mask guard (warn): warning: {message}")
-    result = trainer.train(resume_from_checkpoint=sft.resume_from_checkpoint)
+    resume = sft.resume_from_checkpoint
+    if resume == "true":
+        resume = last_complete_checkpoint(sft.output_dir, log)
+        log(f"resume: from {resume}" if resume else f"resume: no complete checkpoint in {sft.output_dir}; from step 0")
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(sft.output_dir)
     metrics = dict(result.metrics)
     history = [h for h in trainer.state.log_history if "loss" in h]

@@ -242,7 +242,7 @@ def test_plain_text_rows_are_tokenized_as_trl_tokenizes_them(assets, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"{i} km = {i * 1000} m. " * (1 + i % 7)}) + "\n" for i in range(30)))
     keys = {"model_name_or_path": str(assets["model"]), "dataset_name": str(data), "packing": True, "max_length": 32}
-    with pytest.raises(InputError, match="plain text .* set assistant_only_loss: false"):
+    with pytest.raises(InputError, match="plain 'text'.* continued pretraining on the text, set assistant_only_loss: false"):
         check_data(build_recipe({**keys, "assistant_only_loss": True}))
     report, ours = check_data(build_recipe({**keys, "assistant_only_loss": False}))
     args = SFTConfig(output_dir=str(tmp_path / "trl"), packing=True, max_length=32, use_cpu=True, report_to="none")

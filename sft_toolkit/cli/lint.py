@@ -7,7 +7,8 @@ import json
 from rich.console import Console
 
 from ..lint import lint
-from ..problems import ERROR, INFO, WARNING
+from ..masks import RenderLimit
+from ..problems import ERROR, INFO, WARNING, InputError
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
 
@@ -30,7 +31,10 @@ def run(args) -> int:
     results = []
     for spec in args.templates:
         template = load_template(spec)
-        results.append(lint(template.source, template.origin, tokenizer=tokenizer, reference=reference))
+        try:
+            results.append(lint(template.source, template.origin, tokenizer=tokenizer, reference=reference))
+        except RenderLimit as err:  # a runaway template: stop at the first probe instead of running every one
+            raise InputError(f"{template.origin}: {err}") from None
     if args.format == "json":
         print(json.dumps({"results": [r.to_json() for r in results]}, indent=2, ensure_ascii=False))
     else:

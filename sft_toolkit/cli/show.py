@@ -11,7 +11,8 @@ from rich.console import Console
 
 from ..data import read_conversation
 from .. import policy as control
-from ..masks import Rendered, render, tokenize
+from ..masks import Rendered, RenderLimit, render, tokenize
+from ..preprocess import canonical_messages
 from ..problems import InputError
 from .. import show
 from ..show import char_views, to_html, to_plain, to_rich, token_views
@@ -49,7 +50,9 @@ def run(args) -> int:
         source, name = tokenizer.chat_template, args.tokenizer
     else:
         raise InputError("show needs --template, or a --tokenizer that has a chat template")
-    # The messages' own train/weight fields switch turns off exactly as training does (sft_toolkit/policy.py).
+    # Text parts joined, JSON-string tool arguments parsed (as trained); the messages' own train/weight fields
+    # switch turns off exactly as training does (sft_toolkit/policy.py).
+    messages = canonical_messages(messages)
     controlled, plain = control.has_flags(messages), control.strip_control(messages)
     try:
         if tokenizer is not None:
@@ -67,6 +70,8 @@ def run(args) -> int:
             summary = f"{trained} of {len(rendered.text)} characters trained (pass --tokenizer to see tokens)"
     except control.MappingError as err:
         raise InputError(f"{args.conversation}: {err}") from None
+    except RenderLimit as err:
+        raise InputError(f"{name}: {err}") from None
     title = f"{args.conversation}{'' if args.row is None else f' row {args.row}'} with {name}"
     if args.format == "json":
         print(json.dumps({"summary": summary, "tokens": [v.__dict__ for v in views]}, ensure_ascii=False))

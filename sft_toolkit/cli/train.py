@@ -16,6 +16,10 @@ from ..recipe import load_recipe
 from ..train import GuardStop, train
 
 
+ACCOUNTING = ("rows", "trainable_tokens", "trainable_tokens_before", "zero_mask_rows", "dropped_rows",
+              "truncated_assistant_tokens", "orphaned_assistant_tokens", "sequences", "zero_trainable_sequences")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train with TRL's SFTTrainer on a recipe, guarded",
                        description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.")
@@ -45,6 +49,17 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # Under torchrun / accelerate launch: torch's `record` writes a rank's exception where the launcher
+        # reads it, so when one rank fails, the launcher's summary names that exception as the root cause
+        # (it ends the other ranks itself) instead of "error_file: <N/A>".
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_run)(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     overrides = parse_overrides(args.overrides)
     if args.mask_guard:
         overrides["mask_guard"] = args.mask_guard
@@ -58,8 +73,21 @@ def run(args) -> int:
         print(f"sft-toolkit train: stopped by the mask guard: {stop}", flush=True)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
-        r = outcome.report
-        print(json.dumps({"output_dir": outcome.output_dir, "trainable_tokens": r.trainable_tokens,
-                          "rows": r.rows, "sequences": r.sequences, "repairs": outcome.repairs,
+        # The same accounting check-data prints (its JSON keys): every row dropped or cut is counted.
+        report = outcome.report.to_json()
+        accounting = {k: report[k] for k in ACCOUNTING}
+        print(json.dumps({"output_dir": outcome.output_dir, **accounting, "repairs": outcome.repairs,
                           **outcome.metrics}, indent=2))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """After a finished run, wait for every rank, then close the process group before the interpreter exits.
+    A rank that exits while its peers still write their output tears the group down under them; on a
+    loaded CPU machine that was seen as a SIGABRT of a rank whose training had already finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
