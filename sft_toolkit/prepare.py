@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .check_data import Report
-from .prepared import build_manifest, rendering_template, save, shaping_keys
+from .prepared import APPLIED, build_manifest, rendering_template, save, shaping_keys
 from .problems import InputError
 from .train import guard
 
@@ -39,7 +39,7 @@ def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
     keys = shaping_keys(recipe)  # as the recipe asks: the guard's repairs change recipe.sft in place
     report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
     tokenizer = load_tokenizer_for(recipe)
-    applied = {"max_length": recipe.sft.max_length, "packing_strategy": recipe.sft.packing_strategy}
+    applied = {key: getattr(recipe.sft, key) for key in APPLIED}
     template = rendering_template(tokenizer, recipe.sft) if renders_conversations(recipe) else None
     manifest = build_manifest(keys, tokenizer, template, report, notes, applied, dataset)
     path = save(out_dir, dataset, manifest)

@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 DATASET = "dataset"
 BATCH = 1000
 SHOWN = 10
+APPLIED = ("max_length", "packing_strategy")  # the settings the guard's repairs may change
 
 
 def shaping_keys(recipe) -> dict:
@@ -183,8 +184,9 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
         dataset = datasets.load_from_disk(str(folder / DATASET))
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"{folder / DATASET}: cannot load the prepared dataset ({err}); run prepare again") from None
-    for key, value in manifest.get("applied", {}).items():
-        setattr(recipe.sft, key, value)  # the guard's repairs at prepare time (e.g. a raised max_length)
+    for key in APPLIED:  # the guard's repairs at prepare time (e.g. a raised max_length) are in force
+        if key in manifest.get("applied", {}):
+            setattr(recipe.sft, key, manifest["applied"][key])
     stats = recheck(dataset, recipe, manifest, folder)
     report = Report.from_json(manifest["accounting"])
     sft = recipe.sft
