@@ -395,6 +395,8 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if diverged is not None:  # the model was prompted with the text up to where prompt and training part
             start = max(start, diverged)
         content_at = text.find(content, start) if content else -1
+        if content and eot and (followed := text.find(content + eot, start)) >= 0:
+            content_at = followed  # a short text can also occur inside markup (`N` in `[/INST]`)
         body_end = content_at + len(content) if content_at >= 0 else start
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
         end = body_end

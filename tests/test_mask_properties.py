@@ -8,7 +8,7 @@ its end-of-turn trained (R003).
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sft_toolkit.lint import _check_probe, _end_of_turn
@@ -39,6 +39,10 @@ def conversations(draw):
 @pytest.mark.parametrize("name", bundled_names())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(messages=conversations())
+# Found by hypothesis: a one-letter answer also occurs inside Mistral's `[/INST]` markup.
+@example(messages=[{"role": "system", "content": "0"}, {"role": "user", "content": "2"},
+                   {"role": "assistant", "content": "N"}, {"role": "user", "content": "1"},
+                   {"role": "assistant", "content": "3"}])
 def test_bundled_template_trains_exactly_the_assistant_output(name, messages):
     source = load_template(name).source
     probe = Probe("generated", messages)
