@@ -230,6 +230,17 @@ def guarded_trainer_class():
 
         _staging = False
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.data_collator = _with_source_rows(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            # Keep each token's source row (from check_data) up to the collator, which turns it into the
+            # batch's list of dataset rows; get_batch_samples takes it out before the model sees the batch.
+            super()._set_signature_columns_if_needed()
+            if "src_rows" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "src_rows"]
+
         def _get_output_dir(self, trial):
             run_dir = super()._get_output_dir(trial)
             return os.path.join(run_dir, STAGING) if self._staging else run_dir
@@ -272,18 +283,24 @@ def guarded_trainer_class():
             if fail and fail == f"{self.accelerator.process_index}:{self.state.global_step + 1}":
                 raise RuntimeError(f"injected failure on rank {self.accelerator.process_index} ({FAIL_AT_ENV}={fail})")
             samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            rows = sorted({int(r) for s in samples for r in s.pop(SOURCE_ROWS, torch.empty(0)).flatten() if r >= 0})
             local = sum(int((s["labels"][..., 1:] != -100).sum()) for s in samples if "labels" in s)
             # One collective: every rank learns every rank's count, so all decide alike and stop together.
             counts = self.accelerator.gather(torch.tensor([local], device=self.accelerator.device)).tolist()
             empty = [rank for rank, n in enumerate(counts) if n == 0]
             if samples and empty:
+                mine = self.accelerator.process_index in empty
+                shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+                here = (f"; rank {self.accelerator.process_index}'s batch holds dataset rows {shown}"
+                        if mine and rows else "")
                 raise GuardStop(f"step {self.state.global_step + 1}: zero trainable tokens on rank(s) "
-                                f"{', '.join(map(str, empty))} of {len(counts)} (tokens per rank: {counts}); the "
-                                "step would spend compute on nothing. Run `sft-toolkit check-data` on this recipe "
-                                "to find the rows, or use mask_guard: repair.")
+                                f"{', '.join(map(str, empty))} of {len(counts)} (tokens per rank: {counts}){here}; "
+                                "the step would spend compute on nothing. Run `sft-toolkit check-data` on this "
+                                "recipe to see why those rows train nothing, or use mask_guard: repair.")
             return samples, num_items
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs.pop(SOURCE_ROWS, None)  # (evaluation batches don't pass through get_batch_samples)
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
             loss = result[0] if return_outputs else result
@@ -296,6 +313,24 @@ def guarded_trainer_class():
             return result
 
     return GuardedSFTTrainer
+
+
+SOURCE_ROWS = "source_rows"
+
+
+def _with_source_rows(collate):
+    """TRL's collator builds the batch from the columns it knows and ignores the rest; this adds, per example,
+    the dataset rows its tokens came from (a -1-padded tensor), so a guard stop can name them."""
+
+    def collate_with_rows(examples):
+        batch = collate(examples)
+        if examples and "src_rows" in examples[0]:
+            rows = [list(dict.fromkeys(int(r) for r in e["src_rows"])) for e in examples]
+            width = max(1, max(len(r) for r in rows))
+            batch[SOURCE_ROWS] = torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+        return batch
+
+    return collate_with_rows
 
 
 def prepared_trainer_args(recipe):
@@ -330,7 +365,7 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         log(f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
             f"{len(dataset)} sequences re-checked; not re-tokenized")
     else:
-        report, dataset, notes = guard(recipe, world_size)
+        report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
     for note in notes:
         log(f"mask guard ({recipe.toolkit.mask_guard}): {note}")
 

@@ -64,8 +64,10 @@ def test_zero_trainable_step_stops_training(assets, tmp_path):
                           {"role": "assistant", "content": "3 km = 3000 m."}]}] * 4
     keys = recipe_keys(assets, tmp_path, rows, max_length=64, packing=True, mask_guard="warn",
                        per_device_train_batch_size=1)
-    with pytest.raises(GuardStop, match="step 1: zero trainable tokens on rank\\(s\\) 0"):
+    with pytest.raises(GuardStop, match="step 1: zero trainable tokens on rank\\(s\\) 0") as stop:
         train(build_recipe(keys), log=lambda _: None)
+    # the message names the dataset rows in the empty batch (every row here is one of 0..3)
+    assert re.search(r"rank 0's batch holds dataset rows [0-3]\b", str(stop.value))
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(assets, tmp_path):
@@ -117,6 +119,7 @@ def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp
     steps = re.findall(r"stopped by the mask guard: step (\d+): zero trainable tokens", proc.stdout)
     assert len(steps) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # both ranks ...
     assert len(set(steps)) == 1  # ... at the same step
+    assert re.search(r"batch holds dataset rows \d+", proc.stdout + proc.stderr)  # the rows are named
 
 
 def test_packing_isolation_probe_tells_isolated_from_leaking(assets, tmp_path):
