@@ -178,8 +178,7 @@ def _effective(test: nodes.Node, positive: bool) -> bool | None:
     role but those; an `or` with a clause that isn't about the role (`... or 'tool_calls' in message`)
     selects nothing definite (None)."""
     if isinstance(test, nodes.Not):
-        inner = _effective(test.node, not positive)
-        return inner
+        return _effective(test.node, not positive)
     if isinstance(test, nodes.Compare) and len(test.ops) == 1 and test.ops[0].op in ("ne", "notin"):
         return not positive
     if isinstance(test, nodes.Or) and positive and not all(_roles_in(side) for side in (test.left, test.right)):
@@ -324,9 +323,7 @@ def usable_probe(source: str, probe: Probe, kwargs) -> Probe:
     for variant in probe_variants(probe):
         try:
             text = _render(source, variant, variant.messages, False, kwargs).text
-        except TemplateRaised:
-            continue
-        except InputError:
+        except (TemplateRaised, InputError):
             continue
         score = sum(1 for m in variant.messages if (c := text_of(m.get("content"))) and c in text)
         if score > best_score:

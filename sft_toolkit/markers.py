@@ -33,7 +33,7 @@ import jinja2
 from jinja2 import nodes
 
 from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
-from .masks import GENERATION_MARKER, TemplateRaised, render
+from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
 from .probes import PROBES, Probe, text_of
 from .problems import ERROR, InputError
 
@@ -225,7 +225,6 @@ class _Template:
         self.tags = _scan(source)
         self.pieces: list[_Piece] = []
         self.exprs: dict[int, list[_Piece]] = {}   # id of the first operand -> all operands of that {{ }}
-        self.loops: dict[int, str] = {}            # id(For node) -> loop variable name
         self._t, self._pos = 0, 0
         self.body = self._body(tree.body, 0, len(source))
         if self._t != len(self.tags):
@@ -378,7 +377,6 @@ class _Template:
                 bodies.append(self._body_until(node.else_))
             close = self._next(names=("endfor",))
             var = node.target.name if isinstance(node.target, nodes.Name) else None
-            self.loops[id(node)] = var
             return _Stmt(node, open_, close, bodies, line, loop_var=var)
         if isinstance(node, nodes.Assign):
             tag = self._next(names=("set",))
@@ -595,7 +593,7 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             try:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
             except TemplateRaised:
-                continue
+                continue  # the original refuses this conversation, the marked one must too (checked by lint)
             except InputError:
                 failed.append(name)  # the original can't render it either (e.g. no tool support): not ours to fix
                 continue
@@ -614,7 +612,7 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 return value
 
             variables = {**_special(kwargs), **probe.template_kwargs}
-            chat = _alias_reasoning_fields(_plain_template_data(_normalize(messages)))
+            chat = _alias_reasoning_fields(_plain_template_data(normalize_messages(messages)))
             try:
                 text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
                                      add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter,
@@ -630,10 +628,6 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                                   "(output from a filter/call block, or a non-string `+`)")
             out.append(_Trace(name, text, located, _labels(template.source, sub, expected, eot, kwargs), sub, prompt))
     return out, failed
-
-
-def _normalize(messages):
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def _special(kwargs: dict) -> dict:
@@ -695,9 +689,6 @@ class _Placer:
         return _Placed(_apply(self.t.source, edits, 0, len(self.t.source)), self.blocks, self.role_conditions)
 
     # What pieces emitted -------------------------------------------------------------------------------
-    def _label(self, trace: _Trace, i: int) -> str:
-        return trace.labels[i]
-
     def _emissions(self, pieces, assistant_only):
         for pid in pieces:
             for trace, e in self.by_piece.get(pid, []):
@@ -705,7 +696,7 @@ class _Placer:
                     yield trace, e
 
     def _sig(self, pieces, assistant_only) -> frozenset:
-        sig = {self._label(trace, i) for trace, e in self._emissions(pieces, assistant_only) for i in range(e.start, e.end)}
+        sig = {trace.labels[i] for trace, e in self._emissions(pieces, assistant_only) for i in range(e.start, e.end)}
         return frozenset(sig - {"*"})
 
     def _char_labels(self, piece: _Piece, assistant_only) -> list[str] | None:
@@ -796,7 +787,7 @@ class _Placer:
         if not emissions or None in loops or len(loops) != 1:
             raise MarkerError("assistant output and other text come from the same code here, outside a "
                               "`for message in messages` loop, so it can't be conditioned on the role", line)
-        if any(self._label(trace, i) == "T" for trace, e in emissions if e.role != "assistant"
+        if any(trace.labels[i] == "T" for trace, e in emissions if e.role != "assistant"
                for i in range(e.start, e.end)):
             raise MarkerError("this code trains text of non-assistant messages", line)
         var = self.fors[loops.pop()].loop_var

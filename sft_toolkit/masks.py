@@ -92,7 +92,7 @@ def render_budget(what: str):
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        _signal.signal(signal.SIGALRM, previous)
+        _signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
 def template_error_text(err: Exception) -> str:

@@ -135,6 +135,9 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
                          f"is not {FORMAT}; prepare it again with this version of sft-toolkit")
+    missing = [key for key in ("recipe", "tokenizer", "template", "accounting") if not isinstance(manifest.get(key), dict)]
+    if missing:
+        raise InputError(f"{path}: field(s) {', '.join(missing)} missing or not objects; run prepare again")
     return manifest
 
 
@@ -263,7 +266,7 @@ def recheck(dataset, recipe, manifest: dict, folder: Path) -> _Stats:
     zero = np.flatnonzero(stats.zero)
     if len(zero) and recipe.toolkit.mask_guard != "warn":
         raise InputError(f"{where}: {len(zero)} sequences have zero trainable tokens "
-                         f"({', '.join(map(str, zero[:SHOWN]))}); run prepare again or set mask_guard: warn")
+                         f"({', '.join(map(str, zero[:SHOWN]))}); run prepare again (with mask_guard: repair to drop them)")
     recorded = manifest.get("dataset", {})
     found = {"sequences": len(dataset), "tokens": stats.tokens, "trainable_tokens": stats.trainable_tokens}
     changed = [f"{k} {recorded.get(k)} recorded, {v} found" for k, v in found.items() if recorded.get(k) != v]

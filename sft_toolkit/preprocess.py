@@ -199,7 +199,10 @@ def _code_salt() -> str:
     toolkit would be reused after an upgrade; passing this module's source hash as an argument prevents it."""
     import hashlib
 
-    return hashlib.sha256(Path(__file__).read_bytes() + Path(control.__file__).read_bytes()).hexdigest()[:16]
+    import sys
+
+    sources = (Path(__file__), Path(control.__file__), Path(sys.modules[render.__module__].__file__))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
 def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, template_name="", code_salt=None,
@@ -315,7 +318,7 @@ def renders_conversations(recipe) -> bool:
     script = recipe.script
     try:
         first = next(iter(load_rows(script.dataset_name, script.dataset_train_split, streaming=True)), None)
-    except InputError:
+    except Exception:  # noqa: BLE001 - any unreadable dataset: check_data loads it again and names the problem
         return True
     return first is None or needs_template(list(first))
 

@@ -15,6 +15,7 @@ true` resumes from the last complete one, so a run killed at any moment resumes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -55,6 +56,8 @@ class Outcome:
 def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tuple[Report, object, list[str]]:
     """Decide before loading the model. Returns the report, the dataset to train on, and what was changed.
 
+    First, a chat template without generation markers: reject stops, repair adds verified ones (add-markers),
+    warn goes on (see `_ensure_markers`).
     reject: any problem stops the run (GuardStop) with the numbers and the fix.
     repair: the smallest change that makes the run sound, each said with its effect:
       assistant tokens cut by max_length -> max_length raised to the smallest value that keeps them all,
@@ -106,6 +109,8 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
     if zero:
         dataset = drop_zero_trainable(dataset)
         notes.append(f"dropped {zero} of {report.sequences} sequences with zero trainable tokens")
+        # the report describes what is trained from here on (the note keeps what was dropped)
+        report.sequences, report.zero_trainable_sequences = len(dataset), 0
     if report.zero_mask_rows:
         notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: "
                      f"{_shown_rows(report)}")
@@ -125,6 +130,7 @@ def _ensure_markers(recipe) -> list[str]:
     from trl.chat_template_utils import has_generation_markers
 
     from .markers import MarkerError, add_markers
+    from .masks import RenderLimit
     from .preprocess import load_tokenizer_for, training_template
 
     tokenizer = load_tokenizer_for(recipe)
@@ -141,13 +147,16 @@ def _ensure_markers(recipe) -> list[str]:
                         f"assistant_only_loss would train on nothing; {fix}.")
     try:
         result = add_markers(tokenizer.chat_template, tokenizer=tokenizer)
-    except MarkerError as err:
+    except (MarkerError, RenderLimit) as err:
         raise GuardStop(f"mask guard (repair): the chat template of {where} has no {{% generation %}} markers and "
                         f"they could not be added automatically ({err}); place them by hand and check with "
                         "`sft-toolkit lint`.") from None
     path = Path(recipe.sft.output_dir) / "training_chat_template.jinja"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(result.source, encoding="utf-8")
+    # Every rank writes the same text; a rename makes each write whole, so no rank reads a half-written file.
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_text(result.source, encoding="utf-8")
+    os.replace(staged, path)
     recipe.sft.chat_template_path = str(path)
     return [f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
             f"byte-identically on the probe corpus and passes lint); training with {path}"]
@@ -274,6 +283,8 @@ def guarded_trainer_class():
                 if os.path.exists(final):
                     shutil.rmtree(final)
                 os.replace(staged, final)
+                with contextlib.suppress(OSError):  # leave no empty staging folder behind
+                    os.rmdir(os.path.dirname(staged))
                 rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
             self.accelerator.wait_for_everyone()
@@ -366,6 +377,8 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
             f"{len(dataset)} sequences re-checked; not re-tokenized")
     else:
         report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
+        if "src_pos" in (dataset.column_names or ()):  # only the source rows travel with batches (to name them)
+            dataset = dataset.remove_columns("src_pos")
     for note in notes:
         log(f"mask guard ({recipe.toolkit.mask_guard}): {note}")
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 import warnings
 
+from ..masks import RenderLimit
 from ..problems import InputError
 from . import add_markers, check_data, lint, prepare, quickstart, show, train
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command].run(args)
-    except InputError as err:
+    except (InputError, RenderLimit) as err:  # a runaway template is unusable input too
         print(f"sft-toolkit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from rich.console import Console
 from ..data import read_conversation
 from .. import policy as control
 from ..masks import Rendered, RenderLimit, render, tokenize
-from ..preprocess import canonical_messages
+from ..preprocess import canonical_messages, row_problem
 from ..problems import InputError
 from .. import show
 from ..show import char_views, to_html, to_plain, to_rich, token_views
@@ -52,6 +52,8 @@ def run(args) -> int:
         raise InputError("show needs --template, or a --tokenizer that has a chat template")
     # Text parts joined, JSON-string tool arguments parsed (as trained); the messages' own train/weight fields
     # switch turns off exactly as training does (sft_toolkit/policy.py).
+    if problem := row_problem({"messages": messages}):  # what training would refuse, show refuses too
+        raise InputError(f"{args.conversation}: {problem}")
     messages = canonical_messages(messages)
     controlled, plain = control.has_flags(messages), control.strip_control(messages)
     try:
