@@ -507,19 +507,41 @@ def pack(tokenized, sft):
 
 def add_provenance(tokenized, sft):
     """src_rows / src_pos: each token's source row and its position in that row's tokenization (int32: two
-    more columns as long as input_ids)."""
+    more columns as long as input_ids). On an Arrow dataset they are built from input_ids' list offsets in
+    numpy, a batch at a time, without turning a single token into a Python object (the per-row map this
+    replaces cost 20-25 s at 100k rows)."""
     from datasets import Dataset, List, Value
 
     kwargs = _map_kwargs(tokenized, sft, "Tagging tokens")
-    if isinstance(tokenized, Dataset):
-        kwargs["features"] = tokenized.features.copy()
-        kwargs["features"].update({c: List(Value("int32")) for c in PROVENANCE})
-    return tokenized.map(_provenance, **kwargs)
+    if not isinstance(tokenized, Dataset):
+        return tokenized.map(_provenance, **kwargs)
+    features = tokenized.features.copy()
+    features.update({c: List(Value("int32")) for c in PROVENANCE})
+    return tokenized.with_format("arrow").map(_provenance_arrow, batched=True, features=features,
+                                              **kwargs).with_format(None)
 
 
 def _provenance(example):
     n = len(example["input_ids"])
     return {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
+
+
+def _provenance_arrow(batch):
+    import numpy as np
+    import pyarrow as pa
+
+    ids = batch["input_ids"].combine_chunks()
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]  # a sliced batch's offsets don't start at 0
+    lengths = np.diff(offsets)
+    rows = np.repeat(batch["src_row"].to_numpy(), lengths).astype(np.int32)
+    pos = (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)).astype(np.int32)
+    list_offsets = pa.array(offsets, type=pa.int32())
+    for name in PROVENANCE:
+        if name in batch.column_names:
+            batch = batch.drop_columns([name])
+    return batch.append_column("src_rows", pa.ListArray.from_arrays(list_offsets, pa.array(rows))) \
+                .append_column("src_pos", pa.ListArray.from_arrays(list_offsets, pa.array(pos)))
 
 
 def _map_kwargs(dataset, sft, desc: str) -> dict:
