@@ -148,19 +148,7 @@ def _scan(source: str) -> list[_Tag]:
             i = end + 2
             continue
         close = "}}" if opener == "{" else "%}"
-        k, quote = j + 2, None
-        while k < n:
-            c = source[k]
-            if quote:
-                if c == "\\":
-                    k += 1
-                elif c == quote:
-                    quote = None
-            elif c in "'\"":
-                quote = c
-            elif source.startswith(close, k):
-                break
-            k += 1
+        k = next((k for k, _ in _outside_strings(source, j + 2, n) if source.startswith(close, k)), n)
         if k >= n:
             raise MarkerError(f"unclosed {'{{' if opener == '{' else '{%'} tag", source.count("\n", 0, j) + 1)
         inner = source[j + 2:k]
@@ -212,9 +200,7 @@ class _Stmt:
 
 @dataclass
 class _Body:
-    items: list             # _Piece (expr pieces grouped as lists of operands) | _Stmt | "assign" markers
-    start: int
-    end: int
+    items: list             # _Piece (the first operand stands for its whole `{{ }}`) | _Stmt
 
 
 class _Template:
@@ -226,7 +212,7 @@ class _Template:
         self.pieces: list[_Piece] = []
         self.exprs: dict[int, list[_Piece]] = {}   # id of the first operand -> all operands of that {{ }}
         self._t, self._pos = 0, 0
-        self.body = self._body(tree.body, 0, len(source))
+        self.body = self._body(tree.body)
         if self._t != len(self.tags):
             raise MarkerError("the template's tags and jinja2's parse disagree (unsupported construct)",
                               self._line(self.tags[self._t].start) if self._t < len(self.tags) else None)
@@ -263,7 +249,7 @@ class _Template:
             t += 1
         return self.tags[t] if t < len(self.tags) else None
 
-    def _body(self, stmts, start, end) -> _Body:
+    def _body(self, stmts) -> _Body:
         items = []
         for node in stmts:
             if isinstance(node, nodes.Output):
@@ -271,7 +257,7 @@ class _Template:
                     items.append(self._data(child) if isinstance(child, nodes.TemplateData) else self._expr(child))
             else:
                 items.append(self._stmt(node))
-        return _Body(items, start, end)
+        return _Body(items)
 
     def _data(self, node: nodes.TemplateData) -> _Piece:
         """Literal text: the gap between tags (comments split gaps) that jinja trimmed into `node.data`."""
@@ -360,21 +346,21 @@ class _Template:
         line = node.lineno
         if isinstance(node, nodes.If):
             open_ = self._next(names=("if",))
-            bodies = [self._body_until(node.body)]
+            bodies = [self._body(node.body)]
             for elif_ in node.elif_:
                 self._next(names=("elif",))
-                bodies.append(self._body_until(elif_.body))
+                bodies.append(self._body(elif_.body))
             if self._peek() is not None and self._peek().name == "else":
                 self._next(names=("else",))
-                bodies.append(self._body_until(node.else_))
+                bodies.append(self._body(node.else_))
             close = self._next(names=("endif",))
             return _Stmt(node, open_, close, bodies, line)
         if isinstance(node, nodes.For):
             open_ = self._next(names=("for",))
-            bodies = [self._body_until(node.body)]
+            bodies = [self._body(node.body)]
             if self._peek() is not None and self._peek().name == "else":
                 self._next(names=("else",))
-                bodies.append(self._body_until(node.else_))
+                bodies.append(self._body(node.else_))
             close = self._next(names=("endfor",))
             var = node.target.name if isinstance(node.target, nodes.Name) else None
             return _Stmt(node, open_, close, bodies, line, loop_var=var)
@@ -396,13 +382,6 @@ class _Template:
                 close = self._next(names=(closing,))
                 return _Stmt(node, open_, close, [], line)
         raise MarkerError(f"unsupported statement {type(node).__name__}", line)
-
-    def _body_until(self, stmts) -> _Body:
-        start = self.tags[self._t - 1].end
-        body = self._body(stmts, start, start)
-        nxt = self._peek()
-        body.end = nxt.start if nxt is not None else len(self.source)
-        return body
 
     def _skip_to(self, closing: str) -> None:
         """Skip the tags of an opaque block, nested blocks of the same kind included."""
@@ -432,8 +411,20 @@ def _chain(node: nodes.Node) -> list[nodes.Node]:
 
 def _operators(source: str, tag: _Tag) -> list[tuple[int, int]]:
     """Spans of the top-level `+`/`~` operators inside a `{{ }}` tag (outside strings and brackets)."""
-    out, depth, quote = [], 0, None
-    k, end = tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0)
+    out, depth = [], 0
+    for k, c in _outside_strings(source, tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0)):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c in "+~" and depth == 0:
+            out.append((k, k + 1))
+    return out
+
+
+def _outside_strings(source: str, start: int, end: int):
+    """(position, character) of the code in source[start:end] that is not inside a quoted string."""
+    k, quote = start, None
     while k < end:
         c = source[k]
         if quote:
@@ -443,14 +434,9 @@ def _operators(source: str, tag: _Tag) -> list[tuple[int, int]]:
                 quote = None
         elif c in "'\"":
             quote = c
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif c in "+~" and depth == 0:
-            out.append((k, k + 1))
+        else:
+            yield k, c
         k += 1
-    return out
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "0": "\0"}

@@ -7,7 +7,10 @@ Real tokenizers come from `sft_toolkit.offline_tokenizers`: built offline from v
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from sft_toolkit import offline_tokenizers
 
@@ -28,3 +31,14 @@ def llama3_tokenizer():
 def mistral_tokenizer():
     """Mistral NeMo's Tekken vocabulary ([INST]=3, [/INST]=4; prepends <s> when add_special_tokens=True)."""
     return offline_tokenizers.load("mistral_tekken")
+
+
+def write_recipe(tmp_path, rows, **keys) -> str:
+    """A recipe file over `rows` written as .jsonl: the real Qwen vocabulary, chatml, assistant-only loss."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": str(data),
+              "chat_template_path": "chatml", "assistant_only_loss": True, **keys}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)

@@ -14,6 +14,8 @@ from sft_toolkit.check_data import check_data
 from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import build_recipe
 
+from conftest import write_recipe
+
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "templates"
 
 
@@ -24,14 +26,6 @@ def qa(q: str, a: str) -> dict:
 GOOD_ROWS = [qa(f"What is {i} + 1?", f"{i} + 1 = {i + 1}.") for i in range(10)]
 
 
-def write(tmp_path, rows, **keys) -> str:
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": str(data),
-              "chat_template_path": "chatml", "assistant_only_loss": True, **keys}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
 
 
 def run(path: str) -> dict:
@@ -42,7 +36,7 @@ def run(path: str) -> dict:
 
 
 def test_clean_dataset_passes(tmp_path):
-    report = run(write(tmp_path, GOOD_ROWS, max_length=64))
+    report = run(write_recipe(tmp_path, GOOD_ROWS, max_length=64))
     assert report["ok"] and report["zero_mask_rows"] == [] and report["rows"] == 10
     assert report["trainable_tokens"] > 0 and report["dropped_rows"] == 0
 
@@ -52,7 +46,7 @@ def test_each_zero_mask_reason_names_its_row(tmp_path):
     rows[2] = {"messages": [{"role": "user", "content": "Anyone there?"}]}
     rows[4] = {"messages": [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}]}
     rows[6] = qa("A very long question. " * 80, "Short answer.")
-    report = run(write(tmp_path, rows, max_length=64))
+    report = run(write_recipe(tmp_path, rows, max_length=64))
     assert not report["ok"]
     assert report["zero_mask_rows"] == [
         {"index": 2, "reason": "no_assistant_turn"},
@@ -65,30 +59,30 @@ def test_each_zero_mask_reason_names_its_row(tmp_path):
 
 
 def test_template_without_markers_marks_nothing(tmp_path):
-    report = run(write(tmp_path, GOOD_ROWS[:3], chat_template_path=str(FIXTURES / "S002_no_markers.jinja")))
+    report = run(write_recipe(tmp_path, GOOD_ROWS[:3], chat_template_path=str(FIXTURES / "S002_no_markers.jinja")))
     assert [r["reason"] for r in report["zero_mask_rows"]] == ["template_marks_nothing"] * 3
 
 
 def test_template_rejecting_a_row_is_named(tmp_path):
     rows = [GOOD_ROWS[0], {"messages": [{"role": "system", "content": "Be brief."}] + GOOD_ROWS[1]["messages"]}]
-    report = run(write(tmp_path, rows, chat_template_path=str(FIXTURES / "I001_rejects_system.jinja")))
+    report = run(write_recipe(tmp_path, rows, chat_template_path=str(FIXTURES / "I001_rejects_system.jinja")))
     (row,) = report["zero_mask_rows"]
     assert row["index"] == 1 and row["reason"].startswith("template_error") and "System role" in row["reason"]
 
 
 def test_bfd_split_orphans_assistant_tokens_and_wastes_sequences(tmp_path):
     rows = GOOD_ROWS + [qa("Tell me a story. " * 30, "Once upon a time. " * 30)]
-    report = run(write(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd_split"))
+    report = run(write_recipe(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd_split"))
     assert report["orphaned_assistant_tokens"] > 0 and report["orphaned_rows"] == [10]
     assert not report["ok"]
-    bfd = run(write(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd"))
+    bfd = run(write_recipe(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd"))
     assert bfd["orphaned_assistant_tokens"] == 0
     assert bfd["truncated_assistant_tokens"] > 0
 
 
 def test_zero_trainable_steps_are_counted(tmp_path):
     rows = [qa("Long prompt. " * 60, "ok")] * 4 + GOOD_ROWS[:4]
-    report = run(write(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd",
+    report = run(write_recipe(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd",
                        per_device_train_batch_size=2))
     assert report["zero_trainable_sequences"] == 4
     assert report["zero_trainable_steps"] >= 1
@@ -97,7 +91,7 @@ def test_zero_trainable_steps_are_counted(tmp_path):
 def test_malformed_rows_are_bad_input_naming_row_and_field(tmp_path):
     rows = [GOOD_ROWS[0], {"messages": [{"role": "user", "content": "hi"}, {"content": "no role"}]}]
     with pytest.raises(InputError, match=r"row 1: messages\[1\]\.role is missing"):
-        run(write(tmp_path, rows))
+        run(write_recipe(tmp_path, rows))
 
 
 def test_unknown_recipe_key_suggests_the_closest(tmp_path):
@@ -123,7 +117,7 @@ def cli(*args):
 def test_cli_exit_codes_json_and_report(tmp_path):
     rows = list(GOOD_ROWS)
     rows[5] = {"messages": [{"role": "user", "content": "Anyone?"}]}
-    recipe = write(tmp_path, rows)
+    recipe = write_recipe(tmp_path, rows)
     proc = cli(recipe, "--format", "json", "--report", str(tmp_path / "report.json"))
     assert proc.returncode == 1, proc.stderr
     data = json.loads(proc.stdout)
@@ -151,14 +145,14 @@ def test_cli_bad_input_exits_two_without_traceback(tmp_path):
 def test_sharegpt_rows_are_converted_like_sfttrainer_does(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": f"What is {i} + 1?"},
                                {"from": "gpt", "value": f"{i} + 1 = {i + 1}."}]} for i in range(5)]
-    sharegpt = run(write(tmp_path, rows))
-    chatml = run(write(tmp_path, GOOD_ROWS[:5]))
+    sharegpt = run(write_recipe(tmp_path, rows))
+    chatml = run(write_recipe(tmp_path, GOOD_ROWS[:5]))
     assert sharegpt["ok"] and sharegpt["trainable_tokens"] == chatml["trainable_tokens"] > 0
 
 
 def test_sharegpt_role_map_is_a_recipe_option(tmp_path):
     rows = [{"conversations": [{"from": "asker", "value": "Hi?"}, {"from": "answerer", "value": "Hello."}]}]
-    report = run(write(tmp_path, rows, role_map={"asker": "user", "answerer": "assistant"}))
+    report = run(write_recipe(tmp_path, rows, role_map={"asker": "user", "answerer": "assistant"}))
     assert report["ok"]
     with pytest.raises(InputError, match="role 'asker' is not one of"):
-        run(write(tmp_path, rows))
+        run(write_recipe(tmp_path, rows))

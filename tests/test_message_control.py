@@ -10,7 +10,6 @@ import json
 import re
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +23,7 @@ from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import build_recipe, load_recipe
 from sft_toolkit.templates import bundled_names, load_template
 
+from conftest import write_recipe
 from test_mask_properties import TEXT
 
 TOOL_CALL = next(p for p in PROBES if p.name == "tool-call")
@@ -136,27 +136,19 @@ def test_control_fields_never_change_the_rendered_text(name):
 # ------------------------------------------------------------------------------ check-data and recipes
 
 
-def write(tmp_path, rows, **keys) -> str:
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": str(data),
-              "chat_template_path": "chatml", "assistant_only_loss": True, **keys}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
 
 
 def test_check_data_names_rows_with_every_turn_switched_off(tmp_path):
     rows = [{"messages": MULTI_TURN.messages}, {"messages": flagged(MULTI_TURN.messages, _1={"train": False},
                                                                     _3={"train": False}, _5={"weight": 0})},
             {"messages": TOOL_CALL.messages, "tools": json.dumps(TOOL_CALL.tools)}]
-    report, dataset = check_data(load_recipe(write(tmp_path, rows)))
+    report, dataset = check_data(load_recipe(write_recipe(tmp_path, rows)))
     assert report.zero_mask_rows == [{"index": 1, "reason": "all_turns_switched_off"}]
     assert not report.ok and REASON_HELP["all_turns_switched_off"]
     assert report.dropped_rows == 1 and len(dataset) == 2  # the trainer never sees it
 
     # train_roles: [answers] switches off the tool-call turn only; row 0 and 2 keep their answers.
-    report, _ = check_data(load_recipe(write(tmp_path, rows, train_roles=["answers"], train_turns="last")))
+    report, _ = check_data(load_recipe(write_recipe(tmp_path, rows, train_roles=["answers"], train_turns="last")))
     assert report.zero_mask_rows == [{"index": 1, "reason": "all_turns_switched_off"}]
 
 
@@ -164,13 +156,13 @@ def test_a_marked_message_the_template_does_not_train_is_an_error(tmp_path):
     rows = [{"messages": MULTI_TURN.messages},
             {"messages": flagged(TOOL_CALL.messages, _2={"train": True}), "tools": json.dumps(TOOL_CALL.tools)}]
     with pytest.raises(InputError, match=r"row 1: messages\[2\] \(role 'tool'\) is marked to train"):
-        check_data(load_recipe(write(tmp_path, rows)))
+        check_data(load_recipe(write_recipe(tmp_path, rows)))
 
 
 def test_template_without_one_block_per_turn_is_refused_naming_the_row(tmp_path):
     last_only = __import__("pathlib").Path(__file__).parent / "fixtures" / "templates" / "R001_last_turn_only.jinja"
     rows = [{"messages": MULTI_TURN.messages[:2]}, {"messages": MULTI_TURN.messages}]
-    path = write(tmp_path, rows, chat_template_path=str(last_only), train_turns="last")
+    path = write_recipe(tmp_path, rows, chat_template_path=str(last_only), train_turns="last")
     with pytest.raises(InputError, match=r"row 1: the template writes 1 generation block\(s\) for 3 assistant"):
         check_data(load_recipe(path))
 
@@ -190,13 +182,13 @@ def test_bad_policy_keys_are_input_errors(keys, message):
 def test_bad_message_fields_name_row_and_field(tmp_path):
     rows = [{"messages": flagged(MULTI_TURN.messages, _1={"weight": 0.5})}]
     with pytest.raises(InputError, match=r"row 0: messages\[1\].weight must be 0 or 1"):
-        check_data(load_recipe(write(tmp_path, rows)))
+        check_data(load_recipe(write_recipe(tmp_path, rows)))
 
 
 def test_message_fields_without_assistant_only_loss_are_an_error(tmp_path):
     rows = [{"messages": flagged(MULTI_TURN.messages, _1={"train": False})}]
     with pytest.raises(InputError, match=r"row 0: per-message training control .* needs assistant_only_loss: true"):
-        check_data(load_recipe(write(tmp_path, rows, assistant_only_loss=False)))
+        check_data(load_recipe(write_recipe(tmp_path, rows, assistant_only_loss=False)))
 
 
 def test_policy_parsing():
