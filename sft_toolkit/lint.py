@@ -243,15 +243,21 @@ def _leading_eot(node: nodes.Node) -> str | None:
 class Turn:
     """Where assistant message `index` sits in the full render.
 
-    `region` may be trained (from where the generation prompt ends to just past the end-of-turn text and
-    the whitespace after it); `required` spans must be trained, each with its kind ("content" or "eot");
-    `header` is the role header the generation prompt writes before the turn, which must not be trained.
+    `region` may be trained (from where the generation prompt's role header ends to just past the
+    end-of-turn text and the whitespace after it); `required` spans must be trained, each with its kind
+    ("content" or "eot"); `header` is the role header the generation prompt writes before the turn, which
+    must not be trained. Two parts of the region may be trained or not: `prefill`, its start that the
+    generation prompt writes after the role header (qwen3.5's `<think>\n\n</think>\n\n`: text of the turn the
+    model is handed at inference; TRL's training templates train it), and `tail`, the markup after the last
+    tool-call value of a turn with no end-of-turn text (see `locate_turns`).
     """
 
     index: int
     region: tuple[int, int]
     required: list[tuple[int, int, str]]
     header: tuple[int, int] | None
+    prefill: tuple[int, int] | None = None
+    tail: tuple[int, int] | None = None
 
 
 def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None) -> list[Finding]:
@@ -267,7 +273,7 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
         if example is not None:
             examples.setdefault(key, example)
 
-    eot, rendered_any = None, False
+    eot, rendered_any, writes_no_eot = None, False, False
     for probe in [*PROBES, *CONTROL_PROBES]:
         controls = probe in CONTROL_PROBES
         probe = usable_probe(source, probe, kwargs)
@@ -280,7 +286,8 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             add("R007", ERROR, f"{err}", probe.name, None)
             continue
         rendered_any = True
-        eot = eot or _end_of_turn(source, probe, kwargs)
+        found = _end_of_turn(source, probe, kwargs)
+        eot, writes_no_eot = eot or found, writes_no_eot or found == ""
         try:
             full, off = _apply_control(probe.messages, full)
         except control.MappingError as err:
@@ -297,6 +304,11 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
                 add("R006", WARNING, message, probe.name)
 
     findings = []
+    if writes_no_eot and not eot:
+        findings.append(Finding("R003", WARNING, "the template writes nothing after an assistant message's content, "
+                                "so no end-of-turn token is trained and the model may not learn to stop. If the next "
+                                "message's role tag ends a turn (GLM-4's `<|user|>`), the template has to emit it "
+                                "inside the assistant's {% generation %} block to train it."))
     for key, where in seen.items():
         rule, severity, message, at_line = key
         example = f" e.g. {examples[key]}." if key in examples else ""
@@ -352,7 +364,8 @@ def _single_block_line(source: str) -> int | None:
 
 
 def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
-    """The template's end-of-turn text: what it writes right after a plain assistant message's content."""
+    """The template's end-of-turn text: what it writes right after a plain assistant message's content; ""
+    when it writes nothing there, None when the probe can't tell."""
     for i, message in enumerate(probe.messages):
         content = text_of(message.get("content"))
         if message.get("role") != "assistant" or not content or message.get("tool_calls"):
@@ -365,7 +378,7 @@ def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
         if at < 0:
             return None
         tail = text[at + len(content):].split()
-        return tail[0] if tail else None
+        return tail[0] if tail else ""  # "": the template writes nothing after the content
     return None
 
 
@@ -378,6 +391,11 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if message.get("role") != "assistant":
             continue
         prompt, header = _generation_prompt(source, probe, i, kwargs)
+        prefill_at = None
+        if prompt is not None and header is not None:
+            size = _role_header_length(prompt[header[0]:], text, probe)
+            if size is not None and text.startswith(prompt[:header[0] + size]):
+                prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
         diverged = None
         if prompt is not None and not text.startswith(prompt):
             at = diverged = _first_difference(prompt, text)
@@ -391,20 +409,78 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
         if diverged is not None:  # the model was prompted with the text up to where prompt and training part
             start = max(start, diverged)
+        prefill = None
+        if prefill_at is not None and prefill_at < start:
+            prefill, start, header = (prefill_at, start), prefill_at, role_header
         content_at = text.find(content, start) if content else -1
         if content and eot and (followed := text.find(content + eot, start)) >= 0:
             content_at = followed  # a short text can also occur inside markup (`N` in `[/INST]`)
         body_end = content_at + len(content) if content_at >= 0 else start
+        tail = None
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
         end = body_end
-        if eot and (eot_at := text.find(eot, body_end)) >= 0:
+        following = next((text_of(m.get("content")) for m in probe.messages[i + 1:] if text_of(m.get("content"))), "")
+        next_at = text.find(following, body_end) if following else -1
+        if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
+        elif i + 1 < len(probe.messages) and (cut := _turn_end(source, probe, i, text, kwargs)) > end:
+            # No end-of-turn text before the next message: the turn ends where the conversation cut after it
+            # ends. What follows its last tool-call value there may be closing markup (glm4's `</tool_call>`)
+            # or a hand-off the next message's code also prints (gemma4's `<|tool_response>`): either way.
+            last = max([end] + [at + len(v) for v in _call_values(message) if (at := text.rfind(v, start, cut)) >= 0])
+            tail, end = ((last, cut) if last < cut else None), cut
         while end < len(text) and text[end] in " \t\r\n":
             end += 1
-        turns.append(Turn(i, (start, end), required, header))
+        turns.append(Turn(i, (start, end), required, header, prefill, tail))
         cursor = end
     return turns, mismatches
+
+
+def _call_values(message: dict) -> list[str]:
+    """The texts a tool call is made of (function name, argument values), to find where one ends."""
+    out = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        arguments = function.get("arguments")
+        out += [str(function.get("name"))] + ([str(v) for v in arguments.values()] if isinstance(arguments, dict)
+                                               else [arguments] if isinstance(arguments, str) else [])
+    return [v for v in out if v]
+
+
+def _turn_end(source: str, probe: Probe, i: int, text: str, kwargs) -> int:
+    """Where the conversation cut after message `i` ends, when the full text continues it: the end of an
+    assistant turn in a template with no end-of-turn text of its own (glm4's tool calls). 0 otherwise."""
+    try:
+        cut = _render(source, probe, probe.messages[: i + 1], False, kwargs).text
+    except (TemplateRaised, InputError):
+        return 0
+    return len(cut) if text.startswith(cut) else 0
+
+
+_ROLE_NAMES = (("user", "assistant"), ("User", "Assistant"), ("USER", "ASSISTANT"))
+
+
+def _role_header_length(addition: str, text: str, probe: Probe) -> int | None:
+    """How much of the generation prompt's addition is the role header, when the rest pre-fills the turn.
+
+    The header is what the template writes before a user message's content with the role name swapped
+    (`<|im_start|>user\n` -> `<|im_start|>assistant\n`, `<｜User｜>` -> `<｜Assistant｜>`). None when no such
+    header starts the addition, or nothing follows it: then the whole addition counts as header, which is
+    the strict reading (gemma's `<start_of_turn>model\n` names the role differently, and stays strict)."""
+    for message in probe.messages:
+        content = text_of(message.get("content"))
+        if message.get("role") != "user" or not content or (at := text.find(content)) < 0:
+            continue
+        for size in range(min(at, len(addition)), 0, -1):  # the longest header first
+            before = text[at - size:at]
+            if "user" not in before.lower():
+                break
+            for name, assistant in _ROLE_NAMES:
+                before = before.replace(name, assistant)
+            if addition.startswith(before):
+                return len(before) if len(before) < len(addition) else None
+    return None
 
 
 def _after_previous(text: str, previous: dict | None, cursor: int, eot: str | None) -> int:

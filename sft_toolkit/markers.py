@@ -623,7 +623,9 @@ def _special(kwargs: dict) -> dict:
 
 
 def _labels(source, probe: Probe, rendered, eot, kwargs) -> str:
-    """T from each assistant turn's start to its end-of-turn, * for the whitespace after it, U elsewhere."""
+    """T from each assistant turn's start to its end-of-turn, * for the whitespace after it, p for the parts
+    of the turn that may go either way (the generation prompt's prefill, a tool-call turn's closing markup;
+    trained where that gives a fixed marker place), U elsewhere."""
     turns, _ = locate_turns(source, probe, rendered, eot, _special(kwargs))
     labels = ["U"] * len(rendered.text)
     for turn in turns:
@@ -631,6 +633,8 @@ def _labels(source, probe: Probe, rendered, eot, kwargs) -> str:
         last = len(rendered.text[:end].rstrip()) if end > start else start
         for i in range(start, end):
             labels[i] = "T" if i < last else "*"
+        for a, b in filter(None, (turn.prefill, turn.tail)):
+            labels[a:b] = ["p"] * (b - a)
     return "".join(labels)
 
 
@@ -653,11 +657,13 @@ class _Placed:
 
 @dataclass(frozen=True)
 class _Atom:
-    kind: str          # "piece" | "chars" (part of a literal) | "stmt" | "done" (resolved inside) | "break"
+    kind: str          # "piece" | "chars" (part of a literal) | "head"/"tail" (of a split `{{ name }}`) | "stmt" |
+                       # "done" (resolved inside) | "break"
     obj: object        # _Piece | _Stmt
     sig: frozenset
     a: int = 0         # chars: [a, b) of the literal's text
     b: int = 0
+    landmark: str = ""  # head/tail: the text the head ends with
 
 
 class _Placer:
@@ -681,9 +687,16 @@ class _Placer:
                 if not assistant_only or e.role == "assistant":
                     yield trace, e
 
-    def _sig(self, pieces, assistant_only) -> frozenset:
+    def _sig(self, pieces, assistant_only, prefill=False) -> frozenset:
+        """The labels the pieces emit. Pre-filled text (p) follows the rest unless `prefill` asks to see it:
+        untrained beside untrained text, trained otherwise (as TRL's training templates train a pre-filled
+        `<think>` block)."""
         sig = {trace.labels[i] for trace, e in self._emissions(pieces, assistant_only) for i in range(e.start, e.end)}
-        return frozenset(sig - {"*"})
+        sig.discard("*")
+        if "p" in sig and not prefill:
+            sig.discard("p")
+            sig = sig or {"T"}
+        return frozenset(sig)
 
     def _char_labels(self, piece: _Piece, assistant_only) -> list[str] | None:
         """One label per character of a literal, or None when renders disagree. In relaxed mode a whitespace
@@ -694,9 +707,9 @@ class _Placer:
         for trace, e in self._emissions([piece.id], assistant_only):
             for k in range(len(piece.text)):
                 label = trace.labels[e.start + k]
-                if label == "*" or labels[k] == label:
+                if label == "*" or labels[k] == label or (label == "p" and labels[k] != "*"):
                     continue
-                if labels[k] == "*":
+                if labels[k] in ("*", "p"):
                     labels[k] = label
                 elif self.relaxed and piece.text[k].isspace():
                     forced.add(k)
@@ -704,6 +717,7 @@ class _Placer:
                     return None
         for k in forced:
             labels[k] = "U"
+        labels = ["T" if label == "p" else label for label in labels]
         for a, b, label in _label_runs(labels):
             if label == "*":
                 inside = a > 0 and b < len(labels) and labels[a - 1] == "T" and labels[b] == "T"
@@ -747,12 +761,18 @@ class _Placer:
         atoms = []
         for piece in self.t.exprs.get(item.id, [item]):
             sig = self._sig([piece.id], assistant_only)
-            labels = self._char_labels(piece, assistant_only) if piece.text is not None and "T" in sig else None
+            splittable = piece.text is not None and self._sig([piece.id], assistant_only, prefill=True) & {"T", "p"}
+            labels = self._char_labels(piece, assistant_only) if splittable else None
             if sig != {"T", "U"} and not (labels and "U" in labels):
                 # (a trained literal that ends in whitespace after an end-of-turn is split all the same)
                 atoms.append(_Atom("piece", piece, sig))
                 continue
             if labels is None:
+                landmark = self._landmark(piece, assistant_only) if piece.variable else None
+                if landmark:
+                    atoms += [_Atom("head", piece, frozenset("U"), landmark=landmark),
+                              _Atom("tail", piece, frozenset("T"), landmark=landmark)]
+                    continue
                 if not assistant_only:
                     return None
                 if piece.variable:
@@ -763,6 +783,29 @@ class _Placer:
                                   "so no fixed place for a marker exists", piece.line)
             atoms += [_Atom("chars", piece, frozenset(label), a, b) for a, b, label in _label_runs(labels)]
         return atoms
+
+    def _landmark(self, piece: _Piece, assistant_only) -> str | None:
+        """For `{{ name }}` printing a turn assembled elsewhere (llama 3.0: `set content = header + text + eot`):
+        text that ends the untrained head of every emission and first occurs there, so the print can be split
+        at `name.find(landmark) + len(landmark)`. The longest such text (the whole role header) is taken. A
+        split renders the same bytes wherever it falls; verification checks that it falls right."""
+        heads = []
+        for trace, e in self._emissions([piece.id], assistant_only):
+            labels, text = trace.labels[e.start:e.end], trace.text[e.start:e.end]
+            first = labels.find("T")
+            if first <= 0 or set(labels[:first]) - {"U", "p"} or "U" in labels[first:]:
+                return None
+            heads.append((text, first))
+        if not heads:
+            return None
+        size = min(k for _, k in heads)
+        while size and len({text[k - size:k] for text, k in heads}) > 1:
+            size -= 1
+        for n in range(size, 0, -1):
+            landmark = heads[0][0][heads[0][1] - n:heads[0][1]]
+            if all(text.find(landmark) + n == k for text, k in heads):
+                return landmark
+        return None
 
     def _role_condition(self, item) -> tuple[int, int, str]:
         """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item."""
@@ -873,6 +916,10 @@ def _boundary(t: _Template, atom: _Atom, side: str, name: str) -> tuple[int, int
             quote = t.source[obj.offsets[-1]]
             return (pos, pos, f"{quote} }}}}{{% {name} %}}{{{{ {quote}")
         return (pos, pos, f"{{%{_left_mod(t, pos, None)} {name} {_right_mod(t, pos, None)}%}}")
+    if atom.kind == "tail" and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
+        tag, at = obj.tag, f"{obj.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
+        inner = (tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0))
+        return (*inner, f" {obj.variable}[:{at}] }}}}{{% {name} %}}{{{{ {obj.variable}[{at}:] ")
     if isinstance(obj, _Stmt):
         tag = obj.open if left else obj.close
     elif obj.kind == "data":
@@ -888,6 +935,11 @@ def _boundary(t: _Template, atom: _Atom, side: str, name: str) -> tuple[int, int
         return (tag.start, tag.start + width,
                 f"{{%{_left_mod(t, tag.start, tag)} {name} %}}{t.source[tag.start:tag.start + 2]}")
     return (tag.end - width, tag.end, f"{t.source[tag.end - 2:tag.end]}{{% {name} {_right_mod(t, tag.end, tag)}%}}")
+
+
+def _jinja_string(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+    return "'" + escaped.replace("\t", "\\t") + "'"
 
 
 def _apply(source: str, edits, start: int, end: int) -> str:

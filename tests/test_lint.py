@@ -141,3 +141,70 @@ def test_s004_reads_negated_and_mixed_role_conditions(test, severity):
               "{% endgeneration %}{% else %}{{ message.content }}{% endif %}{% endfor %}")
     s004 = [f for f in lint(source, "t").findings if f.rule == "S004"]
     assert [f.severity for f in s004] == [severity]
+
+
+def _chatml_with_prefill(assistant: str) -> str:
+    """ChatML whose generation prompt pre-fills an empty think block, as qwen3.5's no-think template does."""
+    return ("{%- for m in messages %}{%- if m.role == 'assistant' %}" + assistant +
+            "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+
+
+@pytest.mark.parametrize("assistant,ok", [
+    # the pre-filled think block trained, as TRL's training templates do
+    ("{{ '<|im_start|>assistant\\n' }}{% generation %}{{ '<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>' }}"
+     "{% endgeneration %}{{ '\\n' }}", True),
+    # or left to the prompt
+    ("{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% generation %}{{ m.content + '<|im_end|>' }}"
+     "{% endgeneration %}{{ '\\n' }}", True),
+    # the role header's newline is still the prompt's, not the assistant's
+    ("{{ '<|im_start|>assistant' }}{% generation %}{{ '\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>' }}"
+     "{% endgeneration %}{{ '\\n' }}", False),
+])
+def test_prefill_after_the_role_header_may_be_trained_or_not(assistant, ok):
+    found = rules(_chatml_with_prefill(assistant))
+    assert ("R002" not in found) == ok, found.get("R002")
+    if not ok:
+        assert "role header '<|im_start|>assistant\\n'" in found["R002"][0].message
+
+
+def _inline_tool_responses(tool_block: str) -> str:
+    """A gemma4-like format: tool responses are written inside the model's turn, which ends with <end> only
+    after its final answer; a turn that only calls tools has no end-of-turn text of its own."""
+    return ("{%- for m in messages %}"
+            "{%- if m.role == 'user' %}{{ '<user>' + m.content + '<end>\\n' }}"
+            "{%- elif m.role == 'assistant' %}"
+            "{%- if not (loop.previtem and loop.previtem.role == 'tool') %}{{ '<model>' }}{% endif %}"
+            "{%- generation %}{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
+            "{%- if not m.tool_calls %}{{ m.content + '<end>' }}{% endif %}{%- endgeneration %}"
+            "{%- if not m.tool_calls %}{{ '\\n' }}{% endif %}"
+            "{%- elif m.role == 'tool' %}" + tool_block + "{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt and messages[-1].role != 'tool' %}{{ '<model>' }}{% endif %}")
+
+
+def test_tool_response_inside_the_model_turn_is_not_assistant_output():
+    """The turn that calls a tool ends before the tool's answer, even though its end-of-turn text comes later."""
+    good = rules(_inline_tool_responses("{{ '<response>' + m.content + '</response>' }}"))
+    assert not {"R001", "R002", "R003"} & set(good), good
+    bad = rules(_inline_tool_responses("{% generation %}{{ '<response>' + m.content + '</response>' }}"
+                                       "{% endgeneration %}"))
+    assert "R002" in bad and "temperature_c" in bad["R002"][0].message
+
+
+GLM_LIKE = ("{%- for m in messages %}"
+            "{%- if m.role == 'user' %}{{ '<|user|>\\n' + m.content }}"
+            "{%- elif m.role == 'assistant' %}{{ '<|assistant|>' }}{% generation %}{{ '\\n' + m.content }}"
+            "{%- for c in m.tool_calls or [] %}{{ '<tool_call>' + c.function.name + '</tool_call>' }}{% endfor %}"
+            "{% endgeneration %}"
+            "{%- elif m.role == 'tool' %}{{ '<|observation|>\\n' + m.content }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def test_template_without_end_of_turn_text_is_warned_and_its_tool_calls_may_be_trained():
+    """GLM-4 writes nothing after an assistant's content: the next role tag ends the turn. Its tool calls are
+    still the assistant's (the turn ends where the conversation cut after it ends), and lint warns that no
+    stop token is trained."""
+    found = rules(GLM_LIKE)
+    assert not {"R001", "R002"} & set(found), found
+    (warning,) = found["R003"]
+    assert warning.severity == "warning" and "may not learn to stop" in warning.message
