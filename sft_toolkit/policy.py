@@ -6,10 +6,11 @@ spans rather than re-deriving turns from the text: the template renders as it al
 generation span is assigned to the assistant message it belongs to, and the spans of switched-off
 messages are dropped before the token mask is built. That works with any template that has markers.
 
-The assignment rule is strict and checked: a template writes exactly one generation span per assistant
-message, in order (every bundled template does; tool calls render inside the assistant's span, and old
-reasoning that a template drops just makes the span shorter). When the count differs, or a message's
-text sits outside the span it was given, the row is refused with the reason instead of guessing.
+The assignment rule is checked: the spans between two other messages' texts belong to the assistant
+message between them (templates from `add-markers` often write two: content, then tool calls and the
+end-of-turn); where several assistant messages follow each other, they must have one span each, in order.
+When that doesn't work out, or a message's text sits outside the spans it was given, the row is refused
+with the reason instead of guessing.
 
 What decides whether an assistant message is trained:
   1. the message's own field, when it has one: `"train": true|false` (or `"weight": 1|0`, the same thing);
@@ -26,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .masks import Rendered, TokenMask
+from .probes import text_of
 from .problems import InputError
 
 ROLE_CHOICES = ("assistant", "answers", "tool_calls")
@@ -127,33 +129,71 @@ def needs_control(messages: list[dict], policy: TurnPolicy) -> bool:
     return has_flags(messages) or not all(selected(messages, policy).values())
 
 
-def assign_spans(messages: list[dict], rendered: Rendered) -> dict[int, tuple[int, int]]:
-    """Each assistant message's index -> its generation span (one span per assistant message, in order).
+def assign_spans(messages: list[dict], rendered: Rendered) -> dict[int, list[tuple[int, int]]]:
+    """Each assistant message's index -> its generation spans.
 
-    Raises MappingError when the template's spans can't be assigned that way: a different count, or an
-    assistant message whose text appears in the render but outside the span it would get.
+    Spans between two other messages' texts belong to the assistant message between them, however many the
+    template writes (a converted template often writes one for the content and one for the tool calls and
+    end-of-turn). Where that can't tell (several assistant messages in a row, a template that moves a
+    message's text), one span per assistant message, in order. Raises MappingError when neither works, or
+    an assistant message's text appears in the render but outside its spans.
     """
     assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     spans = sorted(rendered.spans)
-    if len(spans) != len(assistant):
-        raise MappingError(f"the template writes {len(spans)} generation block(s) for {len(assistant)} assistant "
-                           "message(s); per-message training control needs exactly one per assistant message")
-    out = dict(zip(assistant, spans))
-    for i, (start, end) in out.items():
+    out = _between_other_messages(messages, rendered.text, spans)
+    if out is None:
+        if len(spans) != len(assistant):
+            raise MappingError(f"the template writes {len(spans)} generation block(s) for {len(assistant)} assistant "
+                               "message(s) and they can't be told apart by the messages around them; per-message "
+                               "training control needs one per assistant message there")
+        out = {i: [span] for i, span in zip(assistant, spans)}
+    for i, own in out.items():
         content = messages[i].get("content")
         text = content.strip() if isinstance(content, str) else ""
-        if text and text in rendered.text and text not in rendered.text[start:end]:
+        inside = rendered.text[own[0][0]:own[-1][1]] if own else ""
+        if text and text in rendered.text and text not in inside:
             raise MappingError(f"messages[{i}]'s text is not inside the generation block it maps to (the template's "
                                "blocks are not one per assistant message, in order)")
-        if flag(messages[i]) and start >= end:
+        if flag(messages[i]) and not any(start < end for start, end in own):
             raise MappingError(f"messages[{i}] is marked to train but the template marks nothing of it")
     return out
+
+
+def _between_other_messages(messages, text: str, spans) -> dict[int, list[tuple[int, int]]] | None:
+    """Spans grouped by the assistant messages between the texts of the other messages (which anchor the
+    render), or None when a text isn't found exactly once, in order and outside the spans, or a gap holds
+    several assistant messages whose spans don't come one each. Empty spans train nothing and are left out (a block around code that prints
+    only for assistants is still entered, empty, on the other messages)."""
+    spans = [s for s in spans if s[0] < s[1]]
+    anchors, pos = [(-1, 0, 0)], 0
+    for j, m in enumerate(messages):
+        body = text_of(m.get("content")).strip()
+        if m.get("role") == "assistant" or not body:
+            continue
+        at = text.find(body, pos)
+        if at < 0 or text.find(body, at + 1) >= 0 or any(a < at + len(body) and at < b for a, b in spans):
+            return None  # not found in order, or not only once, or inside a span: no anchor to trust
+        anchors.append((j, at, at + len(body)))
+        pos = at + len(body)
+    anchors.append((len(messages), len(text), len(text)))
+    out, placed = {}, 0
+    for (j, _, after), (k, before, _) in zip(anchors, anchors[1:]):
+        between = [i for i in range(j + 1, k) if messages[i].get("role") == "assistant"]
+        inside = [s for s in spans if after <= s[0] and s[1] <= before]
+        placed += len(inside)
+        if len(between) == 1:
+            out[between[0]] = inside
+        elif len(between) == len(inside):
+            out.update({i: [s] for i, s in zip(between, inside)})
+        elif between or inside:
+            return None
+    return out if placed == len(spans) else None
 
 
 def kept_spans(messages: list[dict], rendered: Rendered, policy: TurnPolicy) -> list[tuple[int, int]]:
     """The generation spans of the assistant messages that are trained (raises MappingError)."""
     chosen = selected(messages, policy)
-    return [span for i, span in assign_spans(messages, rendered).items() if chosen[i]]
+    return [span for i, own in assign_spans(messages, rendered).items() if chosen[i] for span in own]
 
 
 def controlled_token_mask(tm: TokenMask, messages: list[dict], policy: TurnPolicy) -> list[int]:

@@ -292,7 +292,7 @@ def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[li
     chosen = control.selected(messages, policy)
     spans = control.assign_spans(messages, rendered)
     kept = {i for i in spans if chosen[i]}
-    return control.token_mask(processed, [spans[i] for i in sorted(kept)], n), kept
+    return control.token_mask(processed, [span for i in sorted(kept) for span in spans[i]], n), kept
 
 
 def _trainable_and_span(labels: list[int]) -> tuple[int, int]:

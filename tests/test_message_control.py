@@ -160,11 +160,28 @@ def test_a_marked_message_the_template_does_not_train_is_an_error(tmp_path):
 
 
 def test_template_without_one_block_per_turn_is_refused_naming_the_row(tmp_path):
+    """Two assistant messages in a row, and one block for both: which message it belongs to is unknowable."""
     last_only = __import__("pathlib").Path(__file__).parent / "fixtures" / "templates" / "R001_last_turn_only.jinja"
-    rows = [{"messages": MULTI_TURN.messages[:2]}, {"messages": MULTI_TURN.messages}]
+    in_a_row = MULTI_TURN.messages[:2] + [{"role": "assistant", "content": "Anything else?"}]
+    rows = [{"messages": MULTI_TURN.messages[:2]}, {"messages": in_a_row}]
     path = write_recipe(tmp_path, rows, chat_template_path=str(last_only), train_turns="last")
-    with pytest.raises(InputError, match=r"row 1: the template writes 1 generation block\(s\) for 3 assistant"):
+    with pytest.raises(InputError, match=r"row 1: the template writes 1 generation block\(s\) for 2 assistant"):
         check_data(load_recipe(path))
+
+
+# Two blocks per assistant turn (content, then the end-of-turn), as add-markers often writes them.
+TWO_BLOCKS = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}"
+              "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+              "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+              "{%- else %}{{ m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_several_blocks_of_one_turn_are_switched_off_together():
+    tokenizer = offline_tokenizers.load("qwen2")
+    messages = flagged(MULTI_TURN.messages, _1={"train": False})
+    kept = trained_spans(tokenizer, TWO_BLOCKS, messages)
+    assert kept == [m["content"] + "<|im_end|>" for m in MULTI_TURN.messages[3::2]]
 
 
 @pytest.mark.parametrize("keys,message", [
