@@ -59,7 +59,10 @@ def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None
     findings = static_findings(source)
     # Rendering is pointless when the template can't parse, or has no blocks (every turn would be "untrained").
     if not any(f.rule in ("S001", "S002", "S003") for f in findings):
-        findings += rendered_findings(source, tokenizer=tokenizer, reference=reference)
+        rendered, eot = rendered_findings(source, tokenizer=tokenizer, reference=reference)
+        if eot and not any(f.rule == "R003" and f.severity == ERROR for f in rendered):
+            findings = static_findings(source, trained_eot=eot)  # S005 knows the template's own end-of-turn now
+        findings += rendered
     findings = _apply_allowances(source, findings)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     findings.sort(key=lambda f: (order[f.severity], f.line or 0, f.rule))
@@ -105,7 +108,8 @@ def generation_blocks(source: str) -> list[nodes.CallBlock]:
     return list(_PARSER.parse(source).find_all(nodes.CallBlock))
 
 
-def static_findings(source: str) -> list[Finding]:
+def static_findings(source: str, trained_eot: str | None = None) -> list[Finding]:
+    """`trained_eot`: the end-of-turn text rendering found trained after every assistant turn, if known."""
     try:
         tree = _PARSER.parse(source)
     except jinja2.TemplateSyntaxError as err:
@@ -128,7 +132,7 @@ def static_findings(source: str) -> list[Finding]:
                                     inner.lineno))
     for block, conditions in _blocks_with_conditions(tree):
         findings += _role_finding(block, conditions)
-    findings += _eot_after_block_findings(tree)
+    findings += _eot_after_block_findings(tree, trained_eot)
     return findings
 
 
@@ -202,18 +206,27 @@ def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
                     "assistant role; check it only wraps assistant output.", block.lineno)]
 
 
-def _eot_after_block_findings(tree) -> list[Finding]:
-    """An end-of-turn literal emitted right after `{% endgeneration %}` is left untrained: the model never learns to stop."""
+def _eot_after_block_findings(tree, trained_eot: str | None = None) -> list[Finding]:
+    """An end-of-turn literal emitted right after `{% endgeneration %}` is left untrained: the model never learns
+    to stop. When rendering showed that the template ends its turns with other text, and trains it, the literal
+    may be one the model never writes (gpt-oss ends a final answer with `<|return|>`, and history shows it as
+    `<|end|>`): then it is a warning."""
     findings = []
     for parent in tree.find_all((nodes.Template, nodes.If, nodes.For, nodes.CallBlock, nodes.Macro)):
         for field in ("body", "else_"):
             children = getattr(parent, field, None) or []
             for block, following in zip(children, children[1:]):
-                if isinstance(block, nodes.CallBlock) and (eot := _leading_eot(following)):
-                    findings.append(Finding("S005", ERROR, f"end-of-turn {eot!r} on line {following.lineno} is emitted "
-                                            f"after {{% endgeneration %}} (line {block.end_lineno}): it is not "
-                                            "trained, so the model never learns to stop. Move it inside the block.",
-                                            following.lineno))
+                if not (isinstance(block, nodes.CallBlock) and (eot := _leading_eot(following))):
+                    continue
+                message = (f"end-of-turn {eot!r} on line {following.lineno} is emitted after {{% endgeneration %}} "
+                           f"(line {block.end_lineno}): it is not trained")
+                if trained_eot and trained_eot != eot:
+                    findings.append(Finding("S005", WARNING, f"{message}. The template's turns end with "
+                                            f"{trained_eot!r}, which is trained; leave {eot!r} out only if the model "
+                                            "never writes it there.", following.lineno))
+                else:
+                    findings.append(Finding("S005", ERROR, f"{message}, so the model never learns to stop. Move it "
+                                            "inside the block.", following.lineno))
     return findings
 
 
@@ -260,8 +273,9 @@ class Turn:
     tail: tuple[int, int] | None = None
 
 
-def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None) -> list[Finding]:
-    """Run the probe corpus; one finding per distinct problem, naming the probes (and turns) that show it."""
+def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None) -> tuple[list[Finding], str | None]:
+    """Run the probe corpus; one finding per distinct problem, naming the probes (and turns) that show it.
+    Also returns the template's end-of-turn text when the probes show it."""
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     line = _single_block_line(source)
     seen: dict[tuple, list[str]] = defaultdict(list)
@@ -316,7 +330,7 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
     if not rendered_any and not any(f.rule == "R007" for f in findings):
         findings.append(Finding("R007", ERROR, "the template rejected every probe conversation; nothing could be "
                                 "checked. Does it accept a plain user/assistant exchange?"))
-    return findings
+    return findings, eot or None
 
 
 def _summarize(where: list[str], limit: int = 4) -> str:
@@ -419,8 +433,9 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         tail = None
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
         end = body_end
-        following = next((text_of(m.get("content")) for m in probe.messages[i + 1:] if text_of(m.get("content"))), "")
-        next_at = text.find(following, body_end) if following else -1
+        # The end-of-turn must come before the next message's text (the first one the render shows as given).
+        next_at = next((at for m in probe.messages[i + 1:] if (later := text_of(m.get("content")))
+                        and (at := text.find(later, body_end)) >= 0), -1)
         if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)

@@ -79,9 +79,10 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
     if not any("T" in t.labels for t in traces):
         raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
     errors = []
-    for relaxed in (False, True):
+    # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
+    for relaxed, flags in ((False, False), (True, False), (False, True), (True, True)):
         try:
-            placed = _Placer(template, traces, relaxed).place()
+            placed = _Placer(template, traces, relaxed, flags).place()
         except MarkerError as err:
             errors.append(err)
             continue
@@ -90,7 +91,7 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
         if not problems:
             return Result(marked, placed.blocks, placed.role_conditions, relaxed)
         errors.append(MarkerError("the marked template failed verification: " + "; ".join(problems[:3])))
-    if len(errors) == 2 and str(errors[0]) != str(errors[1]):
+    if str(errors[0]) != str(errors[1]):
         raise MarkerError(f"{errors[0]} (and with whitespace inside turns left untrained: {errors[1]})",
                           errors[0].line or errors[1].line)
     raise errors[0]
@@ -483,6 +484,8 @@ class _Emission:
     end: int
     role: str | None      # role of the innermost message being looped over, if any
     loop: int | None      # id of that for-loop node
+    iteration: int | None = None  # which pass through that loop
+    started: bool = False  # whether this pass already emitted trained text (before this `{{ }}`)
 
 
 @dataclass
@@ -583,18 +586,19 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             except InputError:
                 failed.append(name)  # the original can't render it either (e.g. no tool support): not ours to fix
                 continue
-            emissions, stack = [], []
+            emissions, stack, passes = [], [], []
 
             def enter(loop, item):
                 while stack and stack[-1][0] == loop:
                     stack.pop()
                 if isinstance(item, dict) and isinstance(item.get("role"), str):
-                    stack.append((loop, item["role"]))
+                    stack.append((loop, item["role"], len(passes)))
+                    passes.append(loop)
                 return ""
 
             def emit(pid, value, _e=emissions, _s=stack):
                 text = str(value) if value is not None else "None"
-                _e.append((pid, text, _s[-1][1] if _s else None, _s[-1][0] if _s else None))
+                _e.append((pid, text, *(_s[-1][1:] if _s else (None, None)), _s[-1][0] if _s else None))
                 return value
 
             variables = {**_special(kwargs), **probe.template_kwargs}
@@ -606,14 +610,28 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             except jinja2.TemplateError as err:
                 raise MarkerError(f"tracing the template failed on probe {name}: {err}") from None
             pos, located = 0, []
-            for pid, piece_text, role, loop in emissions:
-                located.append(_Emission(pid, pos, pos + len(piece_text), role, loop))
+            for pid, piece_text, role, iteration, loop in emissions:
+                located.append(_Emission(pid, pos, pos + len(piece_text), role, loop, iteration))
                 pos += len(piece_text)
             if text != expected.text or "".join(e[1] for e in emissions) != text:
                 raise MarkerError(f"the template's output could not be traced to its source on probe {name} "
                                   "(output from a filter/call block, or a non-string `+`)")
-            out.append(_Trace(name, text, located, _labels(template.source, sub, expected, eot, kwargs), sub, prompt))
+            labels = _labels(template.source, sub, expected, eot, kwargs)
+            _mark_started(located, labels, template.pieces)
+            out.append(_Trace(name, text, located, labels, sub, prompt))
     return out, failed
+
+
+def _mark_started(emissions: list[_Emission], labels: str, pieces: list[_Piece]) -> None:
+    """Set `started` on each emission: its pass through the messages loop already emitted trained text.
+    Operands of one `{{ }}` share the first operand's value, as a condition around the tag sees it."""
+    trained, previous = set(), None
+    for e in emissions:
+        piece = pieces[e.piece]
+        e.started = previous.started if piece.kind == "operand" and piece.index > 0 else e.iteration in trained
+        if e.iteration is not None and "T" in labels[e.start:e.end]:
+            trained.add(e.iteration)
+        previous = e
 
 
 def _special(kwargs: dict) -> dict:
@@ -666,45 +684,69 @@ class _Atom:
     landmark: str = ""  # head/tail: the text the head ends with
 
 
+# The namespace a converted template keeps its "this turn already wrote trained text" flag in (see `_Placer`).
+FLAG = "sft_toolkit_turn"
+_ASSISTANT, _STARTED, _FRESH = frozenset({"assistant"}), frozenset({"assistant", "started"}), frozenset({"assistant", "fresh"})
+_WHERE = {"assistant": lambda e: e.role == "assistant", "started": lambda e: e.started, "fresh": lambda e: not e.started}
+
+
 class _Placer:
-    def __init__(self, template: _Template, traces: list[_Trace], relaxed: bool):
-        self.t, self.relaxed = template, relaxed
+    """Places the markers. Mixed code is resolved in up to two conditions, each a copy of the code marked for
+    the renders it selects (`where`): the message's role, and, with `flags`, whether the assistant's turn
+    already wrote trained text in this pass through the loop. The second is for formats whose turn is
+    several messages, each with its own header (gpt-oss/harmony: `<|start|>assistant<|channel|>analysis...`
+    then `<|start|>assistant<|channel|>final...`): the generation prompt writes the first header, the model
+    the others, from the same code. The template keeps the flag in a namespace set at each block's end and
+    cleared at each pass; nothing of it is printed."""
+
+    def __init__(self, template: _Template, traces: list[_Trace], relaxed: bool, flags: bool = False):
+        self.t, self.relaxed, self.flags = template, relaxed, flags
         self.by_piece: dict[int, list] = {}
         for trace in traces:
             for e in trace.emissions:
                 self.by_piece.setdefault(e.piece, []).append((trace, e))
         self.fors = [s for s in _stmts(template.body) if isinstance(s.node, nodes.For)]
         self.blocks = self.role_conditions = 0
+        self.flag_loops: set[int] = set()
 
     def place(self) -> _Placed:
-        edits = self._body(self.t.body.items, assistant_only=False)
-        return _Placed(_apply(self.t.source, edits, 0, len(self.t.source)), self.blocks, self.role_conditions)
+        edits = self._body(self.t.body.items, frozenset())
+        for loop in sorted(self.flag_loops):  # clear the flag at the start of each pass
+            tag = self.fors[loop].open
+            width = 2 + (1 if tag.rmod else 0)
+            edits.append((tag.end - width, tag.end, f"%}}{{% set {FLAG}.started = false {tag.rmod}%}}"))
+        source = _apply(self.t.source, edits, 0, len(self.t.source))
+        if self.flag_loops:
+            source = re.sub(r"\{%([-+]?) endgeneration",
+                            lambda m: f"{{%{m.group(1)} set {FLAG}.started = true %}}{{% endgeneration", source)
+            source = f"{{% set {FLAG} = namespace(started=false) +%}}" + source
+        return _Placed(source, self.blocks, self.role_conditions)
 
     # What pieces emitted -------------------------------------------------------------------------------
-    def _emissions(self, pieces, assistant_only):
+    def _emissions(self, pieces, where):
         for pid in pieces:
             for trace, e in self.by_piece.get(pid, []):
-                if not assistant_only or e.role == "assistant":
+                if all(_WHERE[name](e) for name in where):
                     yield trace, e
 
-    def _sig(self, pieces, assistant_only, prefill=False) -> frozenset:
+    def _sig(self, pieces, where, prefill=False) -> frozenset:
         """The labels the pieces emit. Pre-filled text (p) follows the rest unless `prefill` asks to see it:
         untrained beside untrained text, trained otherwise (as TRL's training templates train a pre-filled
         `<think>` block)."""
-        sig = {trace.labels[i] for trace, e in self._emissions(pieces, assistant_only) for i in range(e.start, e.end)}
+        sig = {trace.labels[i] for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
         sig.discard("*")
         if "p" in sig and not prefill:
             sig.discard("p")
             sig = sig or {"T"}
         return frozenset(sig)
 
-    def _char_labels(self, piece: _Piece, assistant_only) -> list[str] | None:
+    def _char_labels(self, piece: _Piece, where) -> list[str] | None:
         """One label per character of a literal, or None when renders disagree. In relaxed mode a whitespace
         character that is trained in some renders and not in others (a separator the template shares with
         the role header) stays untrained. Whitespace that may go either way (after an end-of-turn) is trained
         only between trained characters."""
         labels, forced = ["*"] * len(piece.text), set()
-        for trace, e in self._emissions([piece.id], assistant_only):
+        for trace, e in self._emissions([piece.id], where):
             for k in range(len(piece.text)):
                 label = trace.labels[e.start + k]
                 if label == "*" or labels[k] == label or (label == "p" and labels[k] != "*"):
@@ -728,22 +770,22 @@ class _Placer:
         return [p.id for p in self.t.pieces if stmt.open.start <= p.start and p.end <= stmt.close.end]
 
     # The walk ------------------------------------------------------------------------------------------
-    def _body(self, items, assistant_only: bool) -> list:
+    def _body(self, items, where: frozenset) -> list:
         """Edits that mark one statement list; raises MarkerError when it can't be done."""
         atoms, edits = [], []
         for item in items:
-            resolved = self._resolve(item, assistant_only, edits)
+            resolved = self._resolve(item, where, edits)
             if resolved is None:
-                edits.append(self._role_condition(item))
+                edits.append(self._role_condition(item) if not where else self._turn_condition(item))
                 atoms.append(_Atom("done", item, frozenset("X")))
             else:
                 atoms += resolved
         return edits + self._runs(atoms)
 
-    def _resolve(self, item, assistant_only, edits) -> list[_Atom] | None:
-        """The item's atoms with their signatures, mixed ones resolved; None when only a role condition can."""
+    def _resolve(self, item, where, edits) -> list[_Atom] | None:
+        """The item's atoms with their signatures, mixed ones resolved; None when only a condition can."""
         if isinstance(item, _Stmt):
-            sig = self._sig(self._stmt_pieces(item), assistant_only)
+            sig = self._sig(self._stmt_pieces(item), where)
             if isinstance(item.node, (nodes.Assign, nodes.AssignBlock, nodes.Macro)) and not sig:
                 return [_Atom("break", item, frozenset("B"))]  # a `set` inside a block is not seen after it
             if sig != {"T", "U"}:
@@ -751,29 +793,29 @@ class _Placer:
             if not item.bodies:
                 return None
             try:
-                inner = [e for body in item.bodies for e in self._body(body.items, assistant_only)]
+                inner = [e for body in item.bodies for e in self._body(body.items, where)]
             except MarkerError:
-                if assistant_only:
+                if where:  # statements are conditioned on the role only
                     raise
                 return None
             edits += inner
             return [_Atom("done", item, frozenset("X"))]
         atoms = []
         for piece in self.t.exprs.get(item.id, [item]):
-            sig = self._sig([piece.id], assistant_only)
-            splittable = piece.text is not None and self._sig([piece.id], assistant_only, prefill=True) & {"T", "p"}
-            labels = self._char_labels(piece, assistant_only) if splittable else None
+            sig = self._sig([piece.id], where)
+            splittable = piece.text is not None and self._sig([piece.id], where, prefill=True) & {"T", "p"}
+            labels = self._char_labels(piece, where) if splittable else None
             if sig != {"T", "U"} and not (labels and "U" in labels):
                 # (a trained literal that ends in whitespace after an end-of-turn is split all the same)
                 atoms.append(_Atom("piece", piece, sig))
                 continue
             if labels is None:
-                landmark = self._landmark(piece, assistant_only) if piece.variable else None
+                landmark = self._landmark(piece, where) if piece.variable else None
                 if landmark:
                     atoms += [_Atom("head", piece, frozenset("U"), landmark=landmark),
                               _Atom("tail", piece, frozenset("T"), landmark=landmark)]
                     continue
-                if not assistant_only:
+                if not where or (self.flags and where == _ASSISTANT):
                     return None
                 if piece.variable:
                     raise MarkerError(f"the turn is assembled in the variable `{piece.variable}` and printed in one "
@@ -784,13 +826,13 @@ class _Placer:
             atoms += [_Atom("chars", piece, frozenset(label), a, b) for a, b, label in _label_runs(labels)]
         return atoms
 
-    def _landmark(self, piece: _Piece, assistant_only) -> str | None:
+    def _landmark(self, piece: _Piece, where) -> str | None:
         """For `{{ name }}` printing a turn assembled elsewhere (llama 3.0: `set content = header + text + eot`):
         text that ends the untrained head of every emission and first occurs there, so the print can be split
         at `name.find(landmark) + len(landmark)`. The longest such text (the whole role header) is taken. A
         split renders the same bytes wherever it falls; verification checks that it falls right."""
         heads = []
-        for trace, e in self._emissions([piece.id], assistant_only):
+        for trace, e in self._emissions([piece.id], where):
             labels, text = trace.labels[e.start:e.end], trace.text[e.start:e.end]
             first = labels.find("T")
             if first <= 0 or set(labels[:first]) - {"U", "p"} or "U" in labels[first:]:
@@ -810,7 +852,7 @@ class _Placer:
     def _role_condition(self, item) -> tuple[int, int, str]:
         """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item."""
         pieces = self._stmt_pieces(item) if isinstance(item, _Stmt) else [p.id for p in self.t.exprs.get(item.id, [item])]
-        emissions = list(self._emissions(pieces, False))
+        emissions = list(self._emissions(pieces, frozenset()))
         loops = {e.loop for _, e in emissions}
         line = item.line
         if not emissions or None in loops or len(loops) != 1:
@@ -822,13 +864,31 @@ class _Placer:
         var = self.fors[loops.pop()].loop_var
         start, lmod = _edge(self.t, item, "left")
         end, rmod = _edge(self.t, item, "right")
-        marked = _apply(self.t.source, self._body([item], assistant_only=True), start, end)
-        # Inside the copy the neighbours are the condition's own tags, so no `+` is needed at its edges.
-        marked = re.sub(r"\A\{%\+ generation", "{% generation", marked)
-        marked = re.sub(r"endgeneration \+%\}\Z", "endgeneration %}", marked)
+        marked = self._copy(item, _ASSISTANT, start, end)
         self.role_conditions += 1
         return (start, end, f"{{%{lmod} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
                             f"{self.t.source[start:end]}{{%+ endif {rmod}%}}")
+
+    def _turn_condition(self, item) -> tuple[int, int, str]:
+        """`{% if <flag>.started %}copy marked for later messages of a turn{% else %}copy for its first{% endif %}`
+        around one `{{ }}` of an assistant message (see the class docstring)."""
+        emissions = list(self._emissions([p.id for p in self.t.exprs.get(item.id, [item])], _ASSISTANT))
+        loops = {e.loop for _, e in emissions}
+        if None in loops or len(loops) != 1 or len({e.started for _, e in emissions}) != 2:
+            raise MarkerError("the same code prints assistant output in some conversations and text the model is "
+                              "given in others, and whether the turn has begun doesn't tell which", item.line)
+        start, lmod = _edge(self.t, item, "left")
+        end, rmod = _edge(self.t, item, "right")
+        self.flag_loops.add(loops.pop())
+        return (start, end, f"{{%{lmod} if {FLAG}.started +%}}{self._copy(item, _STARTED, start, end)}{{%+ else +%}}"
+                            f"{self._copy(item, _FRESH, start, end)}{{%+ endif {rmod}%}}")
+
+    def _copy(self, item, where: frozenset, start: int, end: int) -> str:
+        """The item's source marked for the renders `where` selects, to sit inside a condition's branch."""
+        marked = _apply(self.t.source, self._body([item], where), start, end)
+        # Inside the copy the neighbours are the condition's own tags, so no `+` is needed at its edges.
+        marked = re.sub(r"\A\{%\+ generation", "{% generation", marked)
+        return re.sub(r"endgeneration \+%\}\Z", "endgeneration %}", marked)
 
     def _runs(self, atoms: list[_Atom]) -> list:
         """One generation block per maximal run of trained atoms; silent atoms join runs but never end them."""
