@@ -499,8 +499,10 @@ class _Trace:
 
 
 def _instrument(template: _Template):
-    """A fresh AST of the same source with every piece wrapped in `sft_emit(id, value)` and every for-loop
-    body opened with `sft_enter(loop, item)`; pieces are numbered in the same order as `_Template`."""
+    """A fresh AST of the same source with every piece wrapped in `sft_emit(id, value)`, every for-loop body
+    opened with `sft_enter(loop, item)` and every for-loop followed by `sft_leave(loop)` (so text after an
+    inner loop over messages, e.g. gpt-oss's look-ahead, is not taken for the last message it saw); pieces
+    are numbered in the same order as `_Template`."""
     tree = template.env.parse(template.source)
     counter = iter(range(len(template.pieces)))
     loop_ids = {}
@@ -509,7 +511,9 @@ def _instrument(template: _Template):
         return nodes.Call(nodes.Name(name, "load"), list(args), [], None, None)
 
     def walk(stmts):
+        out = []
         for node in stmts:
+            out.append(node)
             if isinstance(node, nodes.Output):
                 new = []
                 for child in node.nodes:
@@ -526,19 +530,20 @@ def _instrument(template: _Template):
                         new.append(_wrap_chain(child, iter(p.id for p in operands), call))
                 node.nodes = new
             elif isinstance(node, nodes.If):
-                walk(node.body)
+                node.body = walk(node.body)
                 for elif_ in node.elif_:
-                    walk(elif_.body)
-                walk(node.else_)
+                    elif_.body = walk(elif_.body)
+                node.else_ = walk(node.else_)
             elif isinstance(node, nodes.For):
-                loop_ids[id(node)] = len(loop_ids)
-                walk(node.body)
+                loop = loop_ids[id(node)] = len(loop_ids)
+                node.body = walk(node.body)
                 if isinstance(node.target, nodes.Name):
-                    enter = nodes.Output([call("sft_enter", nodes.Const(loop_ids[id(node)]),
-                                               nodes.Name(node.target.name, "load"))])
-                    node.body = [enter] + node.body
-                walk(node.else_)
-    walk(tree.body)
+                    node.body.insert(0, nodes.Output([call("sft_enter", nodes.Const(loop),
+                                                            nodes.Name(node.target.name, "load"))]))
+                    out.append(nodes.Output([call("sft_leave", nodes.Const(loop))]))
+                node.else_ = walk(node.else_)
+        return out
+    tree.body = walk(tree.body)
     return tree
 
 
@@ -596,6 +601,11 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                     passes.append(loop)
                 return ""
 
+            def leave(loop):
+                while stack and stack[-1][0] == loop:
+                    stack.pop()
+                return ""
+
             def emit(pid, value, _e=emissions, _s=stack):
                 text = str(value) if value is not None else "None"
                 _e.append((pid, text, *(_s[-1][1:] if _s else (None, None)), _s[-1][0] if _s else None))
@@ -605,7 +615,7 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             chat = _alias_reasoning_fields(_plain_template_data(normalize_messages(messages)))
             try:
                 text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
-                                     add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter,
+                                     add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter, sft_leave=leave,
                                      **_plain_template_data(variables))
             except jinja2.TemplateError as err:
                 raise MarkerError(f"tracing the template failed on probe {name}: {err}") from None

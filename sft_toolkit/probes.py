@@ -122,6 +122,18 @@ PROBES: list[Probe] = [
         ],
         tools=[WEATHER_TOOL],
     ),
+    Probe(
+        # Reasoning before a tool call, the conversation waiting for the tool: templates that keep reasoning
+        # only until a final answer (gpt-oss) show it here, and with it a second message header in one turn.
+        "tool-call-reasoning",
+        [
+            {"role": "user", "content": "Is it warm in Lisbon today?"},
+            {"role": "assistant", "reasoning_content": "I need the current weather in Lisbon.", "content": "",
+             "tool_calls": [_call("Lisbon")]},
+            {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 24}'},
+        ],
+        tools=[WEATHER_TOOL],
+    ),
 ]
 
 

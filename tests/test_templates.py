@@ -277,6 +277,9 @@ REJECTED_PROBES = {
     ("gemma2", "tool-call-system"): "'System role not supported'",
     ("mistral", "tool-call"): "tool calls without ids (mistral-common requires 9-character ids)",
     ("mistral", "tool-call-system"): "tool calls without ids (mistral-common requires 9-character ids)",
+    ("gemma", "tool-call-reasoning"): "a tool message breaks the strict user/assistant alternation",
+    ("gemma2", "tool-call-reasoning"): "a tool message breaks the strict user/assistant alternation",
+    ("mistral", "tool-call-reasoning"): "tool calls without ids (mistral-common requires 9-character ids)",
 }
 
 
