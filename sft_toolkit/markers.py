@@ -11,14 +11,19 @@ source, and the result must pass the same checks as a hand-written template:
    Rendering the probe corpus then says, for every output character, which piece emitted it and for
    which message of the conversation loop.
 2. Label. lint's `locate_turns` says where each assistant turn is in the text (from the end of the
-   generation prompt to its end-of-turn): those characters must be trained, all others must not, and
-   whitespace after the end-of-turn may go either way (we leave it untrained, as the bundled templates do).
+   generation prompt's role header to its end-of-turn): those characters must be trained, all others
+   must not. Whitespace after the end-of-turn may go either way (we leave it untrained, as the bundled
+   templates do); so may text the generation prompt pre-fills and a tool-call turn's closing markup,
+   which are trained where that gives the markers a fixed place.
 3. Place. Walking the template's statement lists, maximal runs of pieces that only emit trained text
    get one generation block each; pieces that emit both are split (an expression at its `+`, literal
-   text between characters) or, when the same code renders every role (`'<|start_header_id|>' + role +
-   ... + content`), duplicated under `{% if message.role == 'assistant' %}` so only the assistant copy
-   is marked. Whitespace control is preserved by moving each tag's `-` to the inserted tag and using
-   `+` where jinja's trim_blocks/lstrip_blocks would otherwise eat text.
+   text between characters, a printed variable after its role header) or, when the same code renders
+   every role (`'<|start_header_id|>' + role + ... + content`), duplicated under
+   `{% if message.role == 'assistant' %}` so only the assistant copy is marked; when the same assistant
+   code is the prompt's in one place and the model's in another (a second message header inside one
+   turn), it is duplicated under a flag saying whether the turn has begun (see `_Placer`). Whitespace
+   control is preserved by moving each tag's `-` to the inserted tag and using `+` where jinja's
+   trim_blocks/lstrip_blocks would otherwise eat text.
 4. Verify. The result must render byte-identically to the input on every probe (with and without the
    generation prompt, every prefix), train every labelled character, and pass lint. Nothing is returned
    otherwise: `MarkerError` says which construct defeated the placement and on which line.

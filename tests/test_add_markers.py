@@ -240,3 +240,29 @@ def test_cli_writes_a_template_that_lint_accepts_or_writes_nothing(tmp_path):
 
     missing = cli(str(tmp_path / "nope.jinja"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+# A turn made of several messages, each with its own header (gpt-oss's harmony format): the generation prompt
+# writes the first header, the model writes the others from the same code.
+HARMONY_LIKE = (
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- if m.reasoning_content %}{{ '<|start|>assistant<|channel|>analysis<|message|>' + m.reasoning_content + '<|end|>' }}"
+    "{%- endif %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|return|>' }}"
+    "{%- else %}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|start|>assistant' }}{%- endif %}")
+
+
+def test_headers_the_model_writes_inside_its_turn_are_trained_and_the_prompts_is_not():
+    marked = add_markers(HARMONY_LIKE).source
+    reasoning = [{"role": "user", "content": "Is 91 prime?"},
+                 {"role": "assistant", "reasoning_content": "91 = 7 * 13.", "content": "No."}]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    for messages in (reasoning, plain, CONVERSATION):
+        assert render(marked, messages).text == render(HARMONY_LIKE, messages).text
+    assert trained_turns(marked, reasoning) == [
+        "<|channel|>analysis<|message|>91 = 7 * 13.<|end|>", "<|start|>assistant<|channel|>final<|message|>No.<|return|>"]
+    assert trained_turns(marked, plain) == ["<|channel|>final<|message|>Hello.<|return|>"]
+    assert lint(marked, "harmony").ok
