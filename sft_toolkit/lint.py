@@ -439,7 +439,8 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
-        elif i + 1 < len(probe.messages) and (cut := _turn_end(source, probe, i, text, kwargs)) > end:
+        elif i + 1 < len(probe.messages) and (cut := _turn_end(source, probe, i, text, kwargs,
+                                                              next_at if message.get("tool_calls") else -1)) > end:
             # No end-of-turn text before the next message: the turn ends where the conversation cut after it
             # ends. What follows its last tool-call value there may be closing markup (glm4's `</tool_call>`)
             # or a hand-off the next message's code also prints (gemma4's `<|tool_response>`): either way.
@@ -463,14 +464,16 @@ def _call_values(message: dict) -> list[str]:
     return [v for v in out if v]
 
 
-def _turn_end(source: str, probe: Probe, i: int, text: str, kwargs) -> int:
+def _turn_end(source: str, probe: Probe, i: int, text: str, kwargs, fallback: int = -1) -> int:
     """Where the conversation cut after message `i` ends, when the full text continues it: the end of an
-    assistant turn in a template with no end-of-turn text of its own (glm4's tool calls). 0 otherwise."""
+    assistant turn in a template with no end-of-turn text of its own (glm4's tool calls). Otherwise
+    `fallback` (for a tool-calling turn, where the next message's text starts: gemma4 shows reasoning only
+    in a conversation's last turn, so the cut one differs), or 0."""
     try:
         cut = _render(source, probe, probe.messages[: i + 1], False, kwargs).text
     except (TemplateRaised, InputError):
-        return 0
-    return len(cut) if text.startswith(cut) else 0
+        return max(fallback, 0)
+    return len(cut) if text.startswith(cut) else max(fallback, 0)
 
 
 _ROLE_NAMES = (("user", "assistant"), ("User", "Assistant"), ("USER", "ASSISTANT"))

@@ -10,6 +10,7 @@ can't be converted fail with a line number and write nothing.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from functools import lru_cache
@@ -18,10 +19,10 @@ from pathlib import Path
 import pytest
 import trl
 
-from sft_toolkit.lint import lint, locate_turns, usable_probe, _end_of_turn
+from sft_toolkit.lint import _check_probe, _end_of_turn, lint, locate_turns, usable_probe
 from sft_toolkit.markers import MarkerError, _strip_markers, add_markers
 from sft_toolkit.masks import TemplateRaised, render, tokenize
-from sft_toolkit.probes import PROBES
+from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, _call
 from sft_toolkit.problems import InputError
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
@@ -266,3 +267,58 @@ def test_headers_the_model_writes_inside_its_turn_are_trained_and_the_prompts_is
         "<|channel|>analysis<|message|>91 = 7 * 13.<|end|>", "<|start|>assistant<|channel|>final<|message|>No.<|return|>"]
     assert trained_turns(marked, plain) == ["<|channel|>final<|message|>Hello.<|return|>"]
     assert lint(marked, "harmony").ok
+
+
+def held_out_conversations(count: int, seed: int = 0) -> list[list[dict]]:
+    """Conversations the probe corpus doesn't contain: random lengths, system prompts, reasoning on answers
+    and on tool calls, one or two tool calls with their results."""
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta sun rain cloud river stone 42 7 km metres grams é ☕ yes no".split()
+
+    def text():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 8))).capitalize() + rng.choice(".?!")
+
+    out = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": text()})
+            if rng.random() < 0.35:
+                call = {"role": "assistant", "content": "", "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"]))
+                                                                        for _ in range(rng.randint(1, 2))]}
+                if rng.random() < 0.5:
+                    call["reasoning_content"] = text()
+                messages.append(call)
+                messages += [{"role": "tool", "name": "get_weather", "content": f'{{"temperature_c": {rng.randint(-5, 35)}}}'}
+                             for _ in call["tool_calls"]]
+            answer = {"role": "assistant", "content": text()}
+            if rng.random() < 0.4:
+                answer["reasoning_content"] = text()
+            messages.append(answer)
+        out.append(messages)
+    return out
+
+
+HELD_OUT = held_out_conversations(12)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTS))
+def test_converted_template_is_right_on_conversations_the_probes_do_not_contain(name):
+    """Verification runs on the probe corpus; this checks the result on other conversations with the same
+    rules (every assistant turn and its end-of-turn trained, nothing else), as a user's data would."""
+    original, marked = (TRL_TEMPLATES / f"{name}.jinja").read_text(), converted(name).source
+    eot = next((e for p in PROBES if (e := _end_of_turn(original, usable_probe(original, p, {}), {}))), None)
+    checked = 0
+    for messages in HELD_OUT:
+        probe = usable_probe(original, Probe("held-out", messages, [WEATHER_TOOL]), {})
+        try:
+            expected = render(original, probe.messages, tools=probe.tools)
+        except (TemplateRaised, InputError):
+            continue  # the original refuses this conversation (e.g. no tool role)
+        ours = render(marked, probe.messages, tools=probe.tools)
+        assert ours.text == expected.text
+        problems = [f"{rule} {message} {example or ''}" for rule, severity, message, _, example
+                    in _check_probe(original, probe, ours, eot, {}) if severity == "error" and rule != "R004"]
+        assert not problems, (messages, problems)
+        checked += 1
+    assert checked >= 3, f"{name} rendered only {checked} of {len(HELD_OUT)} conversations"
