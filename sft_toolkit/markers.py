@@ -613,7 +613,8 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
 
             def emit(pid, value, _e=emissions, _s=stack):
                 text = str(value) if value is not None else "None"
-                _e.append((pid, text, *(_s[-1][1:] if _s else (None, None)), _s[-1][0] if _s else None))
+                loop, role, iteration = _s[-1] if _s else (None, None, None)
+                _e.append((pid, text, role, iteration, loop))
                 return value
 
             variables = {**_special(kwargs), **probe.template_kwargs}
