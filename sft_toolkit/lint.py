@@ -410,7 +410,7 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
             size = _role_header_length(prompt[header[0]:], text, probe)
             if size is not None and text.startswith(prompt[:header[0] + size]):
                 prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
-        diverged = None
+        diverged, given = None, prompt
         if prompt is not None and not text.startswith(prompt):
             at = diverged = _first_difference(prompt, text)
             mismatches.append((
@@ -423,6 +423,9 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
         if diverged is not None:  # the model was prompted with the text up to where prompt and training part
             start = max(start, diverged)
+            if start > diverged and (closing := _after_last_message(given, probe.messages[i - 1])) \
+                    and text.startswith(closing, start):
+                start += len(closing)  # what the prompt writes after the last message is given too (`[/INST]`)
         prefill = None
         if prefill_at is not None and prefill_at < start:
             prefill, start, header = (prefill_at, start), prefill_at, role_header
@@ -499,6 +502,13 @@ def _role_header_length(addition: str, text: str, probe: Probe) -> int | None:
             if addition.startswith(before):
                 return len(before) if len(before) < len(addition) else None
     return None
+
+
+def _after_last_message(prompt: str, previous: dict) -> str:
+    """The text a generation prompt ends with after the previous message's content ("" when not found)."""
+    content = text_of(previous.get("content"))
+    at = prompt.rfind(content) if content else -1
+    return prompt[at + len(content):] if at >= 0 else ""
 
 
 def _after_previous(text: str, previous: dict | None, cursor: int, eot: str | None) -> int:

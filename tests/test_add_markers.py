@@ -135,12 +135,7 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
 def test_bundled_templates_stripped_of_markers_come_back_with_the_same_mask(path):
     source = path.read_text()
     bare = _strip_markers(source)
-    try:
-        marked = add_markers(bare).source
-    except MarkerError as err:
-        if path.stem == "mistral":  # its format moves the system prompt to the last user turn (R004)
-            pytest.skip(f"mistral: {err}")
-        raise
+    marked = add_markers(bare).source
     for probe in PROBES:
         probe = usable_probe(source, probe, {})
         try:
