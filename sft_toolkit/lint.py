@@ -18,6 +18,7 @@ Rule codes are stable (other tools match on them):
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None
     if not any(f.rule in ("S001", "S002", "S003") for f in findings):
         rendered, eot = rendered_findings(source, tokenizer=tokenizer, reference=reference)
         if eot and not any(f.rule == "R003" and f.severity == ERROR for f in rendered):
-            findings = static_findings(source, trained_eot=eot)  # S005 knows the template's own end-of-turn now
+            findings = static_findings(source, trained_eot=eot)  # S005 knows how the template ends a turn now
         findings += rendered
     findings = _apply_allowances(source, findings)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
@@ -109,7 +110,7 @@ def generation_blocks(source: str) -> list[nodes.CallBlock]:
 
 
 def static_findings(source: str, trained_eot: str | None = None) -> list[Finding]:
-    """`trained_eot`: the end-of-turn text rendering found trained after every assistant turn, if known."""
+    """`trained_eot`: the end-of-turn text rendering found (trained wherever R003 looked), if known."""
     try:
         tree = _PARSER.parse(source)
     except jinja2.TemplateSyntaxError as err:
@@ -208,9 +209,9 @@ def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
 
 def _eot_after_block_findings(tree, trained_eot: str | None = None) -> list[Finding]:
     """An end-of-turn literal emitted right after `{% endgeneration %}` is left untrained: the model never learns
-    to stop. When rendering showed that the template ends its turns with other text, and trains it, the literal
-    may be one the model never writes (gpt-oss ends a final answer with `<|return|>`, and history shows it as
-    `<|end|>`): then it is a warning."""
+    to stop. When rendering showed that the template ends a conversation's last turn with other text, and no
+    R003 error, the literal may be one the model never writes (gpt-oss ends a final answer with `<|return|>`,
+    and history shows it as `<|end|>`): then it is a warning, which still names the literal."""
     findings = []
     for parent in tree.find_all((nodes.Template, nodes.If, nodes.For, nodes.CallBlock, nodes.Macro)):
         for field in ("body", "else_"):
@@ -221,9 +222,9 @@ def _eot_after_block_findings(tree, trained_eot: str | None = None) -> list[Find
                 message = (f"end-of-turn {eot!r} on line {following.lineno} is emitted after {{% endgeneration %}} "
                            f"(line {block.end_lineno}): it is not trained")
                 if trained_eot and trained_eot != eot:
-                    findings.append(Finding("S005", WARNING, f"{message}. The template's turns end with "
-                                            f"{trained_eot!r}, which is trained; leave {eot!r} out only if the model "
-                                            "never writes it there.", following.lineno))
+                    findings.append(Finding("S005", WARNING, f"{message}. The template ends a conversation's "
+                                            f"last turn with {trained_eot!r}, which is trained; leave {eot!r} out only "
+                                            "if the model never writes it there.", following.lineno))
                 else:
                     findings.append(Finding("S005", ERROR, f"{message}, so the model never learns to stop. Move it "
                                             "inside the block.", following.lineno))
@@ -262,7 +263,8 @@ class Turn:
     must not be trained. Two parts of the region may be trained or not: `prefill`, its start that the
     generation prompt writes after the role header (qwen3.5's `<think>\n\n</think>\n\n`: text of the turn the
     model is handed at inference; TRL's training templates train it), and `tail`, the markup after the last
-    tool-call value of a turn with no end-of-turn text (see `locate_turns`).
+    tool-call value of a turn with no end-of-turn text (see `locate_turns`). `gap` is text inside the region
+    that is not the turn's: tool results a template prints before the message's own text.
     """
 
     index: int
@@ -271,6 +273,7 @@ class Turn:
     header: tuple[int, int] | None
     prefill: tuple[int, int] | None = None
     tail: tuple[int, int] | None = None
+    gap: tuple[int, int] | None = None
 
 
 def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None) -> tuple[list[Finding], str | None]:
@@ -392,8 +395,25 @@ def _end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
         if at < 0:
             return None
         tail = text[at + len(content):].split()
-        return tail[0] if tail else ""  # "": the template writes nothing after the content
+        return tail[0] if tail else _end_before_user(source, probe, i, content, kwargs)
     return None
+
+
+def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) -> str:
+    """For a template that writes nothing after the conversation's last assistant message: what it writes
+    after messages[i] when a user message follows, unless that is the user's own role tag (glm4's
+    `<|user|>`). "" when it writes nothing there either."""
+    following = probe.messages[i + 1] if i + 1 < len(probe.messages) else {}
+    later = text_of(following.get("content"))
+    if following.get("role") != "user" or not later:
+        return ""
+    try:
+        text = _render(source, probe, probe.messages, False, kwargs).text
+    except (TemplateRaised, InputError):
+        return ""
+    at, next_at = text.find(content), text.find(later)
+    tail = text[at + len(content):next_at].split() if 0 <= at < next_at else []
+    return tail[0] if tail and "user" not in tail[0].lower() else ""
 
 
 def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwargs) -> tuple[list[Turn], list[tuple[str, int, str]]]:
@@ -422,7 +442,7 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         content = text_of(message.get("content"))
         start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
         if diverged is not None:  # the model was prompted with the text up to where prompt and training part
-            start = max(start, diverged)
+            start = max(start, _markup_start(text, diverged))
             if start > diverged and (closing := _after_last_message(given, probe.messages[i - 1])) \
                     and text.startswith(closing, start):
                 start += len(closing)  # what the prompt writes after the last message is given too (`[/INST]`)
@@ -433,25 +453,30 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if content and eot and (followed := text.find(content + eot, start)) >= 0:
             content_at = followed  # a short text can also occur inside markup (`N` in `[/INST]`)
         body_end = content_at + len(content) if content_at >= 0 else start
-        tail = None
+        tail = gap = None
+        if content_at >= 0 and message.get("tool_calls") and i + 1 < len(probe.messages) \
+                and (shown := _shown(text, probe.messages[i + 1], start)) and shown[0] < content_at:
+            # The template prints this message's text after the tool results (gemma4): its tool calls come
+            # before them and its text after; the results between are not the turn's.
+            calls_end = _values_end(text, _call_values(message), start, shown[0])
+            tail, gap = ((calls_end, shown[0]) if calls_end < shown[0] else None), (shown[0], content_at)
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
         end = body_end
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
-        next_at = next((at for m in probe.messages[i + 1:] if (later := text_of(m.get("content")))
-                        and (at := text.find(later, body_end)) >= 0), -1)
+        next_at = next((shown[0] for m in probe.messages[i + 1:] if (shown := _shown(text, m, body_end))), -1)
         if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
-        elif i + 1 < len(probe.messages) and (cut := _turn_end(source, probe, i, text, kwargs,
-                                                              next_at if message.get("tool_calls") else -1)) > end:
+        elif gap is None and i + 1 < len(probe.messages) and (stop_last := _turn_end(source, probe, i, text, start, next_at, kwargs))[0] > end:
             # No end-of-turn text before the next message: the turn ends where the conversation cut after it
             # ends. What follows its last tool-call value there may be closing markup (glm4's `</tool_call>`)
             # or a hand-off the next message's code also prints (gemma4's `<|tool_response>`): either way.
-            last = max([end] + [at + len(v) for v in _call_values(message) if (at := text.rfind(v, start, cut)) >= 0])
-            tail, end = ((last, cut) if last < cut else None), cut
+            stop, last = stop_last
+            last = max(last, end)
+            tail, end = ((last, stop) if last < stop else None), stop
         while end < len(text) and text[end] in " \t\r\n":
             end += 1
-        turns.append(Turn(i, (start, end), required, header, prefill, tail))
+        turns.append(Turn(i, (start, end), required, header, prefill, tail, gap))
         cursor = end
     return turns, mismatches
 
@@ -467,16 +492,36 @@ def _call_values(message: dict) -> list[str]:
     return [v for v in out if v]
 
 
-def _turn_end(source: str, probe: Probe, i: int, text: str, kwargs, fallback: int = -1) -> int:
-    """Where the conversation cut after message `i` ends, when the full text continues it: the end of an
-    assistant turn in a template with no end-of-turn text of its own (glm4's tool calls). Otherwise
-    `fallback` (for a tool-calling turn, where the next message's text starts: gemma4 shows reasoning only
-    in a conversation's last turn, so the cut one differs), or 0."""
+def _turn_end(source: str, probe: Probe, i: int, text: str, start: int, next_at: int, kwargs) -> tuple[int, int]:
+    """Where assistant turn `i` ends in a template with no end-of-turn text of its own, and where its last
+    tool-call value ends: (0, 0) when unknown. The turn ends where the conversation cut after it ends (glm4's
+    tool calls). When the cut conversation renders differently (gemma4 shows reasoning only in the last
+    turn), where the text the cut one writes after its last tool-call value ends."""
+    values = _call_values(probe.messages[i])
     try:
         cut = _render(source, probe, probe.messages[: i + 1], False, kwargs).text
     except (TemplateRaised, InputError):
-        return max(fallback, 0)
-    return len(cut) if text.startswith(cut) else max(fallback, 0)
+        return 0, 0
+    if text.startswith(cut):
+        return len(cut), _values_end(text, values, start, len(cut))
+    # The cut conversation's last tool-call value and what it writes after it, found last before the next
+    # message in the full text.
+    ends = [(at + len(v), at, v) for v in values if (at := cut.rfind(v)) >= 0]  # (a template may drop calls)
+    if not ends:
+        return 0, 0
+    _, at, value = max(ends)
+    ending = cut[at:]
+    found = text.rfind(ending, start, next_at + len(ending) if next_at >= 0 else len(text))
+    return (found + len(ending), found + len(value)) if found >= 0 and len(ending) > len(value) else (0, 0)
+
+
+def _values_end(text: str, values: list[str], start: int, stop: int) -> int:
+    """Where the tool-call values end in text[start:stop], found in the order the calls write them."""
+    pos = start
+    for value in values:
+        at = text.find(value, pos, stop)
+        pos = at + len(value) if at >= 0 else pos
+    return pos
 
 
 _ROLE_NAMES = (("user", "assistant"), ("User", "Assistant"), ("USER", "ASSISTANT"))
@@ -504,19 +549,41 @@ def _role_header_length(addition: str, text: str, probe: Probe) -> int | None:
     return None
 
 
+def _markup_start(text: str, at: int) -> int:
+    """`at`, or the `<` before it when `at` falls inside a markup token (prompt `<turn|>` and training
+    `<|tool_call>` part after their common `<`)."""
+    k = text.rfind("<", 0, at)
+    return k if k >= 0 and not any(c == ">" or c.isspace() for c in text[k:at]) else at
+
+
+def _shown(text: str, message: dict | None, start: int) -> tuple[int, int] | None:
+    """Where a message's text first shows in the render from `start`: as written, or JSON-escaped (a template
+    that prints a tool result with `| tojson`); None when it doesn't."""
+    found = [(at, at + len(form)) for form in _forms(message) if (at := text.find(form, start)) >= 0]
+    return min(found, key=lambda span: (span[0], -span[1]), default=None)
+
+
+def _forms(message: dict | None) -> list[str]:
+    """A message's text as a template may print it: as written, or JSON-encoded with or without quotes."""
+    content = text_of(message.get("content")) if message else ""
+    if not content:
+        return []
+    encoded = {json.dumps(content, ensure_ascii=False), json.dumps(content)}
+    return [content, *encoded, *(form[1:-1] for form in encoded)]
+
+
 def _after_last_message(prompt: str, previous: dict) -> str:
     """The text a generation prompt ends with after the previous message's content ("" when not found)."""
-    content = text_of(previous.get("content"))
-    at = prompt.rfind(content) if content else -1
-    return prompt[at + len(content):] if at >= 0 else ""
+    ends = [at + len(form) for form in _forms(previous) if (at := prompt.rfind(form)) >= 0]
+    return prompt[max(ends):] if ends else ""
 
 
 def _after_previous(text: str, previous: dict | None, cursor: int, eot: str | None) -> int:
     """Without a usable generation prompt, a turn starts after the previous message's text and end-of-turn."""
-    content = previous.get("content") if previous else None
-    if not isinstance(content, str) or not content or (at := text.find(content, cursor)) < 0:
+    shown = _shown(text, previous, cursor)
+    if shown is None:
         return cursor
-    at += len(content)
+    at = shown[1]
     return at + len(eot) if eot and text.startswith(eot, at) else at
 
 
@@ -572,6 +639,8 @@ def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs,
     allowed = [False] * len(text)
     for turn in turns:
         allowed[turn.region[0]:turn.region[1]] = [True] * (turn.region[1] - turn.region[0])
+        if turn.gap:
+            allowed[turn.gap[0]:turn.gap[1]] = [False] * (turn.gap[1] - turn.gap[0])
     for start, end in _runs([t and not a for t, a in zip(trained, allowed)]):
         what, turn = _describe(text, start, end, turns, probe)
         out.append(("R002", ERROR, f"trained text outside assistant output: {what}. Only assistant output and "

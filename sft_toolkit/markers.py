@@ -568,9 +568,10 @@ def _cases(probe: Probe):
     yield probe.name, probe.messages, False
     yield f"{probe.name}+prompt", probe.messages, True
     for i, m in enumerate(probe.messages):
-        # A conversation cut right after a tool call (no content) has no turn end to find: some templates
+        # A conversation cut right after a tool call has no turn end to find: some templates
         # keep the model's turn open for the tool's answer, so where the turn stops is unknowable there.
-        if m.get("role") == "assistant" and i + 1 < len(probe.messages) and text_of(m.get("content")):
+        if m.get("role") == "assistant" and i + 1 < len(probe.messages) and text_of(m.get("content")) \
+                and not m.get("tool_calls"):
             yield f"{probe.name}[:{i + 1}]", probe.messages[: i + 1], False
 
 
@@ -669,6 +670,8 @@ def _labels(source, probe: Probe, rendered, eot, kwargs) -> str:
             labels[i] = "T" if i < last else "*"
         for a, b in filter(None, (turn.prefill, turn.tail)):
             labels[a:b] = ["p"] * (b - a)
+        if turn.gap:
+            labels[turn.gap[0]:turn.gap[1]] = ["U"] * (turn.gap[1] - turn.gap[0])
     return "".join(labels)
 
 
@@ -712,8 +715,9 @@ class _Placer:
     already wrote trained text in this pass through the loop. The second is for formats whose turn is
     several messages, each with its own header (gpt-oss/harmony: `<|start|>assistant<|channel|>analysis...`
     then `<|start|>assistant<|channel|>final...`): the generation prompt writes the first header, the model
-    the others, from the same code. The template keeps the flag in a namespace set at each block's end and
-    cleared at each pass; nothing of it is printed."""
+    the others, from the same code. The template keeps the flag in a namespace made at the start of each
+    pass and set at each block's end (so a block that rendered nothing sets it too: verification checks the
+    probes); nothing of it is printed."""
 
     def __init__(self, template: _Template, traces: list[_Trace], relaxed: bool, flags: bool = False):
         self.t, self.relaxed, self.flags = template, relaxed, flags
@@ -727,15 +731,14 @@ class _Placer:
 
     def place(self) -> _Placed:
         edits = self._body(self.t.body.items, frozenset())
-        for loop in sorted(self.flag_loops):  # clear the flag at the start of each pass
+        for loop in sorted(self.flag_loops):  # a fresh flag at the start of each pass
             tag = self.fors[loop].open
             width = 2 + (1 if tag.rmod else 0)
-            edits.append((tag.end - width, tag.end, f"%}}{{% set {FLAG}.started = false {tag.rmod}%}}"))
+            edits.append((tag.end - width, tag.end, f"%}}{{% set {FLAG} = namespace(started=false) {tag.rmod}%}}"))
         source = _apply(self.t.source, edits, 0, len(self.t.source))
-        if self.flag_loops:
+        if self.flag_loops:  # every generation block in the source is ours
             source = re.sub(r"\{%([-+]?) endgeneration",
                             lambda m: f"{{%{m.group(1)} set {FLAG}.started = true %}}{{% endgeneration", source)
-            source = f"{{% set {FLAG} = namespace(started=false) +%}}" + source
         return _Placed(source, self.blocks, self.role_conditions)
 
     # What pieces emitted -------------------------------------------------------------------------------

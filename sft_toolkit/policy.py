@@ -135,8 +135,8 @@ def assign_spans(messages: list[dict], rendered: Rendered) -> dict[int, list[tup
     Spans between two other messages' texts belong to the assistant message between them, however many the
     template writes (a converted template often writes one for the content and one for the tool calls and
     end-of-turn). Where that can't tell (several assistant messages in a row, a template that moves a
-    message's text), one span per assistant message, in order. Raises MappingError when neither works, or
-    an assistant message's text appears in the render but outside its spans.
+    message's text), the conversation needs one span per assistant message, in order. Raises MappingError
+    when neither works, or an assistant message's text appears in the render but outside its spans.
     """
     assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     spans = sorted(rendered.spans)
@@ -162,7 +162,7 @@ def assign_spans(messages: list[dict], rendered: Rendered) -> dict[int, list[tup
 def _between_other_messages(messages, text: str, spans) -> dict[int, list[tuple[int, int]]] | None:
     """Spans grouped by the assistant messages between the texts of the other messages (which anchor the
     render), or None when a text isn't found exactly once, in order and outside the spans, or a gap holds
-    several assistant messages whose spans don't come one each. Empty spans train nothing and are left out (a block around code that prints
+    several assistant messages. Empty spans train nothing and are left out (a block around code that prints
     only for assistants is still entered, empty, on the other messages)."""
     spans = [s for s in spans if s[0] < s[1]]
     anchors, pos = [(-1, 0, 0)], 0
@@ -183,9 +183,9 @@ def _between_other_messages(messages, text: str, spans) -> dict[int, list[tuple[
         placed += len(inside)
         if len(between) == 1:
             out[between[0]] = inside
-        elif len(between) == len(inside):
-            out.update({i: [s] for i, s in zip(between, inside)})
         elif between or inside:
+            # Several assistant messages in a row: nothing tells where one ends (a template may skip an
+            # empty one, and its neighbour's second span would look like its own).
             return None
     return out if placed == len(spans) else None
 

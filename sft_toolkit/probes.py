@@ -123,6 +123,19 @@ PROBES: list[Probe] = [
         tools=[WEATHER_TOOL],
     ),
     Probe(
+        # Text beside a tool call, and a second round of tool use in the same answer.
+        "tool-calls-with-text",
+        [
+            {"role": "user", "content": "Compare the weather in Oslo and Rome."},
+            {"role": "assistant", "content": "Let me check Oslo first.", "tool_calls": [_call("Oslo")]},
+            {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 4}'},
+            {"role": "assistant", "content": "", "tool_calls": [_call("Rome")]},
+            {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 21}'},
+            {"role": "assistant", "content": "Oslo is 4 \u00b0C and Rome is 21 \u00b0C."},
+        ],
+        tools=[WEATHER_TOOL],
+    ),
+    Probe(
         # Reasoning before a tool call, the conversation waiting for the tool: templates that keep reasoning
         # only until a final answer (gpt-oss) show it here, and with it a second message header in one turn.
         "tool-call-reasoning",

@@ -266,7 +266,7 @@ def test_headers_the_model_writes_inside_its_turn_are_trained_and_the_prompts_is
 
 def held_out_conversations(count: int, seed: int = 0) -> list[list[dict]]:
     """Conversations the probe corpus doesn't contain: random lengths, system prompts, reasoning on answers
-    and on tool calls, one or two tool calls with their results."""
+    and on tool calls, text beside tool calls, one or two tool calls with their results."""
     rng = random.Random(seed)
     words = "alpha beta gamma delta sun rain cloud river stone 42 7 km metres grams é ☕ yes no".split()
 
@@ -279,8 +279,8 @@ def held_out_conversations(count: int, seed: int = 0) -> list[list[dict]]:
         for _ in range(rng.randint(1, 3)):
             messages.append({"role": "user", "content": text()})
             if rng.random() < 0.35:
-                call = {"role": "assistant", "content": "", "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"]))
-                                                                        for _ in range(rng.randint(1, 2))]}
+                call = {"role": "assistant", "content": text() if rng.random() < 0.3 else "",
+                        "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"])) for _ in range(rng.randint(1, 2))]}
                 if rng.random() < 0.5:
                     call["reasoning_content"] = text()
                 messages.append(call)

@@ -17,7 +17,7 @@ from sft_toolkit import offline_tokenizers, preprocess
 from sft_toolkit.check_data import REASON_HELP, check_data
 from sft_toolkit.lint import _check_probe, _end_of_turn
 from sft_toolkit.masks import Rendered, TemplateRaised, render
-from sft_toolkit.policy import TurnPolicy, kept_spans, policy_from, selected, strip_control
+from sft_toolkit.policy import MappingError, TurnPolicy, kept_spans, policy_from, selected, strip_control
 from sft_toolkit.probes import CONTROL_PROBES, PROBES, Probe
 from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import build_recipe, load_recipe
@@ -266,3 +266,17 @@ def test_show_draws_a_conversation_as_training_sees_it(tmp_path, capsys):
                  "--format", "plain"]) == 0
     runs = re.findall(r"⟦(.*?)⟧", capsys.readouterr().out, flags=re.S)
     assert [run.replace("│", "") for run in runs] == [f"{MULTI_TURN.messages[i]['content']}<|im_end|>" for i in (3, 5)]
+
+
+def test_assistant_messages_in_a_row_are_not_guessed_apart():
+    """A template that skips an empty assistant message: the neighbour's end-of-turn block must not be taken
+    for the empty message's, or switching the neighbour off would still train its end-of-turn."""
+    skips_empty = ("{%- for m in messages -%}{%- if m.role != 'assistant' -%}"
+                   "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                   "{%- elif m.content -%}{{ '<|im_start|>assistant\\n' }}{% generation %}{{ m.content }}{% endgeneration %}"
+                   "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- endif -%}{%- endfor -%}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A bad answer.", "train": False},
+                {"role": "assistant", "content": "", "train": True}, {"role": "user", "content": "Ok"},
+                {"role": "assistant", "content": "Good."}]
+    with pytest.raises(MappingError, match="4 generation block"):
+        kept_spans(messages, render(skips_empty, strip_control(messages)), TurnPolicy())

@@ -280,6 +280,10 @@ REJECTED_PROBES = {
     ("gemma", "tool-call-reasoning"): "a tool message breaks the strict user/assistant alternation",
     ("gemma2", "tool-call-reasoning"): "a tool message breaks the strict user/assistant alternation",
     ("mistral", "tool-call-reasoning"): "tool calls without ids (mistral-common requires 9-character ids)",
+    ("gemma", "tool-calls-with-text"): "a tool message breaks the strict user/assistant alternation",
+    ("gemma2", "tool-calls-with-text"): "a tool message breaks the strict user/assistant alternation",
+    ("mistral", "tool-calls-with-text"): "tool calls without ids (mistral-common requires 9-character ids)",
+    ("mistral", "tool-calls-with-text-with-ids"): "mistral-common refuses text beside tool calls",
 }
 
 
