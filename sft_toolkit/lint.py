@@ -510,9 +510,14 @@ def _turn_end(source: str, probe: Probe, i: int, text: str, start: int, next_at:
     if not ends:
         return 0, 0
     _, at, value = max(ends)
-    ending = cut[at:]
-    found = text.rfind(ending, start, next_at + len(ending) if next_at >= 0 else len(text))
-    return (found + len(ending), found + len(value)) if found >= 0 and len(ending) > len(value) else (0, 0)
+    ending, limit = cut[at:], next_at if next_at >= 0 else len(text)
+    found = text.rfind(ending, start, limit + len(ending))
+    if found >= 0:
+        return (found + len(ending), found + len(value)) if len(ending) > len(value) else (0, 0)
+    # The cut one also ends differently (a last-turn-only end-of-turn): as far as both agree.
+    found = text.rfind(value, start, limit)
+    stop = _markup_start(text, found + _first_difference(ending, text[found:found + len(ending)])) if found >= 0 else 0
+    return (stop, found + len(value)) if stop > found + len(value) else (0, 0)
 
 
 def _values_end(text: str, values: list[str], start: int, stop: int) -> int:

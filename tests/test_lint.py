@@ -208,3 +208,29 @@ def test_template_without_end_of_turn_text_is_warned_and_its_tool_calls_may_be_t
     assert not {"R001", "R002"} & set(found), found
     (warning,) = found["R003"]
     assert warning.severity == "warning" and "may not learn to stop" in warning.message
+
+
+def test_end_of_turn_skipped_after_the_last_turn_is_still_required_on_the_others():
+    """A template that writes <|im_end|> after every message but the conversation's last: the end-of-turn is
+    found where a user message follows, and leaving it untrained there is R003 (not the no-end-of-turn
+    warning)."""
+    source = ("{%- for m in messages -%}{{ '<|im_start|>' + m.role + '\\n' }}"
+              "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+              "{%- else %}{{ m.content }}{%- endif %}"
+              "{%- if not (loop.last and m.role == 'assistant') %}{{ '<|im_end|>\\n' }}{% endif %}{%- endfor -%}"
+              "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    found = rules(source)
+    assert [f.severity for f in found["R003"]] == ["error"] and "'<|im_end|>'" in found["R003"][0].message
+
+
+def test_tool_result_printed_with_tojson_is_not_part_of_the_turn_before_it():
+    """The next message's text is also found JSON-escaped, so a turn can't reach over a tool result."""
+    source = ("{%- for m in messages -%}"
+              "{%- if m.role == 'assistant' %}{{ '<|assistant|>\\n' }}{% generation %}"
+              "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
+              "{{ m.content }}{% endgeneration %}"
+              "{%- elif m.role == 'tool' %}{% generation %}{{ '<|tool|>\\n' + m.content | tojson }}{% endgeneration %}"
+              "{%- else %}{{ '<|' + m.role + '|>\\n' + m.content }}{%- endif %}{%- endfor -%}"
+              "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    found = rules(source)
+    assert "R002" in found and "temperature_c" in found["R002"][0].message
