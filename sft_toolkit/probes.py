@@ -8,6 +8,7 @@ a rendered message can be found by searching for its text.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 WEATHER_TOOL = {
@@ -199,3 +200,34 @@ def probe_variants(probe: Probe):
     yield probe
     for change in (string_arguments, parts, lambda m: parts(string_arguments(m))):
         yield Probe(probe.name, [change(m) for m in probe.messages], probe.tools, probe.template_kwargs)
+
+
+def generated_conversations(count: int, seed: int = 0) -> list[list[dict]]:
+    """Conversations the probe corpus doesn't contain, to check a converted template beyond the probes it
+    was verified on: random lengths, system prompts, reasoning on answers and on tool calls, text beside
+    tool calls, one or two tool calls with their results. The same `seed` gives the same conversations."""
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta sun rain cloud river stone 42 7 km metres grams é ☕ yes no".split()
+
+    def text():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 8))).capitalize() + rng.choice(".?!")
+
+    out = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": text()})
+            if rng.random() < 0.35:
+                call = {"role": "assistant", "content": text() if rng.random() < 0.3 else "",
+                        "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"])) for _ in range(rng.randint(1, 2))]}
+                if rng.random() < 0.5:
+                    call["reasoning_content"] = text()
+                messages.append(call)
+                messages += [{"role": "tool", "name": "get_weather", "content": f'{{"temperature_c": {rng.randint(-5, 35)}}}'}
+                             for _ in call["tool_calls"]]
+            answer = {"role": "assistant", "content": text()}
+            if rng.random() < 0.4:
+                answer["reasoning_content"] = text()
+            messages.append(answer)
+        out.append(messages)
+    return out

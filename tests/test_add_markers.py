@@ -10,7 +10,6 @@ can't be converted fail with a line number and write nothing.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from functools import lru_cache
@@ -22,7 +21,7 @@ import trl
 from sft_toolkit.lint import _check_probe, _end_of_turn, lint, locate_turns, usable_probe
 from sft_toolkit.markers import MarkerError, _strip_markers, add_markers
 from sft_toolkit.masks import TemplateRaised, render, tokenize
-from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, _call
+from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, generated_conversations
 from sft_toolkit.problems import InputError
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
@@ -264,37 +263,7 @@ def test_headers_the_model_writes_inside_its_turn_are_trained_and_the_prompts_is
     assert lint(marked, "harmony").ok
 
 
-def held_out_conversations(count: int, seed: int = 0) -> list[list[dict]]:
-    """Conversations the probe corpus doesn't contain: random lengths, system prompts, reasoning on answers
-    and on tool calls, text beside tool calls, one or two tool calls with their results."""
-    rng = random.Random(seed)
-    words = "alpha beta gamma delta sun rain cloud river stone 42 7 km metres grams é ☕ yes no".split()
-
-    def text():
-        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 8))).capitalize() + rng.choice(".?!")
-
-    out = []
-    for _ in range(count):
-        messages = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
-        for _ in range(rng.randint(1, 3)):
-            messages.append({"role": "user", "content": text()})
-            if rng.random() < 0.35:
-                call = {"role": "assistant", "content": text() if rng.random() < 0.3 else "",
-                        "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"])) for _ in range(rng.randint(1, 2))]}
-                if rng.random() < 0.5:
-                    call["reasoning_content"] = text()
-                messages.append(call)
-                messages += [{"role": "tool", "name": "get_weather", "content": f'{{"temperature_c": {rng.randint(-5, 35)}}}'}
-                             for _ in call["tool_calls"]]
-            answer = {"role": "assistant", "content": text()}
-            if rng.random() < 0.4:
-                answer["reasoning_content"] = text()
-            messages.append(answer)
-        out.append(messages)
-    return out
-
-
-HELD_OUT = held_out_conversations(12)
+HELD_OUT = generated_conversations(12)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERTS))
