@@ -425,11 +425,13 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         if message.get("role") != "assistant":
             continue
         prompt, header = _generation_prompt(source, probe, i, kwargs)
-        prefill_at = None
+        prefill_at, role_header, prefill_text = None, None, ""
         if prompt is not None and header is not None:
             size = _role_header_length(prompt[header[0]:], text, probe)
-            if size is not None and text.startswith(prompt[:header[0] + size]):
-                prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
+            if size is not None:
+                prefill_text = prompt[header[0] + size:]
+                if text.startswith(prompt[:header[0] + size]):
+                    prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
         diverged, given = None, prompt
         if prompt is not None and not text.startswith(prompt):
             at = diverged = _first_difference(prompt, text)
@@ -443,9 +445,14 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
         if diverged is not None:  # the model was prompted with the text up to where prompt and training part
             start = max(start, _markup_start(text, diverged))
-            if start > diverged and (closing := _after_last_message(given, probe.messages[i - 1])) \
-                    and text.startswith(closing, start):
-                start += len(closing)  # what the prompt writes after the last message is given too (`[/INST]`)
+            if start > diverged and (closing := _after_last_message(given, probe.messages[i - 1])):
+                # What the prompt writes after the last message is given too (mistral's `[/INST]`, a header),
+                # as far as training writes the same; the part of it that pre-fills the turn, either way.
+                same = _markup_start(text, start + _first_difference(closing, text[start:start + len(closing)]))
+                given_end = start + len(closing) - (len(prefill_text) if closing.endswith(prefill_text) else 0)
+                if prefill_text and same > given_end:
+                    prefill_at, role_header = given_end, None
+                start = same
         prefill = None
         if prefill_at is not None and prefill_at < start:
             prefill, start, header = (prefill_at, start), prefill_at, role_header
