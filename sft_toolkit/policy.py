@@ -8,9 +8,10 @@ messages are dropped before the token mask is built. That works with any templat
 
 The assignment rule is checked: the spans between two other messages' texts belong to the assistant
 message between them (templates from `add-markers` often write two: content, then tool calls and the
-end-of-turn); where several assistant messages follow each other, they must have one span each, in order.
-When that doesn't work out, or a message's text sits outside the spans it was given, the row is refused
-with the reason instead of guessing.
+end-of-turn). Where that can't tell (several assistant messages in a row, a message's text that is not
+found once and in order), the conversation needs one span per assistant message, in order. When neither
+works, or a message's text sits outside the spans it was given, the row is refused with the reason
+instead of guessing.
 
 What decides whether an assistant message is trained:
   1. the message's own field, when it has one: `"train": true|false` (or `"weight": 1|0`, the same thing);
