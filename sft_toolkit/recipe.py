@@ -50,6 +50,7 @@ class Recipe:
     toolkit: ToolkitArguments
     source: str
     keys: dict
+    mixture: object = None  # trl.DatasetMixtureConfig: `datasets`, `streaming`, `test_split_size`
 
     @property
     def tokenizer_name(self) -> str:
@@ -57,9 +58,10 @@ class Recipe:
 
 
 def _groups():
-    from trl import ModelConfig, ScriptArguments, SFTConfig
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
-    return {"script": ScriptArguments, "sft": SFTConfig, "model": ModelConfig, "toolkit": ToolkitArguments}
+    return {"script": ScriptArguments, "sft": SFTConfig, "model": ModelConfig, "mixture": DatasetMixtureConfig,
+            "toolkit": ToolkitArguments}
 
 
 def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
@@ -113,7 +115,8 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     except (ValueError, TypeError) as err:
         raise InputError(f"{source}: {err}") from None
     _check_consistency(source, built)
-    return Recipe(built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys))
+    return Recipe(built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys),
+                  mixture=built["mixture"])
 
 
 def _has_accelerator() -> bool:
@@ -179,6 +182,10 @@ def _check_consistency(source: str, built: dict) -> None:
     if isinstance(resume, str) and resume != "true" and not Path(resume).is_dir():
         raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
                          "checkpoint-N directory, or true for the last complete one in output_dir)")
+    mixture = built["mixture"]
+    if mixture.datasets or mixture.streaming or mixture.test_split_size is not None:
+        raise InputError(f"{source}: datasets / streaming / test_split_size (a dataset mixture) are not supported yet; "
+                         "give one dataset with dataset_name (and dataset_config, dataset_train_split)")
     if not built["model"].model_name_or_path:
         raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
                          "is loaded from it)")
