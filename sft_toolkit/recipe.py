@@ -293,6 +293,14 @@ def _check_consistency(source: str, built: dict) -> None:
     if isinstance(resume, str) and resume != "true" and not Path(resume).is_dir():
         raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
                          "checkpoint-N directory, or true for the last complete one in output_dir)")
+    model = built["model"]
+    if toolkit.merge_adapter and not model.use_peft:
+        raise InputError(f"{source}: merge_adapter: true merges a LoRA adapter into its base model, which needs "
+                         "use_peft: true (a full fine-tune already saves a whole model)")
+    quantized = "load_in_4bit" if model.load_in_4bit else "load_in_8bit" if model.load_in_8bit else None
+    if quantized and not model.use_peft:
+        raise InputError(f"{source}: {quantized}: a quantized model trains only through a LoRA adapter; set "
+                         f"use_peft: true (QLoRA), or remove {quantized}")
     mixture = built["mixture"]
     if mixture.datasets or mixture.streaming or mixture.test_split_size is not None:
         raise InputError(f"{source}: datasets / streaming / test_split_size (a dataset mixture) are not supported yet; "
