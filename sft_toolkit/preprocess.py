@@ -74,8 +74,8 @@ def _set_eos_token(tokenizer, recipe) -> None:
     if eos is None:
         return
     if eos not in tokenizer.get_vocab():
-        raise InputError(f"{recipe.source}: eos_token: {eos!r} is not a token of the {recipe.model.model_name_or_path} "
-                         "tokenizer; give one of its tokens (e.g. the template's end-of-turn token)")
+        raise InputError(f"{recipe.source}: eos_token: {eos!r} is not in the vocabulary of "
+                         f"{recipe.model.model_name_or_path}; give one of its tokens (e.g. the template's end of turn)")
     tokenizer.eos_token = eos
 
 

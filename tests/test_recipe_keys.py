@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from sft_toolkit import train as train_module
 from sft_toolkit.cli import main
@@ -184,8 +185,6 @@ def test_quantization_is_refused_before_loading_where_it_cannot_run(tmp_path, mo
 def test_quantization_missing_names_what_this_machine_lacks():
     import importlib.util
 
-    import torch
-
     missing = " ".join(train_module.quantization_missing())
     assert ("CUDA" in missing) is (not torch.cuda.is_available())
     assert ("bitsandbytes" in missing) is (importlib.util.find_spec("bitsandbytes") is None)
@@ -264,3 +263,32 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
         read_yaml(str(recipe))
     recipe.write_text("max_length: 64\nseed: 1\n")
     assert read_yaml(str(recipe)) == {"max_length": 64, "seed": 1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_qlora_on_this_cpu_machine_is_exit_2_naming_the_key(tmp_path):
+    recipe = tmp_path / "qlora.yaml"
+    keys = {**base_keys(tmp_path), "use_peft": True, "load_in_4bit": True}
+    recipe.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(recipe)]) == 2
+    assert "load_in_4bit: quantized loading needs a CUDA GPU (none is visible)" in err.getvalue()
+    assert "Traceback" not in err.getvalue() and not (tmp_path / "run").exists()
+
+
+def test_eos_token_ends_plain_text_rows_as_sft_trainer_appends_it(tmp_path):
+    """SFTTrainer sets `eos_token` on the tokenizer before it prepares the data, then ends every text with it."""
+    from transformers import AutoTokenizer
+
+    from sft_toolkit.check_data import check_data
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Plain text number {i}."}) + "\n" for i in range(3)))
+    keys = {**base_keys(tmp_path), "dataset_name": str(data), "assistant_only_loss": False}
+    default_eos = AutoTokenizer.from_pretrained(TOKENIZER).eos_token
+    for eos in (None, "<|endoftext|>"):
+        _, dataset = check_data(build_recipe({**keys, "eos_token": eos}))
+        expected = AutoTokenizer.from_pretrained(TOKENIZER).convert_tokens_to_ids(eos or default_eos)
+        assert [ids[-1] for ids in dataset["input_ids"]] == [expected] * 3
+    assert default_eos != "<|endoftext|>"
