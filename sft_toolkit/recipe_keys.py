@@ -134,3 +134,16 @@ def renamed_message(key: str, value) -> str | None:
     if renamed.new is None:
         return f"'{key}' is no longer a setting: {renamed.how}"
     return f"'{key}' is now spelled '{renamed.new}' ({renamed.how}): write {renamed.new}: {value}"
+
+
+def markdown_table(owners: dict[str, str]) -> str:
+    """docs/recipe_keys.md's table: key, the class it belongs to (`owners`), what happens, and why or how."""
+    rows = ["| key | from | what happens | |", "|---|---|---|---|"]
+    order = list(Handling)
+    for key, rule in sorted(RECIPE_KEYS.items(), key=lambda item: (order.index(item[1].handling), item[0])):
+        what = "**refused**" if rule.handling is Handling.REFUSED else rule.handling.value
+        rows.append(f"| `{key}` | {owners[key]} | {what} | {rule.note.replace('|', chr(92) + '|')} |")
+    for key, renamed in sorted(RENAMED.items()):
+        instead = f"write `{renamed.new}`" if renamed.new else "no longer a setting"
+        rows.append(f"| `{key}` | (renamed or removed) | **refused**: {instead} | {renamed.how} |")
+    return "\n".join(rows) + "\n"
