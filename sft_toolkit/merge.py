@@ -34,8 +34,9 @@ def check_merge_target(target: Path) -> None:
                          "(move that one away or give another)")
 
 
-def merge_run(run_dir: str, target: str | Path) -> Path:
-    """Merge the LoRA adapter saved in `run_dir` into its base model and save model + tokenizer in `target`."""
+def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Merge the LoRA adapter saved in `run_dir` into its base model and save model + tokenizer in `target`.
+    `trust_remote_code` as the run was trained (SFTConfig.trust_remote_code): a remote-code base needs it."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
@@ -47,8 +48,8 @@ def merge_run(run_dir: str, target: str | Path) -> Path:
                          "use_peft: true has an adapter to merge; a full fine-tune is already a whole model")
     check_merge_target(target)
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(run))
-        tokenizer = AutoTokenizer.from_pretrained(str(run))
+        model = AutoPeftModelForCausalLM.from_pretrained(str(run), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(run), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{run_dir}: cannot load the adapter and its base model ({first}); the base model named "

@@ -468,7 +468,8 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(sft.output_dir)
     if recipe.toolkit.merge_adapter and trainer.is_world_process_zero():
-        log(f"merge_adapter: saved the merged model to {merge_run(sft.output_dir, merged_dir(sft.output_dir))}")
+        merged = merge_run(sft.output_dir, merged_dir(sft.output_dir), trust_remote_code=sft.trust_remote_code)
+        log(f"merge_adapter: saved the merged model to {merged}")
     metrics = dict(result.metrics)
     history = [h for h in trainer.state.log_history if "loss" in h]
     if history:

@@ -17,9 +17,11 @@ def add_parser(sub) -> None:
                                    "with the run's tokenizer and chat template into a new or empty directory.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train output_dir (or checkpoint-N) holding a LoRA adapter")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="new or empty directory for the merged model")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the base model's own code (as the recipe's trust_remote_code: true did for training)")
 
 
 def run(args) -> int:
-    target = merge_run(args.run_dir, args.output)
+    target = merge_run(args.run_dir, args.output, trust_remote_code=args.trust_remote_code)
     print(f"saved the merged model and tokenizer to {target}")
     return 0
