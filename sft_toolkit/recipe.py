@@ -83,7 +83,7 @@ def read_yaml(path: str) -> dict:
     if not file.is_file():
         raise InputError(f"{path}: recipe file not found")
     try:
-        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except DuplicateKey as err:
         raise InputError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

@@ -32,8 +32,8 @@ import torch
 
 from .check_data import Report, check_data
 from .prepared import load_prepared, read_manifest
-from .problems import InputError
 from .preprocess import renders_conversations
+from .problems import InputError
 
 
 # Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.

@@ -179,7 +179,7 @@ def test_model_and_trainer_keys_reach_the_trainer_as_trl_sft_passes_them(tmp_pat
     assert ours["peft_config"].r == 4 and ours["peft_config"].use_rslora
     for key, value in NON_DEFAULT.items():
         if RECIPE_KEYS[key].handling is Handling.TRAINER:
-            assert getattr(ours["args"], key) == getattr(theirs["args"], key)
+            assert getattr(ours["args"], key) == getattr(theirs["args"], key) == value, key
 
 
 @pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
