@@ -17,7 +17,7 @@ from ..tokenizer import load_tokenizer
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("add-markers", help="add verified {% generation %} markers to a chat template",
+    p = sub.add_parser("add-markers", help="add verified {%% generation %%} markers to a chat template",
                        description="Rewrite an inference chat template so that exactly the assistant's output "
                                    "and end-of-turn are inside {% generation %} blocks, verified byte-identical "
                                    "to the input on the probe corpus and clean under lint.")
