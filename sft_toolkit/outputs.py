@@ -19,8 +19,9 @@ it wrote, and refuses everything else with an `InputError` that names the path a
 - `checkpoint-N` is a checkpoint only when it is a real directory whose `trainer_state.json` records
   `global_step` N (`checkpoint_step`); only those are ever overwritten, rotated or deleted.
 - A single output file (`add-markers -o`, `check-data --report`, `show --html`) is written to a temporary
-  file beside it and renamed over it (never half-written), never over an input, never onto a directory; a
-  missing parent folder is created, as `prepare -o` and `output_dir` create theirs.
+  file beside it and renamed over it (never half-written), never over an input or a file inside an input
+  folder (a new file beside a tokenizer is fine), never onto a directory; a missing parent folder is
+  created, as `prepare -o` and `output_dir` create theirs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def recipe_inputs(recipe) -> list[Input]:
     """The local paths a recipe reads: its dataset, model, template, prepared data and the recipe file itself."""
     candidates = [("dataset_name", recipe.script.dataset_name), ("model_name_or_path", recipe.model.model_name_or_path),
                   ("chat_template_path", recipe.sft.chat_template_path), ("prepared", recipe.toolkit.prepared),
-                  ("the recipe file", recipe.source)]
+                  ("recipe file", recipe.source)]
     return existing_inputs(candidates)
 
 
@@ -85,11 +86,11 @@ def overlap(out: Path, inputs: Iterable[Input]) -> str | None:
     for item in inputs:
         theirs = _real(item.path)
         if mine == theirs:
-            return f"is the recipe's {item.key} ({item.path})"
+            return f"is the input {item.key} ({item.path})"
         if theirs.is_relative_to(mine):
-            return f"contains the recipe's {item.key} ({item.path})"
+            return f"contains the input {item.key} ({item.path})"
         if mine.is_relative_to(theirs):
-            return f"lies inside the recipe's {item.key} ({item.path})"
+            return f"lies inside the input {item.key} ({item.path})"
     return None
 
 
@@ -295,18 +296,20 @@ def remove_staging(path: str | Path) -> None:
 # Single output files
 
 
-def check_output_file(path: str | Path, inputs: Iterable[Input] = ()) -> Path:
+def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: str = "out.txt") -> Path:
     """Raise InputError unless a file may be written at `path`: not a directory, not an input, a parent that
     is (or can become) a folder. Returns the path written (a link's target, as `open` would write)."""
     given = Path(path)
     if str(path) in ("", "."):
         raise InputError(f"{path!r}: not a file name; give a file path")
     if given.is_dir():
-        raise InputError(f"{given}: is a directory; give a file path (e.g. {given / 'out.txt'})")
+        raise InputError(f"{given}: is a directory; give a file path (e.g. {given / example})")
     target = _real(given) if given.is_symlink() else given
     for item in inputs:
-        if _real(target) == _real(item.path):
-            raise InputError(f"{given}: is the input {item.key} ({item.path}); writing there would replace it; "
+        theirs = _real(item.path)
+        if _real(target) == theirs or os.path.lexists(target) and _real(target).is_relative_to(theirs):
+            part = "is" if _real(target) == theirs else "is part of"
+            raise InputError(f"{given}: {part} the input {item.key} ({item.path}); writing there would replace it; "
                              "nothing was changed; give another output file")
     for parent in target.parents:
         if parent.exists():
@@ -330,3 +333,77 @@ def write_file(path: str | Path, text: str, inputs: Iterable[Input] = ()) -> Pat
             staged.unlink()
         raise InputError(f"{path}: cannot write ({err.strerror or err}); give another output file") from None
     return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A training run's output_dir
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "adapter_config.json", "adapter_model.safetensors")
+
+
+def _may_save(sft, start: int) -> Callable[[int], bool]:
+    """Whether this run may save checkpoint-N (N past `start`, within max_steps, on a save step)."""
+    strategy = str(getattr(sft.save_strategy, "value", sft.save_strategy))
+    max_steps = sft.max_steps if isinstance(sft.max_steps, int) else -1
+    every = sft.save_steps if strategy == "steps" and isinstance(sft.save_steps, int) and sft.save_steps >= 1 else None
+
+    def may_save(step: int) -> bool:
+        if strategy == "no" or step <= start or 0 < max_steps < step:
+            return False
+        return every is None or step % every == 0 or step == max_steps
+
+    return may_save
+
+
+def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> list[Path]:
+    """Refuse (InputError, before any data is read or weights load) an output_dir that this run would damage;
+    return the earlier run's checkpoints to delete before training when the recipe says
+    `overwrite_output_dir: true` (only ones `checkpoint_step` proves).
+
+    Refused: output_dir a file; output_dir that is, holds or lies inside the model, or is or lies inside
+    the dataset, template or prepared data; a `checkpoint-N` this run may save that is not a checkpoint
+    (a link, a file, a foreign folder): always, whatever the recipe says; an earlier run's checkpoints or
+    model, unless the recipe resumes from that output_dir or sets overwrite_output_dir.
+    `resume_step(output_dir)`: the step `resume_from_checkpoint: true` would resume from (None: step 0)."""
+    sft, toolkit = recipe.sft, recipe.toolkit
+    out = Path(sft.output_dir)
+    where = f"{recipe.source}: output_dir: {out}"
+    if os.path.lexists(out) and not out.is_dir():
+        raise InputError(f"{where}: is a file{' (or a broken link)' if out.is_symlink() else ''}, not a directory; "
+                         "choose another output_dir")
+    for item in recipe_inputs(recipe):
+        if item.key == "recipe file":
+            continue
+        collision = overlap(out, [item])
+        if collision and (item.key == "model_name_or_path" or not collision.startswith("contains")):
+            raise InputError(f"{where}: {collision}: training would write its checkpoints and weights there; "
+                             "nothing was changed; choose another output_dir")
+    resume = sft.resume_from_checkpoint
+    resumes_here = False
+    start = 0
+    if resume == "true":
+        resumes_here, start = True, resume_step(str(out)) or 0
+    elif resume:
+        resumes_here = out.is_dir() and _real(Path(resume)).parent == _real(out)
+        start = checkpoint_step(resume) or 0
+    may_save = _may_save(sft, start)
+    entries = checkpoint_entries(out)
+    for entry in entries:
+        step = int(entry.name[len(CHECKPOINT_PREFIX):])
+        if may_save(step) and checkpoint_step(entry) is None:
+            kind = "a symbolic link" if entry.is_symlink() else "a file" if not entry.is_dir() else \
+                f"a folder without a {TRAINER_STATE} recording step {step}"
+            raise InputError(f"{where}: this run may save {entry.name}, and {entry} is {kind}, not a checkpoint the "
+                             "trainer wrote; nothing was changed; move it away or choose another output_dir")
+    if resumes_here:
+        return []
+    proven = [entry for entry in entries if checkpoint_step(entry) is not None]
+    models = [name for name in MODEL_FILES if os.path.lexists(out / name)]
+    if (proven or models) and not getattr(toolkit, "overwrite_output_dir", False):
+        held = ", ".join([p.name for p in proven][:5] + models[:3]) + (" …" if len(proven) > 5 else "")
+        raise InputError(f"{where}: holds an earlier run ({held}) that this run would overwrite or mix with; "
+                         "nothing was changed; resume it (resume_from_checkpoint: true), set "
+                         "overwrite_output_dir: true (deletes only its checkpoints, those whose trainer_state.json "
+                         "shows they are), or choose another output_dir")
+    return proven

@@ -40,6 +40,10 @@ class ToolkitArguments:
                              "help": "all assistant turns, or only the conversation's last one"})
     prepared: str | None = field(default=None, metadata={
         "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir that holds an earlier run: its checkpoints are deleted (only "
+                "folders whose trainer_state.json shows they are checkpoints) and its model overwritten (TRL's "
+                "name; transformers 5 no longer has the field)"})
 
 
 @dataclass
