@@ -125,7 +125,7 @@ def ownership_problem(folder: Path, kind: str) -> str | None:
     """Why `folder` is not provably a `kind` directory the toolkit wrote; None when it is."""
     marker = folder / OWNER_FILE
     if marker.is_symlink() or not marker.is_file():
-        return f"has no {OWNER_FILE} record (the toolkit did not write it)"
+        return f"no {OWNER_FILE} record in it"
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
