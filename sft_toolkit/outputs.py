@@ -172,6 +172,9 @@ def check_output_dir(out: str | Path, kind: str, inputs: Iterable[Input] = ()) -
     if collision:
         raise InputError(f"{out}: {collision}: writing there would replace the input; nothing was changed; "
                          "choose an output directory outside the recipe's inputs")
+    if Path.cwd().resolve().is_relative_to(_real(out)):
+        raise InputError(f"{out}: is or holds the current directory, which cannot be replaced; name a new folder "
+                         "for it to write")
     if out.is_dir() and any(out.iterdir()):
         problem = ownership_problem(out, kind)
         if problem:

@@ -310,3 +310,13 @@ def test_a_missing_output_folder_is_created_and_the_file_written_whole(home):
     assert code == 0, err
     assert json.loads((home / "reports" / "data.json").read_text())["ok"] is True
     assert sorted(p.name for p in (home / "reports").iterdir()) == ["data.json", "data.md"]  # no temporary file
+
+
+def test_prepare_never_replaces_the_folder_it_runs_in(home):
+    write_recipe(home, "absolute.yaml", model_name_or_path=str(home / "model"),
+                 dataset_name=str(home / "data" / "train.jsonl"))
+    (home / "empty").mkdir()  # empty, so ownership allows it; renaming the working directory away does not
+    before = tree(home)
+    code, err = run(["prepare", str(home / "absolute.yaml"), "-o", "."], home / "empty")
+    assert code == 2 and ".: is or holds the current directory" in err, err
+    assert tree(home) == before
