@@ -370,6 +370,8 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
     model, unless the recipe resumes from that output_dir or sets overwrite_output_dir.
     `resume_step(output_dir)`: the step `resume_from_checkpoint: true` would resume from (None: step 0)."""
     sft, toolkit = recipe.sft, recipe.toolkit
+    if not sft.output_dir:
+        return []
     out = Path(sft.output_dir)
     where = f"{recipe.source}: output_dir: {out}"
     if os.path.lexists(out) and not out.is_dir():
