@@ -61,7 +61,8 @@ class Input:
 
 def recipe_inputs(recipe) -> list[Input]:
     """The local paths a recipe reads: its dataset, model, template, prepared data and the recipe file itself."""
-    candidates = [("dataset_name", recipe.script.dataset_name), ("model_name_or_path", recipe.model.model_name_or_path),
+    candidates = [("dataset_name", recipe.script.dataset_name),
+                  ("model_name_or_path", recipe.model.model_name_or_path),
                   ("chat_template_path", recipe.sft.chat_template_path), ("prepared", recipe.toolkit.prepared),
                   ("recipe file", recipe.source)]
     return existing_inputs(candidates)
@@ -194,7 +195,8 @@ def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"{out}: cannot create its parent folder ({err.strerror}); choose another directory") from None
+        raise InputError(f"{out}: cannot create its parent folder ({err.strerror}); choose another directory") \
+            from None
     token = secrets.token_hex(8)
     staging = out.parent / f".{out.name}.partial-{token}"
     try:

@@ -113,7 +113,8 @@ def test_a_manifest_copied_from_a_real_prepare_does_not_either(home):
 def test_a_users_file_inside_a_prepared_folder_keeps_it(home):
     prepare_into(home, "out")
     (home / "out" / "dataset" / "my_notes.txt").write_text("mine")
-    refused(home, ["prepare", "recipe.yaml", "-o", "out"], "holds dataset/my_notes.txt, which the toolkit did not write")
+    refused(home, ["prepare", "recipe.yaml", "-o", "out"],
+            "holds dataset/my_notes.txt, which the toolkit did not write")
 
 
 def test_a_prepared_file_changed_by_hand_is_not_replaced(home):
@@ -199,7 +200,8 @@ def fake_checkpoint(folder: Path, step: int | None, *, state_step: int | None = 
     ({"output_dir": "model"}, "output_dir: model: is the input model_name_or_path"),
     ({"output_dir": "model/run"}, "output_dir: model/run: lies inside the input model_name_or_path"),
     ({"output_dir": ".", "model_name_or_path": "model"}, "output_dir: .: contains the input model_name_or_path"),
-    ({"output_dir": "prepared/run", "prepared": "prepared"}, "output_dir: prepared/run: lies inside the input prepared"),
+    ({"output_dir": "prepared/run", "prepared": "prepared"},
+     "output_dir: prepared/run: lies inside the input prepared"),
     ({"output_dir": "recipe.yaml"}, "output_dir: recipe.yaml: is a file"),
 ], ids=["model", "inside_model", "holds_model", "inside_prepared", "a_file"])
 def test_train_refuses_an_output_dir_that_is_an_input_or_a_file(home, no_training, keys, says):
@@ -288,7 +290,8 @@ def test_rotation_and_replacement_touch_only_proven_checkpoints(tmp_path):
     (["check-data", "recipe.yaml", "--report", "data/train.jsonl"], "data/train.jsonl: is the input dataset_name"),
     (["check-data", "recipe.yaml", "--report", "model/tokenizer.json"], "is part of the input model_name_or_path"),
     (["show", "conversation.json", "--template", "chatml", "--html", "data"], "data: is a directory"),
-    (["show", "conversation.json", "--template", "chatml", "--html", "conversation.json"], "is the input CONVERSATION"),
+    (["show", "conversation.json", "--template", "chatml", "--html", "conversation.json"],
+     "is the input CONVERSATION"),
 ], ids=["markers_dir", "markers_over_input", "markers_under_file", "report_dir", "report_over_recipe",
         "report_over_data", "report_in_model", "html_dir", "html_over_input"])
 def test_output_files_are_never_written_over_inputs_or_folders(home, argv, says):
