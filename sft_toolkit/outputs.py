@@ -210,11 +210,20 @@ def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # made by this call, under a name no one else uses
         raise
-    previous = None
-    if out.is_dir():
-        previous = out.parent / f".{out.name}.replaced-{token}"
-        os.rename(out, previous)
-    os.rename(staging, out)
+    previous = out.parent / f".{out.name}.replaced-{token}" if out.is_dir() else None
+    try:
+        if previous is not None:
+            os.rename(out, previous)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if previous is not None:
+                os.rename(previous, out)  # put the old one back
+            raise
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"{out}: cannot be replaced ({err.strerror or err}); it was left as it was; choose "
+                         "another directory") from None
     if previous is not None:
         if ownership_problem(previous, kind) is None or not any(previous.iterdir()):
             shutil.rmtree(previous)
