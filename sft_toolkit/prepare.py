@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .check_data import Report
-from .prepared import APPLIED, build_manifest, rendering_template, save, shaping_keys
+from .outputs import check_output_dir, recipe_inputs
+from .prepared import APPLIED, KIND, build_manifest, rendering_template, save, shaping_keys
 from .problems import InputError
 from .train import guard
 
@@ -36,11 +37,13 @@ def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
     if recipe.script.dataset_streaming:
         raise InputError(f"{recipe.source}: dataset_streaming: true; prepare saves the whole dataset to disk, so set "
                          "dataset_streaming: false")
+    inputs = recipe_inputs(recipe)
+    check_output_dir(out_dir, KIND, inputs)  # before any work: a directory that isn't ours is refused at once
     keys = shaping_keys(recipe)  # as the recipe asks: the guard's repairs change recipe.sft in place
     report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
     tokenizer = load_tokenizer_for(recipe)
     applied = {key: getattr(recipe.sft, key) for key in APPLIED}
     template = rendering_template(tokenizer, recipe.sft) if renders_conversations(recipe) else None
     manifest = build_manifest(keys, tokenizer, template, report, notes, applied, dataset)
-    path = save(out_dir, dataset, manifest)
+    path = save(out_dir, dataset, manifest, inputs)
     return Prepared(report=report, notes=notes, manifest=manifest, path=path)

@@ -1,7 +1,8 @@
 """A prepared dataset on disk: what shaped it, and the checks that let `train` trust it without re-tokenizing.
 
 `sft-toolkit prepare` writes DIR/dataset/ (`datasets.save_to_disk`: input_ids, labels, seq_lengths when
-packed, and each token's source row and position, src_rows / src_pos) and DIR/manifest.json. A saved
+packed, and each token's source row and position, src_rows / src_pos), DIR/manifest.json and the ownership
+record that lets a later prepare replace DIR (`outputs.replace_dir`). A saved
 dataset is where masks get lost most easily: one built with another template, another max_length or
 another tokenizer looks exactly like a good one, and TRL's `skip_prepare_dataset` path checks nothing.
 So the manifest records every recipe key that shaped the data and hashes of the tokenizer and template,
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .check_data import Report
+from .outputs import Input, replace_dir
 from .problems import InputError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 DATASET = "dataset"
+KIND = "prepared dataset"  # what the ownership record says the directory holds
 BATCH = 1000
 SHOWN = 10
 APPLIED = ("max_length", "packing_strategy")  # the settings the guard's repairs may change
@@ -111,16 +114,16 @@ def build_manifest(recipe_keys: dict, tokenizer, template: str | None, report: R
     }
 
 
-def save(out_dir: str | Path, dataset, manifest: dict) -> Path:
-    out = Path(out_dir)
-    if out.is_file() or out.exists() and {p.name for p in out.iterdir()} - {MANIFEST, DATASET}:
-        raise InputError(f"{out}: exists and is not a prepared dataset; choose an empty or new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a half-written directory must not look complete
-    shutil.rmtree(out / DATASET, ignore_errors=True)  # save_to_disk would leave an older run's extra shards
-    dataset.save_to_disk(str(out / DATASET))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return out
+def save(out_dir: str | Path, dataset, manifest: dict, inputs: Iterable[Input] = ()) -> Path:
+    """Write DIR/dataset and DIR/manifest.json into a fresh folder renamed into place (`outputs.replace_dir`):
+    DIR is replaced only when it is new, empty or a prepared directory the toolkit wrote, and never when it
+    is, holds or lies inside one of `inputs`."""
+
+    def fill(folder: Path) -> None:
+        dataset.save_to_disk(str(folder / DATASET))
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    return replace_dir(out_dir, KIND, fill, inputs)
 
 
 def read_manifest(prepared_dir: str | Path) -> dict:

@@ -47,6 +47,10 @@ class ToolkitArguments:
         "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
     merge_adapter: bool = field(default=False, metadata={
         "help": "after LoRA training, also save the base model with the adapter merged in (output_dir/merged)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir that holds an earlier run: its checkpoints are deleted (only "
+                "folders whose trainer_state.json shows they are checkpoints) and its model overwritten (TRL's "
+                "name; transformers 5 no longer has the field)"})
 
 
 @dataclass

@@ -97,7 +97,7 @@ RECIPE_KEYS: dict[str, KeyRule] = {
                                             "scripts); remove it"),
     # ToolkitArguments (sft_toolkit/recipe.py)
     **_rules(TOOLKIT, "mask_guard max_zero_rows max_length_limit role_map train_roles train_turns prepared "
-                      "merge_adapter"),
+                      "merge_adapter overwrite_output_dir"),
 }
 
 
@@ -118,8 +118,6 @@ RENAMED: dict[str, Renamed] = {
     "per_gpu_eval_batch_size": Renamed("per_device_eval_batch_size", "transformers renamed it"),
     "push_to_hub_token": Renamed("hub_token", "transformers renamed it"),
     "include_inputs_for_metrics": Renamed("include_for_metrics", "transformers renamed it (a list, e.g. [inputs])"),
-    "overwrite_output_dir": Renamed(None, "transformers 5 removed overwrite_output_dir; give a new output_dir, or "
-                                          "resume_from_checkpoint: true to continue the run in it"),
     "logging_dir": Renamed(None, "transformers 5 removed logging_dir; the loggers write under output_dir"),
     "save_safetensors": Renamed(None, "transformers 5 always saves safetensors; remove it"),
     "dataset_batch_size": Renamed(None, "TRL removed dataset_batch_size; remove it"),

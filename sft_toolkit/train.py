@@ -24,13 +24,13 @@ import contextlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .check_data import Report, check_data
+from .outputs import check_train_output, checkpoint_step, remove_checkpoint, remove_staging, rotate_checkpoints
 from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
 from .problems import InputError
@@ -236,8 +236,14 @@ def last_complete_checkpoint(output_dir: str, log=print) -> str | None:
     return None
 
 
+def _resume_step(output_dir: str) -> int | None:
+    """The step `resume_from_checkpoint: true` resumes from in output_dir (None: no complete checkpoint)."""
+    last = last_complete_checkpoint(output_dir, log=lambda _: None)
+    return checkpoint_step(last) if last else None
+
+
 def guarded_trainer_class():
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import SFTTrainer
 
     class GuardedSFTTrainer(SFTTrainer):
@@ -272,8 +278,8 @@ def guarded_trainer_class():
             run_dir = self._get_output_dir(trial)
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
-            if self.args.should_save and os.path.exists(staged):
-                shutil.rmtree(staged)  # left by a save that was killed
+            if self.args.should_save and os.path.lexists(staged):
+                remove_staging(staged)  # left by a save that was killed, in the toolkit's own staging folder
             self.accelerator.wait_for_everyone()
             self._staging = True
             try:
@@ -287,13 +293,13 @@ def guarded_trainer_class():
                     self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                if os.path.exists(final):
-                    shutil.rmtree(final)
+                if os.path.lexists(final):  # an earlier save of this step: replaced only if provably a checkpoint
+                    remove_checkpoint(final)
                 os.replace(staged, final)
                 with contextlib.suppress(OSError):  # leave no empty staging folder behind
                     os.rmdir(os.path.dirname(staged))
-                rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                # Like transformers' save_total_limit rotation, but only over checkpoints it can prove are ones.
+                rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint))
             self.accelerator.wait_for_everyone()
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -422,6 +428,8 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     quantization = quantization_config(recipe)  # refuses before anything runs when it can't be honored
     if recipe.toolkit.merge_adapter:
         check_merge_target(merged_dir(recipe.sft.output_dir))
+    # Before anything reads data or loads weights: an output_dir this run would damage is refused.
+    earlier = check_train_output(recipe, resume_step=_resume_step)
     if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
         # The same template repair as from raw data (deterministic), so the template hashes can be compared.
         rendered = read_manifest(recipe.toolkit.prepared)["template"].get("sha256") is not None
@@ -437,6 +445,11 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     for note in notes:
         log(f"mask guard ({recipe.toolkit.mask_guard}): {note}")
 
+    if earlier and int(os.environ.get("RANK", "0")) == 0:  # overwrite_output_dir: the earlier run's checkpoints
+        for path in earlier:
+            remove_checkpoint(path)
+        log(f"overwrite_output_dir: removed the earlier run's {', '.join(p.name for p in earlier)} from "
+            f"{recipe.sft.output_dir}")
     tokenizer = load_tokenizer_for(recipe)
     # Plain-text data needs no template, and a base model may have none.
     template = training_template(tokenizer, recipe.sft) if tokenizer.chat_template else None

@@ -34,8 +34,35 @@ def load_cases() -> list[dict]:
 CASES = load_cases()
 
 
+def make_setup(case: dict, workdir: Path) -> None:
+    """The user's files a case starts from (`setup`: path -> text, or -> {symlink: target})."""
+    for name, content in (case.get("setup") or {}).items():
+        path = workdir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, dict):
+            if not path.is_symlink():
+                path.symlink_to(content["symlink"])
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+def setup_intact(case: dict, workdir: Path) -> list[str]:
+    """The setup paths whose content or link changed (the user's files must survive byte for byte)."""
+    changed = []
+    for name, content in (case.get("setup") or {}).items():
+        path = workdir / name
+        if isinstance(content, dict):
+            ok = path.is_symlink() and str(path.readlink()) == content["symlink"]
+        else:
+            ok = path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8") == content
+        if not ok:
+            changed.append(name)
+    return changed
+
+
 def run_case(case: dict, workdir: Path) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of the case's command, run from `workdir` (a copy of the corpus)."""
+    make_setup(case, workdir)
     args = list(case.get("args") or [])
     if "recipe" in case:
         recipe = workdir / f"{case['id']}.yaml"
@@ -93,6 +120,7 @@ def test_bad_input_gets_a_clear_message_and_its_exit_code(case, workdir):
     code, stdout, stderr = run_case(case, workdir)
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     assert code == case["exit"], stdout[-2000:] + stderr[-2000:]
+    assert not setup_intact(case, workdir), "the user's files changed"
     line = seen_line(case, stdout, stderr)
     assert line is not None, f"{case['says']!r} not in:\n{stdout[-2000:]}\n{stderr[-2000:]}"
     assert doc_rows().get(case["id"]) == table_row(case, line), "docs/bad_inputs.md is stale: python tests/test_bad_inputs.py"

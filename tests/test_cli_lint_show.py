@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from sft_toolkit.cli import COMMANDS, main
+
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 
 
@@ -68,3 +72,14 @@ def test_show_plain_marks_the_trained_span(tmp_path):
     assert "<|im_start|>assistant⟦↵\nHello!<|im_end|>⟧" in proc.stdout
     page = html.read_text()
     assert page.startswith("<!doctype html>") and "<script" not in page and "Hello!" in page
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)], ids=["sft-toolkit", *COMMANDS])
+def test_help_exits_0_and_prints_usage(command, capsys):
+    # argparse %-formats every help string: a literal `{% generation %}` once made the top-level help a TypeError.
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sft-toolkit{''.join(' ' + c for c in command)}")
+    assert "Traceback" not in out

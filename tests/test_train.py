@@ -162,7 +162,7 @@ def test_repair_raises_max_length_within_the_limit(assets, tmp_path):
     train(build_recipe({**keys, "max_length_limit": 16}), log=said.append)
     assert any(s.startswith("mask guard (repair): kept max_length 64") for s in said)
     said.clear()
-    outcome = train(build_recipe({**keys, "max_length_limit": 2048}), log=said.append)
+    outcome = train(build_recipe({**keys, "max_length_limit": 2048, "overwrite_output_dir": True}), log=said.append)
     raised = [s for s in said if "max_length 64 ->" in s]
     assert raised and "assistant tokens lost to truncation" in raised[0] and "-> 0," in raised[0]
     assert outcome.report.truncated_assistant_tokens == 0 and outcome.report.zero_mask_rows == []

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ..markers import MarkerError, add_markers
+from ..outputs import check_output_file, existing_inputs, write_file
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("add-markers", help="add verified {% generation %} markers to a chat template",
+    p = sub.add_parser("add-markers", help="add verified {%% generation %%} markers to a chat template",
                        description="Rewrite an inference chat template so that exactly the assistant's output "
                                    "and end-of-turn are inside {% generation %} blocks, verified byte-identical "
                                    "to the input on the probe corpus and clean under lint.")
@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     template = load_template(args.input)
+    inputs = existing_inputs([("INPUT", args.input), ("template", template.origin), ("--tokenizer", args.tokenizer)])
+    if args.output:  # refused before the work, not after it
+        check_output_file(args.output, inputs, example="training.jinja")
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     report = {"input": template.origin, "output": args.output, "ok": False}
     try:
@@ -47,7 +50,7 @@ def run(args) -> int:
                   "`sft-toolkit lint`.", file=sys.stderr)
         return 1
     if args.output:
-        Path(args.output).write_text(result.source, encoding="utf-8")
+        write_file(args.output, result.source, inputs)
     report.update(ok=True, generation_blocks=result.blocks, role_conditions=result.role_conditions,
                   whitespace_left_untrained=result.relaxed_whitespace,
                   already_marked=result.blocks == 0 and result.source == template.source)

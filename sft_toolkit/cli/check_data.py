@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..check_data import check_data, reason_help, to_markdown
+from ..outputs import check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
 
 SHOW_ROWS = 20
@@ -31,19 +32,28 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     overrides = {} if args.max_zero_rows is None else {"max_zero_rows": args.max_zero_rows}
     recipe = load_recipe(args.recipe, overrides)
+    inputs = recipe_inputs(recipe)
+    reports = _report_paths(args.report) if args.report else ()
+    for path in reports:  # a path that can't be written is bad input (2), refused before the check, never "not fit"
+        check_output_file(path, inputs, example="report.json")
     report, _ = check_data(recipe, world_size=args.world_size)
     data = report.to_json()
-    if args.report:
-        json_path = Path(args.report)
-        if json_path.suffix == ".md":
-            json_path = json_path.with_suffix(".json")
-        json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        json_path.with_suffix(".md").write_text(to_markdown(report, args.recipe), encoding="utf-8")
+    if reports:
+        write_file(reports[0], json.dumps(data, indent=2) + "\n", inputs)
+        write_file(reports[1], to_markdown(report, args.recipe), inputs)
     if args.format == "json":
         print(json.dumps(data, indent=2))
     else:
         _print_text(report, args.recipe)
     return 0 if report.ok else 1
+
+
+def _report_paths(report: str) -> tuple[Path, Path]:
+    """--report FILE: the JSON report at FILE (FILE.json for FILE.md) and the Markdown report beside it."""
+    json_path = Path(report)
+    if json_path.suffix == ".md":
+        json_path = json_path.with_suffix(".json")
+    return json_path, json_path.with_suffix(".md")
 
 
 def _print_text(report, title: str) -> None:

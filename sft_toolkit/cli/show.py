@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 from rich.console import Console
 
 from ..data import read_conversation
 from .. import policy as control
 from ..masks import Rendered, RenderLimit, render, tokenize
+from ..outputs import check_output_file, existing_inputs, write_file
 from ..preprocess import canonical_messages, row_problem
 from ..problems import InputError
 from .. import show
@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.html:  # refused before the work, not after it
+        check_output_file(args.html, _inputs(args), example="page.html")
     if show.is_prepared(args.conversation):
         return run_prepared(args)
     if args.sequence is not None:
@@ -85,7 +87,7 @@ def run(args) -> int:
         console.print(to_rich(views))
         console.print(f"\n[bold]{summary}[/]  ([black on #8fd694] trained [/] [#aaaaaa on #2b2b2b] not trained [/])")
     if args.html:
-        Path(args.html).write_text(to_html(views, title, summary), encoding="utf-8")
+        write_file(args.html, to_html(views, title, summary), _inputs(args))
     return 0
 
 
@@ -124,8 +126,7 @@ def run_prepared(args) -> int:
     tokens = show.packed_tokens(example, show.token_texts(tokenizer, example["input_ids"]), summary.documents)
     if args.html:
         title = f"{args.conversation} sequence {index}"
-        Path(args.html).write_text(show.packed_html(summary, tokens, len(sequences), title, sequences),
-                                   encoding="utf-8")
+        write_file(args.html, show.packed_html(summary, tokens, len(sequences), title, sequences), _inputs(args))
     if args.sequence is None:
         return 0
     if args.format == "json":
@@ -137,3 +138,8 @@ def run_prepared(args) -> int:
     else:
         Console(highlight=False).print(show.packed_rich(summary, tokens, len(sequences)))
     return 0
+
+
+def _inputs(args) -> list:
+    return existing_inputs([("CONVERSATION", args.conversation), ("--template", args.template),
+                            ("--tokenizer", args.tokenizer)])

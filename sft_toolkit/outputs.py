@@ -1,0 +1,425 @@
+"""Where the toolkit writes: the one place that decides whether a path may be created, replaced or deleted.
+
+Every output is somebody's folder first. Checking an output directory by the *names* it holds
+(`manifest.json`, `dataset/`, `checkpoint-N`) lost users' files: a folder holding `dataset/my_raw_data.jsonl`,
+a hand-copied manifest, a `-o` through a symbolic link, a recipe whose `dataset_name` is `DIR/dataset`, an
+`output_dir` that is the base model's own folder. So the toolkit replaces or deletes only what it can prove
+it wrote, and refuses everything else with an `InputError` that names the path and the way out:
+
+- A directory the toolkit fills as a whole (`prepare -o DIR`) carries an ownership record, `OWNER_FILE`,
+  written last, that lists every file it wrote with its size and content hash. DIR is replaced only when it
+  is empty, or when that record verifies: no symbolic link anywhere, no file the record does not list (a
+  user's file dropped inside is found), every listed file unchanged. A `manifest.json` copied by hand has
+  no record; a record copied with foreign files beside it does not verify.
+- A new directory is filled under a temporary sibling (`.DIR.partial-TOKEN`) and renamed into place, so an
+  interrupted run never leaves a half directory under the name a later run trusts.
+- An output never is, contains or lies inside an input of the same recipe (dataset, model, template,
+  prepared data, the recipe file): replacing it would delete what it is made from.
+- A symbolic link is never followed to replace or delete what it points to.
+- `checkpoint-N` is a checkpoint only when it is a real directory whose `trainer_state.json` records
+  `global_step` N (`checkpoint_step`); only those are ever overwritten, rotated or deleted.
+- A single output file (`add-markers -o`, `check-data --report`, `show --html`) is written to a temporary
+  file beside it and renamed over it (never half-written), never over an input or a file inside an input
+  folder (a new file beside a tokenizer is fine), never onto a directory; a missing parent folder is
+  created, as `prepare -o` and `output_dir` create theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .problems import InputError
+
+OWNER_FILE = ".sft-toolkit-owned"
+OWNER = "sft-toolkit"
+OWNER_FORMAT = 1
+# Files up to this size are re-hashed when ownership is verified; larger ones (dataset shards) are compared
+# by size and modification time, so verifying a many-gigabyte directory costs no full read.
+HASHED_BYTES = 64 * 2**20
+# Files the `datasets` library itself adds beside a saved dataset when it is mapped after loading.
+DERIVED_FILES = ("cache-*.arrow",)
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class Input:
+    """A path a command reads, named by the recipe key or option that gave it."""
+
+    key: str
+    path: Path
+
+
+def recipe_inputs(recipe) -> list[Input]:
+    """The local paths a recipe reads: its dataset, model, template, prepared data and the recipe file itself."""
+    candidates = [("dataset_name", recipe.script.dataset_name),
+                  ("model_name_or_path", recipe.model.model_name_or_path),
+                  ("chat_template_path", recipe.sft.chat_template_path), ("prepared", recipe.toolkit.prepared),
+                  ("recipe file", recipe.source)]
+    return existing_inputs(candidates)
+
+
+def existing_inputs(candidates: Iterable[tuple[str, object]]) -> list[Input]:
+    """The candidates that name an existing local path (hub ids and bundled template names are not paths)."""
+    out = []
+    for key, value in candidates:
+        if isinstance(value, (str, os.PathLike)) and str(value) and os.path.lexists(value):
+            out.append(Input(key, Path(value)))
+    return out
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def overlap(out: Path, inputs: Iterable[Input]) -> str | None:
+    """How `out` collides with an input (is it, contains it, lies inside it), or None."""
+    mine = _real(out)
+    for item in inputs:
+        theirs = _real(item.path)
+        if mine == theirs:
+            return f"is the input {item.key} ({item.path})"
+        if theirs.is_relative_to(mine):
+            return f"contains the input {item.key} ({item.path})"
+        if mine.is_relative_to(theirs):
+            return f"lies inside the input {item.key} ({item.path})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Directories the toolkit fills as a whole
+
+
+def _file_record(path: Path) -> dict:
+    stat = path.stat()
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if stat.st_size <= HASHED_BYTES:
+        with path.open("rb") as handle:
+            record["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return record
+
+
+def write_owner_record(folder: Path, kind: str, token: str) -> None:
+    """Record every file under `folder` (written last: a folder without it is not provably the toolkit's)."""
+    files = {}
+    for root, dirs, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            if path.name != OWNER_FILE or path.parent != folder:
+                files[path.relative_to(folder).as_posix()] = _file_record(path)
+    record = {"owner": OWNER, "format": OWNER_FORMAT, "kind": kind, "token": token, "files": files}
+    staged = folder / f"{OWNER_FILE}.{token}"
+    staged.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(staged, folder / OWNER_FILE)
+
+
+def ownership_problem(folder: Path, kind: str) -> str | None:
+    """Why `folder` is not provably a `kind` directory the toolkit wrote; None when it is."""
+    marker = folder / OWNER_FILE
+    if marker.is_symlink() or not marker.is_file():
+        return f"no {OWNER_FILE} record in it"
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"its {OWNER_FILE} record does not read"
+    if not isinstance(record, dict) or record.get("owner") != OWNER or record.get("format") != OWNER_FORMAT \
+            or not isinstance(record.get("files"), dict):
+        return f"its {OWNER_FILE} record is not one this version of sft-toolkit writes"
+    if record.get("kind") != kind:
+        return f"its {OWNER_FILE} record says it holds {record.get('kind')!r}, not {kind!r}"
+    files = record["files"]
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                return f"holds a symbolic link, {relative}"
+            if name in dirs or relative == OWNER_FILE:
+                continue
+            if relative not in files:
+                if path.parent != folder and any(fnmatch.fnmatch(name, p) for p in DERIVED_FILES):
+                    continue
+                return f"holds {relative}, which the toolkit did not write"
+            expected = files[relative]
+            found = _file_record(path)
+            same = found["size"] == expected.get("size") and (
+                found.get("sha256") == expected.get("sha256") if "sha256" in found
+                else found["mtime_ns"] == expected.get("mtime_ns"))
+            if not same:
+                return f"{relative} changed since the toolkit wrote it"
+    return None
+
+
+def check_output_dir(out: str | Path, kind: str, inputs: Iterable[Input] = ()) -> None:
+    """Raise InputError unless `out` may become a `kind` directory: new, empty, or provably the toolkit's own,
+    not a symbolic link, and clear of every input."""
+    out = Path(out)
+    way_out = "choose a new or empty directory, or move it away yourself"
+    if out.is_symlink():
+        raise InputError(f"{out}: is a symbolic link (to {os.readlink(out)}); the toolkit never replaces what a link "
+                         f"points to; give the real path of a new or empty directory")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is a file, not a directory; {way_out}")
+    collision = overlap(out, inputs)
+    if collision:
+        raise InputError(f"{out}: {collision}: writing there would replace the input; nothing was changed; "
+                         "choose an output directory outside the recipe's inputs")
+    if Path.cwd().resolve().is_relative_to(_real(out)):
+        raise InputError(f"{out}: is or holds the current directory, which cannot be replaced; name a new folder "
+                         "for it to write")
+    if out.is_dir() and any(out.iterdir()):
+        problem = ownership_problem(out, kind)
+        if problem:
+            raise InputError(f"{out}: exists and is not a {kind} directory sft-toolkit wrote ({problem}); nothing "
+                             f"was changed; {way_out}")
+
+
+def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs: Iterable[Input] = ()) -> Path:
+    """Fill a fresh temporary sibling of `out` with `fill(folder)`, record it as the toolkit's, and rename it
+    into place, replacing `out` only when `check_output_dir` allows it. Returns `out`.
+
+    An exception (or Ctrl-C) inside `fill` removes the temporary folder and leaves `out` as it was; a killed
+    process leaves `.NAME.partial-TOKEN` beside it, which no command reads (remove it by hand)."""
+    out = Path(out)
+    inputs = list(inputs)
+    check_output_dir(out, kind, inputs)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out}: cannot create its parent folder ({err.strerror}); choose another directory") \
+            from None
+    token = secrets.token_hex(8)
+    staging = out.parent / f".{out.name}.partial-{token}"
+    try:
+        staging.mkdir()
+    except OSError as err:
+        raise InputError(f"{out.parent}: cannot write there ({err.strerror}); choose another directory") from None
+    try:
+        fill(staging)
+        write_owner_record(staging, kind, token)
+        check_output_dir(out, kind, inputs)  # again: the folder may have changed while we worked
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # made by this call, under a name no one else uses
+        raise
+    previous = out.parent / f".{out.name}.replaced-{token}" if out.is_dir() else None
+    try:
+        if previous is not None:
+            os.rename(out, previous)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if previous is not None:
+                os.rename(previous, out)  # put the old one back
+            raise
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"{out}: cannot be replaced ({err.strerror or err}); it was left as it was; choose "
+                         "another directory") from None
+    if previous is not None:
+        if ownership_problem(previous, kind) is None or not any(previous.iterdir()):
+            shutil.rmtree(previous)
+        else:  # changed between the check and the rename: keep it, and say where
+            raise InputError(f"{out}: changed while it was being replaced; the new {kind} directory is in place and "
+                             f"the old one was kept at {previous}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints in a training output_dir
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N when `path` is a real directory `checkpoint-N` whose trainer_state.json records global_step N (a
+    checkpoint a trainer finished writing); None for anything else: a link, a file, a torn or foreign folder."""
+    path = Path(path)
+    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    if not path.name.startswith(CHECKPOINT_PREFIX) or not suffix.isdigit() or path.is_symlink() or not path.is_dir():
+        return None
+    state = path / TRAINER_STATE
+    if state.is_symlink() or not state.is_file():
+        return None
+    try:
+        step = json.loads(state.read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(suffix) if step == int(suffix) and not isinstance(step, bool) else None
+
+
+def checkpoint_entries(output_dir: str | Path) -> list[Path]:
+    """Every entry named checkpoint-N in `output_dir` (directories, files, links), by N."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint only if `checkpoint_step` proves it is one (renamed aside first, so it vanishes at
+    once rather than file by file); raise InputError otherwise."""
+    path = Path(path)
+    if checkpoint_step(path) is None:
+        raise InputError(f"{path}: not a checkpoint the trainer wrote (a link, a file, or no {TRAINER_STATE} with "
+                         f"its step); it is kept; move it away or choose another output_dir")
+    aside = path.parent / f".{path.name}.removed-{secrets.token_hex(4)}"
+    os.rename(path, aside)
+    shutil.rmtree(aside)
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int | None, keep: Iterable[str | Path | None] = ()) -> None:
+    """Keep at most `limit` checkpoints (as transformers' `save_total_limit`), deleting the oldest (by
+    modification time, then step) among those `checkpoint_step` proves; anything else is never counted or
+    touched. `keep` (the newest save, the best model) is never deleted."""
+    if not limit or limit <= 0:
+        return
+    proven = [p for p in checkpoint_entries(output_dir) if checkpoint_step(p) is not None]
+    if len(proven) <= limit:
+        return
+    protected = {_real(Path(k)) for k in keep if k}
+    order = sorted(proven, key=lambda p: (p.stat().st_mtime_ns, checkpoint_step(p)))
+    excess = len(proven) - max(limit, sum(_real(p) in protected for p in proven))
+    for path in order:
+        if excess <= 0:
+            break
+        if _real(path) not in protected:
+            remove_checkpoint(path)
+            excess -= 1
+
+
+def remove_staging(path: str | Path) -> None:
+    """Remove what an interrupted save left at `path` inside the toolkit's own staging folder (a link is
+    unlinked, never followed)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Single output files
+
+
+def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: str = "out.txt") -> Path:
+    """Raise InputError unless a file may be written at `path`: not a directory, not an input, a parent that
+    is (or can become) a folder. Returns the path written (a link's target, as `open` would write)."""
+    given = Path(path)
+    if str(path) in ("", "."):
+        raise InputError(f"{path!r}: not a file name; give a file path")
+    if given.is_dir():
+        raise InputError(f"{given}: is a directory; give a file path (e.g. {given / example})")
+    target = _real(given) if given.is_symlink() else given
+    for item in inputs:
+        theirs = _real(item.path)
+        if _real(target) == theirs or os.path.lexists(target) and _real(target).is_relative_to(theirs):
+            part = "is" if _real(target) == theirs else "is part of"
+            raise InputError(f"{given}: {part} the input {item.key} ({item.path}); writing there would replace it; "
+                             "nothing was changed; give another output file")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{given}: {parent} is a file, not a folder; give another output path")
+            break
+    return target
+
+
+def write_file(path: str | Path, text: str, inputs: Iterable[Input] = ()) -> Path:
+    """Write `text` to `path` whole or not at all (a temporary file renamed over it), creating missing parent
+    folders; InputError naming the path when it cannot be written."""
+    target = check_output_file(path, inputs)
+    staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(text, encoding="utf-8")
+        os.replace(staged, target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        raise InputError(f"{path}: cannot write ({err.strerror or err}); give another output file") from None
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A training run's output_dir
+
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "adapter_config.json", "adapter_model.safetensors")
+
+
+def _may_save(sft, start: int) -> Callable[[int], bool]:
+    """Whether this run may save checkpoint-N (N past `start`, within max_steps, on a save step)."""
+    strategy = str(getattr(sft.save_strategy, "value", sft.save_strategy))
+    max_steps = sft.max_steps if isinstance(sft.max_steps, int) else -1
+    every = sft.save_steps if strategy == "steps" and isinstance(sft.save_steps, int) and sft.save_steps >= 1 else None
+
+    def may_save(step: int) -> bool:
+        if strategy == "no" or step <= start or 0 < max_steps < step:
+            return False
+        return every is None or step % every == 0 or step == max_steps
+
+    return may_save
+
+
+def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> list[Path]:
+    """Refuse (InputError, before any data is read or weights load) an output_dir that this run would damage;
+    return the earlier run's checkpoints to delete before training when the recipe says
+    `overwrite_output_dir: true` (only ones `checkpoint_step` proves).
+
+    Refused: output_dir a file; output_dir that is, holds or lies inside the model, or is or lies inside
+    the dataset, template or prepared data; a `checkpoint-N` this run may save that is not a checkpoint
+    (a link, a file, a foreign folder): always, whatever the recipe says; an earlier run's checkpoints or
+    model, unless the recipe resumes from that output_dir or sets overwrite_output_dir.
+    `resume_step(output_dir)`: the step `resume_from_checkpoint: true` would resume from (None: step 0)."""
+    sft, toolkit = recipe.sft, recipe.toolkit
+    if not sft.output_dir:
+        return []
+    out = Path(sft.output_dir)
+    where = f"{recipe.source}: output_dir: {out}"
+    if os.path.lexists(out) and not out.is_dir():
+        raise InputError(f"{where}: is a file{' (or a broken link)' if out.is_symlink() else ''}, not a directory; "
+                         "choose another output_dir")
+    for item in recipe_inputs(recipe):
+        if item.key == "recipe file":
+            continue
+        collision = overlap(out, [item])
+        if collision and (item.key == "model_name_or_path" or not collision.startswith("contains")):
+            raise InputError(f"{where}: {collision}: training would write its checkpoints and weights there; "
+                             "nothing was changed; choose another output_dir")
+    resume = sft.resume_from_checkpoint
+    resumes_here = False
+    start = 0
+    if resume == "true":
+        resumes_here, start = True, resume_step(str(out)) or 0
+    elif resume:
+        resumes_here = out.is_dir() and _real(Path(resume)).parent == _real(out)
+        start = checkpoint_step(resume) or 0
+    may_save = _may_save(sft, start)
+    entries = checkpoint_entries(out)
+    for entry in entries:
+        step = int(entry.name[len(CHECKPOINT_PREFIX):])
+        if may_save(step) and checkpoint_step(entry) is None:
+            kind = "a symbolic link" if entry.is_symlink() else "a file" if not entry.is_dir() else \
+                f"a folder without a {TRAINER_STATE} recording step {step}"
+            raise InputError(f"{where}: this run may save {entry.name}, and {entry} is {kind}, not a checkpoint the "
+                             "trainer wrote; nothing was changed; move it away or choose another output_dir")
+    if resumes_here:
+        return []
+    proven = [entry for entry in entries if checkpoint_step(entry) is not None]
+    models = [name for name in MODEL_FILES if os.path.lexists(out / name)]
+    if (proven or models) and not getattr(toolkit, "overwrite_output_dir", False):
+        held = ", ".join([p.name for p in proven][:5] + models[:3]) + (" …" if len(proven) > 5 else "")
+        raise InputError(f"{where}: holds an earlier run ({held}) that this run would overwrite or mix with; "
+                         "nothing was changed; resume it (resume_from_checkpoint: true), set "
+                         "overwrite_output_dir: true (deletes only its checkpoints, those whose trainer_state.json "
+                         "shows they are), or choose another output_dir")
+    return proven
