@@ -32,14 +32,14 @@ source, and the result must pass the same checks as a hand-written template:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jinja2
 from jinja2 import nodes
 
 from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
 from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
-from .probes import PROBES, Probe, text_of
+from .probes import PROBES, VERIFICATION_PROBES, Probe, text_of
 from .problems import ERROR, InputError
 
 
@@ -586,10 +586,10 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
     eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
     out, failed = [], []
-    for probe in PROBES:
+    for probe in VERIFICATION_PROBES:
         probe = usable_probe(template.source, probe, _special(kwargs))
         for name, messages, prompt in _cases(probe):
-            sub = Probe(probe.name, messages, probe.tools, probe.template_kwargs)
+            sub = replace(probe, messages=messages)
             try:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
             except TemplateRaised:
@@ -619,7 +619,8 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 return value
 
             variables = {**_special(kwargs), **probe.template_kwargs}
-            chat = _alias_reasoning_fields(_plain_template_data(normalize_messages(messages)))
+            chat = _alias_reasoning_fields(_plain_template_data(messages if probe.keep_none
+                                                                else normalize_messages(messages)))
             try:
                 text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
                                      add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter, sft_leave=leave,
@@ -1045,7 +1046,8 @@ def _verify(original: str, marked: str, traces: list[_Trace], tokenizer, relaxed
         probe = trace.probe
         try:
             out = render(marked, probe.messages, add_generation_prompt=trace.prompt, tools=probe.tools,
-                         template_kwargs={**kwargs, **probe.template_kwargs}, placeholders=False)
+                         template_kwargs={**kwargs, **probe.template_kwargs}, placeholders=False,
+                         keep_none=probe.keep_none)
         except (TemplateRaised, InputError) as err:
             problems.append(f"{trace.name}: {err}")
             continue
