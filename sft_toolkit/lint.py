@@ -29,7 +29,7 @@ from jinja2.ext import Extension
 
 from . import policy as control
 from .masks import Rendered, TemplateRaised, render, tokenize
-from .probes import CONTROL_PROBES, VERIFICATION_PROBES, Probe, probe_variants, text_of
+from .probes import CONTROL_PROBES, TOOL_SHAPE_PROBES, VERIFICATION_PROBES, Probe, probe_variants, text_of
 from .problems import ERROR, INFO, WARNING, Finding, InputError
 
 ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
@@ -300,7 +300,12 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
             continue
         except InputError as err:
-            add("R007", ERROR, f"{err}", probe.name, None)
+            if probe in TOOL_SHAPE_PROBES:  # a shape some datasets write; None values as given never reach training
+                if not probe.keep_none:
+                    add("R007", WARNING, f"{err}; rows written this way fail with this template (check-data "
+                        "reports them as template_error)", probe.name, None)
+            else:
+                add("R007", ERROR, f"{err}", probe.name, None)
             continue
         rendered_any = True
         found = _end_of_turn(source, probe, kwargs)

@@ -166,7 +166,8 @@ PROBES: list[Probe] = [
 # templates' hand-written expectations (tests/test_templates.py) cover PROBES only.
 _NULL_CONTENT = [
     {"role": "user", "content": "Is it raining in Bergen or in Cork?"},
-    {"role": "assistant", "content": None, "tool_calls": [_call("Bergen", "call_bergen1"), _call("Cork", "call_cork01")]},
+    {"role": "assistant", "content": None,
+     "tool_calls": [_call("Bergen", "call_bergen1"), _call("Cork", "call_cork01")]},
     {"role": "tool", "tool_call_id": "call_bergen1", "name": "get_weather", "content": '{"rain_mm": 12}'},
     {"role": "tool", "tool_call_id": "call_cork01", "name": "get_weather", "content": '{"rain_mm": 0}'},
     {"role": "assistant", "content": "Bergen has rain (12 mm); Cork is dry."},
