@@ -1053,14 +1053,16 @@ class Refusal(str, Enum):
     LINT = "lint"                              # a lint error on the marked template
 
 
-def verify_placement(original: str, marked: str, *, tokenizer=None, relaxed_whitespace: bool = False) -> list[Finding]:
+def verify_placement(original: str, marked: str, *, tokenizer=None,
+                     relaxed_whitespace: bool = False) -> list[Finding]:
     """Why `marked` is not `original` with correctly placed generation markers; [] when it is.
 
     The checks add-markers runs before it writes anything: on every probe render (whole, prefixes, with and
     without the generation prompt) the marked template renders the original's text byte for byte, trains
     every character of each assistant turn and its end-of-turn and nothing else, leaves no assistant content,
     reasoning or tool-call name or argument it shows untrained, and passes lint. `relaxed_whitespace` lets
-    whitespace inside a turn stay untrained. Raises MarkerError when the original itself can't be traced.
+    whitespace inside a turn stay untrained. Raises InputError when the original doesn't parse, MarkerError
+    when its output can't be traced to its source.
     """
     template = _Template.parse(_strip_markers(original))
     traces, _ = _trace_all(template, tokenizer)
@@ -1092,15 +1094,16 @@ def _verify(original: str, marked: str, traces: list[_Trace], tokenizer, relaxed
                    f"renders {trace.text[at:at + 30]!r}")
             continue
         trained = out.trained_chars()
-        for i, label in enumerate(trace.labels):
-            if label == "U" and trained[i]:
-                refuse(Refusal.TRAINED_OUTSIDE, f"{trace.name}: {trace.text[max(0, i - 10):i + 10]!r} has character "
-                       f"{i} ({trace.text[i]!r}) trained outside the assistant turn")
-                break
-            if label == "T" and not trained[i] and not (relaxed and trace.text[i].isspace()):
-                refuse(Refusal.OUTPUT_UNTRAINED, f"{trace.name}: {trace.text[max(0, i - 10):i + 10]!r} has "
-                       f"character {i} ({trace.text[i]!r}) of the assistant turn untrained")
-                break
+        wrong = [(label == "U" and trained[i]) or (label == "T" and not trained[i] and not (
+            relaxed and trace.text[i].isspace())) for i, label in enumerate(trace.labels)]
+        if True in wrong:
+            start = wrong.index(True)
+            end = wrong.index(False, start) if False in wrong[start:] else len(wrong)
+            shown = f"{trace.name}: {trace.text[start:end][:60]!r} (characters {start}-{end})"
+            if trained[start]:
+                refuse(Refusal.TRAINED_OUTSIDE, f"{shown} trained outside the assistant turn")
+            else:
+                refuse(Refusal.OUTPUT_UNTRAINED, f"{shown} of the assistant turn untrained")
         else:
             if missed := _untrained_output(probe.messages, out.text, trained, relaxed):
                 refuse(Refusal.OUTPUT_UNTRAINED, f"{trace.name}: {missed} is untrained")
