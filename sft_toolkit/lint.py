@@ -292,7 +292,7 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
 
     eot, rendered_any, writes_no_eot = None, False, False
     for probe in [*VERIFICATION_PROBES, *CONTROL_PROBES]:
-        controls = probe in CONTROL_PROBES
+        controls, shape = probe in CONTROL_PROBES, probe in TOOL_SHAPE_PROBES
         probe = usable_probe(source, probe, kwargs)
         try:
             full = _render(source, probe, probe.messages, False, kwargs)
@@ -300,8 +300,8 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
             continue
         except InputError as err:
-            if probe in TOOL_SHAPE_PROBES:  # a shape some datasets write; None values as given never reach training
-                if not probe.keep_none:
+            if shape:  # a shape some datasets write, worth a warning where training gives it
+                if probe.training_shape:
                     add("R007", WARNING, f"{err}; rows written this way fail with this template (check-data "
                         "reports them as template_error)", probe.name, None)
             else:

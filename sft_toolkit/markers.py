@@ -598,7 +598,7 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             except TemplateRaised:
                 continue  # the original refuses this conversation, the marked one must too (checked by lint)
             except InputError:
-                if not probe.keep_none:  # None values as given: training drops them, so no allowance is needed
+                if probe.training_shape:  # a shape only other renderers give: no allowance is needed
                     failed.append(name)  # the original can't render it either (e.g. no tool support): not ours
                 continue
             emissions, stack, passes = [], [], []

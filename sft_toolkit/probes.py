@@ -36,6 +36,9 @@ class Probe:
     # (`apply_chat_template` does), but transformers' `render_jinja_template` and inference servers pass
     # `content: None` on to the template, where `content is none` picks another branch.
     keep_none: bool = False
+    # False for a shape sft-toolkit's preprocessing changes before the template sees it (None keys dropped,
+    # JSON-string arguments parsed) but other renderers pass on: checked where it renders, no warning where not.
+    training_shape: bool = True
 
 
 def _call(city: str, call_id: str | None = None, *, string_arguments: bool = False) -> dict:
@@ -175,7 +178,8 @@ _NULL_CONTENT = [
 
 TOOL_SHAPE_PROBES: list[Probe] = [
     Probe("tool-call-null-content", _NULL_CONTENT, tools=[WEATHER_TOOL]),
-    Probe("tool-call-null-content-as-given", _NULL_CONTENT, tools=[WEATHER_TOOL], keep_none=True),
+    Probe("tool-call-null-content-as-given", _NULL_CONTENT, tools=[WEATHER_TOOL], keep_none=True,
+          training_shape=False),
     Probe(
         "tool-call-string-arguments",
         [
@@ -187,6 +191,7 @@ TOOL_SHAPE_PROBES: list[Probe] = [
             {"role": "assistant", "content": "Tromso is at -9 \u00b0C."},
         ],
         tools=[WEATHER_TOOL],
+        training_shape=False,
     ),
     Probe(
         "tool-call-thinking",
