@@ -284,3 +284,10 @@ def test_converted_template_passes_the_independent_check(name):
         assert not problems, f"{name}/{case}: {problems}"
         checked += 1
     assert checked >= 5, f"{name}: only {checked} conversations rendered"  # gemma refuses tool and system roles
+
+
+def test_the_hand_placement_example_in_templates_readme_is_right():
+    readme = (Path(__file__).resolve().parents[1] / "templates" / "README.md").read_text()
+    section = readme[readme.index("## When add-markers refuses a template"):]
+    original, by_hand = re.findall(r"```jinja\n(.*?)```", section, flags=re.S)[:2]
+    assert verify_placement(original, by_hand) == []
