@@ -25,8 +25,10 @@ source, and the result must pass the same checks as a hand-written template:
    control is preserved by moving each tag's `-` to the inserted tag and using `+` where jinja's
    trim_blocks/lstrip_blocks would otherwise eat text.
 4. Verify. The result must render byte-identically to the input on every probe (with and without the
-   generation prompt, every prefix), train every labelled character, and pass lint. Nothing is returned
-   otherwise: `MarkerError` says which construct defeated the placement and on which line.
+   generation prompt, every prefix; every tool-call shape in `probes.TOOL_SHAPE_PROBES`), train every
+   labelled character and, checked apart from the labels, every assistant content, reasoning and tool-call
+   name and argument the render shows, and pass lint (`verify_placement`). Nothing is returned otherwise:
+   `MarkerError` says which construct defeated the placement and on which line.
 """
 
 from __future__ import annotations
