@@ -29,7 +29,7 @@ from jinja2.ext import Extension
 
 from . import policy as control
 from .masks import Rendered, TemplateRaised, render, tokenize
-from .probes import CONTROL_PROBES, PROBES, Probe, probe_variants, text_of
+from .probes import CONTROL_PROBES, TOOL_SHAPE_PROBES, VERIFICATION_PROBES, Probe, probe_variants, text_of
 from .problems import ERROR, INFO, WARNING, Finding, InputError
 
 ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
@@ -291,8 +291,8 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             examples.setdefault(key, example)
 
     eot, rendered_any, writes_no_eot = None, False, False
-    for probe in [*PROBES, *CONTROL_PROBES]:
-        controls = probe in CONTROL_PROBES
+    for probe in [*VERIFICATION_PROBES, *CONTROL_PROBES]:
+        controls, shape = probe in CONTROL_PROBES, probe in TOOL_SHAPE_PROBES
         probe = usable_probe(source, probe, kwargs)
         try:
             full = _render(source, probe, probe.messages, False, kwargs)
@@ -300,7 +300,12 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
             continue
         except InputError as err:
-            add("R007", ERROR, f"{err}", probe.name, None)
+            if shape:  # a shape some datasets write, worth a warning where training gives it
+                if probe.training_shape:
+                    add("R007", WARNING, f"{err}; rows written this way fail with this template (check-data "
+                        "reports them as template_error)", probe.name, None)
+            else:
+                add("R007", ERROR, f"{err}", probe.name, None)
             continue
         rendered_any = True
         found = _end_of_turn(source, probe, kwargs)
@@ -363,7 +368,7 @@ def usable_probe(source: str, probe: Probe, kwargs) -> Probe:
 def _render(source, probe: Probe, messages, add_generation_prompt, kwargs) -> Rendered:
     # Training renders without the control fields (preprocess strips them), so lint does too.
     return render(source, control.strip_control(messages), add_generation_prompt=add_generation_prompt,
-                  tools=probe.tools, template_kwargs={**kwargs, **probe.template_kwargs})
+                  tools=probe.tools, template_kwargs={**kwargs, **probe.template_kwargs}, keep_none=probe.keep_none)
 
 
 def _apply_control(messages: list[dict], full: Rendered) -> tuple[Rendered, frozenset[int]]:
@@ -481,6 +486,12 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
             stop, last = stop_last
             last = max(last, end)
             tail, end = ((last, stop) if last < stop else None), stop
+        elif gap is None and i + 1 == len(probe.messages) and message.get("tool_calls"):
+            # The conversation ends in this tool call, with no end-of-turn text: the turn runs to where the
+            # render without the generation prompt ends; what follows its last call value may go either way.
+            stop = _last_turn_end(source, probe, text, start, kwargs)
+            last = max(end, _values_end(text, _call_values(message), start, stop))
+            tail, end = ((last, stop) if last < stop else None), max(stop, end)
         while end < len(text) and text[end] in " \t\r\n":
             end += 1
         turns.append(Turn(i, (start, end), required, header, prefill, tail, gap))
@@ -525,6 +536,16 @@ def _turn_end(source: str, probe: Probe, i: int, text: str, start: int, next_at:
     found = text.rfind(value, start, limit)
     stop = _markup_start(text, found + _first_difference(ending, text[found:found + len(ending)])) if found >= 0 else 0
     return (stop, found + len(value)) if stop > found + len(value) else (0, 0)
+
+
+def _last_turn_end(source: str, probe: Probe, text: str, start: int, kwargs) -> int:
+    """Where the conversation's last turn ends in `text`: the end of the render without the generation
+    prompt, trailing whitespace excluded ("start" when that render is not where `text` begins)."""
+    try:
+        plain = _render(source, probe, probe.messages, False, kwargs).text
+    except (TemplateRaised, InputError):
+        return start
+    return max(start, len(plain.rstrip())) if text.startswith(plain) else start
 
 
 def _values_end(text: str, values: list[str], start: int, stop: int) -> int:

@@ -25,22 +25,26 @@ source, and the result must pass the same checks as a hand-written template:
    control is preserved by moving each tag's `-` to the inserted tag and using `+` where jinja's
    trim_blocks/lstrip_blocks would otherwise eat text.
 4. Verify. The result must render byte-identically to the input on every probe (with and without the
-   generation prompt, every prefix), train every labelled character, and pass lint. Nothing is returned
-   otherwise: `MarkerError` says which construct defeated the placement and on which line.
+   generation prompt, every prefix; every tool-call shape in `probes.TOOL_SHAPE_PROBES`), train every
+   labelled character and, checked apart from the labels, every assistant content, reasoning and tool-call
+   name and argument the render shows, and pass lint (`verify_placement`). Nothing is returned otherwise:
+   `MarkerError` says which construct defeated the placement and on which line.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import jinja2
 from jinja2 import nodes
 
 from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
 from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
-from .probes import PROBES, Probe, text_of
-from .problems import ERROR, InputError
+from .probes import PROBES, VERIFICATION_PROBES, Probe, text_of
+from .problems import ERROR, Finding, InputError
 
 
 
@@ -95,7 +99,8 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
         problems = _verify(original, marked, traces, tokenizer, relaxed)
         if not problems:
             return Result(marked, placed.blocks, placed.role_conditions, relaxed)
-        errors.append(MarkerError("the marked template failed verification: " + "; ".join(problems[:3])))
+        errors.append(MarkerError("the marked template failed verification: "
+                                  + "; ".join(f.message for f in problems[:3])))
     if str(errors[0]) != str(errors[1]):
         raise MarkerError(f"{errors[0]} (and with whitespace inside turns left untrained: {errors[1]})",
                           errors[0].line or errors[1].line)
@@ -586,16 +591,17 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
     eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
     out, failed = [], []
-    for probe in PROBES:
+    for probe in VERIFICATION_PROBES:
         probe = usable_probe(template.source, probe, _special(kwargs))
         for name, messages, prompt in _cases(probe):
-            sub = Probe(probe.name, messages, probe.tools, probe.template_kwargs)
+            sub = replace(probe, messages=messages)
             try:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
             except TemplateRaised:
                 continue  # the original refuses this conversation, the marked one must too (checked by lint)
             except InputError:
-                failed.append(name)  # the original can't render it either (e.g. no tool support): not ours to fix
+                if probe.training_shape:  # a shape only other renderers give: no allowance is needed
+                    failed.append(name)  # the original can't render it either (e.g. no tool support): not ours
                 continue
             emissions, stack, passes = [], [], []
 
@@ -619,7 +625,8 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 return value
 
             variables = {**_special(kwargs), **probe.template_kwargs}
-            chat = _alias_reasoning_fields(_plain_template_data(normalize_messages(messages)))
+            chat = _alias_reasoning_fields(_plain_template_data(messages if probe.keep_none
+                                                                else normalize_messages(messages)))
             try:
                 text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
                                      add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter, sft_leave=leave,
@@ -1037,37 +1044,135 @@ def _apply(source: str, edits, start: int, end: int) -> str:
 # 4. Verify
 
 
-def _verify(original: str, marked: str, traces: list[_Trace], tokenizer, relaxed: bool) -> list[str]:
-    """Byte-identical on every traced render, every labelled character trained as labelled, lint passes."""
+class Refusal(str, Enum):
+    """Why verification refuses a marked template: the `rule` of each finding `verify_placement` returns."""
+
+    RENDER_FAILED = "render-failed"            # the marked template fails where the original renders
+    RENDER_DIFFERS = "render-differs"          # not byte-identical to the original
+    OUTPUT_UNTRAINED = "output-untrained"      # assistant output or its end-of-turn left outside every block
+    TRAINED_OUTSIDE = "trained-outside-turn"   # user/system/tool text or template text between turns trained
+    MARKERS_UNRECOGNISED = "markers-unrecognised"  # TRL's has_generation_markers doesn't see the blocks
+    LINT = "lint"                              # a lint error on the marked template
+
+
+def verify_placement(original: str, marked: str, *, tokenizer=None,
+                     relaxed_whitespace: bool = False) -> list[Finding]:
+    """Why `marked` is not `original` with correctly placed generation markers; [] when it is.
+
+    The checks add-markers runs before it writes anything: on every probe render (whole, prefixes, with and
+    without the generation prompt) the marked template renders the original's text byte for byte, trains
+    every character of each assistant turn and its end-of-turn and nothing else, leaves no assistant content,
+    reasoning or tool-call name or argument it shows untrained, and passes lint. `relaxed_whitespace` lets
+    whitespace inside a turn stay untrained. Raises InputError when the original doesn't parse, MarkerError
+    when its output can't be traced to its source.
+    """
+    template = _Template.parse(_strip_markers(original))
+    traces, _ = _trace_all(template, tokenizer)
+    return _verify(original, marked, traces, tokenizer, relaxed_whitespace)
+
+
+def _verify(original: str, marked: str, traces: list[_Trace], tokenizer, relaxed: bool) -> list[Finding]:
+    """Byte-identical on every traced render, every labelled character trained as labelled, every piece of
+    assistant output the render shows trained, lint passes."""
     problems = []
+
+    def refuse(reason: Refusal, message: str) -> None:
+        problems.append(Finding(reason.value, ERROR, message))
+
     kwargs = _special(dict(tokenizer.special_tokens_map) if tokenizer is not None else {})
     for trace in traces:
         probe = trace.probe
         try:
             out = render(marked, probe.messages, add_generation_prompt=trace.prompt, tools=probe.tools,
-                         template_kwargs={**kwargs, **probe.template_kwargs}, placeholders=False)
+                         template_kwargs={**kwargs, **probe.template_kwargs}, placeholders=False,
+                         keep_none=probe.keep_none)
         except (TemplateRaised, InputError) as err:
-            problems.append(f"{trace.name}: {err}")
+            refuse(Refusal.RENDER_FAILED, f"{trace.name}: {err}")
             continue
         if out.text != trace.text:
             at = next((i for i, (x, y) in enumerate(zip(out.text, trace.text)) if x != y),
                       min(len(out.text), len(trace.text)))
-            problems.append(f"{trace.name}: renders {out.text[at:at + 30]!r} where the original renders "
-                            f"{trace.text[at:at + 30]!r}")
+            refuse(Refusal.RENDER_DIFFERS, f"{trace.name}: renders {out.text[at:at + 30]!r} where the original "
+                   f"renders {trace.text[at:at + 30]!r}")
             continue
         trained = out.trained_chars()
-        for i, label in enumerate(trace.labels):
-            wrong = (label == "U" and trained[i]) or (
-                label == "T" and not trained[i] and not (relaxed and trace.text[i].isspace()))
-            if wrong:
-                problems.append(f"{trace.name}: {trace.text[max(0, i - 10):i + 10]!r} has character {i} "
-                                f"{'trained' if trained[i] else 'untrained'}")
-                break
+        wrong = [(label == "U" and trained[i]) or (label == "T" and not trained[i] and not (
+            relaxed and trace.text[i].isspace())) for i, label in enumerate(trace.labels)]
+        if True in wrong:
+            start = wrong.index(True)
+            end = wrong.index(False, start) if False in wrong[start:] else len(wrong)
+            shown = f"{trace.name}: {trace.text[start:end][:60]!r} (characters {start}-{end})"
+            if trained[start]:
+                refuse(Refusal.TRAINED_OUTSIDE, f"{shown} trained outside the assistant turn")
+            else:
+                refuse(Refusal.OUTPUT_UNTRAINED, f"{shown} of the assistant turn untrained")
+        else:
+            if missed := _untrained_output(probe.messages, out.text, trained, relaxed):
+                refuse(Refusal.OUTPUT_UNTRAINED, f"{trace.name}: {missed} is untrained")
     from trl.chat_template_utils import has_generation_markers
 
     if not has_generation_markers(marked):
-        problems.append("TRL would not recognise the markers (only `+` forms of the tag)")
+        refuse(Refusal.MARKERS_UNRECOGNISED, "TRL would not recognise the markers (only `+` forms of the tag)")
     if not problems:
         result = lint(marked, "marked", tokenizer=tokenizer, reference=original)
-        problems += [f"lint {f.rule}: {f.message}" for f in result.findings if f.severity == ERROR]
+        for f in result.findings:
+            if f.severity == ERROR:
+                refuse(Refusal.LINT, f"lint {f.rule}: {f.message}")
     return problems
+
+
+def _untrained_output(messages: list[dict], text: str, trained: list[bool], relaxed: bool) -> str | None:
+    """The first piece of assistant output the render shows but leaves untrained, named; None when all is.
+
+    Checked apart from the labels (which come from lint's turn finder): each assistant message's content and
+    reasoning, found after the message before it, and each tool call's argument values and the name before
+    them, found before the next message's text. Output the template doesn't print is not looked for."""
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            own = text_of(message.get("content"))
+            if own and message.get("role") != "system" and (at := text.find(own, cursor)) >= 0:
+                cursor = at + len(own)
+            continue
+        following = next((text_of(m.get("content")) for m in messages[i + 1:] if m.get("role") != "assistant"), "")
+        forms = {following, json.dumps(following)[1:-1], json.dumps(following, ensure_ascii=False)[1:-1]}
+        stop = min((at for form in forms if form and (at := text.find(form, cursor)) >= 0), default=len(text))
+        pieces = [(key, value) for key in ("reasoning_content", "thinking", "content")
+                  if (value := text_of(message.get(key)))]
+        position = cursor
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call) if isinstance(call, dict) else {}
+            values = _argument_values(function.get("arguments"))
+            found = [at for value in values if (at := text.find(value, position, stop)) >= 0]
+            if not found:
+                continue  # the template doesn't print this call
+            name = str(function.get("name"))
+            name_at = text.rfind(name, position, min(found))
+            if name_at >= 0:
+                pieces.append(("tool call name", name, name_at))
+            for value in values:
+                if (at := text.find(value, position, stop)) >= 0:
+                    pieces.append(("tool call argument", value, at))
+                    position = at + len(value)
+        for piece in pieces:
+            what, value = piece[0], piece[1]
+            at = piece[2] if len(piece) == 3 else text.find(value, cursor)
+            if at < 0:
+                continue
+            if not all(trained[k] or (relaxed and text[k].isspace()) for k in range(at, at + len(value))):
+                return f"message {i}'s {what} {value[:40]!r} (character {at})"
+    return None
+
+
+def _argument_values(arguments) -> list[str]:
+    """The texts a tool call's arguments show in any serialization: each value (of the object, or of the JSON
+    string parsed), or the string itself when it is not a JSON object."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return [arguments] if arguments else []
+        arguments = parsed if isinstance(parsed, dict) else {"": arguments}
+    if not isinstance(arguments, dict):
+        return []
+    return [value if isinstance(value, str) else json.dumps(value) for value in arguments.values() if value != ""]

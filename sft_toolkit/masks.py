@@ -148,11 +148,13 @@ def render(
     tools: list[dict] | None = None,
     template_kwargs: dict | None = None,
     placeholders: bool = True,
+    keep_none: bool = False,
 ) -> Rendered:
     """Render like `apply_chat_template` and return the text with its generation spans.
 
     `placeholders` fills bos_token/eos_token/... when no tokenizer provides them; pass False to render exactly
-    as `apply_chat_template` does with a tokenizer's own special tokens.
+    as `apply_chat_template` does with a tokenizer's own special tokens. `keep_none` passes None values on to
+    the template, as `render_jinja_template` does when called directly (`apply_chat_template` drops them).
     Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, `InputError`
     for any other template failure (syntax, undefined attribute used as a callable, ...; with the template
     line), and `RenderLimit` for a runaway render (see `render_budget`, `over_render_limit`).
@@ -164,7 +166,7 @@ def render(
     try:
         with render_budget(""):
             texts, spans = render_jinja_template(
-                conversations=[normalize_messages(messages)],
+                conversations=[messages if keep_none else normalize_messages(messages)],
                 tools=tools,
                 chat_template=template,
                 return_assistant_tokens_mask=marked,

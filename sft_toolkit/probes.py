@@ -8,8 +8,9 @@ a rendered message can be found by searching for its text.
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 WEATHER_TOOL = {
     "type": "function",
@@ -31,10 +32,19 @@ class Probe:
     messages: list[dict]
     tools: list[dict] | None = None
     template_kwargs: dict = field(default_factory=dict)
+    # Render the messages as given, None values included. Training drops keys whose value is None
+    # (`apply_chat_template` does), but transformers' `render_jinja_template` and inference servers pass
+    # `content: None` on to the template, where `content is none` picks another branch.
+    keep_none: bool = False
+    # False for a shape sft-toolkit's preprocessing changes before the template sees it (None keys dropped,
+    # JSON-string arguments parsed) but other renderers pass on: checked where it renders, no warning where not.
+    training_shape: bool = True
 
 
-def _call(city: str) -> dict:
-    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+def _call(city: str, call_id: str | None = None, *, string_arguments: bool = False) -> dict:
+    arguments = {"city": city}
+    function = {"name": "get_weather", "arguments": json.dumps(arguments) if string_arguments else arguments}
+    return {**({"id": call_id} if call_id else {}), "type": "function", "function": function}
 
 
 PROBES: list[Probe] = [
@@ -151,6 +161,63 @@ PROBES: list[Probe] = [
 ]
 
 
+# The tool-call shapes real datasets write (OpenAI's format and its variants), each in its own probe so
+# that a template branch only one of them takes is traced and verified: `content` empty or null beside the
+# calls (as training gives it, the key dropped, and as given), parallel calls with ids, arguments as a
+# JSON string, results naming their call by `tool_call_id` only, reasoning under `thinking`, a
+# conversation that ends in a tool call. Lint and add-markers run these after PROBES; the bundled
+# templates' hand-written expectations (tests/test_templates.py) cover PROBES only.
+_NULL_CONTENT = [
+    {"role": "user", "content": "Is it raining in Bergen or in Cork?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [_call("Bergen", "call_bergen1"), _call("Cork", "call_cork01")]},
+    {"role": "tool", "tool_call_id": "call_bergen1", "name": "get_weather", "content": '{"rain_mm": 12}'},
+    {"role": "tool", "tool_call_id": "call_cork01", "name": "get_weather", "content": '{"rain_mm": 0}'},
+    {"role": "assistant", "content": "Bergen has rain (12 mm); Cork is dry."},
+]
+
+TOOL_SHAPE_PROBES: list[Probe] = [
+    Probe("tool-call-null-content", _NULL_CONTENT, tools=[WEATHER_TOOL]),
+    Probe("tool-call-null-content-as-given", _NULL_CONTENT, tools=[WEATHER_TOOL], keep_none=True,
+          training_shape=False),
+    Probe(
+        "tool-call-string-arguments",
+        [
+            {"role": "system", "content": "Report temperatures in Celsius."},
+            {"role": "user", "content": "How cold is Tromso right now?"},
+            {"role": "assistant", "content": "Checking Tromso.",
+             "tool_calls": [_call("Tromso", "call_tromso", string_arguments=True)]},
+            {"role": "tool", "tool_call_id": "call_tromso", "content": '{"temperature_c": -9}'},
+            {"role": "assistant", "content": "Tromso is at -9 \u00b0C."},
+        ],
+        tools=[WEATHER_TOOL],
+        training_shape=False,
+    ),
+    Probe(
+        "tool-call-thinking",
+        [
+            {"role": "user", "content": "Should I pack an umbrella for Dublin?"},
+            {"role": "assistant", "thinking": "Dublin weather decides it.", "content": "",
+             "tool_calls": [_call("Dublin", "call_dublin")]},
+            {"role": "tool", "tool_call_id": "call_dublin", "name": "get_weather", "content": '{"rain_mm": 5}'},
+            {"role": "assistant", "thinking": "5 mm means rain.", "content": "Yes, pack one: 5 mm of rain."},
+        ],
+        tools=[WEATHER_TOOL],
+    ),
+    Probe(
+        "ends-in-tool-call",
+        [
+            {"role": "user", "content": "Look up Nairobi's weather for me."},
+            {"role": "assistant", "content": None, "tool_calls": [_call("Nairobi", "call_nairobi")]},
+        ],
+        tools=[WEATHER_TOOL],
+    ),
+]
+
+# What lint checks a template on and add-markers traces and verifies a converted template on.
+VERIFICATION_PROBES: list[Probe] = [*PROBES, *TOOL_SHAPE_PROBES]
+
+
 # Probes with per-message training control (`train` / `weight` fields, see sft_toolkit/policy.py): lint
 # applies the control to the template's spans and checks that exactly the switched-off turns go untrained.
 # Kept apart from PROBES because reference renderers (mistral-common) refuse messages with unknown keys.
@@ -186,11 +253,10 @@ def text_of(content) -> str:
 def probe_variants(probe: Probe):
     """The probe, then the same conversation with tool-call arguments as JSON strings, with content as a list
     of text parts, and with both (the shapes templates disagree on)."""
-    import json
 
     def string_arguments(m):
         calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
-                 for c in m.get("tool_calls", [])]
+                 if not isinstance(c["function"]["arguments"], str) else c for c in m.get("tool_calls") or []]
         return {**m, "tool_calls": calls} if calls else m
 
     def parts(m):
@@ -199,7 +265,7 @@ def probe_variants(probe: Probe):
 
     yield probe
     for change in (string_arguments, parts, lambda m: parts(string_arguments(m))):
-        yield Probe(probe.name, [change(m) for m in probe.messages], probe.tools, probe.template_kwargs)
+        yield replace(probe, messages=[change(m) for m in probe.messages])
 
 
 def generated_conversations(count: int, seed: int = 0) -> list[list[dict]]:

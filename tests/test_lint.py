@@ -8,7 +8,7 @@ import pytest
 import trl
 
 from sft_toolkit.lint import lint
-from sft_toolkit.probes import PROBES
+from sft_toolkit.probes import VERIFICATION_PROBES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 GOOD = (FIXTURES / "good_chatml.jinja").read_text()
@@ -116,8 +116,8 @@ def test_no_boundary_warning_when_eot_is_one_token(qwen_tokenizer):
 
 
 def test_probe_texts_are_unique_within_each_probe():
-    for probe in PROBES:
-        texts = [m["content"] for m in probe.messages if m.get("content")]
+    for probe in VERIFICATION_PROBES:
+        texts = [m[key] for m in probe.messages for key in ("content", "reasoning_content", "thinking") if m.get(key)]
         assert len(texts) == len(set(texts)), probe.name
 
 
