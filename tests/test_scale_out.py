@@ -1,0 +1,60 @@
+"""Several ranks: the in-training guard decides on every rank's count, so one empty rank stops them all.
+
+A guard that looked only at its own rank would leave the other rank waiting in the next collective, and one
+that stopped only when every rank is empty would let the step through. Here exactly one rank's batch is
+empty, at a step known in advance from the dataset the trainer receives (a sequential sampler: rank r takes
+sequences r, r + 2, ...), and both ranks must stop at that step, naming that rank and its rows.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from test_train import launch_two, recipe_keys, rows_with_long_prompts
+
+from sft_toolkit.assets import build_quickstart_assets
+from sft_toolkit.recipe import build_recipe
+from sft_toolkit.train import guard
+
+WORLD_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_quickstart_assets(tmp_path_factory.mktemp("assets"))
+
+
+def first_step_with_an_empty_rank(trainable_per_sequence: list[int]) -> tuple[int, list[int]]:
+    """The 1-based step at which some rank's one-sequence batch has nothing to train, and that step's counts."""
+    for start in range(0, len(trainable_per_sequence) - WORLD_SIZE + 1, WORLD_SIZE):
+        counts = trainable_per_sequence[start : start + WORLD_SIZE]
+        if 0 in counts:
+            return start // WORLD_SIZE + 1, counts
+    raise AssertionError("the dataset has no step with an empty rank")
+
+
+def test_exactly_one_empty_rank_stops_both_ranks_at_that_step(assets, tmp_path):
+    good = rows_with_long_prompts(assets, 0)[:12]
+    long_prompt = rows_with_long_prompts(assets, 1)[-1]  # truncated to max_length: nothing left to train
+    rows = good[:5] + [long_prompt] + good[5:]
+    keys = recipe_keys(assets, tmp_path, rows, max_length=64, packing=True, mask_guard="warn",
+                       per_device_train_batch_size=1, max_steps=20, train_sampling_strategy="sequential")
+    _, dataset, _ = guard(build_recipe(keys))  # what every rank trains on, in the order it trains
+    trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
+    step, counts = first_step_with_an_empty_rank(trainable)
+    assert counts.count(0) == 1, f"the test needs exactly one empty rank at step {step}, got {counts}"
+    empty_rank = counts.index(0)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(keys))
+    proc = launch_two(recipe)  # its timeout is the "no rank left hanging" assertion
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    stops = re.findall(r"stopped by the mask guard: step (\d+): zero trainable tokens on rank\(s\) ([\d, ]+) of 2",
+                       proc.stdout)
+    assert len(stops) == WORLD_SIZE, output[-3000:]  # every rank stopped ...
+    assert {int(stopped_step) for stopped_step, _ in stops} == {step}  # ... at that very step ...
+    assert {ranks.strip() for _, ranks in stops} == {str(empty_rank)}  # ... naming the empty rank alone
+    assert re.search(rf"rank {empty_rank}'s batch holds dataset rows 5\b", proc.stdout), output[-3000:]
