@@ -53,15 +53,36 @@ def check_jsonl(path: Path) -> None:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
+                row = json.loads(raw, parse_constant=NonFinite)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise InputError(f"{path}:{number}: not valid JSON ({err}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            where = _non_finite_field(row.get("messages"), "messages")
+            if where:
+                raise InputError(f"{path}:{number}: {where} is not a JSON number (datasets would read it as null, "
+                                 "so the message would count as unmarked); write a number (train/weight: 0 or 1)")
             rows += 1
     if not rows:
         raise InputError(f"{path}: the dataset is empty (no rows); give at least one conversation, one JSON object "
                          "per line")
+
+
+class NonFinite(str):
+    """`NaN`, `Infinity` or `-Infinity` in a JSON line: Python's json reads them, but they are not JSON, and
+    `datasets` turns them into null without a word."""
+
+
+def _non_finite_field(value, where: str) -> str | None:
+    """The first field under `value` holding a NonFinite (`messages[1].weight (NaN)`), None when there is none."""
+    if isinstance(value, NonFinite):
+        return f"{where} ({value})"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found = _non_finite_field(inner, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}")
+        if found:
+            return found
+    return None
 
 
 def looks_local(spec: str) -> bool:

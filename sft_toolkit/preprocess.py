@@ -47,7 +47,8 @@ def load_tokenizer_for(recipe):
         raise InputError(f"{recipe.source}: model_name_or_path: {model}: no such directory (a local model "
                          "directory or a hub id)")
     try:
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(model, revision=recipe.model.model_revision,
+                                   trust_remote_code=recipe.sft.trust_remote_code)
     except InputError as err:
         raise InputError(f"{recipe.source}: model_name_or_path: {err}") from None
     path = recipe.sft.chat_template_path
@@ -60,9 +61,22 @@ def load_tokenizer_for(recipe):
         else:
             raise InputError(f"{recipe.source}: chat_template_path: {path!r} must be a .jinja file or a bundled template "
                              f"name ({', '.join(bundled_names())}); cloning another tokenizer's template is not supported")
+    _set_eos_token(tokenizer, recipe)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _set_eos_token(tokenizer, recipe) -> None:
+    """SFTConfig.eos_token replaces the tokenizer's before SFTTrainer prepares the data (the template's
+    `eos_token` and the end of plain-text rows), so the toolkit's preparation applies it first too."""
+    eos = recipe.sft.eos_token
+    if eos is None:
+        return
+    if eos not in tokenizer.get_vocab():
+        raise InputError(f"{recipe.source}: eos_token: {eos!r} is not in the vocabulary of "
+                         f"{recipe.model.model_name_or_path}; give one of its tokens (e.g. the template's end of turn)")
+    tokenizer.eos_token = eos
 
 
 def training_template(tokenizer, sft) -> str | None:

@@ -1,9 +1,12 @@
 """Recipes: one flat YAML file with TRL's own argument names, plus the toolkit's keys.
 
-The keys are the fields of TRL's `ScriptArguments`, `SFTConfig` and `ModelConfig` (what `trl sft
---config` reads) and of `ToolkitArguments` below. We build those very dataclasses, so TRL's defaults and
-its own validation apply; on top of that every key is checked by name (an unknown key names the
-closest valid one) and by type (before TRL's `__post_init__` would fail on it with a traceback).
+The keys are the fields of TRL's `ScriptArguments`, `SFTConfig`, `ModelConfig` and `DatasetMixtureConfig`
+(what `trl sft --config` reads) and of `ToolkitArguments` below. We build those very dataclasses, so TRL's
+defaults and its own validation apply; on top of that every key is checked by name (an unknown key names the
+closest valid one, a renamed one its new spelling), by what the toolkit does with it (`recipe_keys`: a key it
+refuses says why), by type (before TRL's `__post_init__` would fail on it with a traceback) and by range
+(`VALUE_RANGES`: a batch size of 0 or a NaN learning rate is refused by name, not met as a traceback or a
+silent cut). A key written twice in the file is refused with both line numbers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .problems import InputError
+from .recipe_keys import RECIPE_KEYS, Handling, renamed_message
 
 GUARD_POLICIES = ("reject", "repair", "warn")
 
@@ -34,12 +39,14 @@ class ToolkitArguments:
         "help": "repair may raise max_length up to this many tokens (what memory allows) to keep assistant tokens"})
     role_map: dict | None = field(default=None, metadata={
         "help": "role names of ShareGPT-style rows -> ChatML roles (default: human->user, gpt->assistant, ...)"})
-    train_roles: list | None = field(default=None, metadata={
+    train_roles: list | str | None = field(default=None, metadata={
         "help": "assistant messages to train: assistant (all, default), answers (without tool calls), tool_calls"})
     train_turns: str = field(default="all", metadata={"choices": ["all", "last"],
                              "help": "all assistant turns, or only the conversation's last one"})
     prepared: str | None = field(default=None, metadata={
         "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
+    merge_adapter: bool = field(default=False, metadata={
+        "help": "after LoRA training, also save the base model with the adapter merged in (output_dir/merged)"})
 
 
 @dataclass
@@ -76,7 +83,9 @@ def read_yaml(path: str) -> dict:
     if not file.is_file():
         raise InputError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except DuplicateKey as err:
+        raise InputError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -90,20 +99,48 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names the same key twice: YAML keeps the last value without a word."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key written twice in one mapping (naming both lines)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if first is not None:
+                raise DuplicateKey(f"key '{key}' is written twice (lines {first} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     groups = _groups()
     fields = {name: (group, f) for group, cls in groups.items() for f in dataclasses.fields(cls) for name in [f.name]
               if f.init}
     by_group: dict[str, dict] = {group: {} for group in groups}
+    hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
     for key, value in keys.items():
         if key not in fields:
+            renamed = renamed_message(str(key), value)
+            if renamed:
+                raise InputError(f"{source}: {renamed}")
             close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else "; see TRL's SFTConfig/ScriptArguments/ModelConfig"
             raise InputError(f"{source}: unknown key '{key}'{hint}")
         group, f = fields[key]
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             value = "true" if value else None  # transformers' own `train(resume_from_checkpoint=True)` meaning
-        _check_value(source, key, value, f)
+        _check_refused(source, key, value, f)
+        _check_value(source, key, value, f, hints[group][key])
+        _check_range(source, key, value)
         by_group[group][key] = value
     sft_keys = by_group["sft"]
     sft_keys.setdefault("report_to", "none")
@@ -125,11 +162,20 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def _check_value(source: str, key: str, value, f: dataclasses.Field) -> None:
+def _check_refused(source: str, key: str, value, f: dataclasses.Field) -> None:
+    """A key the toolkit refuses (see `recipe_keys`) is an error unless it says what its default says."""
+    rule = RECIPE_KEYS.get(key)
+    if rule is not None and rule.handling is Handling.REFUSED and value != f.default:
+        raise InputError(f"{source}: {key}: not supported: {rule.note}")
+
+
+def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation) -> None:
+    """`annotation` is the field's resolved type (`typing.get_type_hints`): under `from __future__ import
+    annotations`, `f.type` is only the annotation's text."""
     choices = f.metadata.get("choices")
     if choices and value is not None and value not in choices:
         raise InputError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    allowed = _base_types(f.type)
+    allowed = _base_types(annotation)
     if not allowed or value is None and type(None) in allowed:
         return
     if isinstance(value, bool) and bool not in allowed:
@@ -138,6 +184,71 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field) -> None:
         return
     if not isinstance(value, tuple(allowed)):
         raise InputError(f"{source}: {key}: expected {_names(allowed)}, got {type(value).__name__} ({value!r})")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: `low`/`high` bounds (None: unbounded), each inclusive or not."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    also: tuple = ()  # values outside the bounds that mean something (max_steps: -1, "use the epochs")
+
+    def admits(self, value) -> bool:
+        if value in self.also:
+            return True
+        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
+        below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
+        return above and below
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>=' if self.low_inclusive else '>'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<=' if self.high_inclusive else '<'} {self.high:g}")
+        extra = "".join(f" or {v}" for v in self.also)
+        return " and ".join(parts) + extra
+
+
+POSITIVE = Range(0, low_inclusive=False)
+NOT_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_inclusive=False)  # a probability or a share that can't be all of it
+SEED = Range(0, 2**32 - 1)  # what numpy and torch accept
+
+# Every numeric key of the recipe (TRL's and the toolkit's) and the values that make sense for it; null stays
+# allowed where the key's type allows it. tests/test_recipe_keys.py checks that no numeric key is missing here.
+VALUE_RANGES: dict[str, Range] = {
+    # lengths and counts of things: at least one
+    "max_length": POSITIVE, "max_length_limit": POSITIVE, "per_device_train_batch_size": POSITIVE,
+    "per_device_eval_batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
+    "eval_accumulation_steps": POSITIVE, "dataset_num_proc": POSITIVE, "dataloader_prefetch_factor": POSITIVE,
+    "torch_empty_cache_steps": POSITIVE, "ddp_bucket_cap_mb": POSITIVE, "ddp_timeout": POSITIVE, "lora_r": POSITIVE,
+    "lora_alpha": POSITIVE, "pad_to_multiple_of": POSITIVE, "save_total_limit": POSITIVE,
+    # steps: a whole number, or below 1 a fraction of the training steps (transformers' own reading)
+    "logging_steps": POSITIVE, "save_steps": POSITIVE, "eval_steps": POSITIVE, "warmup_steps": NOT_NEGATIVE,
+    "num_train_epochs": POSITIVE, "max_steps": Range(1, also=(-1,)), "eval_delay": NOT_NEGATIVE,
+    # optimizer
+    "learning_rate": POSITIVE, "weight_decay": NOT_NEGATIVE, "adam_beta1": Range(0, 1, high_inclusive=False),
+    "adam_beta2": Range(0, 1, high_inclusive=False), "adam_epsilon": POSITIVE, "max_grad_norm": NOT_NEGATIVE,
+    "label_smoothing_factor": FRACTION, "lora_dropout": FRACTION, "neftune_noise_alpha": NOT_NEGATIVE,
+    "router_aux_loss_coef": NOT_NEGATIVE,
+    # the rest
+    "seed": SEED, "data_seed": SEED, "dataloader_num_workers": NOT_NEGATIVE, "local_rank": Range(-1),
+    "max_zero_rows": NOT_NEGATIVE, "test_split_size": POSITIVE,
+}
+
+
+def _check_range(source: str, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # the type check speaks for non-numbers; `pad_to_multiple_of: auto` and null are not numbers
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{source}: {key}: {value} is not a finite number")
+    allowed = VALUE_RANGES.get(key)
+    if allowed is not None and not allowed.admits(value):
+        raise InputError(f"{source}: {key}: {value!r} is out of range; it must be {allowed.describe()}")
 
 
 def _base_types(annotation) -> set[type]:
@@ -182,6 +293,14 @@ def _check_consistency(source: str, built: dict) -> None:
     if isinstance(resume, str) and resume != "true" and not Path(resume).is_dir():
         raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
                          "checkpoint-N directory, or true for the last complete one in output_dir)")
+    model = built["model"]
+    if toolkit.merge_adapter and not model.use_peft:
+        raise InputError(f"{source}: merge_adapter: true merges a LoRA adapter into its base model, which needs "
+                         "use_peft: true (a full fine-tune already saves a whole model)")
+    quantized = "load_in_4bit" if model.load_in_4bit else "load_in_8bit" if model.load_in_8bit else None
+    if quantized and not model.use_peft:
+        raise InputError(f"{source}: {quantized}: a quantized model trains only through a LoRA adapter; set "
+                         f"use_peft: true (QLoRA), or remove {quantized}")
     mixture = built["mixture"]
     if mixture.datasets or mixture.streaming or mixture.test_split_size is not None:
         raise InputError(f"{source}: datasets / streaming / test_split_size (a dataset mixture) are not supported yet; "

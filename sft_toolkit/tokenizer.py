@@ -11,7 +11,9 @@ from .problems import InputError
 OFFLINE_PREFIX = "offline:"
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """`revision` and `trust_remote_code` as `trl sft` loads the model's tokenizer (ModelConfig.model_revision,
+    SFTConfig.trust_remote_code); they apply to a hub id or a local directory, not to an offline build."""
     if spec.startswith(OFFLINE_PREFIX):
         from . import offline_tokenizers
 
@@ -22,7 +24,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(

@@ -11,6 +11,11 @@ the last good one.
 
 Checkpoints are written atomically (see `GuardedSFTTrainer._save_checkpoint`), and `resume_from_checkpoint:
 true` resumes from the last complete one, so a run killed at any moment resumes from a good state.
+
+The model loads as `trl sft` loads it: ModelConfig's revision, dtype and attention implementation, the LoRA
+adapter (`get_peft_config`) and 4/8-bit quantization (`get_quantization_config`, refused by name where it
+can't run). The trained tokens are logged with the loss (`trainable_tokens`), so every `report_to` shows
+them; `merge_adapter: true` also saves the adapter merged into its base model (see `merge.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from .check_data import Report, check_data
 from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
+from .problems import InputError
 
 
 # Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.
@@ -238,6 +244,7 @@ def guarded_trainer_class():
         """SFTTrainer plus the in-training guard (see the module docstring) and atomic checkpoints."""
 
         _staging = False
+        _trainable_since_log = 0  # trainable tokens of the optimizer steps not logged yet (all ranks)
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -308,7 +315,17 @@ def guarded_trainer_class():
                                 f"{', '.join(map(str, empty))} of {len(counts)} (tokens per rank: {counts}){here}; "
                                 "the step would spend compute on nothing. Run `sft-toolkit check-data` on this "
                                 "recipe to see why those rows train nothing, or use mask_guard: repair.")
+            self._trainable_since_log += sum(counts)
             return samples, num_items
+
+        def log(self, logs, start_time=None):
+            """A training log also carries the trainable tokens (summed over all ranks) of the optimizer steps
+            since the previous one (`trainable_tokens`; each step's with logging_steps: 1) and of the whole
+            run (`trainable_tokens_total`, continued from the log history a resumed run reloads)."""
+            if "loss" in logs:
+                logs = {**logs, **trainable_token_logs(self.state.log_history, self._trainable_since_log)}
+                self._trainable_since_log = 0
+            super().log(logs, start_time)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs.pop(SOURCE_ROWS, None)  # (evaluation batches don't pass through get_batch_samples)
@@ -327,6 +344,13 @@ def guarded_trainer_class():
 
 
 SOURCE_ROWS = "source_rows"
+
+
+def trainable_token_logs(log_history: list[dict], since_last_log: int) -> dict:
+    """`trainable_tokens` (since the previous training log) and `trainable_tokens_total` (the run so far)."""
+    before = next((entry["trainable_tokens_total"] for entry in reversed(log_history)
+                   if "trainable_tokens_total" in entry), 0)
+    return {"trainable_tokens": since_last_log, "trainable_tokens_total": before + since_last_log}
 
 
 def _with_source_rows(collate):
@@ -361,12 +385,43 @@ def prepared_trainer_args(recipe):
     return sft
 
 
+def quantization_missing() -> list[str]:
+    """What this machine lacks for bitsandbytes 4/8-bit training (empty when it can run)."""
+    import importlib.util
+
+    missing = [] if torch.cuda.is_available() else ["a CUDA GPU (none is visible)"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install 'sft-toolkit[qlora]')")
+    return missing
+
+
+def quantization_config(recipe):
+    """The `quantization_config` `trl sft` passes to SFTTrainer (trl.get_quantization_config; None without
+    load_in_4bit/load_in_8bit). InputError, before any weights load, naming the key and what is missing when
+    this machine can't load the model that way."""
+    from trl import get_quantization_config
+
+    model = recipe.model
+    key = "load_in_4bit" if model.load_in_4bit else "load_in_8bit" if model.load_in_8bit else None
+    if key is None:
+        return None
+    missing = quantization_missing()
+    if missing:
+        raise InputError(f"{recipe.source}: {key}: quantized loading needs {' and '.join(missing)}; run on a CUDA "
+                         f"machine with bitsandbytes, or remove {key} to train in {model.dtype}")
+    return get_quantization_config(model)
+
+
 def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     """Check, decide, then train with TRL. Raises GuardStop when the guard refuses or stops the run."""
     from trl import get_peft_config
 
+    from .merge import check_merge_target, merge_run, merged_dir
     from .preprocess import load_tokenizer_for, training_template
 
+    quantization = quantization_config(recipe)  # refuses before anything runs when it can't be honored
+    if recipe.toolkit.merge_adapter:
+        check_merge_target(merged_dir(recipe.sft.output_dir))
     if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
         # The same template repair as from raw data (deterministic), so the template hashes can be compared.
         rendered = read_manifest(recipe.toolkit.prepared)["template"].get("sha256") is not None
@@ -393,6 +448,7 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         args=sft,
         train_dataset=dataset,
         processing_class=tokenizer,
+        quantization_config=quantization,
         peft_config=get_peft_config(recipe.model),
     )
     if trainer.padding_free:
@@ -411,6 +467,9 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         log(f"resume: from {resume}" if resume else f"resume: no complete checkpoint in {sft.output_dir}; from step 0")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(sft.output_dir)
+    if recipe.toolkit.merge_adapter and trainer.is_world_process_zero():
+        merged = merge_run(sft.output_dir, merged_dir(sft.output_dir), trust_remote_code=sft.trust_remote_code)
+        log(f"merge_adapter: saved the merged model to {merged}")
     metrics = dict(result.metrics)
     history = [h for h in trainer.state.log_history if "loss" in h]
     if history:

@@ -1,0 +1,68 @@
+"""Merged export: a LoRA run's adapter folded into its base model, saved as one ordinary model.
+
+A LoRA run's output_dir holds only the adapter (and the tokenizer with the training chat template); serving
+it needs PEFT and the base model. `merge_run` loads the base model unquantized (also after QLoRA, so the
+merged weights are not rounded to 4 bits), merges the adapter into it and saves the model with the run's
+tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and the chat template it was trained with are all
+that is needed. The target is a new or empty directory: the merge never writes over files it did not make.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .problems import InputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED = "merged"  # the folder `merge_adapter: true` writes under output_dir
+
+
+def merged_dir(output_dir: str) -> Path:
+    return Path(output_dir) / MERGED
+
+
+def check_merge_target(target: Path) -> None:
+    """A new or empty directory (not a link, not a file), so no file of the user's is ever replaced."""
+    if target.is_symlink():
+        raise InputError(f"{target}: is a symbolic link; give the merged model a new directory")
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory; give the merged model a new directory")
+    if target.is_dir() and any(target.iterdir()):
+        raise InputError(f"{target}: exists and is not empty; the merge writes only into a new or empty directory "
+                         "(move that one away or give another)")
+
+
+def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Merge the LoRA adapter saved in `run_dir` into its base model and save model + tokenizer in `target`.
+    `trust_remote_code` as the run was trained (SFTConfig.trust_remote_code): a remote-code base needs it."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    run, target = Path(run_dir), Path(target)
+    if not run.is_dir():
+        raise InputError(f"{run_dir}: no such run directory")
+    if not (run / ADAPTER_CONFIG).is_file():
+        raise InputError(f"{run_dir}: no LoRA adapter here ({ADAPTER_CONFIG} is missing): only a run trained with "
+                         "use_peft: true has an adapter to merge; a full fine-tune is already a whole model")
+    check_merge_target(target)
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(run), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(run), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{run_dir}: cannot load the adapter and its base model ({first}); the base model named "
+                         f"in {ADAPTER_CONFIG} (base_model_name_or_path) must be reachable") from None
+    merged = model.merge_and_unload()
+    # Written beside the target and renamed into place: an interrupted merge leaves no half model under its name.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.with_name(f".{target.name}.incomplete-{os.getpid()}")
+    if staged.exists():
+        shutil.rmtree(staged)  # our own leftover: the name carries this process's id
+    merged.save_pretrained(str(staged))
+    tokenizer.save_pretrained(str(staged))
+    if target.is_dir():
+        target.rmdir()  # empty (checked above)
+    os.replace(staged, target)
+    return target
