@@ -41,6 +41,26 @@ def first_step_with_an_empty_rank(trainable_per_sequence: list[int]) -> tuple[in
     raise AssertionError("the dataset has no step with an empty rank")
 
 
+def logged_trainable_tokens(stdout: str) -> list[int]:
+    """Each training log's `trainable_tokens`, as the trainer prints its log lines."""
+    return [int(tokens) for tokens in re.findall(r"'trainable_tokens': '?(\d+)", stdout)]
+
+
+def test_two_ranks_log_every_steps_trainable_tokens_over_both_ranks(assets, tmp_path):
+    steps = 4
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, max_steps=steps,
+                       per_device_train_batch_size=1, train_sampling_strategy="sequential")
+    _, dataset, _ = guard(build_recipe(keys))
+    trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
+    # step k trains sequence 2(k-1) on rank 0 and 2(k-1)+1 on rank 1
+    expected = [trainable[2 * step] + trainable[2 * step + 1] for step in range(steps)]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(keys))
+    proc = launch_two(recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert logged_trainable_tokens(proc.stdout) == expected
+
+
 def test_exactly_one_empty_rank_stops_both_ranks_at_that_step(assets, tmp_path):
     good = rows_with_long_prompts(assets, 0)[:12]
     long_prompt = rows_with_long_prompts(assets, 1)[-1]  # truncated to max_length: nothing left to train
