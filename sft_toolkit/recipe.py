@@ -40,6 +40,9 @@ class ToolkitArguments:
                              "help": "all assistant turns, or only the conversation's last one"})
     prepared: str | None = field(default=None, metadata={
         "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "stop after this many evaluations without improvement of metric_for_best_model (transformers' "
+                "EarlyStoppingCallback); needs eval_strategy and metric_for_best_model"})
 
 
 @dataclass
@@ -183,12 +186,39 @@ def _check_consistency(source: str, built: dict) -> None:
         raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
                          "checkpoint-N directory, or true for the last complete one in output_dir)")
     mixture = built["mixture"]
-    if mixture.datasets or mixture.streaming or mixture.test_split_size is not None:
-        raise InputError(f"{source}: datasets / streaming / test_split_size (a dataset mixture) are not supported yet; "
-                         "give one dataset with dataset_name (and dataset_config, dataset_train_split)")
+    for key, streaming in (("dataset_streaming", built["script"].dataset_streaming), ("streaming", mixture.streaming)):
+        if streaming:
+            raise InputError(f"{source}: {key}: true is refused: the mask guard counts every row, token and step "
+                             "before training starts, which a stream can't give without reading it all; set "
+                             f"{key}: false (datasets memory-maps the data from disk, so it needs no more memory)")
+    if mixture.test_split_size is not None and not mixture.datasets:
+        raise InputError(f"{source}: test_split_size splits a datasets: mixture; with dataset_name, name the eval "
+                         "split with dataset_test_split")
+    _check_eval(source, built)
     if not built["model"].model_name_or_path:
         raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
                          "is loaded from it)")
-    if not built["script"].dataset_name and not built["toolkit"].prepared:
+    if not built["script"].dataset_name and not built["toolkit"].prepared and not mixture.datasets:
         raise InputError(f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
-                         ".parquet file), or prepared: DIR (a dataset `sft-toolkit prepare` saved)")
+                         ".parquet file), or datasets: (a mixture), or prepared: DIR (a dataset `sft-toolkit prepare` "
+                         "saved)")
+
+
+def _check_eval(source: str, built: dict) -> None:
+    """Evaluation as `trl sft` runs it: the test split goes to the trainer only when eval_strategy is not "no"."""
+    sft, toolkit = built["sft"], built["toolkit"]
+    strategy = str(getattr(sft.eval_strategy, "value", sft.eval_strategy))
+    if strategy == "no" and sft.do_eval:  # TrainingArguments sets do_eval itself only for an eval_strategy
+        raise InputError(f"{source}: do_eval: true with eval_strategy: no evaluates nothing (trl sft passes no eval "
+                         "dataset then); set eval_strategy: epoch or steps, or remove do_eval")
+    if toolkit.early_stopping_patience is not None:
+        if strategy == "no" or not sft.metric_for_best_model:
+            raise InputError(f"{source}: early_stopping_patience needs evaluation to compare: set eval_strategy "
+                             "(epoch or steps) and load_best_model_at_end: true (or metric_for_best_model)")
+        if toolkit.early_stopping_patience < 1:
+            raise InputError(f"{source}: early_stopping_patience: {toolkit.early_stopping_patience}: give at least 1 "
+                             "(evaluations without improvement before stopping)")
+    if strategy != "no" and toolkit.prepared:
+        raise InputError(f"{source}: prepared: {toolkit.prepared} holds the train split only, and eval_strategy: "
+                         f"{strategy} needs the eval split checked from the raw data; train without prepared, or "
+                         "set eval_strategy: no")
