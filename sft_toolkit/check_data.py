@@ -326,6 +326,8 @@ REASON_HELP = {
     preprocess.ALL_TURNS_SWITCHED_OFF: "every assistant turn is switched off (train: false / weight: 0, train_roles, "
                                        "train_turns): mark one turn to train or drop the row",
     preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
+    preprocess.EMPTY_COMPLETION: "the completion is empty: only the end-of-turn would be trained; give the "
+                                 "completion or drop the row",
 }
 
 
@@ -365,4 +367,12 @@ def to_markdown(report: Report, title: str) -> str:
         lines.append("")
     if report.orphaned_rows:
         lines += ["## Rows split by packing", "", ", ".join(map(str, report.orphaned_rows)), ""]
+    if report.sources:
+        lines += ["## Rows per source", "", "| source | rows | trainable tokens | zero-mask rows |", "|---|---|---|---|"]
+        lines += [f"| {s['source']} | {s['rows']} | {s['trainable_tokens']} | {s['zero_mask_rows']} |"
+                  for s in report.sources]
+        lines.append("")
+    if report.eval is not None:  # the same tables one heading level down; row numbers count within the eval split
+        lines += ["#" + line if line.startswith("#") else line
+                  for line in to_markdown(report.eval, f"eval split of {title}").splitlines()]
     return "\n".join(lines)
