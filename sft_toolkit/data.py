@@ -10,8 +10,11 @@ ones that exist, and each row of a mixture keeps the source it came from, so rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +53,8 @@ def load_rows(source: str, split: str = "train", *, streaming: bool = False, nam
                 splits = list(loaded) if isinstance(loaded, datasets.DatasetDict) else FILE_SPLITS
                 _require_split(source, split, splits, split_key)
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-            return _load_builder(source, name, split, streaming, split_key, config_key)
+            with fresh_cache([path]):
+                return _load_builder(source, name, split, streaming, split_key, config_key)
         if looks_local(source):
             raise InputError(f"{source}: no such file or directory")
         return _load_builder(source, name, split, streaming, split_key, config_key)
@@ -60,6 +64,37 @@ def load_rows(source: str, split: str = "train", *, streaming: bool = False, nam
         raise InputError(f"{source}: cannot load dataset split {split!r} ({_first_line(err)})") from None
     except Exception as err:  # datasets wraps hub/network/parse failures in many types
         raise InputError(f"{source}: cannot load dataset ({type(err).__name__}: {_first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def fresh_cache(paths):
+    """Load local data folders into a cache of their own current files.
+
+    `datasets` (5.2) keys the cache of a folder whose dataset card lists `configs:` by the folder's name and
+    config alone, not by its files: a folder edited since, or another folder of the same name elsewhere,
+    loads the rows cached first (measured: two `data/` folders with different rows gave the first one's
+    rows). So while loading, the cache root is a directory named by a hash of the folders' file names,
+    sizes and modification times; unchanged data reuses its cache, changed data gets a new one.
+    """
+    import datasets
+
+    folders = sorted(str(Path(p).resolve()) for p in paths if Path(p).is_dir())
+    if not folders:
+        yield
+        return
+    digest = hashlib.sha256()
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".")):
+                stat = os.stat(os.path.join(root, name))
+                digest.update(f"{os.path.join(root, name)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = Path(saved) / "sft_toolkit_local" / digest.hexdigest()[:16]
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved
 
 
 def _no_config(source: str, name: str | None, config_key: str, what: str) -> None:
@@ -180,11 +215,12 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
     sources = [_loadable(i, source) for i, source in enumerate(mixture.datasets)]
     labels = [_source_label(i, source) for i, source in enumerate(mixture.datasets)]
     lengths = []
-    for i, source in enumerate(sources):
-        one = _mixture_call(labels[i], lambda: get_dataset(DatasetMixtureConfig(
-            datasets=[dataclasses.replace(source, fraction=None)]))["train"], source, i)
-        lengths.append(len(one))
-    combined = _mixture_call("datasets", lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"])
+    with fresh_cache([source.path for source in sources]):
+        for i, source in enumerate(sources):
+            one = _mixture_call(labels[i], lambda: get_dataset(DatasetMixtureConfig(
+                datasets=[dataclasses.replace(source, fraction=None)]))["train"], source, i)
+            lengths.append(len(one))
+        combined = _mixture_call("datasets", lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"])
     taken = _taken_rows(lengths, [s.fraction for s in sources])
     if sum(taken) != len(combined):
         raise RuntimeError(f"mixture rows per source {taken} don't add up to the {len(combined)} rows TRL combined")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,16 @@ def test_plain_prompt_completion_trains_the_completion_and_flags_an_empty_one(tm
     assert everything["trainable_tokens"] == everything["tokens"] > report["trainable_tokens"]
     code, _, err = check(tmp_path, dataset_name=str(data))
     assert code == 2 and "prompt/completion rows of plain text with assistant_only_loss: true" in err
+
+
+def test_folders_with_the_same_card_and_name_load_their_own_rows(tmp_path, multi_config):
+    # datasets 5.2 caches a carded folder by its name and config only; each must still give its own rows.
+    seen = []
+    for where, n in (("first", 2), ("second", 5)):
+        folder = tmp_path / where / "multi"
+        shutil.copytree(multi_config, folder)
+        write_jsonl(folder / "maths" / "train.jsonl", rows(n))
+        seen.append(check(tmp_path, dataset_name=str(folder), dataset_config="maths")[1]["rows"])
+    write_jsonl(tmp_path / "second" / "multi" / "maths" / "train.jsonl", rows(7))  # edited in place
+    seen.append(check(tmp_path, dataset_name=str(tmp_path / "second" / "multi"), dataset_config="maths")[1]["rows"])
+    assert seen == [2, 5, 7]
