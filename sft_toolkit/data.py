@@ -240,8 +240,8 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
         if split not in parts:
             hint = ("; set test_split_size to split one off the mixture, or eval_strategy: no"
                     if key == "dataset_test_split" else "")
-            raise InputError(f"datasets: the mixture has no split {split!r} (its splits: {', '.join(names)}); set "
-                             f"{key} to one of them{hint}")
+            raise InputError(f"the mixture has no split {split!r} (its splits: {', '.join(names)}); set {key} to "
+                             f"one of them{hint}")
         return parts[split]
 
     train, train_source = pick(script.dataset_train_split, "dataset_train_split")

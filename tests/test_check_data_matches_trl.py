@@ -102,10 +102,8 @@ def prompt_completions(conversational: bool) -> list[dict]:
 
 PROMPT_COMPLETION_CASES = [
     {"conversational": True, "assistant_only_loss": True},
-    {"conversational": True, "assistant_only_loss": False},
     {"conversational": True, "assistant_only_loss": True, "max_length": 64, "truncation_mode": "keep_end"},
     {"conversational": True, "assistant_only_loss": False, "packing": True, "max_length": 128},
-    {"conversational": False, "assistant_only_loss": False},
     {"conversational": False, "assistant_only_loss": False, "completion_only_loss": False},
     {"conversational": False, "assistant_only_loss": False, "max_length": 48},
 ]
