@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import transformers
 
 from sft_toolkit.assets import DATASET_CARD, build_quickstart_assets
 from sft_toolkit.cli import main
@@ -49,10 +50,12 @@ def test_handbook_recipe_runs_end_to_end_with_only_model_and_data_paths_changed(
     data = small_dataset(assets, tmp_path / "data")
     recipe = ROOT / "recipes" / "handbook_smollm2_sft.yaml"
     out = io.StringIO()
+    verbosity = transformers.logging.get_verbosity()  # the recipe's log_level: info holds for the whole process
     with contextlib.redirect_stdout(out):
         code = main(["train", str(recipe), "--model_name_or_path", str(assets["model"]), "--dataset_name", str(data),
                      # a handful of rows and steps: one epoch, written under the test's folder
                      "--num_train_epochs", "1", "--output_dir", str(tmp_path / "run")])
+    transformers.logging.set_verbosity(verbosity)
     assert code == 0, out.getvalue()[-2000:]
     printed = json.loads(out.getvalue()[out.getvalue().index("{\n"):])
     assert printed["eval"]["rows"] == 8 and printed["eval"]["zero_mask_rows"] == []
