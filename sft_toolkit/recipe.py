@@ -191,6 +191,10 @@ def _check_consistency(source: str, built: dict) -> None:
             raise InputError(f"{source}: {key}: true is refused: the mask guard counts every row, token and step "
                              "before training starts, which a stream can't give without reading it all; set "
                              f"{key}: false (datasets memory-maps the data from disk, so it needs no more memory)")
+    for i, entry in enumerate(mixture.datasets):
+        if not dataclasses.is_dataclass(entry) or not isinstance(entry.path, str):
+            raise InputError(f"{source}: datasets[{i}]: each source is a mapping with path (and name, data_dir, "
+                             f"data_files, split, columns, fraction), got {entry!r}")
     if mixture.test_split_size is not None and not mixture.datasets:
         raise InputError(f"{source}: test_split_size splits a datasets: mixture; with dataset_name, name the eval "
                          "split with dataset_test_split")
