@@ -220,7 +220,8 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
             one = _mixture_call(labels[i], lambda: get_dataset(DatasetMixtureConfig(
                 datasets=[dataclasses.replace(source, fraction=None)]))["train"], source, i)
             lengths.append(len(one))
-        combined = _mixture_call("combining the sources", lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"])
+        combined = _mixture_call("combining the sources",
+                                 lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"])
     taken = _taken_rows(lengths, [s.fraction for s in sources])
     if sum(taken) != len(combined):
         raise RuntimeError(f"mixture rows per source {taken} don't add up to the {len(combined)} rows TRL combined")
