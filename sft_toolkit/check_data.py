@@ -136,6 +136,7 @@ def _account(recipe, tokenizer, raw, label: str, *, packing: bool, batch: tuple[
     sft = recipe.sft
     # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).
     template = preprocess.training_template(tokenizer, sft) if preprocess.renders_template(raw) else None
+    # The eval split's settings keep the train keys' names (the same report keys), with the eval batch in them.
     settings = {**_settings(sft, world_size), "packing": packing, "per_device_train_batch_size": batch[0],
                 "gradient_accumulation_steps": batch[1]}
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=settings)
