@@ -132,3 +132,29 @@ def test_prompt_completion_labels_equal_sfttrainer(setup, case):
     if not case.get("packing"):  # every row is trained, or reported as dropped (past max_length)
         assert report.rows == len(theirs) + report.dropped_rows == 12
         assert len(report.zero_mask_rows) == report.dropped_rows
+
+
+def test_eval_split_equals_sfttrainer_eval_dataset_with_its_own_packing(setup):
+    """The eval split is prepared as TRL prepares it: packed per `eval_packing` (here: not), not per `packing`."""
+    from sft_toolkit.check_data import check_splits
+
+    folder, data, tokenizer_dir, model = setup
+    split = folder / "with_test"
+    split.mkdir(exist_ok=True)
+    rows = data.read_text().splitlines()
+    (split / "train.jsonl").write_text("\n".join(rows[:16]) + "\n")
+    (split / "test.jsonl").write_text("\n".join(rows[16:]) + "\n")
+    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(split), "assistant_only_loss": True,
+            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), "packing": True,
+            "max_length": 128, "eval_packing": False, "eval_strategy": "steps", "eval_steps": 10}
+    report, _, ours = check_splits(build_recipe(keys))
+
+    trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
+    trainer = SFTTrainer(model=model, args=SFTConfig(**trainer_args, use_cpu=True, report_to="none"),
+                         train_dataset=load_rows(str(split / "train.jsonl")),
+                         eval_dataset=load_rows(str(split / "test.jsonl")),
+                         processing_class=offline_tokenizers.load("qwen2"))
+    theirs = trainer.eval_dataset
+    assert "seq_lengths" not in theirs.column_names  # not packed
+    assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+    assert report.eval.rows == len(rows) - 16 == report.eval.sequences + report.eval.dropped_rows
