@@ -178,6 +178,20 @@ def arithmetic_conversations(n: int, seed: int) -> list[dict]:
     return rows
 
 
+DATASET_CARD = """---
+configs:
+- config_name: all
+  default: true
+  data_files:
+  - split: train
+    path: train.jsonl
+  - split: test
+    path: eval.jsonl
+---
+Generated arithmetic conversations (sft_toolkit.assets): train.jsonl (train) and eval.jsonl (test).
+"""
+
+
 def write_dataset(path: Path, n: int, seed: int) -> Path:
     """Write `arithmetic_conversations(n, seed)` as JSONL (one ``{"messages": ...}`` object per line)."""
     path = Path(path)
@@ -357,6 +371,8 @@ def build_quickstart_assets(root: Path) -> dict[str, Path]:
     * ``train``: ``data/train.jsonl`` (2000 rows, seed 0)
     * ``eval``: ``data/eval.jsonl`` (200 rows, seed 1)
     * ``model``: ``tiny-chat/``, the tokenizer (trained on the rendered train rows) and the tiny model
+    * ``card``: ``data/README.md``, a dataset card whose ``configs:`` name both files as config ``all``
+      (splits train and test), so ``data/`` loads as a hub dataset does (``dataset_config: all``)
 
     Each is written under a temporary name and moved into place, so an interrupted build leaves
     nothing that a later call would mistake for finished.
@@ -366,11 +382,14 @@ def build_quickstart_assets(root: Path) -> dict[str, Path]:
         "train": root / "data" / "train.jsonl",
         "eval": root / "data" / "eval.jsonl",
         "model": root / "tiny-chat",
+        "card": root / "data" / "README.md",
     }
     if not paths["train"].is_file():
         write_dataset(paths["train"], TRAIN_ROWS, TRAIN_SEED)
     if not paths["eval"].is_file():
         write_dataset(paths["eval"], EVAL_ROWS, EVAL_SEED)
+    if not paths["card"].is_file():
+        _write_atomic(paths["card"], DATASET_CARD)
     model_dir = paths["model"]
     if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.json").is_file():
         rows = [json.loads(line) for line in paths["train"].read_text(encoding="utf-8").splitlines() if line]

@@ -41,11 +41,17 @@ class Report:
     max_length_to_keep_all: int = 0  # the smallest max_length that loses no assistant token
     max_zero_rows: int = 0
     settings: dict = field(default_factory=dict)
+    # A datasets: mixture: per source, {"source", "rows", "trainable_tokens", "zero_mask_rows"} (empty otherwise).
+    sources: list[dict] = field(default_factory=list)
+    # The eval split (eval_strategy not "no"): the same accounting, `index` counted within the eval split.
+    eval: "Report | None" = None
+    warnings: list[str] = field(default_factory=list)  # e.g. `datasets` given with `dataset_name` (ignored)
 
     @property
     def ok(self) -> bool:
         return (len(self.zero_mask_rows) <= self.max_zero_rows and self.zero_trainable_sequences == 0
-                and self.zero_trainable_steps == 0 and self.orphaned_assistant_tokens == 0 and self.rows > 0)
+                and self.zero_trainable_steps == 0 and self.orphaned_assistant_tokens == 0 and self.rows > 0
+                and (self.eval is None or self.eval.ok))
 
     def problems(self) -> list[str]:
         """Each reason the check fails, with numbers and the change that fixes it."""
@@ -63,14 +69,21 @@ class Report:
         if self.orphaned_assistant_tokens:
             out.append(f"{self.orphaned_assistant_tokens} assistant tokens in {len(self.orphaned_rows)} rows would be "
                        "trained without the conversation before them (split by packing); use packing_strategy: bfd")
+        if self.eval is not None:
+            out += [f"eval split: {problem}" for problem in self.eval.problems()]
         return out
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, **asdict(self), "problems": self.problems()}
+        data = {"ok": self.ok, **asdict(self), "problems": self.problems()}
+        data["eval"] = self.eval.to_json() if self.eval is not None else None
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Report":
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        if isinstance(values.get("eval"), dict):
+            values["eval"] = cls.from_json(values["eval"])
+        return cls(**values)
 
 
 def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) -> tuple[Report, object]:
@@ -78,33 +91,66 @@ def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) ->
 
     keep_provenance: also keep src_rows / src_pos (each token's source row and position in it), for a
     prepared dataset that other commands trace back to the user's rows.
+    The report covers the eval split too when the recipe evaluates (see `check_splits`).
     """
-    from .data import load_rows
+    report, train, _ = check_splits(recipe, world_size=world_size, keep_provenance=keep_provenance)
+    return report, train
 
-    sft, script = recipe.sft, recipe.script
-    if not script.dataset_name:
+
+def check_splits(recipe, *, world_size: int = 1, keep_provenance: bool = False) -> tuple[Report, object, object]:
+    """The report, the train dataset and the eval dataset (None when eval_strategy is "no") as the trainer gets
+    them. The eval split goes through the same preprocessing (with `eval_packing` where set, as TRL packs it)
+    and the same accounting; its report is `report.eval`, and its problems fail the report like the train's."""
+    from .data import load_splits
+
+    script, mixture = recipe.script, getattr(recipe, "mixture", None)
+    if not script.dataset_name and not (mixture is not None and mixture.datasets):
         raise InputError(f"{recipe.source}: dataset_name is not set; this recipe trains from prepared: "
                          f"{recipe.toolkit.prepared}, whose accounting is in its manifest.json")
     tokenizer = preprocess.load_tokenizer_for(recipe)
     try:
-        raw = load_rows(script.dataset_name, script.dataset_train_split, streaming=script.dataset_streaming)
+        splits = load_splits(recipe)
     except InputError as err:
-        raise InputError(f"{recipe.source}: dataset_name: {err}") from None
+        key = "datasets" if mixture is not None and mixture.datasets else "dataset_name"
+        raise InputError(f"{recipe.source}: {key}: {err}") from None
+    sft = recipe.sft
+    report, final, trainable = _account(recipe, tokenizer, splits.train, splits.train_label, packing=sft.packing,
+                                        batch=(sft.per_device_train_batch_size, sft.gradient_accumulation_steps),
+                                        world_size=world_size, keep_provenance=keep_provenance)
+    report.sources = _per_source(report, trainable, splits.sources, splits.train_source)
+    report.warnings = list(splits.notes)
+    eval_final = None
+    if splits.eval is not None:
+        packing = sft.packing if sft.eval_packing is None else sft.eval_packing
+        report.eval, eval_final, trainable = _account(recipe, tokenizer, splits.eval, splits.eval_label,
+                                                      packing=packing, batch=(sft.per_device_eval_batch_size, 1),
+                                                      world_size=world_size, keep_provenance=False)
+        report.eval.sources = _per_source(report.eval, trainable, splits.sources, splits.eval_source)
+    return report, final, eval_final
+
+
+def _account(recipe, tokenizer, raw, label: str, *, packing: bool, batch: tuple[int, int], world_size: int,
+             keep_provenance: bool) -> tuple[Report, object, np.ndarray]:
+    """One split through the trainer's preprocessing, with every row and token accounted for; also each row's
+    trainable tokens."""
+    sft = recipe.sft
     # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).
-    template = preprocess.training_template(tokenizer, sft) if preprocess.needs_template(raw.column_names) else None
-    report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=_settings(sft, world_size))
+    template = preprocess.training_template(tokenizer, sft) if preprocess.renders_template(raw) else None
+    # The eval split's settings keep the train keys' names (the same report keys), with the eval batch in them.
+    settings = {**_settings(sft, world_size), "packing": packing, "per_device_train_batch_size": batch[0],
+                "gradient_accumulation_steps": batch[1]}
+    report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=settings)
     try:  # errors about rows name the dataset they are in
         tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
                                         policy=recipe_policy(recipe))
         per_row = _row_stats(tokenized, report)
     except InputError as err:
-        raise InputError(f"{script.dataset_name}: {err}") from None
+        raise InputError(f"{label}: {err}") from None
     if report.rows == 0:
-        raise InputError(f"{script.dataset_name}: the dataset is empty (no rows in split "
-                         f"'{script.dataset_train_split}'); give at least one conversation")
+        raise InputError(f"{label}: the dataset is empty (no rows); give at least one conversation")
     if preprocess.is_pretokenized(raw.column_names):
         report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
-    if sft.packing:
+    if packing:
         trained = preprocess.pack(tokenized, sft)
         _packed_stats(trained, per_row, report)
         final = trained
@@ -123,8 +169,20 @@ def check_data(recipe, *, world_size: int = 1, keep_provenance: bool = False) ->
     final = final.select_columns([c for c in keep if c in final.column_names])
     if sft.shuffle_dataset:
         final = final.shuffle(seed=sft.seed)
-    _steps(final, sft, world_size, report)
-    return report, final
+    _steps(final, batch[0] * batch[1] * world_size, report)
+    return report, final, per_row.after
+
+
+def _per_source(report: Report, trainable: np.ndarray, sources: list[str], origin) -> list[dict]:
+    """A mixture's rows, trainable tokens and zero-mask rows per source (empty for one dataset)."""
+    if not sources or origin is None:
+        return []
+    zero = np.zeros(len(sources), dtype=np.int64)
+    for row in report.zero_mask_rows:
+        zero[origin[row["index"]]] += 1
+    return [{"source": source, "rows": int((origin == i).sum()),
+             "trainable_tokens": int(trainable[origin == i].sum()),
+             "zero_mask_rows": int(zero[i])} for i, source in enumerate(sources)]
 
 
 def _settings(sft, world_size) -> dict:
@@ -249,9 +307,8 @@ def _zero_rows(per_row: _Rows, report: Report) -> None:
         report.zero_mask_rows.append({"index": row, "reason": reason})
 
 
-def _steps(final, sft, world_size: int, report: Report) -> None:
+def _steps(final, per_step: int, report: Report) -> None:
     """Optimizer steps in dataset order (a step takes batch x accumulation x ranks sequences)."""
-    per_step = sft.per_device_train_batch_size * sft.gradient_accumulation_steps * world_size
     zero_flags = []
     for table in _batches(final, ["labels"]):
         labels = table["labels"]
@@ -270,6 +327,8 @@ REASON_HELP = {
     preprocess.ALL_TURNS_SWITCHED_OFF: "every assistant turn is switched off (train: false / weight: 0, train_roles, "
                                        "train_turns): mark one turn to train or drop the row",
     preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
+    preprocess.EMPTY_COMPLETION: "the completion is empty: only the end-of-turn would be trained; give the "
+                                 "completion or drop the row",
 }
 
 
@@ -309,4 +368,12 @@ def to_markdown(report: Report, title: str) -> str:
         lines.append("")
     if report.orphaned_rows:
         lines += ["## Rows split by packing", "", ", ".join(map(str, report.orphaned_rows)), ""]
+    if report.sources:
+        lines += ["## Rows per source", "", "| source | rows | trainable tokens | zero-mask rows |", "|---|---|---|---|"]
+        lines += [f"| {s['source']} | {s['rows']} | {s['trainable_tokens']} | {s['zero_mask_rows']} |"
+                  for s in report.sources]
+        lines.append("")
+    if report.eval is not None:  # the same tables one heading level down; row numbers count within the eval split
+        lines += ["#" + line if line.startswith("#") else line
+                  for line in to_markdown(report.eval, f"eval split of {title}").splitlines()]
     return "\n".join(lines)

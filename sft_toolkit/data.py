@@ -1,22 +1,38 @@
-"""Load conversational data from wherever the user keeps it, with errors that name the file and line.
+"""Load conversational data from wherever the user keeps it, as `trl sft` loads it, with errors that name the
+dataset, config, split and line.
 
-`datasets` does the loading (hub ids, local directories, `.jsonl`/`.json`/`.parquet`/`.csv` files,
-`save_to_disk` folders); this module only adds what it lacks for our purposes: a broken `.jsonl` line
-is named by number before `datasets` gets to report it as a pyarrow error.
+`datasets` does the loading (hub ids, local directories, folders whose dataset card lists `configs:`,
+`.jsonl`/`.json`/`.parquet`/`.csv` files, `save_to_disk` folders) and TRL's own `get_dataset` combines a
+`datasets:` mixture; this module adds what they lack for our purposes: a broken `.jsonl` line is named by
+number before `datasets` gets to report it as a pyarrow error, a missing config or split is named with the
+ones that exist, and each row of a mixture keeps the source it came from, so reports can count per source.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .problems import InputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_SPLITS = ["train"]  # `datasets` reads a lone data file as one split, "train"
 
 
-def load_rows(source: str, split: str = "train", *, streaming: bool = False):
-    """A `datasets.Dataset` (or `IterableDataset` when streaming) for `source`, with row order kept."""
+def load_rows(source: str, split: str = "train", *, streaming: bool = False, name: str | None = None,
+              split_key: str = "dataset_train_split", config_key: str = "dataset_config"):
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) for `source`, with row order kept.
+
+    name: the dataset's config (`load_dataset(..., name=)`, as `trl sft` passes `dataset_config`).
+    split_key / config_key: the recipe keys an error about the split or config names.
+    """
     import datasets
 
     path = Path(source)
@@ -25,23 +41,283 @@ def load_rows(source: str, split: str = "train", *, streaming: bool = False):
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+            _no_config(source, name, config_key, "a single data file")
+            _require_split(source, split, FILE_SPLITS, split_key)
             if path.suffix.lower() == ".jsonl":
                 check_jsonl(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         if path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                _no_config(source, name, config_key, "a save_to_disk folder")
                 loaded = datasets.load_from_disk(str(path))
+                splits = list(loaded) if isinstance(loaded, datasets.DatasetDict) else FILE_SPLITS
+                _require_split(source, split, splits, split_key)
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-            return datasets.load_dataset(str(path), split=split, streaming=streaming)
+            with fresh_cache([path]):
+                return _load_builder(source, name, split, streaming, split_key, config_key)
         if looks_local(source):
             raise InputError(f"{source}: no such file or directory")
-        return datasets.load_dataset(source, split=split, streaming=streaming)
+        return _load_builder(source, name, split, streaming, split_key, config_key)
     except InputError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise InputError(f"{source}: cannot load dataset split {split!r} ({_first_line(err)})") from None
     except Exception as err:  # datasets wraps hub/network/parse failures in many types
         raise InputError(f"{source}: cannot load dataset ({type(err).__name__}: {_first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def fresh_cache(paths):
+    """Load local data folders into a cache of their own current files.
+
+    `datasets` (5.2) keys the cache of a folder whose dataset card lists `configs:` by the folder's name and
+    config alone, not by its files: a folder edited since, or another folder of the same name elsewhere,
+    loads the rows cached first (measured: two `data/` folders with different rows gave the first one's
+    rows). So while loading, the cache root is a directory named by a hash of the folders' file names,
+    sizes and modification times; unchanged data reuses its cache, changed data gets a new one.
+    """
+    import datasets
+
+    folders = sorted(str(Path(p).resolve()) for p in paths if Path(p).is_dir())
+    if not folders:
+        yield
+        return
+    digest = hashlib.sha256()
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".")):
+                stat = os.stat(os.path.join(root, name))
+                digest.update(f"{os.path.join(root, name)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = Path(saved) / "sft_toolkit_local" / digest.hexdigest()[:16]
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved
+
+
+def _no_config(source: str, name: str | None, config_key: str, what: str) -> None:
+    if name is not None:
+        raise InputError(f"{source}: {config_key}: {name!r}, but {what} has no configs; remove {config_key}")
+
+
+def _require_split(source: str, split: str, splits: list[str], split_key: str) -> None:
+    if split not in splits:
+        raise InputError(f"{source}: {split_key}: no split {split!r} (its splits: {', '.join(splits)}); set "
+                         f"{split_key} to one of them" + _EVAL_HINT.get(split_key, ""))
+
+
+_EVAL_HINT = {"dataset_test_split": ", split one off with datasets: + test_split_size, or set eval_strategy: no"}
+
+
+def _load_builder(source: str, name: str | None, split: str, streaming: bool, split_key: str, config_key: str,
+                  **load_kwargs):
+    """`datasets.load_dataset` for a hub id or a data folder, its config and split errors said in recipe terms."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, name=name, split=split, streaming=streaming, **load_kwargs)
+    except ValueError as err:
+        text = str(err)
+        if text.startswith("Config name is missing"):
+            raise InputError(f"{source}: the dataset has several configs ({', '.join(_configs(source, text))}) and "
+                             f"the recipe names none; set {config_key} to one of them") from None
+        if text.startswith("BuilderConfig") and "not found" in text:
+            raise InputError(f"{source}: {config_key}: {name!r} is not one of the dataset's configs "
+                             f"({', '.join(_configs(source, text))}); set {config_key} to one of them") from None
+        if text.startswith("Unknown split"):
+            _require_split(source, split, _splits(source, name, text), split_key)
+        raise
+
+
+def _configs(source: str, message: str) -> list[str]:
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_config_names(source))
+    except Exception:  # noqa: BLE001 - fall back to the list `datasets` printed
+        return _listed(message)
+
+
+def _splits(source: str, name: str | None, message: str) -> list[str]:
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(source, name))
+    except Exception:  # noqa: BLE001 - fall back to the list `datasets` printed
+        return _listed(message)
+
+
+def _listed(message: str) -> list[str]:
+    """The names in the first `[...]` of a `datasets` error message."""
+    inside = message[message.find("[") + 1:message.find("]")] if "[" in message else ""
+    return [part.strip().strip("'\"") for part in inside.split(",") if part.strip()] or ["(unknown)"]
+
+
+def eval_enabled(sft) -> bool:
+    """Whether the trainer evaluates: `trl sft` passes the test split only when eval_strategy is not "no"."""
+    return str(getattr(sft.eval_strategy, "value", sft.eval_strategy)) != "no"
+
+
+@dataclass
+class Splits:
+    """What `trl sft` hands the trainer: the train split, and the eval split when evaluation is on.
+
+    A mixture (`datasets:`) also says, for each row of each split, the source it came from (an index into
+    `sources`); for one dataset `sources` is empty and the per-row arrays are None.
+    """
+
+    train: object
+    eval: object | None = None
+    train_label: str = ""  # how messages name the split, e.g. "data/ split 'train'"
+    eval_label: str = ""
+    sources: list[str] = field(default_factory=list)
+    train_source: np.ndarray | None = None
+    eval_source: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)  # for the user: e.g. `datasets` wins over `dataset_name`
+
+
+def load_splits(recipe, *, with_eval: bool | None = None) -> Splits:
+    """The recipe's train (and eval) rows, loaded as `trl sft` loads them (trl/scripts/sft.py).
+
+    `datasets:` (a mixture, TRL's `get_dataset`) wins over `dataset_name`, as in `trl sft`; otherwise
+    `dataset_name` with `dataset_config` (passed as `name=`), `dataset_train_split` and `dataset_test_split`.
+    with_eval: load the eval split (default: when eval_strategy is not "no").
+    """
+    script = recipe.script
+    with_eval = eval_enabled(recipe.sft) if with_eval is None else with_eval
+    mixture = getattr(recipe, "mixture", None)
+    if mixture is not None and mixture.datasets:
+        return _load_mixture(recipe, with_eval)
+    source, config = script.dataset_name, script.dataset_config
+    where = f"{source}" + (f" (config {config!r})" if config else "")
+    train = load_rows(source, script.dataset_train_split, name=config)
+    splits = Splits(train=train, train_label=where)
+    if with_eval:
+        splits.eval = load_rows(source, script.dataset_test_split, name=config, split_key="dataset_test_split")
+        splits.eval_label = f"{where} split {script.dataset_test_split!r}"
+    return splits
+
+
+def _load_mixture(recipe, with_eval: bool) -> Splits:
+    """A `datasets:` mixture through TRL's own `get_dataset` (columns, fraction, concatenation), each source
+    checked first so that an error names it. `test_split_size` splits the combined rows as TRL does
+    (`train_test_split`), with the recipe's `seed` so that check-data and train see the same split."""
+    import datasets
+    from trl import DatasetMixtureConfig, get_dataset
+
+    script, mixture = recipe.script, recipe.mixture
+    notes = []
+    if script.dataset_name:
+        notes.append(f"both datasets and dataset_name are set: as trl sft does, the datasets mixture is loaded and "
+                     f"dataset_name ({script.dataset_name}) is ignored")
+    sources = [_loadable(i, source) for i, source in enumerate(mixture.datasets)]
+    labels = [_source_label(i, source) for i, source in enumerate(mixture.datasets)]
+    lengths = []
+    with fresh_cache([source.path for source in sources]):
+        for i, source in enumerate(sources):
+            one = _mixture_call(labels[i], lambda: get_dataset(DatasetMixtureConfig(
+                datasets=[dataclasses.replace(source, fraction=None)]))["train"], source, i)
+            lengths.append(len(one))
+        combined = _mixture_call("combining the sources",
+                                 lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"])
+    taken = _taken_rows(lengths, [s.fraction for s in sources])
+    if sum(taken) != len(combined):
+        raise RuntimeError(f"mixture rows per source {taken} don't add up to the {len(combined)} rows TRL combined")
+    origin = np.repeat(np.arange(len(sources)), taken)
+    parts = {"train": (combined, origin)}
+    if mixture.test_split_size is not None:
+        index = datasets.Dataset.from_dict({"row": np.arange(len(combined))})
+        try:
+            split = index.train_test_split(test_size=mixture.test_split_size, seed=recipe.sft.seed)
+        except ValueError as err:
+            raise InputError(f"test_split_size: {mixture.test_split_size}: {_first_line(err)}") from None
+        parts = {name: (combined.select(split[name]["row"]), origin[np.asarray(split[name]["row"], dtype=np.int64)])
+                 for name in ("train", "test")}
+    names = list(parts)
+
+    def pick(split: str, key: str):
+        if split not in parts:
+            hint = ("; set test_split_size to split one off the mixture, or eval_strategy: no"
+                    if key == "dataset_test_split" else "")
+            raise InputError(f"the mixture has no split {split!r} (its splits: {', '.join(names)}); set {key} to "
+                             f"one of them{hint}")
+        return parts[split]
+
+    train, train_source = pick(script.dataset_train_split, "dataset_train_split")
+    out = Splits(train=train, train_label=f"datasets mixture split {script.dataset_train_split!r}", sources=labels,
+                 train_source=train_source, notes=notes)
+    if with_eval:
+        out.eval, out.eval_source = pick(script.dataset_test_split, "dataset_test_split")
+        out.eval_label = f"datasets mixture split {script.dataset_test_split!r}"
+    return out
+
+
+def _loadable(i: int, source):
+    """A mixture source as `datasets.load_dataset` takes it: a local data file becomes its builder with
+    `data_files` (an extension: TRL passes `path` as is, and `datasets` can't load a file given as `path`)."""
+    path = Path(source.path)
+    where = f"datasets[{i}]: {source.path}"
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise InputError(f"{where}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+        if source.name is not None or source.data_files is not None:
+            raise InputError(f"{where}: a single data file takes no name / data_files; remove them")
+        if source.split != "train":
+            raise InputError(f"{where}: split: no split {source.split!r} (a single data file's splits: train)")
+        if path.suffix.lower() == ".jsonl":
+            check_jsonl(path)
+        return dataclasses.replace(source, path=builder, data_files=str(path))
+    if not path.exists() and looks_local(source.path) and source.data_files is None:
+        raise InputError(f"{where}: no such file or directory")
+    return source
+
+
+def _source_label(i: int, source) -> str:
+    extra = "".join(f", {k}={getattr(source, k)!r}" for k in ("name", "data_dir", "data_files", "fraction")
+                    if getattr(source, k) is not None)
+    return f"datasets[{i}] ({source.path}{extra}, split {source.split!r})"
+
+
+def _mixture_call(label: str, load, source=None, i: int | None = None):
+    """Run a `get_dataset` call; say a failure in recipe terms, naming the source."""
+    try:
+        if source is None:
+            return load()
+        try:
+            return load()
+        except ValueError as err:  # the config / split errors, said with what exists
+            text = str(err)
+            if text.startswith(("Config name is missing", "BuilderConfig", "Unknown split")):
+                _load_builder(source.path, source.name, source.split, False, f"datasets[{i}].split",
+                              f"datasets[{i}].name", data_dir=source.data_dir, data_files=source.data_files)
+            raise
+    except InputError as err:
+        raise InputError(f"{label}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - datasets / TRL failures of many types
+        raise InputError(f"{label}: cannot load ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _taken_rows(lengths: list[int], fractions: list[float | None]) -> list[int]:
+    """Rows each source contributes, as TRL's `get_dataset` takes them (the first round(weight * total))."""
+    if all(f is None for f in fractions):
+        return list(lengths)
+    weights = [f / sum(fractions) for f in fractions]
+    total = min(n / w for n, w in zip(lengths, weights) if w > 0)
+    return [round(w * total) for w in weights]
+
+
+def first_train_row(recipe) -> dict | None:
+    """The first training row, read without loading the rest where the source allows it."""
+    mixture = getattr(recipe, "mixture", None)
+    if mixture is not None and mixture.datasets:
+        train = load_splits(recipe, with_eval=False).train
+        return train[0] if len(train) else None
+    script = recipe.script
+    return next(iter(load_rows(script.dataset_name, script.dataset_train_split, streaming=True,
+                               name=script.dataset_config)), None)
 
 
 def check_jsonl(path: Path) -> None:

@@ -57,6 +57,24 @@ def shaping_keys(recipe) -> dict:
         keys["completion_only_loss"] = sft.completion_only_loss
     if toolkit.train_roles is not None or toolkit.train_turns != "all":  # which assistant turns are trained
         keys.update(train_roles=toolkit.train_roles, train_turns=toolkit.train_turns)
+    keys.update(_source_keys(recipe))
+    return keys
+
+
+SOURCE_KEYS = ("dataset_config", "datasets", "test_split_size")  # which rows, besides dataset_name
+
+
+def _source_keys(recipe) -> dict:
+    """Where the rows come from, where the recipe says more than dataset_name: its config, or a mixture (each
+    source, and the seeded split that takes the eval rows out of it)."""
+    keys = {}
+    if recipe.script.dataset_config is not None:
+        keys["dataset_config"] = recipe.script.dataset_config
+    mixture = getattr(recipe, "mixture", None)
+    if mixture is not None and mixture.datasets:
+        keys["datasets"] = [{k: v for k, v in vars(source).items() if v is not None} for source in mixture.datasets]
+        if mixture.test_split_size is not None:
+            keys.update(test_split_size=mixture.test_split_size, seed=recipe.sft.seed)
     return keys
 
 
@@ -153,7 +171,11 @@ def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
             continue  # a recipe with only `prepared:` trains on what was prepared, wherever it came from
         if key not in theirs or theirs[key] != value:
             out.append(f"{key}: recipe {value!r}, prepared {theirs.get(key, '(not set)')!r}")
-    for key in sorted(set(theirs) - set(shaping_keys(recipe))):
+    ours = shaping_keys(recipe)
+    for key in sorted(set(theirs) - set(ours)):
+        source_key = key in SOURCE_KEYS or key == "seed" and "test_split_size" in theirs
+        if source_key and ours["dataset_name"] is None and "datasets" not in ours:
+            continue  # (a recipe with only `prepared:`, as above)
         out.append(f"{key}: recipe (not in force), prepared {theirs[key]!r}")
     sha = tokenizer_sha256(tokenizer)
     if manifest.get("tokenizer", {}).get("sha256") != sha:

@@ -30,6 +30,7 @@ TEMPLATE_ERROR = "template_error"
 PAST_MAX_LENGTH = "all_assistant_tokens_past_max_length"
 ALL_TURNS_SWITCHED_OFF = "all_turns_switched_off"
 MASK_MARKS_NOTHING = "mask_marks_nothing"  # a pre-tokenized row whose labels / assistant_masks mark no token
+EMPTY_COMPLETION = "empty_completion"  # a prompt/completion row whose completion has no content
 
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
 
@@ -327,14 +328,33 @@ def needs_template(columns) -> bool:
 def renders_conversations(recipe) -> bool:
     """Whether the recipe's rows go through the chat template (not plain text, not pre-tokenized), judged from
     the first row's fields without loading the rest; a dataset that can't be read is reported by check_data."""
-    from .data import load_rows
+    from .data import first_train_row
 
-    script = recipe.script
     try:
-        first = next(iter(load_rows(script.dataset_name, script.dataset_train_split, streaming=True)), None)
+        first = first_train_row(recipe)
     except Exception:  # noqa: BLE001 - any unreadable dataset: check_data loads it again and names the problem
         return True
-    return first is None or needs_template(list(first))
+    return first is None or needs_template(list(first)) or is_conversational_prompt(first)
+
+
+def is_prompt_completion(columns) -> bool:
+    """TRL's prompt-completion rows (`"prompt" in example`), told from plain text and conversations."""
+    return not is_pretokenized(columns) and "prompt" in (columns or ()) and "completion" in (columns or ())
+
+
+def is_conversational_prompt(row: dict) -> bool:
+    """A prompt-completion row whose prompt is a list of messages (rendered with the chat template)."""
+    return is_prompt_completion(list(row)) and isinstance(row.get("prompt"), list)
+
+
+def renders_template(dataset) -> bool:
+    """Whether the dataset's rows meet the chat template: conversations, and conversational prompt/completion."""
+    if needs_template(dataset.column_names):
+        return True
+    if not is_prompt_completion(dataset.column_names):
+        return False
+    first = next(iter(dataset), None)
+    return first is not None and is_conversational_prompt(first)
 
 
 def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing",
@@ -351,6 +371,8 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
 
     if is_pretokenized(dataset.column_names):
         return from_tokens(dataset, sft)
+    if is_prompt_completion(dataset.column_names):  # TRL's tokenize_fn takes this case first
+        return _tokenize_prompt_completion(dataset, tokenizer, template, sft, policy=policy, desc=desc)
     dataset = to_chatml(dataset, sft, role_map)
     if "messages" not in dataset.column_names:
         if sft.dataset_text_field in dataset.column_names and not sft.assistant_only_loss:
@@ -364,6 +386,101 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
     return dataset.map(_tokenize_row, **kwargs)
+
+
+def _tokenize_prompt_completion(dataset, tokenizer, template, sft, *, policy=None, desc: str = "Tokenizing"):
+    """TRL's prompt-completion path, row for row: the prompt alone (with the generation prompt when it is
+    conversational) and prompt + completion are tokenized; the completion starts where the two diverge
+    (`common_prefix_length`), and the labels keep the tokens that every applicable mask marks: the completion
+    mask when `completion_only_loss` (TRL's default for these rows), the assistant mask when
+    `assistant_only_loss` (conversational rows only: TRL refuses it for plain text, and so do we)."""
+    first = next(iter(dataset), None)
+    conversational = first is not None and is_conversational_prompt(first)
+    if sft.assistant_only_loss and first is not None and not conversational:
+        raise InputError("prompt/completion rows of plain text with assistant_only_loss: true (TRL refuses this too: "
+                         "the option needs conversational rows); set assistant_only_loss: false, and "
+                         "completion_only_loss (on by default for prompt/completion rows) trains the completion only")
+    completion_only = True if sft.completion_only_loss is None else sft.completion_only_loss
+    fn_kwargs = {"tokenizer": tokenizer, "template": template, "assistant_only_loss": sft.assistant_only_loss,
+                 "completion_only_loss": completion_only, "code_salt": _code_salt(),
+                 # TRL appends eos to plain completions, judged on the first row (its `add_eos` step)
+                 "eos": None if conversational else (tokenizer.eos_token or ""),
+                 "text_field": sft.dataset_text_field, "policy": policy or control.TurnPolicy(),
+                 "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}
+    return dataset.map(_prompt_completion_row, with_indices=True, remove_columns=dataset.column_names,
+                       fn_kwargs=fn_kwargs, **_map_kwargs(dataset, sft, desc))
+
+
+def _prompt_completion_row(example, index, tokenizer, template, assistant_only_loss, completion_only_loss, eos,
+                           text_field, policy, template_name="", code_salt=None):
+    """TRL's `tokenize_fn` (prompt-completion case), minus its abort, plus accounting."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    prompt, completion = example.get("prompt"), example.get("completion")
+    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
+           "problem": _prompt_completion_problem(prompt, completion, policy)}
+    if out["problem"]:
+        return out
+    masks = []
+    if isinstance(prompt, list):
+        prompt, completion = canonical_messages(prompt), canonical_messages(completion)
+        tools = example.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
+        try:
+            with render_budget(f"row {index}"):
+                prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+                processed = _tokenize(tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss,
+                                      **kwargs)
+        except RenderLimit as err:
+            raise InputError(f"{template_name}: {err}") from None
+        except jinja2.TemplateSyntaxError as err:
+            raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
+                             "lint` on the template") from None
+        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError,
+                RecursionError) as err:
+            out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
+            return out
+        ids = list(processed["input_ids"])
+        if assistant_only_loss:
+            masks.append(processed["assistant_masks"])
+        empty = all(not m.get("content") and not m.get("tool_calls") for m in completion)
+    else:
+        if eos is not None and text_field not in example and not completion.endswith(eos):
+            completion = completion + eos
+        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+        ids = list(_tokenize(tokenizer, prompt + completion)["input_ids"])
+        empty = completion in ("", eos)
+    if completion_only_loss:
+        start = common_prefix_length(prompt_ids, ids)
+        masks.append([0] * start + [1] * (len(ids) - start))
+    labels = [t if all(bits) else -100 for t, *bits in zip(ids, *masks)]
+    trainable, span = _trainable_and_span(labels)
+    out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span)
+    # As with an empty assistant turn: at most the end-of-turn trains, teaching the model to answer nothing.
+    if empty and (completion_only_loss or assistant_only_loss):
+        out["reason"] = EMPTY_COMPLETION
+    elif trainable == 0:
+        out["reason"] = (zero_reason(example["completion"]) if isinstance(example["prompt"], list)
+                         else EMPTY_COMPLETION)
+    return out
+
+
+def _prompt_completion_problem(prompt, completion, policy) -> str:
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return ""
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        return (f"fields 'prompt' and 'completion' must both be text or both be lists of messages, got "
+                f"{type(prompt).__name__} and {type(completion).__name__}")
+    if not completion:
+        return "field 'completion' is an empty list; give the completion's messages"
+    problem = row_problem({"messages": prompt + completion})
+    if problem:
+        return f"prompt + completion {problem}" if problem.startswith("messages[") else problem
+    if control.needs_control(prompt + completion, policy):
+        return ("per-message training control (train/weight fields, train_roles, train_turns) applies to 'messages' "
+                "rows; a prompt/completion row trains its completion: drop those fields or use 'messages'")
+    return ""
 
 
 def _tokenize_text(dataset, tokenizer, sft):
@@ -475,6 +592,9 @@ def _no_messages_hint(columns: list[str], sft) -> str:
         return ("the 'conversations' column is not ShareGPT-style {from, value} messages and there is no "
                 "'messages' column; give each row a 'messages' list of {role, content} (ShareGPT rows of "
                 "{from, value} are converted, role names mapped with the recipe key role_map)")
+    if "prompt" in columns and "text" not in columns:
+        return (f"a 'prompt' column without 'completion' (columns: {', '.join(columns)}); prompt/completion rows need "
+                "both (text, or lists of messages), and conversations a 'messages' list of {role, content}")
     if "text" in columns or "prompt" in columns:
         kind = "plain 'text'" if "text" in columns else "'prompt'/'completion'"
         loss = ("the recipe sets assistant_only_loss: true, which needs conversations with assistant turns; "

@@ -51,6 +51,9 @@ class ToolkitArguments:
         "help": "start afresh in an output_dir that holds an earlier run: its checkpoints are deleted (only "
                 "folders whose trainer_state.json shows they are checkpoints) and its model overwritten (TRL's "
                 "name; transformers 5 no longer has the field)"})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "stop after this many evaluations without improvement of metric_for_best_model (transformers' "
+                "EarlyStoppingCallback); needs eval_strategy and metric_for_best_model"})
 
 
 @dataclass
@@ -234,14 +237,14 @@ VALUE_RANGES: dict[str, Range] = {
     # steps: a whole number, or below 1 a fraction of the training steps (transformers' own reading)
     "logging_steps": POSITIVE, "save_steps": POSITIVE, "eval_steps": POSITIVE, "warmup_steps": NOT_NEGATIVE,
     "num_train_epochs": POSITIVE, "max_steps": Range(1, also=(-1,)), "eval_delay": NOT_NEGATIVE,
-    # optimizer
-    "learning_rate": POSITIVE, "weight_decay": NOT_NEGATIVE, "adam_beta1": Range(0, 1, high_inclusive=False),
+    # optimizer (a learning rate of 0 is allowed: it evaluates and saves without changing the weights)
+    "learning_rate": NOT_NEGATIVE, "weight_decay": NOT_NEGATIVE, "adam_beta1": Range(0, 1, high_inclusive=False),
     "adam_beta2": Range(0, 1, high_inclusive=False), "adam_epsilon": POSITIVE, "max_grad_norm": NOT_NEGATIVE,
     "label_smoothing_factor": FRACTION, "lora_dropout": FRACTION, "neftune_noise_alpha": NOT_NEGATIVE,
     "router_aux_loss_coef": NOT_NEGATIVE,
     # the rest
     "seed": SEED, "data_seed": SEED, "dataloader_num_workers": NOT_NEGATIVE, "local_rank": Range(-1),
-    "max_zero_rows": NOT_NEGATIVE, "test_split_size": POSITIVE,
+    "max_zero_rows": NOT_NEGATIVE, "test_split_size": POSITIVE, "early_stopping_patience": POSITIVE,
 }
 
 
@@ -306,12 +309,43 @@ def _check_consistency(source: str, built: dict) -> None:
         raise InputError(f"{source}: {quantized}: a quantized model trains only through a LoRA adapter; set "
                          f"use_peft: true (QLoRA), or remove {quantized}")
     mixture = built["mixture"]
-    if mixture.datasets or mixture.streaming or mixture.test_split_size is not None:
-        raise InputError(f"{source}: datasets / streaming / test_split_size (a dataset mixture) are not supported yet; "
-                         "give one dataset with dataset_name (and dataset_config, dataset_train_split)")
+    for key, streaming in (("dataset_streaming", built["script"].dataset_streaming), ("streaming", mixture.streaming)):
+        if streaming:
+            raise InputError(f"{source}: {key}: true is refused: the mask guard counts every row, token and step "
+                             "before training starts, which a stream can't give without reading it all; set "
+                             f"{key}: false (datasets memory-maps the data from disk, so it needs no more memory)")
+    for i, entry in enumerate(mixture.datasets):
+        if not dataclasses.is_dataclass(entry) or not isinstance(entry.path, str):
+            raise InputError(f"{source}: datasets[{i}]: each source is a mapping with path (and name, data_dir, "
+                             f"data_files, split, columns, fraction), got {entry!r}")
+    if mixture.test_split_size is not None and not mixture.datasets:
+        raise InputError(f"{source}: test_split_size splits a datasets: mixture; with dataset_name, name the eval "
+                         "split with dataset_test_split")
+    _check_eval(source, built)
     if not built["model"].model_name_or_path:
         raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
                          "is loaded from it)")
-    if not built["script"].dataset_name and not built["toolkit"].prepared:
+    if not built["script"].dataset_name and not built["toolkit"].prepared and not mixture.datasets:
         raise InputError(f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
-                         ".parquet file), or prepared: DIR (a dataset `sft-toolkit prepare` saved)")
+                         ".parquet file), or datasets: (a mixture), or prepared: DIR (a dataset `sft-toolkit prepare` "
+                         "saved)")
+
+
+def _check_eval(source: str, built: dict) -> None:
+    """Evaluation as `trl sft` runs it: the test split goes to the trainer only when eval_strategy is not "no"."""
+    sft, toolkit = built["sft"], built["toolkit"]
+    strategy = str(getattr(sft.eval_strategy, "value", sft.eval_strategy))
+    if strategy == "no" and sft.do_eval:  # TrainingArguments sets do_eval itself only for an eval_strategy
+        raise InputError(f"{source}: do_eval: true with eval_strategy: no evaluates nothing (trl sft passes no eval "
+                         "dataset then); set eval_strategy: epoch or steps, or remove do_eval")
+    if toolkit.early_stopping_patience is not None:
+        if strategy == "no" or not sft.metric_for_best_model:
+            raise InputError(f"{source}: early_stopping_patience needs evaluation to compare: set eval_strategy "
+                             "(epoch or steps) and load_best_model_at_end: true (or metric_for_best_model)")
+        if toolkit.early_stopping_patience < 1:
+            raise InputError(f"{source}: early_stopping_patience: {toolkit.early_stopping_patience}: give at least 1 "
+                             "(evaluations without improvement before stopping)")
+    if strategy != "no" and toolkit.prepared:
+        raise InputError(f"{source}: prepared: {toolkit.prepared} holds the train split only, and eval_strategy: "
+                         f"{strategy} needs the eval split checked from the raw data; train without prepared, or "
+                         "set eval_strategy: no")

@@ -97,7 +97,7 @@ RECIPE_KEYS: dict[str, KeyRule] = {
                                             "scripts); remove it"),
     # ToolkitArguments (sft_toolkit/recipe.py)
     **_rules(TOOLKIT, "mask_guard max_zero_rows max_length_limit role_map train_roles train_turns prepared "
-                      "merge_adapter overwrite_output_dir"),
+                      "merge_adapter overwrite_output_dir early_stopping_patience"),
 }
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .check_data import Report, check_data
+from .check_data import Report, check_splits
 from .outputs import check_train_output, checkpoint_step, remove_checkpoint, remove_staging, rotate_checkpoints
 from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
@@ -60,7 +60,16 @@ class Outcome:
 
 
 def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tuple[Report, object, list[str]]:
-    """Decide before loading the model. Returns the report, the dataset to train on, and what was changed.
+    """Decide before loading the model. Returns the report, the dataset to train on, and what was changed
+    (the eval split, when the recipe evaluates, is checked alike: see `guard_splits`)."""
+    report, dataset, _, notes = guard_splits(recipe, world_size, keep_provenance=keep_provenance)
+    return report, dataset, notes
+
+
+def guard_splits(recipe, world_size: int = 1, *,
+                 keep_provenance: bool = False) -> tuple[Report, object, object, list[str]]:
+    """Decide before loading the model. Returns the report, the datasets to train and evaluate on (None when
+    eval_strategy is "no"), and what was changed. The eval split's problems count like the train split's.
 
     First, a chat template without generation markers: reject stops, repair adds verified ones (add-markers),
     warn goes on (see `_ensure_markers`).
@@ -76,16 +85,19 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
     policy = recipe.toolkit.mask_guard
     # Plain-text and pre-tokenized rows never meet the chat template: its markers don't matter for them.
     marker_notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss and renders_conversations(recipe) else []
-    report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
+    report, dataset, eval_dataset = check_splits(recipe, world_size=world_size, keep_provenance=keep_provenance)
+    marker_notes += [f"warning: {w}" for w in report.warnings]
     problems = report.problems()
     if not problems:
-        return report, dataset, marker_notes
+        return report, dataset, eval_dataset, marker_notes
     if policy == "reject":
         rows = f" Rows with nothing to train: {_shown_rows(report)}." if report.zero_mask_rows else ""
+        if report.eval is not None and report.eval.zero_mask_rows:
+            rows += f" Eval split rows with nothing to evaluate: {_shown_rows(report.eval)}."
         raise GuardStop("mask guard (reject): " + "; ".join(problems) + "." + rows
                         + " Fix the data or recipe, or set mask_guard: repair.")
     if policy == "warn":
-        return report, dataset, marker_notes + [f"warning: {p}" for p in problems]
+        return report, dataset, eval_dataset, marker_notes + [f"warning: {p}" for p in problems]
     notes = marker_notes
     sft = recipe.sft
     limit = recipe.toolkit.max_length_limit
@@ -94,7 +106,8 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
         needed = report.max_length_to_keep_all
         if limit is not None and needed <= limit:
             before, sft.max_length = report, needed
-            report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
+            report, dataset, eval_dataset = check_splits(recipe, world_size=world_size,
+                                                         keep_provenance=keep_provenance)
             notes.append(f"max_length {before.settings['max_length']} -> {needed} (max_length_limit {limit}): "
                          f"assistant tokens lost to truncation {before.truncated_assistant_tokens} -> "
                          f"{report.truncated_assistant_tokens}, zero-trainable rows {len(before.zero_mask_rows)} -> "
@@ -106,7 +119,7 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
                                                           or report.zero_trainable_sequences):
         before = report
         sft.packing_strategy = "bfd"
-        report, dataset = check_data(recipe, world_size=world_size, keep_provenance=keep_provenance)
+        report, dataset, eval_dataset = check_splits(recipe, world_size=world_size, keep_provenance=keep_provenance)
         notes.append(f"packing_strategy {before.settings['packing_strategy']} -> bfd: assistant tokens trained "
                      f"without context {before.orphaned_assistant_tokens} -> {report.orphaned_assistant_tokens}, "
                      f"zero-trainable sequences {before.zero_trainable_sequences} -> "
@@ -120,7 +133,16 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
     if report.zero_mask_rows:
         notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: "
                      f"{_shown_rows(report)}")
-    return report, dataset, notes
+    if report.eval is not None:
+        zero = _zero_sequences(eval_dataset)
+        if zero:  # an eval batch with no label gives a NaN loss
+            eval_dataset = drop_zero_trainable(eval_dataset)
+            notes.append(f"eval split: dropped {zero} of {report.eval.sequences} sequences with zero trainable tokens")
+            report.eval.sequences, report.eval.zero_trainable_sequences = len(eval_dataset), 0
+        if report.eval.zero_mask_rows:
+            notes.append(f"eval split: {len(report.eval.zero_mask_rows)} rows have nothing to evaluate: "
+                         f"{_shown_rows(report.eval)}")
+    return report, dataset, eval_dataset, notes
 
 
 def _shown_rows(report: Report, limit: int = 10) -> str:
@@ -418,6 +440,14 @@ def quantization_config(recipe):
     return get_quantization_config(model)
 
 
+def _callbacks(recipe) -> list:
+    """The toolkit keys that become trainer callbacks: early_stopping_patience (transformers' own callback)."""
+    from transformers import EarlyStoppingCallback
+
+    patience = recipe.toolkit.early_stopping_patience
+    return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience is not None else []
+
+
 def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     """Check, decide, then train with TRL. Raises GuardStop when the guard refuses or stops the run."""
     from trl import get_peft_config
@@ -435,11 +465,12 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         rendered = read_manifest(recipe.toolkit.prepared)["template"].get("sha256") is not None
         notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss and rendered else []
         report, dataset, checked = load_prepared(recipe, world_size)
+        eval_dataset = None  # the recipe refuses eval_strategy with prepared: (it holds the train split only)
         notes += checked
         log(f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
             f"{len(dataset)} sequences re-checked; not re-tokenized")
     else:
-        report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
+        report, dataset, eval_dataset, notes = guard_splits(recipe, world_size, keep_provenance=True)
         if "src_pos" in (dataset.column_names or ()):  # only the source rows travel with batches (to name them)
             dataset = dataset.remove_columns("src_pos")
     for note in notes:
@@ -460,9 +491,11 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         model=recipe.model.model_name_or_path,
         args=sft,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,  # None unless eval_strategy evaluates, as in `trl sft`
         processing_class=tokenizer,
         quantization_config=quantization,
         peft_config=get_peft_config(recipe.model),
+        callbacks=_callbacks(recipe),
     )
     if trainer.padding_free:
         leak = packing_isolation(trainer)
@@ -490,6 +523,12 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         accuracy = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h]
         if accuracy:
             metrics["first_accuracy"], metrics["last_accuracy"] = accuracy[0], accuracy[-1]
+    evaluations = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    if evaluations:
+        metrics["first_eval_loss"], metrics["eval_loss"] = evaluations[0], evaluations[-1]
+    if trainer.state.best_model_checkpoint:  # load_best_model_at_end: the saved model is this checkpoint's
+        metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+        metrics["best_metric"] = trainer.state.best_metric
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     return Outcome(report=report, repairs=notes, metrics=metrics, output_dir=sft.output_dir,
                    history=[h["loss"] for h in history])

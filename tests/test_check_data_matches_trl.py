@@ -80,3 +80,81 @@ def test_labels_equal_sfttrainer(setup, case):
         assert report.rows == len(theirs) + report.dropped_rows
     if "seq_lengths" in theirs.column_names:
         assert ours["seq_lengths"] == theirs["seq_lengths"]
+
+
+def prompt_completions(conversational: bool) -> list[dict]:
+    """Prompt/completion rows TRL accepts, conversational (some with a system turn, one two-turn prompt) or text."""
+    rows = []
+    for i in range(12):
+        question = f"Question {i}: what is {i} times {i + 3}?" + " Show the steps." * (i % 4) * 5
+        answer = f"{i} x {i + 3} = {i * (i + 3)}." + " Indeed." * (i % 3) * 8
+        if conversational:
+            prompt = [{"role": "user", "content": question}]
+            if i % 5 == 1:
+                prompt.insert(0, {"role": "system", "content": "You are a patient maths tutor."})
+            if i % 6 == 2:
+                prompt += [{"role": "assistant", "content": "Let me think."}, {"role": "user", "content": "Go on."}]
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"prompt": question, "completion": " " + answer})
+    return rows
+
+
+PROMPT_COMPLETION_CASES = [
+    {"conversational": True, "assistant_only_loss": True},
+    {"conversational": True, "assistant_only_loss": True, "max_length": 64, "truncation_mode": "keep_end"},
+    {"conversational": True, "assistant_only_loss": False, "packing": True, "max_length": 128},
+    {"conversational": False, "assistant_only_loss": False, "completion_only_loss": False},
+    {"conversational": False, "assistant_only_loss": False, "max_length": 48},
+]
+
+
+@pytest.mark.parametrize("case", PROMPT_COMPLETION_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_prompt_completion_labels_equal_sfttrainer(setup, case):
+    folder, _, tokenizer_dir, model = setup
+    case = dict(case)
+    data = folder / f"pc_{case.pop('conversational')}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in prompt_completions("True" in data.name)))
+    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(data),
+            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), **case}
+    report, ours = check_data(build_recipe(keys))
+
+    trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
+    args = SFTConfig(**trainer_args, use_cpu=True, report_to="none")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=load_rows(str(data)),
+                         processing_class=offline_tokenizers.load("qwen2"))
+    theirs = trainer.train_dataset
+
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["labels"] == theirs["labels"]
+    assert report.trainable_tokens == sum(sum(1 for t in labels if t != -100) for labels in theirs["labels"])
+    assert report.sequences == len(theirs)
+    if not case.get("packing"):  # every row is trained, or reported as dropped (past max_length)
+        assert report.rows == len(theirs) + report.dropped_rows == 12
+        assert len(report.zero_mask_rows) == report.dropped_rows
+
+
+def test_eval_split_equals_sfttrainer_eval_dataset_with_its_own_packing(setup):
+    """The eval split is prepared as TRL prepares it: packed per `eval_packing` (here: not), not per `packing`."""
+    from sft_toolkit.check_data import check_splits
+
+    folder, data, tokenizer_dir, model = setup
+    split = folder / "with_test"
+    split.mkdir(exist_ok=True)
+    rows = data.read_text().splitlines()
+    (split / "train.jsonl").write_text("\n".join(rows[:16]) + "\n")
+    (split / "test.jsonl").write_text("\n".join(rows[16:]) + "\n")
+    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(split), "assistant_only_loss": True,
+            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), "packing": True,
+            "max_length": 128, "eval_packing": False, "eval_strategy": "steps", "eval_steps": 10}
+    report, _, ours = check_splits(build_recipe(keys))
+
+    trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
+    trainer = SFTTrainer(model=model, args=SFTConfig(**trainer_args, use_cpu=True, report_to="none"),
+                         train_dataset=load_rows(str(split / "train.jsonl")),
+                         eval_dataset=load_rows(str(split / "test.jsonl")),
+                         processing_class=offline_tokenizers.load("qwen2"))
+    theirs = trainer.eval_dataset
+    assert "seq_lengths" not in theirs.column_names  # not packed
+    assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+    assert report.eval.rows == len(rows) - 16 == report.eval.sequences + report.eval.dropped_rows

@@ -98,6 +98,8 @@ MISMATCHES = {
     "mask_guard": (lambda tmp, assets: {"mask_guard": "warn"}, "mask_guard: recipe 'warn', prepared 'reject'"),
     "template": (lambda tmp, assets: {"chat_template_path": other_template(tmp)}, "chat template: recipe sha256"),
     "tokenizer": (lambda tmp, assets: {"model_name_or_path": other_tokenizer(tmp, assets)}, "tokenizer: recipe "),
+    "dataset_config": (lambda tmp, assets: {"dataset_config": "all"},
+                       "dataset_config: recipe 'all', prepared '(not set)'"),
 }
 
 

@@ -198,7 +198,7 @@ def test_quantization_config_is_trl_sfts(bits, tmp_path, monkeypatch):
 
 def test_quantization_is_refused_before_loading_where_it_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "quantization_missing", lambda: ["a CUDA GPU (none is visible)"])
-    monkeypatch.setattr(train_module, "check_data", lambda *a, **k: pytest.fail("the data was read"))
+    monkeypatch.setattr(train_module, "check_splits", lambda *a, **k: pytest.fail("the data was read"))
     with pytest.raises(InputError, match=r"load_in_4bit: quantized loading needs a CUDA GPU \(none is visible\)"):
         train_module.train(build_recipe({**base_keys(tmp_path), "use_peft": True, "load_in_4bit": True}))
 

@@ -7,6 +7,7 @@ train on nothing (or assistant tokens would be trained without their context), 2
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -37,6 +38,8 @@ def run(args) -> int:
     for path in reports:  # a path that can't be written is bad input (2), refused before the check, never "not fit"
         check_output_file(path, inputs, example="report.json")
     report, _ = check_data(recipe, world_size=args.world_size)
+    for warning in report.warnings:
+        print(f"sft-toolkit check-data: warning: {warning}", file=sys.stderr)
     data = report.to_json()
     if reports:
         write_file(reports[0], json.dumps(data, indent=2) + "\n", inputs)
@@ -60,14 +63,26 @@ def _print_text(report, title: str) -> None:
     console = Console(highlight=False, soft_wrap=True)
     verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
     console.print(f"[bold]check-data {title}[/]: {verdict}")
+    _print_split(console, report)
+    if report.eval is not None:
+        verdict = "[green]PASS[/]" if report.eval.ok else "[red]FAIL[/]"
+        console.print(f"[bold]eval split[/]: {verdict}")
+        _print_split(console, report.eval)
+
+
+def _print_split(console, report) -> None:
     console.print(f"  rows {report.rows}, tokens {report.tokens}, trainable tokens {report.trainable_tokens} "
                   f"(before truncation/packing {report.trainable_tokens_before})")
     console.print(f"  sequences {report.sequences} ({report.zero_trainable_sequences} with zero trainable tokens), "
                   f"steps {report.steps} ({report.zero_trainable_steps} with zero trainable tokens)")
     console.print(f"  dropped rows {report.dropped_rows}, assistant tokens lost to truncation "
                   f"{report.truncated_assistant_tokens}, trained without context {report.orphaned_assistant_tokens}")
+    for source in report.sources:
+        console.print(f"  {source['source']}: rows {source['rows']}, trainable tokens {source['trainable_tokens']}, "
+                      f"zero-mask rows {source['zero_mask_rows']}", markup=False)
     for problem in report.problems():
-        console.print(f"  [red]✗[/] {problem}", markup=True)
+        if not problem.startswith("eval split: "):  # printed under the eval split's own heading
+            console.print(f"  [red]✗[/] {problem}", markup=True)
     for row in report.zero_mask_rows[:SHOW_ROWS]:
         console.print(f"    row {row['index']}: {row['reason']} — {reason_help(row['reason'])}", markup=False)
     if len(report.zero_mask_rows) > SHOW_ROWS:

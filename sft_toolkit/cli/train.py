@@ -76,6 +76,8 @@ def _run(args) -> int:
         # The same accounting check-data prints (its JSON keys): every row dropped or cut is counted.
         report = outcome.report.to_json()
         accounting = {k: report[k] for k in ACCOUNTING}
+        if report["eval"] is not None:
+            accounting["eval"] = {k: report["eval"][k] for k in ACCOUNTING}
         print(json.dumps({"output_dir": outcome.output_dir, **accounting, "repairs": outcome.repairs,
                           **outcome.metrics}, indent=2))
     _leave_process_group()
