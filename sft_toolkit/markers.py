@@ -38,7 +38,7 @@ import jinja2
 from jinja2 import nodes
 
 from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
-from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
+from .masks import GENERATION_MARKER, RenderLimit, TemplateRaised, normalize_messages, render, template_error_text
 from .probes import PROBES, Probe, text_of
 from .problems import ERROR, InputError
 
@@ -624,8 +624,13 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
                                      add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter, sft_leave=leave,
                                      **_plain_template_data(variables))
+            except RenderLimit as err:  # the traced render has the same budget as any other (a template that
+                raise RenderLimit(f"tracing probe {name}: {err}") from None  # loops only when traced stops too)
             except jinja2.TemplateError as err:
-                raise MarkerError(f"tracing the template failed on probe {name}: {err}") from None
+                raise MarkerError(f"tracing the template failed on probe {name}: {template_error_text(err)}") from None
+            except Exception as err:  # noqa: BLE001 - whatever the template's code raised while traced
+                raise InputError(f"the template failed while traced on probe {name}: "
+                                 f"{template_error_text(err)}") from None
             pos, located = 0, []
             for pid, piece_text, role, iteration, loop in emissions:
                 located.append(_Emission(pid, pos, pos + len(piece_text), role, loop, iteration))
