@@ -585,7 +585,7 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
     # The end-of-turn text, from the first probe that shows it (a prefix ending in a tool call doesn't).
     eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
-    out, failed = [], []
+    out, failed, first_error = [], [], None
     for probe in PROBES:
         probe = usable_probe(template.source, probe, _special(kwargs))
         for name, messages, prompt in _cases(probe):
@@ -594,8 +594,9 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
             except TemplateRaised:
                 continue  # the original refuses this conversation, the marked one must too (checked by lint)
-            except InputError:
+            except InputError as err:
                 failed.append(name)  # the original can't render it either (e.g. no tool support): not ours to fix
+                first_error = first_error or err
                 continue
             emissions, stack, passes = [], [], []
 
@@ -641,6 +642,8 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             labels = _labels(template.source, sub, expected, eot, kwargs)
             _mark_started(located, labels, template.pieces)
             out.append(_Trace(name, text, located, labels, sub, prompt))
+    if not out and first_error:
+        raise InputError(f"the template fails to render every probe conversation: {first_error}")
     return out, failed
 
 

@@ -81,10 +81,16 @@ def training_template(tokenizer, sft) -> str | None:
     if not tokenizer.chat_template:
         raise InputError("the tokenizer has no chat template; set chat_template_path (a .jinja file or a bundled name)")
     if sft.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        try:
+        name = f"chat template {sft.chat_template_path or tokenizer.name_or_path}"
+        try:  # TRL renders the template (with a tool call) to decide
             return get_training_chat_template(tokenizer)
         except ValueError:
             return None
+        except RenderLimit as err:
+            raise InputError(f"{name}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - what the template raised where the trainer would stop too
+            raise InputError(f"{name}: it fails to render TRL's tool-call check ({template_error_text(err)}); the "
+                             "trainer stops there as well: fix the template") from None
     return None
 
 
