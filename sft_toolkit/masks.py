@@ -249,6 +249,9 @@ def _method_check(method, args, kwargs) -> None:
                "a formatted string")
 
 
+_SEQUENCES = (str, list, tuple)
+
+
 def _repeated(value) -> tuple[str, str]:
     return ("a repeated string", "characters") if isinstance(value, str) else (
         f"a repeated {type(value).__name__}", "items")
@@ -277,10 +280,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             self.finalize = self.bounded_value
 
     def call_binop(self, context, operator, left, right):
-        if operator == "*":
-            if isinstance(right, int) and isinstance(left, (str, list, tuple)):
+        # Honest templates add short strings all the time: one size comparison decides, the checks come after.
+        if operator == "+":
+            if isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES) and \
+                    len(left) + len(right) > RENDER_CHARS_FLOOR:
+                _check(len(left) + len(right), *_joined(left))
+        elif operator == "*":
+            if isinstance(right, int) and isinstance(left, _SEQUENCES):
                 _check(len(left) * max(right, 0), *_repeated(left))
-            elif isinstance(left, int) and isinstance(right, (str, list, tuple)):
+            elif isinstance(left, int) and isinstance(right, _SEQUENCES):
                 _check(len(right) * max(left, 0), *_repeated(right))
             elif isinstance(left, int) and isinstance(right, int) and \
                     left.bit_length() + right.bit_length() > RENDER_INT_BITS:
@@ -291,15 +299,12 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                     right * left.bit_length() > RENDER_INT_BITS:
                 raise RenderLimit(f"the chat template would compute a number of about {right * left.bit_length():,} "
                                   f"bits (limit {RENDER_INT_BITS:,}); fix the template")
-        elif operator == "+":
-            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-                _check(len(left) + len(right), *_joined(left))
         elif operator == "%" and isinstance(left, str):
             arguments = right if isinstance(right, tuple) else list(right.values()) if isinstance(right, dict) \
                 else [right]
             _check_ints(arguments, "`%`")
             _check(_formatted_size(left, arguments), "a formatted string")
-        return super().call_binop(context, operator, left, right)
+        return self.binop_table[operator](left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
         # Macros and the toolkit's own tracing callbacks are template code or trusted: the timer bounds them.
