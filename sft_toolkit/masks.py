@@ -3,6 +3,11 @@
 Everything goes through transformers' own renderer (`render_jinja_template`, the function behind
 `apply_chat_template(..., return_assistant_tokens_mask=True)`), so the spans reported here are the spans
 TRL's `assistant_only_loss` uses, not a re-implementation that could drift from them.
+
+It is also the one home of the render bounds. Chat templates are untrusted code, so every render the toolkit
+runs, through this module or through transformers' `apply_chat_template` (TRL's tokenization), happens in
+`BoundedSandbox`: transformers' own environment with a time budget, a memory budget and size checks in
+jinja's sandbox hooks. Importing this module makes transformers compile chat templates in it (`install`).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class TemplateRaised(Exception):
 
 class RenderLimit(Exception):
     """A render ran past RENDER_SECONDS, grew the process by more than RENDER_MEMORY, or wrote or built more text
-    than `over_render_limit` allows (a runaway template). The message names the template line."""
+    than `render_chars_limit` allows (a runaway template). The message names the template line."""
 
 
 # Templates are code (from a tokenizer or a user). transformers renders them in jinja's
@@ -60,7 +65,7 @@ class RenderLimit(Exception):
 # (transformers' `apply_chat_template`, TRL's tokenization, add-markers' traced render, lint, show):
 # - time: RENDER_SECONDS per render;
 # - memory: the process may grow by RENDER_MEMORY bytes during a render (checked every RENDER_TICK s);
-# - size: no string or list the template builds, and not its output, may exceed `over_render_limit`
+# - size: no string or list the template builds, and not its output, may exceed `render_chars_limit`
 #   (RENDER_CHARS_FLOOR + RENDER_GROWTH x the conversation's characters), checked *before* an operator, filter
 #   or method that could make one in a single step (`*`, `**`, `+`, `~`, `%`, `center`, `join`, `replace`...).
 # Read at call time: tests lower them.
@@ -72,18 +77,12 @@ RENDER_GROWTH = 20  # ... plus this many characters per character of the convers
 RENDER_INT_BITS = 65_536  # integers a template computes (`**`, `*`): far beyond any count or index
 
 
-def over_render_limit(size: int, messages, tools=None, *, tokens: bool = False) -> int | None:
-    """The limit a render of `size` characters (or tokens) exceeds, None when it is within it.
+def render_chars_limit(conversation_chars: int) -> int:
+    """The most characters a render of a conversation (its messages and tools as JSON) may write or build.
 
-    An honest template writes its own text (the floor) plus a few copies of the conversation. In tokens
-    the floor assumes a typical 4 characters per token. Renders below the floor, i.e. all normal ones, cost
-    one comparison.
+    An honest template writes its own text (the floor) plus a few copies of the conversation.
     """
-    floor = RENDER_CHARS_FLOOR // 4 if tokens else RENDER_CHARS_FLOOR
-    if size <= floor:
-        return None
-    limit = floor + RENDER_GROWTH * len(json.dumps([messages, tools], default=str))
-    return limit if size > limit else None
+    return RENDER_CHARS_FLOOR + RENDER_GROWTH * conversation_chars
 
 
 def _rss_bytes() -> int:
@@ -164,7 +163,7 @@ class _Limits:
         if self.conversation is None:
             self.conversation = len(json.dumps([self.variables.get("messages"), self.variables.get("tools")],
                                                default=str))
-        return RENDER_CHARS_FLOOR + RENDER_GROWTH * self.conversation
+        return render_chars_limit(self.conversation)
 
 
 _RENDER: ContextVar[_Limits | None] = ContextVar("sft_toolkit_render", default=None)
@@ -408,7 +407,7 @@ def _bounded_filter(name: str, function):
 
 class _BoundedTemplate(jinja2.Template):
     """A compiled template whose every render (`render`, `generate`) runs in one budget and keeps its output
-    within `over_render_limit`; a `RenderLimit` names the template line it stopped at."""
+    within `render_chars_limit`; a `RenderLimit` names the template line it stopped at."""
 
     def render(self, *args, **kwargs) -> str:
         return "".join(self.generate(*args, **kwargs))
@@ -513,7 +512,7 @@ def render(
     as `apply_chat_template` does with a tokenizer's own special tokens.
     Raises `TemplateRaised` when the template calls `raise_exception` for this conversation, `InputError`
     for any other template failure (syntax, undefined attribute used as a callable, ...; with the template
-    line), and `RenderLimit` for a runaway render (see `render_budget`, `over_render_limit`).
+    line), and `RenderLimit` for a runaway render (see `render_budget`, `BoundedSandbox`).
     """
     kwargs = {**(DEFAULT_SPECIAL_TOKENS if placeholders else {}), **(template_kwargs or {})}
     # transformers warns (once) when asked for a mask a template can't give; a template without markers
