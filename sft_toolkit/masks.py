@@ -100,6 +100,16 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def _in_template(frame) -> bool:
+    """Whether `frame` or one of its callers is a compiled template's code."""
+    while frame is not None:
+        if "__jinja_template__" in frame.f_globals:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_LATE_TICKS = 10  # ticks a stop may wait for the template's own code to be running (see `tick`)
 _STATM: dict[int, int | None] = {}  # an fd per process: a forked worker must read its own /proc/<pid>/statm
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -120,21 +130,26 @@ def render_budget(what: str = ""):
         yield
         return
     seconds, memory = RENDER_SECONDS, RENDER_MEMORY
-    start, base, active = time.monotonic(), _rss_bytes(), [True]
+    start, base, active, late = time.monotonic(), _rss_bytes(), [True], [0]
     prefix = f"{what}: " if what else ""
 
     def tick(signum, frame):
         if not active[0]:
             return
-        if time.monotonic() - start >= seconds:
-            active[0] = False
+        over_time, grown = time.monotonic() - start >= seconds, _rss_bytes() - base
+        if not over_time and grown <= memory:
+            return
+        # Raised inside the template's code, the error carries its line; between two chunks of output (the
+        # caller's loop) it would not, so wait a few ticks for the template to be running again.
+        if late[0] < _LATE_TICKS and not _in_template(frame):
+            late[0] += 1
+            return
+        active[0] = False
+        if over_time:
             raise RenderLimit(f"{prefix}the chat template ran longer than {seconds:g} s and was stopped (a loop that "
                               "does not end?); fix the template")
-        grown = _rss_bytes() - base
-        if grown > memory:
-            active[0] = False
-            raise RenderLimit(f"{prefix}the chat template used more than {memory / 2**20:,.0f} MiB of memory "
-                              f"({grown / 2**20:,.0f} MiB) and was stopped; fix the template")
+        raise RenderLimit(f"{prefix}the chat template used more than {memory / 2**20:,.0f} MiB of memory "
+                          f"({grown / 2**20:,.0f} MiB) and was stopped; fix the template")
 
     # `_signal.signal` is the C function behind `signal.signal`, without its enum conversions (5 µs a call
     # against 0.5, twice per render).
