@@ -321,14 +321,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return self.binop_table[operator](left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
-        # Macros and the toolkit's own tracing callbacks are template code or trusted: the timer bounds them.
-        if not isinstance(__obj, Macro) and not (getattr(__obj, "__module__", None) or "").startswith("sft_toolkit."):
-            name = getattr(__obj, "__name__", "a call")
-            _check_ints(_values(args, kwargs), "`range`" if __obj is safe_range else f"`{name}`")
-            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-            if getattr(method, "__name__", None) == "join" and isinstance(getattr(method, "__self__", None), str) \
-                    and args:
-                items = list(args[0])
+        # What builds a large object in one C-level step: a string method (`ljust(10**9)`, `replace`, `join`,
+        # `format`, the sandbox's wrapper of it) or `range`. Macros, filters called as functions and other
+        # Python code run as bytecode, which the timer bounds.
+        method = getattr(__obj, "__wrapped__", __obj)
+        if (args or kwargs) and (isinstance(getattr(method, "__self__", None), str) or __obj is safe_range):
+            _check_ints(_values(args, kwargs), "`range`" if __obj is safe_range else f"`{method.__name__}`")
+            if method.__name__ == "join" and args:
+                items = list(args[0])  # a generator is read twice: materialize it once
                 _check(sum(_text_size(i) for i in items) + len(method.__self__) * len(items), "a joined string")
                 args = (items, *args[1:])
             else:
@@ -386,8 +386,15 @@ def _filter_size(name: str, args: list, kwargs: dict) -> tuple | None:
     return None
 
 
+# Filters whose output can be far larger than their input (a width, a count, a separator, a repr of shared
+# items); the others write at most a few times what they read (`escape`: 6x) or less (`trim`, `map`, `sort`).
+_AMPLIFYING_FILTERS = frozenset({"batch", "center", "filesizeformat", "format", "indent", "join", "list", "pprint",
+                                 "replace", "slice", "string", "sum", "tojson", "truncate", "urlize", "wordwrap"})
+
+
 class _BoundedFilters(dict):
-    """The environment's filters, each checked before it runs (compiled templates look them up by name)."""
+    """The environment's filters, the amplifying ones checked before they run (compiled templates look them
+    up by name, and `map`/`select` through `get`)."""
 
     def __getitem__(self, name):
         return _bounded_filter(name, dict.__getitem__(self, name))
@@ -397,7 +404,7 @@ class _BoundedFilters(dict):
 
 
 def _bounded_filter(name: str, function):
-    if getattr(function, "_sft_toolkit_bounded", False):
+    if name not in _AMPLIFYING_FILTERS or getattr(function, "_sft_toolkit_bounded", False):
         return function
     # A filter marked `pass_context` / `pass_eval_context` / `pass_environment` gets that object first.
     skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
