@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import jinja2
 from jinja2.compiler import CodeGenerator
-from jinja2.runtime import Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -305,9 +304,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             elif isinstance(left, int) and isinstance(right, _SEQUENCES):
                 _check(len(right) * max(left, 0), *_repeated(right))
             elif isinstance(left, int) and isinstance(right, int) and \
-                    left.bit_length() + right.bit_length() > RENDER_INT_BITS:
-                raise RenderLimit(f"the chat template would compute a number of {left.bit_length() + right.bit_length():,}"
-                                  f" bits (limit {RENDER_INT_BITS:,}); fix the template")
+                    (bits := left.bit_length() + right.bit_length()) > RENDER_INT_BITS:
+                raise RenderLimit(f"the chat template would compute a number of {bits:,} bits (limit "
+                                  f"{RENDER_INT_BITS:,}); fix the template")
         elif operator == "**":
             if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 and \
                     right * left.bit_length() > RENDER_INT_BITS:
@@ -320,20 +319,20 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             _check(_formatted_size(left, arguments), "a formatted string")
         return self.binop_table[operator](left, right)
 
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+    def call(self, context, obj, /, *args, **kwargs):
         # What builds a large object in one C-level step: a string method (`ljust(10**9)`, `replace`, `join`,
         # `format`, the sandbox's wrapper of it) or `range`. Macros, filters called as functions and other
         # Python code run as bytecode, which the timer bounds.
-        method = getattr(__obj, "__wrapped__", __obj)
-        if (args or kwargs) and (isinstance(getattr(method, "__self__", None), str) or __obj is safe_range):
-            _check_ints(_values(args, kwargs), "`range`" if __obj is safe_range else f"`{method.__name__}`")
+        method = getattr(obj, "__wrapped__", obj)
+        if (args or kwargs) and (isinstance(getattr(method, "__self__", None), str) or obj is safe_range):
+            _check_ints(_values(args, kwargs), "`range`" if obj is safe_range else f"`{method.__name__}`")
             if method.__name__ == "join" and args:
                 items = list(args[0])  # a generator is read twice: materialize it once
                 _check(sum(_text_size(i) for i in items) + len(method.__self__) * len(items), "a joined string")
                 args = (items, *args[1:])
             else:
                 _method_check(method, args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
 
     @staticmethod
     def bounded_value(value):
@@ -365,7 +364,7 @@ class _BoundedCodeGenerator(CodeGenerator):
 def _filter_size(name: str, args: list, kwargs: dict) -> tuple | None:
     """What a filter that can write far more than it reads would build: (size, what[, unit]), else None."""
     value = args[0] if args else None
-    option = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
+    option = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)
     if name == "replace" and isinstance(value, str):
         old, new, count = str(option(1, "old", "")), str(option(2, "new", "")), option(3, "count")
         return _replaced_size(value, old, new, count if isinstance(count, int) else -1), "a replaced string"
@@ -400,7 +399,10 @@ class _BoundedFilters(dict):
         return _bounded_filter(name, dict.__getitem__(self, name))
 
     def get(self, name, default=None):
-        return self[name] if name in self else default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
 
 def _bounded_filter(name: str, function):
