@@ -32,12 +32,12 @@ ALL_TURNS_SWITCHED_OFF = "all_turns_switched_off"
 MASK_MARKS_NOTHING = "mask_marks_nothing"  # a pre-tokenized row whose labels / assistant_masks mark no token
 ROW_TOO_LARGE = "row_too_large"  # more text than MAX_ROW_CHARS: not tokenized
 
-# Tokenizing a row costs time and memory in proportion to its text (about 130 bytes per character with the
-# Qwen2 vocabulary, 8.8 s for 5 million characters: `python benchmarks/render_bounds.py --large`), charged to
-# the row, not to the template's render budget. A row with more characters of text than this (every string in
-# its messages and tools; ~500k tokens, four times a 128k context) is not tokenized: it is reported as a row
-# with nothing to train (ROW_TOO_LARGE), named and counted like the others, instead of stopping the dataset.
-# Read at call time (tests lower it).
+# Tokenizing a row costs time and memory in proportion to its text (about 220 bytes of peak memory per
+# character with the Qwen2 vocabulary, 3-4 s for 2 million characters: `python benchmarks/render_bounds.py
+# --large 2000000`), charged to the row, not to the template's render budget. A row with more characters of
+# text than this (every string in its messages and tools; ~500k tokens, four times a 128k context) is not
+# tokenized: it is reported as a row with nothing to train (ROW_TOO_LARGE), named and counted like the others,
+# instead of stopping the dataset. Read at call time (tests lower it).
 MAX_ROW_CHARS = 2_000_000
 
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
