@@ -256,10 +256,10 @@ def _method_check(method, args, kwargs) -> None:
     name = method.__name__
     if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
         _check(_replaced_size(target, args[0], args[1], args[2] if len(args) > 2 else -1), "a replaced string")
-    elif name in ("format", "format_map"):
-        _check(_formatted_size(target, _values(args, kwargs) if name == "format" else
-                               list((args[0] if args else {}).values()) if isinstance(args and args[0], dict) else []),
-               "a formatted string")
+    elif name == "format":
+        _check(_formatted_size(target, _values(args, kwargs)), "a formatted string")
+    elif name == "format_map" and args and isinstance(args[0], dict):
+        _check(_formatted_size(target, list(args[0].values())), "a formatted string")
 
 
 _SEQUENCES = (str, list, tuple)
