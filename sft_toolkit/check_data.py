@@ -270,6 +270,8 @@ REASON_HELP = {
     preprocess.ALL_TURNS_SWITCHED_OFF: "every assistant turn is switched off (train: false / weight: 0, train_roles, "
                                        "train_turns): mark one turn to train or drop the row",
     preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
+    preprocess.ROW_TOO_LARGE: "the row is not tokenized (more text than preprocess.MAX_ROW_CHARS): split the "
+                              "conversation or drop the row",
 }
 
 

@@ -232,8 +232,7 @@ def text_chars(value) -> int:
 
 
 def _too_large(chars: int, limit: int) -> str:
-    return (f"{ROW_TOO_LARGE}: {chars:,} characters of text (limit {limit:,}, MAX_ROW_CHARS); split the "
-            "conversation or shorten it")
+    return f"{ROW_TOO_LARGE}: {chars:,} characters of text (limit {limit:,})"
 
 
 def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, template_name="", code_salt=None,
