@@ -329,6 +329,8 @@ REASON_HELP = {
     preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
     preprocess.EMPTY_COMPLETION: "the completion is empty: only the end-of-turn would be trained; give the "
                                  "completion or drop the row",
+    preprocess.ROW_TOO_LARGE: "the row is not tokenized (more text than preprocess.MAX_ROW_CHARS): split the "
+                              "conversation or drop the row",
 }
 
 

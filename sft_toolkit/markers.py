@@ -42,7 +42,7 @@ import jinja2
 from jinja2 import nodes
 
 from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
-from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
+from .masks import GENERATION_MARKER, RenderLimit, TemplateRaised, normalize_messages, render, template_error_text
 from .probes import PROBES, VERIFICATION_PROBES, Probe, text_of
 from .problems import ERROR, Finding, InputError
 
@@ -590,7 +590,7 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
     # The end-of-turn text, from the first probe that shows it (a prefix ending in a tool call doesn't).
     eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
-    out, failed = [], []
+    out, failed, first_error = [], [], None
     for probe in VERIFICATION_PROBES:
         probe = usable_probe(template.source, probe, _special(kwargs))
         for name, messages, prompt in _cases(probe):
@@ -599,9 +599,10 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
             except TemplateRaised:
                 continue  # the original refuses this conversation, the marked one must too (checked by lint)
-            except InputError:
+            except InputError as err:
                 if probe.training_shape:  # a shape only other renderers give: no allowance is needed
                     failed.append(name)  # the original can't render it either (e.g. no tool support): not ours
+                    first_error = first_error or err
                 continue
             emissions, stack, passes = [], [], []
 
@@ -631,8 +632,13 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
                 text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
                                      add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter, sft_leave=leave,
                                      **_plain_template_data(variables))
+            except RenderLimit as err:  # the traced render has the same budget as any other (a template that
+                raise RenderLimit(f"tracing probe {name}: {err}") from None  # loops only when traced stops too)
             except jinja2.TemplateError as err:
-                raise MarkerError(f"tracing the template failed on probe {name}: {err}") from None
+                raise MarkerError(f"tracing the template failed on probe {name}: {template_error_text(err)}") from None
+            except Exception as err:  # noqa: BLE001 - whatever the template's code raised while traced
+                raise InputError(f"the template failed while traced on probe {name}: "
+                                 f"{template_error_text(err)}") from None
             pos, located = 0, []
             for pid, piece_text, role, iteration, loop in emissions:
                 located.append(_Emission(pid, pos, pos + len(piece_text), role, loop, iteration))
@@ -643,6 +649,8 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
             labels = _labels(template.source, sub, expected, eot, kwargs)
             _mark_started(located, labels, template.pieces)
             out.append(_Trace(name, text, located, labels, sub, prompt))
+    if not out and first_error:
+        raise InputError(f"the template fails to render every probe conversation: {first_error}")
     return out, failed
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 
 from . import policy as control
-from .masks import RenderLimit, over_render_limit, render, render_budget, template_error_text
+from .masks import RenderLimit, render, template_error_text
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -31,6 +31,15 @@ PAST_MAX_LENGTH = "all_assistant_tokens_past_max_length"
 ALL_TURNS_SWITCHED_OFF = "all_turns_switched_off"
 MASK_MARKS_NOTHING = "mask_marks_nothing"  # a pre-tokenized row whose labels / assistant_masks mark no token
 EMPTY_COMPLETION = "empty_completion"  # a prompt/completion row whose completion has no content
+ROW_TOO_LARGE = "row_too_large"  # more text than MAX_ROW_CHARS: not tokenized
+
+# Tokenizing a row costs time and memory in proportion to its text (about 220 bytes of peak memory per
+# character with the Qwen2 vocabulary, 3-4 s for 2 million characters: `python benchmarks/render_bounds.py
+# --large 2000000`), charged to the row, not to the template's render budget. A row with more characters of
+# text than this (every string in its messages and tools; ~500k tokens, four times a 128k context) is not
+# tokenized: it is reported as a row with nothing to train (ROW_TOO_LARGE), named and counted like the others,
+# instead of stopping the dataset. Read at call time (tests lower it).
+MAX_ROW_CHARS = 2_000_000
 
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
 
@@ -87,10 +96,16 @@ def training_template(tokenizer, sft) -> str | None:
     if not tokenizer.chat_template:
         raise InputError("the tokenizer has no chat template; set chat_template_path (a .jinja file or a bundled name)")
     if sft.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        try:
+        name = f"chat template {sft.chat_template_path or tokenizer.name_or_path}"
+        try:  # TRL renders the template (with a tool call) to decide
             return get_training_chat_template(tokenizer)
         except ValueError:
             return None
+        except RenderLimit as err:
+            raise InputError(f"{name}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - what the template raised where the trainer would stop too
+            raise InputError(f"{name}: it fails to render TRL's tool-call check ({template_error_text(err)}); the "
+                             "trainer stops there as well: fix the template") from None
     return None
 
 
@@ -220,12 +235,28 @@ def _code_salt() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
+def text_chars(value) -> int:
+    """Characters of text in a row's value: every string in it, keys included (what tokenizing costs)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_chars(k) + text_chars(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(text_chars(v) for v in value)
+    return 0
+
+
+def _too_large(chars: int, limit: int) -> str:
+    return f"{ROW_TOO_LARGE}: {chars:,} characters of text (limit {limit:,})"
+
+
 def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, template_name="", code_salt=None,
-                  policy=None):
+                  policy=None, max_row_chars=None):
     """TRL's `tokenize_fn` (conversational language-modeling case), minus its abort, plus accounting.
 
     `policy` (per-message training control) changes the mask only for rows it concerns; other rows go
-    through exactly TRL's path.
+    through exactly TRL's path. The template's render runs in its own budget (masks.render_budget);
+    tokenizing is the row's cost, bounded by `max_row_chars` (default MAX_ROW_CHARS).
     """
     from trl.data_utils import _tokenize
 
@@ -235,6 +266,10 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
     if problem:
         return out
     tools = example.get("tools")
+    limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
+    if (chars := text_chars(example["messages"]) + text_chars(tools)) > limit:
+        out["reason"] = _too_large(chars, limit)
+        return out
     tools = json.loads(tools) if isinstance(tools, str) else tools
     original = canonical_messages(example["messages"])
     messages = original
@@ -247,22 +282,16 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
         messages = control.strip_control(messages)
     kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
     try:
-        with render_budget(f"row {index}"):
-            processed = _tokenize(tokenizer, messages, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
-    except RenderLimit as err:
-        raise InputError(f"{template_name}: {err}") from None
+        processed = _tokenize(tokenizer, messages, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
+    except RenderLimit as err:  # a runaway template (time, memory, size): no row can be trusted to finish
+        raise InputError(f"{template_name}: row {index}: {err}") from None
     except jinja2.TemplateSyntaxError as err:  # no row can render: unusable input, not a per-row reason
         raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
                          "lint` on the template") from None
-    except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as err:
+    except Exception as err:  # noqa: BLE001 - any error the template hit (IndexError, OverflowError, ...)
         # The template failed on this row (raise_exception, or an error it hit): the row is reported, by number.
         out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
         return out
-    limit = over_render_limit(len(processed["input_ids"]), messages, tools, tokens=True)
-    if limit:
-        raise InputError(f"{template_name}: row {index}: the chat template wrote {len(processed['input_ids']):,} "
-                         f"tokens for a conversation of {len(json.dumps(messages, default=str)):,} characters "
-                         f"(limit {limit:,}); fix the template")
     ids = list(processed["input_ids"])
     kept = None
     if assistant_only_loss:
@@ -381,7 +410,7 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
     kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
               "fn_kwargs": {"tokenizer": tokenizer, "template": template,
                             "assistant_only_loss": sft.assistant_only_loss, "code_salt": _code_salt(),
-                            "policy": policy or control.TurnPolicy(),
+                            "policy": policy or control.TurnPolicy(), "max_row_chars": MAX_ROW_CHARS,
                             "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}}
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
@@ -406,13 +435,13 @@ def _tokenize_prompt_completion(dataset, tokenizer, template, sft, *, policy=Non
                  # TRL appends eos to plain completions, judged on the first row (its `add_eos` step)
                  "eos": None if conversational else (tokenizer.eos_token or ""),
                  "text_field": sft.dataset_text_field, "policy": policy or control.TurnPolicy(),
-                 "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}
+                 "max_row_chars": MAX_ROW_CHARS, "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}
     return dataset.map(_prompt_completion_row, with_indices=True, remove_columns=dataset.column_names,
                        fn_kwargs=fn_kwargs, **_map_kwargs(dataset, sft, desc))
 
 
 def _prompt_completion_row(example, index, tokenizer, template, assistant_only_loss, completion_only_loss, eos,
-                           text_field, policy, template_name="", code_salt=None):
+                           text_field, policy, template_name="", code_salt=None, max_row_chars=None):
     """TRL's `tokenize_fn` (prompt-completion case), minus its abort, plus accounting."""
     from trl.data_utils import _tokenize, common_prefix_length
 
@@ -421,24 +450,26 @@ def _prompt_completion_row(example, index, tokenizer, template, assistant_only_l
            "problem": _prompt_completion_problem(prompt, completion, policy)}
     if out["problem"]:
         return out
+    limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
+    if (chars := text_chars(prompt) + text_chars(completion) + text_chars(example.get("tools"))) > limit:
+        out["reason"] = _too_large(chars, limit)
+        return out
     masks = []
     if isinstance(prompt, list):
         prompt, completion = canonical_messages(prompt), canonical_messages(completion)
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
-        try:
-            with render_budget(f"row {index}"):
-                prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-                processed = _tokenize(tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss,
-                                      **kwargs)
+        try:  # the template's render is bounded by the sandbox (masks.render_budget); tokenizing is the row's cost
+            prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+            processed = _tokenize(tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss,
+                                  **kwargs)
         except RenderLimit as err:
-            raise InputError(f"{template_name}: {err}") from None
+            raise InputError(f"{template_name}: row {index}: {err}") from None
         except jinja2.TemplateSyntaxError as err:
             raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
                              "lint` on the template") from None
-        except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError,
-                RecursionError) as err:
+        except Exception as err:  # noqa: BLE001 - any error the template hit, as for chat rows
             out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
             return out
         ids = list(processed["input_ids"])
@@ -489,17 +520,22 @@ def _tokenize_text(dataset, tokenizer, sft):
     field = sft.dataset_text_field
     eos = tokenizer.eos_token or ""
     return dataset.map(_text_row, with_indices=True, remove_columns=dataset.column_names,
-                       fn_kwargs={"tokenizer": tokenizer, "field": field, "eos": eos, "code_salt": _code_salt()},
+                       fn_kwargs={"tokenizer": tokenizer, "field": field, "eos": eos, "code_salt": _code_salt(),
+                                  "max_row_chars": MAX_ROW_CHARS},
                        **_map_kwargs(dataset, sft, "Tokenizing"))
 
 
-def _text_row(example, index, tokenizer, field, eos, code_salt=None):
+def _text_row(example, index, tokenizer, field, eos, code_salt=None, max_row_chars=None):
     from trl.data_utils import _tokenize
 
     text = example[field]
     out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
            "problem": "" if isinstance(text, str) else f"field {field!r} must be a string"}
     if out["problem"]:
+        return out
+    limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
+    if len(text) > limit:
+        out["reason"] = _too_large(len(text), limit)
         return out
     ids = list(_tokenize(tokenizer, text if text.endswith(eos) else text + eos)["input_ids"])
     trainable, span = _trainable_and_span(ids)

@@ -160,6 +160,7 @@ def _ensure_markers(recipe) -> list[str]:
     from .markers import MarkerError, add_markers
     from .masks import RenderLimit
     from .preprocess import load_tokenizer_for, training_template
+    from .problems import InputError
 
     tokenizer = load_tokenizer_for(recipe)
     if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
@@ -175,7 +176,9 @@ def _ensure_markers(recipe) -> list[str]:
                         f"assistant_only_loss would train on nothing; {fix}.")
     try:
         result = add_markers(tokenizer.chat_template, tokenizer=tokenizer)
-    except (MarkerError, RenderLimit) as err:
+    except (RenderLimit, InputError) as err:  # a runaway or failing template is unusable input: exit 2
+        raise InputError(f"the chat template of {where}: {err}") from None
+    except MarkerError as err:
         raise GuardStop(f"mask guard (repair): the chat template of {where} has no {{% generation %}} markers and "
                         f"they could not be added automatically ({err}); place them by hand and check with "
                         "`sft-toolkit lint`.") from None

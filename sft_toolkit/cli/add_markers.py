@@ -12,6 +12,8 @@ import sys
 
 from ..markers import MarkerError, add_markers
 from ..outputs import check_output_file, existing_inputs, write_file
+from ..masks import RenderLimit
+from ..problems import InputError
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
 
@@ -39,6 +41,8 @@ def run(args) -> int:
     report = {"input": template.origin, "output": args.output, "ok": False}
     try:
         result = add_markers(template.source, tokenizer=tokenizer)
+    except (InputError, RenderLimit) as err:  # the template can't be rendered (or traced) within the bounds
+        raise InputError(f"{template.origin}: {err}") from None
     except MarkerError as err:
         report["error"] = {"message": err.args[0], "line": err.line}
         if args.format == "json":
