@@ -156,3 +156,72 @@ def test_sharegpt_role_map_is_a_recipe_option(tmp_path):
     assert report["ok"]
     with pytest.raises(InputError, match="role 'asker' is not one of"):
         run(write_recipe(tmp_path, rows))
+
+
+# ------------------------------------------------------------------------------------------ content coverage
+
+TRL_TEMPLATES = __import__("pathlib").Path(__import__("trl").__file__).parent / "chat_templates"
+TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."},
+             {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "That is 8."}]
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+def coverage_of(tmp_path, rows, template) -> dict:
+    return run(write_recipe(tmp_path, rows, chat_template_path=str(template)))
+
+
+def test_a_turn_the_template_leaves_untrained_fails_the_gate_naming_row_and_message(tmp_path):
+    """The template trains only the last assistant turn: the mask is not empty, but message 1 is not learned."""
+    report = coverage_of(tmp_path, [qa("Hi?", "Hello."), {"messages": TWO_TURNS}], FIXTURES / "R001_last_turn_only.jinja")
+    assert report["zero_mask_rows"] == [] and report["trainable_tokens"] > 0
+    assert report["coverage_problem_rows"] == [{"index": 1, "reason": "assistant_content_untrained", "message": 1}]
+    assert not report["ok"]
+
+
+def test_user_text_inside_a_generation_block_fails_the_gate(tmp_path):
+    report = coverage_of(tmp_path, [{"messages": TWO_TURNS}], FIXTURES / "R002_user_in_mask.jinja")
+    assert report["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
+    assert not report["ok"]
+
+
+def test_a_turn_switched_off_is_exempt_from_coverage(tmp_path):
+    off = [dict(m) for m in TWO_TURNS]
+    off[1]["train"] = False
+    report = coverage_of(tmp_path, [{"messages": off}], FIXTURES / "good_chatml.jinja")
+    assert report["ok"] and report["coverage_problem_rows"] == []
+
+
+@pytest.mark.parametrize("name", ["smolvlm_training", "idefics3_training", "llava_next_training"])
+def test_vision_templates_train_assistant_text_of_content_parts_and_string_content_is_caught(tmp_path, name):
+    """Templates that iterate over content parts: rows written with parts keep them and pass; where a template
+    renders nothing of a string, a row that trains only the end-of-turn markup fails (or is refused)."""
+    template = TRL_TEMPLATES / f"{name}.jinja"
+    (tmp_path / "parts").mkdir()
+    report = coverage_of(tmp_path / "parts", [{"messages": as_parts(TWO_TURNS)}], template)
+    assert report["ok"] and report["coverage_problem_rows"] == [], report["problems"]
+    (tmp_path / "string").mkdir()
+    report = coverage_of(tmp_path / "string", [{"messages": TWO_TURNS}], template)
+    assert not report["ok"]
+    assert report["coverage_problem_rows"] or report["zero_mask_rows"]
+
+
+def test_text_parts_are_joined_for_a_template_that_needs_strings(tmp_path):
+    report = coverage_of(tmp_path, [{"messages": as_parts(TWO_TURNS)}], "chatml")
+    strings = run(write_recipe(tmp_path, [{"messages": TWO_TURNS}]))
+    assert report["ok"] and report["trainable_tokens"] == strings["trainable_tokens"]
+
+
+def test_cli_reports_coverage_problems_in_json_and_markdown(tmp_path):
+    from sft_toolkit.cli import main
+
+    recipe = write_recipe(tmp_path, [{"messages": TWO_TURNS}],
+                          chat_template_path=str(FIXTURES / "R002_user_in_mask.jinja"))
+    assert main(["check-data", recipe, "--format", "json", "--report", str(tmp_path / "report.json")]) == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
+    assert any("train the wrong text" in p for p in data["problems"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| 0 | 2 | non_assistant_text_trained |" in markdown and "generation" in markdown
