@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import jinja2
 from jinja2 import nodes
 
-from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
+from .lint import NO_STOP, _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
 from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
 from .probes import PROBES, Probe, text_of
 from .problems import ERROR, InputError
@@ -110,9 +110,24 @@ def _inherit_allowances(marked: str, failed: list[str], tokenizer) -> str:
     """Findings that belong to the original's text, which the marked template reproduces byte for byte, are
     allowed with that reason in a comment (lint keeps showing them, as info) instead of failing the
     conversion: R004 (its generation prompt is not how it renders a past assistant turn) and R007 for
-    probes the original itself fails to render (e.g. a template without tool support)."""
-    rules = {f.rule for f in lint(marked, "marked", tokenizer=tokenizer).findings if f.severity == ERROR}
+    probes the original itself fails to render (e.g. a template without tool support); R002/R004 seen only
+    under one setting of the template's switches, for that setting (with `enable_thinking=false` glm4's
+    generation prompt writes the role header's newline that starts a turn by default: a byte-identical
+    conversion places one block boundary for both); and R003 when the
+    original writes nothing after an assistant's content (glm4: the next message's role tag ends the turn, and
+    a byte-identical conversion can't train a tag that belongs to the next message)."""
+    errors = [f for f in lint(marked, "marked", tokenizer=tokenizer).findings if f.severity == ERROR]
+    rules = {f.rule for f in errors}
     reasons = []
+    for label in dict.fromkeys(m.group(1) for f in errors if f.rule in ("R002", "R004")
+                               and (m := re.search(r" with (\w+=[^\s,()]+)\]$", f.message))):
+        rules_there = ", ".join(sorted({f.rule for f in errors if f.message.endswith(f" with {label}]")}))
+        reasons.append(f"{rules_there} when {label} (inherited from the original template: with {label} its "
+                       "generation prompt ends elsewhere than its turns begin by default, and a byte-identical "
+                       "conversion marks one place)")
+    if any(f.rule == "R003" and f.message.startswith(NO_STOP) for f in errors):
+        reasons.append("R003 (inherited from the original template: it writes nothing after an assistant's content, "
+                       "the next message's role tag ends the turn, so no stop token can be trained)")
     if "R004" in rules:
         reasons.append("R004 (inherited from the original template: its generation prompt differs from how it "
                        "renders a past assistant turn)")

@@ -181,13 +181,16 @@ def joined_parts(messages: list[dict]) -> list[dict]:
 
 def messages_for_template(template: str, messages: list[dict], *, tools=None, template_kwargs=None) -> list[dict]:
     """The messages in the shape `template` renders: content parts kept, as TRL and transformers pass them,
-    unless the template needs strings. Decided by rendering both shapes: the parts are joined only when that
-    render shows more of the messages' texts (text-only templates fail on a list, `content + ...`, or print
-    its repr; templates that iterate parts render nothing of a string). Messages without parts are returned
-    as they are, unrendered."""
+    unless the template needs strings. Decided by rendering both shapes: the parts are joined when that
+    render shows more of the messages' texts (templates that iterate parts render nothing of a string), or
+    when the parts' render prints a part itself (a text-only template writes the list's repr,
+    `[{'type': 'text', ...}]`, around the text, or fails on `content + ...`). Messages without parts are
+    returned as they are, unrendered."""
     if not has_text_parts(messages):
         return messages
     joined = joined_parts(messages)
+    parts = [part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for part in m["content"]]
 
     def shown(candidate) -> int:
         try:
@@ -195,6 +198,8 @@ def messages_for_template(template: str, messages: list[dict], *, tools=None, te
                           placeholders=False).text
         except (InputError, TemplateRaised, RenderLimit):
             return -1  # the render that counts (tokenizing) reports what is wrong
+        if candidate is messages and any(str(part) in text or json.dumps(part) in text for part in parts):
+            return -1
         return sum(piece in text for m in joined for piece in coverage.content_pieces(m))
 
     return joined if shown(joined) > shown(messages) else messages
