@@ -53,7 +53,7 @@ class LintResult:
 
 
 PRAGMA = re.compile(r"sft-toolkit:\s*allow\s+([A-Z]\d{3}(?:\s*,\s*[A-Z]\d{3})*)"
-                    r"(?:\s+when\s+(\w+=[^\s,()]+(?:,\s*\w+=[^\s,()]+)*))?\s*(?:\((.*?)\))?")
+                    r"(?:\s+when\s+(\w+=[^\s,;()]+(?:[,;]\s*\w+=[^\s,;()]+)*))?\s*(?:\((.*?)\))?")
 
 
 def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None,

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import jinja2
 from jinja2 import nodes
 
-from .lint import NO_STOP, _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
+from .lint import (NO_STOP, _end_of_turn, _render, lint, locate_turns, setting_label, settings_for,  # one home for
+                   usable_probe)  # finding turns
 from .masks import GENERATION_MARKER, TemplateRaised, normalize_messages, render
 from .probes import PROBES, Probe, text_of
 from .problems import ERROR, InputError
@@ -80,22 +81,26 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
             return Result(source, 0, 0, False)
         source = _strip_markers(source)
     template = _Template.parse(source)
-    traces, failed = _trace_all(template, tokenizer)
-    if not any("T" in t.labels for t in traces):
-        raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
+    # Markers that suit every setting of the template's switches first; where no place suits them all, markers
+    # for its defaults, and the other settings' findings allowed by name and setting (see _inherit_allowances).
+    settings = settings_for(source)
     errors = []
-    # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
-    for relaxed, flags in ((False, False), (True, False), (False, True), (True, True)):
-        try:
-            placed = _Placer(template, traces, relaxed, flags).place()
-        except MarkerError as err:
-            errors.append(err)
-            continue
-        marked = _inherit_allowances(placed.source, failed, tokenizer)
-        problems = _verify(original, marked, traces, tokenizer, relaxed)
-        if not problems:
-            return Result(marked, placed.blocks, placed.role_conditions, relaxed)
-        errors.append(MarkerError("the marked template failed verification: " + "; ".join(problems[:3])))
+    for tried in [settings] + ([[{}]] if len(settings) > 1 else []):
+        traces, failed = _trace_all(template, tokenizer, tried)
+        if not any("T" in t.labels for t in traces):
+            raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
+        # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
+        for relaxed, flags in ((False, False), (True, False), (False, True), (True, True)):
+            try:
+                placed = _Placer(template, traces, relaxed, flags).place()
+            except MarkerError as err:
+                errors.append(err)
+                continue
+            marked = _inherit_allowances(placed.source, failed, tokenizer, defaults_only=tried is not settings)
+            problems = _verify(original, marked, traces, tokenizer, relaxed)
+            if not problems:
+                return Result(marked, placed.blocks, placed.role_conditions, relaxed)
+            errors.append(MarkerError("the marked template failed verification: " + "; ".join(problems[:3])))
     if str(errors[0]) != str(errors[1]):
         raise MarkerError(f"{errors[0]} (and with whitespace inside turns left untrained: {errors[1]})",
                           errors[0].line or errors[1].line)
@@ -106,25 +111,30 @@ def _strip_markers(source: str) -> str:
     return re.sub(r"\{%-?\+?\s*(?:end)?generation\s*[-+]?%\}", "", source)
 
 
-def _inherit_allowances(marked: str, failed: list[str], tokenizer) -> str:
+def _inherit_allowances(marked: str, failed: list[str], tokenizer, defaults_only: bool = False) -> str:
     """Findings that belong to the original's text, which the marked template reproduces byte for byte, are
     allowed with that reason in a comment (lint keeps showing them, as info) instead of failing the
     conversion: R004 (its generation prompt is not how it renders a past assistant turn) and R007 for
     probes the original itself fails to render (e.g. a template without tool support); R002/R004 seen only
     under one setting of the template's switches, for that setting (with `enable_thinking=false` glm4's
     generation prompt writes the role header's newline that starts a turn by default: a byte-identical
-    conversion places one block boundary for both); and R003 when the
+    conversion places one block boundary for both), and R001 too when the markers were placed for the
+    template's defaults only (`defaults_only`: no place suits every setting; check-data's content coverage
+    still checks each row rendered with its own settings); and R003 when the
     original writes nothing after an assistant's content (glm4: the next message's role tag ends the turn, and
     a byte-identical conversion can't train a tag that belongs to the next message)."""
     errors = [f for f in lint(marked, "marked", tokenizer=tokenizer).findings if f.severity == ERROR]
     rules = {f.rule for f in errors}
     reasons = []
-    for label in dict.fromkeys(m.group(1) for f in errors if f.rule in ("R002", "R004")
-                               and (m := re.search(r" with (\w+=[^\s,()]+)\]$", f.message))):
+    setting_rules = ("R001", "R002", "R004") if defaults_only else ("R002", "R004")
+    for label in dict.fromkeys(m.group(1) for f in errors if f.rule in setting_rules
+                               and (m := re.search(r" with (\w+=[^\s,;()]+(?:; \w+=[^\s,;()]+)*)\]$", f.message))):
         rules_there = ", ".join(sorted({f.rule for f in errors if f.message.endswith(f" with {label}]")}))
-        reasons.append(f"{rules_there} when {label} (inherited from the original template: with {label} its "
-                       "generation prompt ends elsewhere than its turns begin by default, and a byte-identical "
-                       "conversion marks one place)")
+        why = ("markers placed for the template's defaults: with {label} the same code writes assistant output "
+               "and text the model is given, so no place suits both" if defaults_only else
+               "with {label} its generation prompt ends elsewhere than its turns begin by default, and a "
+               "byte-identical conversion marks one place")
+        reasons.append(f"{rules_there} when {label} (inherited from the original template: {why.format(label=label)})")
     if any(f.rule == "R003" and f.message.startswith(NO_STOP) for f in errors):
         reasons.append("R003 (inherited from the original template: it writes nothing after an assistant's content, "
                        "the next message's role tag ends the turn, so no stop token can be trained)")
@@ -133,7 +143,7 @@ def _inherit_allowances(marked: str, failed: list[str], tokenizer) -> str:
                        "renders a past assistant turn)")
     if "R007" in rules and failed:
         reasons.append(f"R007 (inherited from the original template: it fails to render the probes "
-                       f"{', '.join(sorted({n.split('[')[0].split('+')[0] for n in failed}))})")
+                       f"{', '.join(sorted({n.split(' (')[0].split('[')[0].split('+')[0] for n in failed}))})")
     return "".join(f"{{# sft-toolkit: allow {r} #}}" for r in reasons) + marked
 
 
@@ -590,7 +600,7 @@ def _cases(probe: Probe):
             yield f"{probe.name}[:{i + 1}]", probe.messages[: i + 1], False
 
 
-def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
+def _trace_all(template: _Template, tokenizer, settings: list[dict]) -> list[_Trace]:
     from transformers.utils.chat_template_utils import _alias_reasoning_fields, _plain_template_data
 
     env = template.env
@@ -601,9 +611,13 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
     eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
     out, failed = [], []
-    for probe in PROBES:
+    # The settings of the template's switches the markers must suit (lint checks each one).
+    for setting, probe in ((setting, probe) for setting in settings for probe in PROBES):
+        probe = Probe(probe.name, probe.messages, probe.tools, {**setting, **probe.template_kwargs})
         probe = usable_probe(template.source, probe, _special(kwargs))
         for name, messages, prompt in _cases(probe):
+            if setting:
+                name = f"{name} ({setting_label(setting, {})})"
             sub = Probe(probe.name, messages, probe.tools, probe.template_kwargs)
             try:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
