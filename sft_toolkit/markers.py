@@ -81,12 +81,17 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
             return Result(source, 0, 0, False)
         source = _strip_markers(source)
     template = _Template.parse(source)
-    # Markers that suit every setting of the template's switches first; where no place suits them all, markers
-    # for its defaults, and the other settings' findings allowed by name and setting (see _inherit_allowances).
+    # Markers placed for the template's defaults, when lint passes them under every setting of its switches
+    # (but for header-level R002/R004 findings of one setting, allowed by name and setting); else markers that
+    # suit every setting; else, where no place suits them all, the defaults' markers with the other settings'
+    # R001 findings allowed too (see _inherit_allowances).
     settings = settings_for(source)
-    errors = []
-    for tried in [settings] + ([[{}]] if len(settings) > 1 else []):
-        traces, failed = _trace_all(template, tokenizer, tried)
+    attempts = [([{}], False)] + ([(settings, False), ([{}], True)] if len(settings) > 1 else [])
+    errors, traced = [], {}
+    for tried, defaults_only in attempts:
+        if len(tried) not in traced:
+            traced[len(tried)] = _trace_all(template, tokenizer, tried)
+        traces, failed = traced[len(tried)]
         if not any("T" in t.labels for t in traces):
             raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
         # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
@@ -96,7 +101,7 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
             except MarkerError as err:
                 errors.append(err)
                 continue
-            marked = _inherit_allowances(placed.source, failed, tokenizer, defaults_only=tried is not settings)
+            marked = _inherit_allowances(placed.source, failed, tokenizer, defaults_only=defaults_only)
             problems = _verify(original, marked, traces, tokenizer, relaxed)
             if not problems:
                 return Result(marked, placed.blocks, placed.role_conditions, relaxed)
