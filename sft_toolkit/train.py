@@ -114,6 +114,11 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
     if report.zero_mask_rows:
         notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: "
                      f"{_shown_rows(report)}")
+    if report.coverage_problem_rows:  # nothing to repair in the data: the template decides what is trained
+        shown = ", ".join(f"{r['index']} ({r['reason']}, message {r['message']})"
+                          for r in report.coverage_problem_rows[:10])
+        notes.append(f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
+                     f"which is not their assistant text alone: {shown}; lint the template")
     return report, dataset, notes
 
 
