@@ -107,6 +107,8 @@ def _leaves(value) -> list[str]:
 def forms(piece: str) -> list[str]:
     """A text as a template may print it: as written, or JSON-escaped (`tojson`), without the quotes."""
     out = [piece]
+    if piece.isascii() and piece.isprintable() and '"' not in piece and "\\" not in piece:
+        return out  # JSON writes it as it is
     for encoded in (json.dumps(piece, ensure_ascii=False), json.dumps(piece)):
         if encoded[1:-1] not in out:
             out.append(encoded[1:-1])
@@ -119,18 +121,20 @@ def _find(text: str, piece: str, start: int, stop: int | None = None) -> tuple[i
     return min(found, default=None)
 
 
-def _find_trained(text: str, piece: str, start: int, stop: int, trained: TrainedSpans) -> tuple[tuple | None, bool]:
-    """The first fully trained occurrence of `piece` in text[start:stop] (True), else the first one (False)."""
-    first = None
+def _find_trained(text: str, piece: str, start: int, stop, trained: TrainedSpans) -> tuple[tuple | None, bool]:
+    """The first occurrence of `piece` from `start` when it is fully trained (True); else the first fully trained
+    one before `stop()` (where the next message shows, asked only then), else the first one (False)."""
+    found = _find(text, piece, start)
+    if found is None or trained.all_trained(*found):
+        return found, found is not None
+    limit = stop()
     for form in forms(piece):
-        at = text.find(form, start, stop)
+        at = text.find(form, start, limit)
         while at >= 0:
-            if first is None or at < first[0]:
-                first = (at, at + len(form))
             if trained.all_trained(at, at + len(form)):
                 return (at, at + len(form)), True
-            at = text.find(form, at + 1, stop)
-    return first, False
+            at = text.find(form, at + 1, limit)
+    return found, False
 
 
 def coverage_problems(text: str, spans, messages: list[dict], trained_messages: set[int] | None = None
@@ -151,10 +155,9 @@ def coverage_problems(text: str, spans, messages: list[dict], trained_messages: 
     for j, message in enumerate(messages):
         if message.get("role") == "assistant":
             pieces = content_pieces(message) + call_pieces(message)
-            stop = _next_anchor(text, messages, j, cursor)
             end, untrained, lost = cursor, False, False
             for piece in pieces:
-                at, ok = _find_trained(text, piece, cursor, stop, trained)
+                at, ok = _find_trained(text, piece, cursor, lambda: _next_anchor(text, messages, j, cursor), trained)
                 if at is None:
                     lost = True
                     continue
