@@ -177,10 +177,12 @@ def coverage_problems(text: str, spans, messages: list[dict], trained_messages: 
             at = _find(text, piece, cursor)
             if at is None:
                 continue
-            cursor = at[1]
-            if trained.any_trained(*at) and not _inside_assistant_text(text, at, messages, assistant):
+            if trained.any_trained(*at):
+                if _inside_assistant_text(text, at, messages, assistant):
+                    continue  # can't be told from an answer that quotes it: no verdict, and no anchor either
                 problems.append(CoverageProblem(NON_ASSISTANT_TEXT_TRAINED, j))
                 break
+            cursor = at[1]
     if missing and not found_any and not any(p.reason == ASSISTANT_CONTENT_UNTRAINED for p in problems):
         problems.append(CoverageProblem(ASSISTANT_CONTENT_UNTRAINED, missing[0]))
     return sorted(problems, key=lambda p: p.message)

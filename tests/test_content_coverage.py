@@ -123,3 +123,63 @@ def test_string_content_on_a_parts_template_is_caught_as_markup_only(tokenizer, 
     (found,) = check_data_rows(tokenizer, template, [CONVERSATION[1:]])
     assert found["coverage"] == "assistant_content_untrained" and found["message"] == 1
     assert any(label != -100 for label in found["labels"])  # not a zero-mask row: only the end marker trains
+
+
+# ------------------------------------------------------------------------- what a message's text is, in a render
+
+def problems_of(template: str, messages: list[dict], tools=None, trained=None):
+    from sft_toolkit.coverage import coverage_problems
+    from sft_toolkit.masks import render
+
+    rendered = render(template, messages, tools=tools)
+    return [(p.reason, p.message) for p in coverage_problems(rendered.text, rendered.spans, messages, trained)]
+
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Reykjavik"}}}
+TOOL_ROUND = [{"role": "user", "content": "Weather in Reykjavik?"},
+              {"role": "assistant", "content": "Let me look that up.", "tool_calls": [CALL]},
+              {"role": "tool", "content": '{"temperature_c": -3}'},
+              {"role": "assistant", "content": "It is -3 degrees in Reykjavik."}]
+
+
+def calls_template(calls_trained: bool, content_beside_calls: bool = True) -> str:
+    calls = "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' + c.function.arguments | tojson + '</call>' }}{%- endfor %}"
+    content = "{{ m.content }}" if content_beside_calls else "{% if not m.tool_calls %}{{ m.content }}{% endif %}"
+    body = (f"{{% generation %}}{content}{calls}{{{{ '<|im_end|>' }}}}{{% endgeneration %}}" if calls_trained else
+            f"{{% generation %}}{content}{{% endgeneration %}}{calls}{{{{ '<|im_end|>' }}}}")
+    return ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}" + body +
+            "{%- else %}{{ m.content + '<|im_end|>' }}{%- endif %}{{ '\\n' }}{%- endfor %}")
+
+
+def test_tool_calls_are_assistant_text_that_must_be_trained():
+    assert problems_of(calls_template(calls_trained=True), TOOL_ROUND) == []
+    assert problems_of(calls_template(calls_trained=False), TOOL_ROUND) == [("assistant_content_untrained", 1)]
+
+
+def test_a_text_the_template_drops_is_not_a_failure_but_a_row_trained_only_on_markup_is():
+    """llama 3.1 writes a turn's tool calls without its content: that text is not in the render, so the check
+    can't fault the mask for it. A row where no assistant text shows at all trains only markup."""
+    assert problems_of(calls_template(calls_trained=True, content_beside_calls=False), TOOL_ROUND) == []
+    markup_only = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
+                   "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{%- else %}{{ m.content + '<|im_end|>' }}"
+                   "{%- endif %}{{ '\\n' }}{%- endfor %}")
+    assert problems_of(markup_only, TOOL_ROUND[:1] + [{"role": "assistant", "content": "Hello."}]) == [
+        ("assistant_content_untrained", 1)]
+
+
+def test_text_found_trimmed_json_escaped_and_after_reasoning_the_template_drops():
+    template = ("{%- for m in messages %}{{ '<|' + m.role + '|>' }}{%- if m.role == 'assistant' %}{% generation %}"
+                "{{ (m.content.split('</think>')[-1] | trim | tojson)[1:-1] }}{{ '<|end|>' }}{% endgeneration %}"
+                "{%- else %}{{ m.content | trim }}{%- endif %}{%- endfor %}")
+    messages = [{"role": "user", "content": "  Quote me \"this\"  \n"},
+                {"role": "assistant", "content": "<think>drop me</think>\nHe said \"yes\"\non two lines. "}]
+    assert problems_of(template, messages) == []
+
+
+def test_a_switched_off_turn_is_exempt_and_user_text_quoted_by_the_answer_is_not_blamed():
+    template = calls_template(calls_trained=True)
+    assert problems_of(template, TOOL_ROUND, trained={3}) == []
+    echo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say: be brief."},
+            {"role": "assistant", "content": "Be brief."}]
+    no_system = template.replace("{%- for m in messages %}", "{%- for m in messages if m.role != 'system' %}")
+    assert problems_of(no_system, echo) == []
