@@ -32,6 +32,10 @@ PAST_MAX_LENGTH = "all_assistant_tokens_past_max_length"
 ALL_TURNS_SWITCHED_OFF = "all_turns_switched_off"
 MASK_MARKS_NOTHING = "mask_marks_nothing"  # a pre-tokenized row whose labels / assistant_masks mark no token
 
+# Whether each row's mask is also held against its assistant text (content coverage, `_coverage`). Read at call
+# time: `benchmarks/check_data.py --coverage-cost` turns it off to measure what the check costs.
+CHECK_COVERAGE = True
+
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
 
 
@@ -309,7 +313,7 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
     # answer with nothing, so it counts as a zero-mask row although TRL's labels are not all -100.
     if trainable == 0 or (assistant_only_loss and reason == EMPTY_ASSISTANT_CONTENT):
         out["reason"] = reason
-    if assistant_only_loss and not out["reason"]:
+    if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
         found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
         if found:
             out.update(coverage_reason=found.reason, coverage_message=found.message)
