@@ -175,7 +175,8 @@ def coverage_of(tmp_path, rows, template) -> dict:
 
 def test_a_turn_the_template_leaves_untrained_fails_the_gate_naming_row_and_message(tmp_path):
     """The template trains only the last assistant turn: the mask is not empty, but message 1 is not learned."""
-    report = coverage_of(tmp_path, [qa("Hi?", "Hello."), {"messages": TWO_TURNS}], FIXTURES / "R001_last_turn_only.jinja")
+    rows = [qa("Hi?", "Hello."), {"messages": TWO_TURNS}]
+    report = coverage_of(tmp_path, rows, FIXTURES / "R001_last_turn_only.jinja")
     assert report["zero_mask_rows"] == [] and report["trainable_tokens"] > 0
     assert report["coverage_problem_rows"] == [{"index": 1, "reason": "assistant_content_untrained", "message": 1}]
     assert not report["ok"]

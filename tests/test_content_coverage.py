@@ -109,7 +109,8 @@ def test_coverage_agrees_with_an_independent_character_check(tokenizer, path):
 def test_vision_templates_train_content_parts_as_transformers_masks_them(tokenizer, name):
     """Rows with content parts go to the template as parts: the labels are transformers' own assistant mask."""
     template = (TRL_TEMPLATES / f"{name}.jinja").read_text()
-    for row, found in zip([as_parts(r) for r in ROWS], check_data_rows(tokenizer, template, [as_parts(r) for r in ROWS])):
+    rows = [as_parts(r) for r in ROWS]
+    for row, found in zip(rows, check_data_rows(tokenizer, template, rows)):
         expected = tokenizer.apply_chat_template(row, chat_template=template, tokenize=True, return_dict=True,
                                                  return_assistant_tokens_mask=True)
         assert found["input_ids"] == list(expected["input_ids"])
@@ -143,7 +144,8 @@ TOOL_ROUND = [{"role": "user", "content": "Weather in Reykjavik?"},
 
 
 def calls_template(calls_trained: bool, content_beside_calls: bool = True) -> str:
-    calls = "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' + c.function.arguments | tojson + '</call>' }}{%- endfor %}"
+    calls = ("{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' + c.function.arguments | tojson"
+             " + '</call>' }}{%- endfor %}")
     content = "{{ m.content }}" if content_beside_calls else "{% if not m.tool_calls %}{{ m.content }}{% endif %}"
     body = (f"{{% generation %}}{content}{calls}{{{{ '<|im_end|>' }}}}{{% endgeneration %}}" if calls_trained else
             f"{{% generation %}}{content}{{% endgeneration %}}{calls}{{{{ '<|im_end|>' }}}}")

@@ -64,8 +64,8 @@ def _print_text(report, title: str) -> None:
     if len(report.zero_mask_rows) > SHOW_ROWS:
         console.print(f"    … and {len(report.zero_mask_rows) - SHOW_ROWS} more rows (see --format json or --report)")
     for row in report.coverage_problem_rows[:SHOW_ROWS]:
-        console.print(f"    row {row['index']} message {row['message']}: {row['reason']} — {reason_help(row['reason'])}",
-                      markup=False)
+        console.print(f"    row {row['index']} message {row['message']}: {row['reason']} — "
+                      f"{reason_help(row['reason'])}", markup=False)
     if len(report.coverage_problem_rows) > SHOW_ROWS:
         console.print(f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or "
                       "--report)")

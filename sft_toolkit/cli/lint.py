@@ -1,4 +1,4 @@
-"""`sft-toolkit lint TEMPLATE... [--tokenizer TOK] [--reference ORIGINAL.jinja] [--kwargs JSON] [--format text|json]`"""
+"""`sft-toolkit lint TEMPLATE... [--tokenizer TOK] [--reference ORIG.jinja] [--kwargs JSON] [--format text|json]`"""
 
 from __future__ import annotations
 
