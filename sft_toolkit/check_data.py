@@ -178,7 +178,8 @@ def _row_stats(tokenized, report: Report) -> _Rows:
 
 def _coverage_rows(tokenized, report: Report) -> None:
     """Rows whose mask misses the assistant's text or trains another message's (sft_toolkit/coverage.py)."""
-    if "coverage_reason" not in tokenized.column_names:
+    columns = tokenized.column_names or list(tokenized.features or {})  # a streamed dataset may know neither
+    if "coverage_reason" not in columns:
         return  # plain text and pre-tokenized rows: no messages to hold the mask against
     for table in _batches(tokenized, ["src_row", "coverage_reason", "coverage_message"]):
         reasons = table["coverage_reason"]

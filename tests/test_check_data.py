@@ -226,3 +226,31 @@ def test_cli_reports_coverage_problems_in_json_and_markdown(tmp_path):
     assert any("train the wrong text" in p for p in data["problems"])
     markdown = (tmp_path / "report.md").read_text()
     assert "| 0 | 2 | non_assistant_text_trained |" in markdown and "generation" in markdown
+
+
+# ChatML whose assistant turns open with an empty think block when the row switches thinking off.
+THINKING_SWITCH = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}{% generation %}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else %}{{ m.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_each_rows_chat_template_kwargs_reach_the_template_also_under_per_message_control(tmp_path):
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING_SWITCH)
+    off = [dict(m) for m in TWO_TURNS]
+    off[1]["train"] = False
+    rows = [{"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": True}},
+            {"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": False}},
+            {"messages": off, "chat_template_kwargs": {"enable_thinking": True}},
+            {"messages": off, "chat_template_kwargs": {"enable_thinking": False}}]
+    from sft_toolkit.recipe import load_recipe
+
+    report, final = check_data(load_recipe(write_recipe(tmp_path, rows, chat_template_path=str(template))))
+    assert report.ok, report.problems()
+    tokenizer = offline_tokenizers.load("qwen2")
+    trained = [tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+               for ids, labels in zip(final["input_ids"], final["labels"])]
+    assert [text.count("<think>") for text in trained] == [0, 2, 0, 1]
+    assert "It is 5." not in trained[3] and "That is 8." in trained[3]
