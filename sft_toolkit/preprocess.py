@@ -20,6 +20,7 @@ import jinja2
 from . import policy as control
 from . import coverage
 from .masks import RenderLimit, TemplateRaised, over_render_limit, render, render_budget, template_error_text
+from .probes import text_of
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -228,7 +229,7 @@ def zero_reason(messages: list[dict]) -> str:
     assistant = [m for m in messages if m.get("role") == "assistant"]
     if not assistant:
         return NO_ASSISTANT_TURN
-    if all(not m.get("content") and not m.get("tool_calls") for m in assistant):
+    if all(not text_of(m.get("content")) and not m.get("tool_calls") for m in assistant):  # text parts too
         return EMPTY_ASSISTANT_CONTENT
     return TEMPLATE_MARKS_NOTHING
 

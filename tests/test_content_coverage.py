@@ -185,3 +185,10 @@ def test_a_switched_off_turn_is_exempt_and_user_text_quoted_by_the_answer_is_not
             {"role": "assistant", "content": "Be brief."}]
     no_system = template.replace("{%- for m in messages %}", "{%- for m in messages if m.role != 'system' %}")
     assert problems_of(no_system, echo) == []
+
+
+def test_an_answer_of_empty_text_parts_is_an_empty_answer(tokenizer):
+    template = (TRL_TEMPLATES / "smolvlm_training.jinja").read_text()
+    row = as_parts([{"role": "user", "content": "Say nothing at all."}, {"role": "assistant", "content": ""}])
+    (found,) = check_data_rows(tokenizer, template, [row])
+    assert found["reason"] == "empty_assistant_content"
