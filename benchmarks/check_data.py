@@ -2,6 +2,7 @@
 
     python benchmarks/check_data.py                       # 10k and 100k rows, no packing and bfd packing
     python benchmarks/check_data.py --sizes 2000 --num-proc 2
+    python benchmarks/check_data.py --sizes 2000 --configs "no packing" --coverage-cost 5   # the coverage check
 
 What is measured, per dataset size and configuration (real Qwen2 vocabulary, bundled `chatml` template,
 `assistant_only_loss: true`, `max_length: 1024`, no packing / `packing: true, packing_strategy: bfd`):
@@ -332,6 +333,44 @@ def run_measure(side: str, data: Path, config: str, num_proc: int | None) -> dic
 # ------------------------------------------------------------------------------------------- driver
 
 
+def coverage_cost(args) -> None:
+    """check-data with and without the content coverage check (`preprocess.CHECK_COVERAGE`), the same data and
+    recipe, interleaved in one process; datasets' cache off so every run tokenizes."""
+    import statistics
+
+    import datasets
+
+    from sft_toolkit import preprocess
+    from sft_toolkit.check_data import check_data
+    from sft_toolkit.recipe import build_recipe
+
+    datasets.disable_caching()
+    with tempfile.TemporaryDirectory(prefix="bench-coverage-") as tmp:
+        lines = []
+        for n in args.sizes:
+            data = Path(tmp) / f"conversations-{n}.jsonl"
+            write_dataset(data, n)
+            for config in args.configs:
+                recipe = build_recipe(_recipe_keys(str(data), config, args.num_proc, str(Path(tmp) / "out")))
+                seconds = {False: [], True: []}
+                for _ in range(args.coverage_cost):
+                    for on in (False, True):
+                        preprocess.CHECK_COVERAGE = on
+                        start = time.process_time()
+                        report, _ = check_data(recipe)
+                        seconds[on].append(time.process_time() - start)
+                preprocess.CHECK_COVERAGE = True
+                off, on = (min(seconds[k]) for k in (False, True))
+                medians = [statistics.median(seconds[k]) for k in (False, True)]
+                lines.append(f"| {_human(n)} | {config} | {off:.2f} | {on:.2f} | {on / off - 1:+.1%} | "
+                             f"{medians[0]:.2f} | {medians[1]:.2f} | {medians[1] / medians[0] - 1:+.1%} | "
+                             f"{len(report.coverage_problem_rows)} |")
+    print("| rows | config | without s (min) | with s (min) | cost (min) | without s (median) | with s (median) "
+          f"| cost (median) | coverage problem rows |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+          + "\n".join(lines) + f"\n\nCPU seconds of check_data(recipe) in one process, {args.coverage_cost} "
+          "interleaved runs each.")
+
+
 def _human(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
@@ -342,7 +381,13 @@ def main(argv=None) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="dataset_num_proc for both sides (default: none)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--workdir", help="where to write the .jsonl files (default: a temp dir, removed)")
+    parser.add_argument("--coverage-cost", type=int, metavar="REPEATS", help="instead: what the content coverage "
+                        "check adds to check-data, measured in one process, with and without it, interleaved REPEATS "
+                        "times (CPU seconds; a shared machine's noise swamps a 10%% difference between separate runs)")
     args = parser.parse_args(argv)
+    if args.coverage_cost:
+        coverage_cost(args)
+        return
 
     command = " ".join(["python benchmarks/check_data.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
     t0 = time.perf_counter()

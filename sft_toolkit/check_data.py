@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import preprocess
+from . import coverage, preprocess
 from .policy import recipe_policy
 from .problems import InputError
 
@@ -29,6 +29,7 @@ class Report:
     trainable_tokens_before: int = 0  # after tokenization, before truncation / packing
     trainable_tokens: int = 0  # what the trainer will actually train on
     zero_mask_rows: list[dict] = field(default_factory=list)  # {"index", "reason"}; empty answers included
+    coverage_problem_rows: list[dict] = field(default_factory=list)  # {"index", "reason", "message"}: coverage.py
     dropped_rows: int = 0  # rows TRL filters out (no packing)
     truncated_assistant_tokens: int = 0
     orphaned_assistant_tokens: int = 0
@@ -51,7 +52,7 @@ class Report:
     def ok(self) -> bool:
         return (len(self.zero_mask_rows) <= self.max_zero_rows and self.zero_trainable_sequences == 0
                 and self.zero_trainable_steps == 0 and self.orphaned_assistant_tokens == 0 and self.rows > 0
-                and (self.eval is None or self.eval.ok))
+                and (self.eval is None or self.eval.ok) and not self.coverage_problem_rows)
 
     def problems(self) -> list[str]:
         """Each reason the check fails, with numbers and the change that fixes it."""
@@ -61,6 +62,8 @@ class Report:
         if len(self.zero_mask_rows) > self.max_zero_rows:
             out.append(f"{len(self.zero_mask_rows)} rows end with zero trainable tokens (allowed: {self.max_zero_rows}); "
                        "fix or remove them, or raise --max-zero-rows")
+        if self.coverage_problem_rows:
+            out.append(_coverage_problem_text(self.coverage_problem_rows))
         if self.zero_trainable_sequences:
             out.append(f"{self.zero_trainable_sequences} of {self.sequences} packed sequences have zero trainable tokens "
                        "(wasted compute); use packing_strategy: bfd and drop zero-trainable rows, or raise max_length")
@@ -144,6 +147,7 @@ def _account(recipe, tokenizer, raw, label: str, *, packing: bool, batch: tuple[
         tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
                                         policy=recipe_policy(recipe))
         per_row = _row_stats(tokenized, report)
+        _coverage_rows(tokenized, report)
     except InputError as err:
         raise InputError(f"{label}: {err}") from None
     if report.rows == 0:
@@ -227,6 +231,30 @@ def _row_stats(tokenized, report: Report) -> _Rows:
     report.trainable_tokens_before = int(before.sum())
     report.trl_would_abort = bool(report.settings["assistant_only_loss"] and (before == 0).any())
     return _Rows(before=before, after=before.copy(), reasons=reasons)
+
+
+def _coverage_rows(tokenized, report: Report) -> None:
+    """Rows whose mask misses the assistant's text or trains another message's (sft_toolkit/coverage.py)."""
+    columns = tokenized.column_names or list(tokenized.features or {})  # a streamed dataset may know neither
+    if "coverage_reason" not in columns:
+        return  # plain text and pre-tokenized rows: no messages to hold the mask against
+    for table in _batches(tokenized, ["src_row", "coverage_reason", "coverage_message"]):
+        reasons = table["coverage_reason"]
+        flagged = pc.not_equal(reasons, "")
+        if not pc.any(flagged).as_py():
+            continue
+        table = table.filter(flagged)
+        for row, reason, message in zip(*(table[c].to_pylist() for c in ("src_row", "coverage_reason",
+                                                                        "coverage_message"))):
+            report.coverage_problem_rows.append({"index": int(row), "reason": reason, "message": int(message)})
+
+
+def _coverage_problem_text(rows: list[dict]) -> str:
+    untrained = sum(r["reason"] == coverage.ASSISTANT_CONTENT_UNTRAINED for r in rows)
+    parts = ([f"{untrained} leave assistant text untrained"] if untrained else []) + (
+        [f"{len(rows) - untrained} train user/system/tool text"] if len(rows) > untrained else [])
+    return (f"{len(rows)} rows train the wrong text ({', '.join(parts)}); lint the template and check these rows "
+            "with `sft-toolkit show DATASET --row N`")
 
 
 def _truncated_stats(tokenized, per_row: _Rows, report: Report) -> None:
@@ -331,6 +359,11 @@ REASON_HELP = {
                                  "completion or drop the row",
     preprocess.ROW_TOO_LARGE: "the row is not tokenized (more text than preprocess.MAX_ROW_CHARS): split the "
                               "conversation or drop the row",
+    coverage.ASSISTANT_CONTENT_UNTRAINED: "part of this assistant message's text (content or tool calls) is not "
+                                          "trained, or only markup is: lint the template; for content parts, check "
+                                          "the template renders them",
+    coverage.NON_ASSISTANT_TEXT_TRAINED: "text of this user/system/tool message is trained: the template's "
+                                         "{% generation %} block covers it; lint the template",
 }
 
 
@@ -353,6 +386,7 @@ def to_markdown(report: Report, title: str) -> str:
         f"| trainable tokens before truncation/packing | {report.trainable_tokens_before} |",
         f"| trainable tokens the trainer sees | {report.trainable_tokens} |",
         f"| rows with zero trainable tokens | {len(report.zero_mask_rows)} (allowed {report.max_zero_rows}) |",
+        f"| rows that train the wrong text (content coverage) | {len(report.coverage_problem_rows)} |",
         f"| rows TRL would drop silently | {report.dropped_rows} |",
         f"| assistant tokens lost to truncation | {report.truncated_assistant_tokens} |",
         f"| assistant tokens trained without their context | {report.orphaned_assistant_tokens} |",
@@ -367,6 +401,12 @@ def to_markdown(report: Report, title: str) -> str:
     if report.zero_mask_rows:
         lines += ["## Rows with nothing to train", "", "| row | reason | what to do |", "|---|---|---|"]
         lines += [f"| {r['index']} | {r['reason']} | {reason_help(r['reason'])} |" for r in report.zero_mask_rows]
+        lines.append("")
+    if report.coverage_problem_rows:
+        lines += ["## Rows that train the wrong text", "", "| row | message | reason | what to do |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['index']} | {r['message']} | {r['reason']} | {reason_help(r['reason'])} |"
+                  for r in report.coverage_problem_rows]
         lines.append("")
     if report.orphaned_rows:
         lines += ["## Rows split by packing", "", ", ".join(map(str, report.orphaned_rows)), ""]

@@ -398,3 +398,24 @@ def _messages_of(data, where: str) -> tuple[list[dict], list[dict] | None]:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_template_kwargs(source: str, row: int | None = None) -> dict:
+    """The `chat_template_kwargs` of the conversation `read_conversation` reads ({} when it has none): the
+    variables TRL passes to the template for that row (e.g. `enable_thinking`)."""
+    path = Path(source)
+    if row is None and path.suffix.lower() == ".json" and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{source}: not valid JSON ({err})") from None
+        where = source
+    else:
+        data, where = load_rows(source)[row or 0], f"{source} row {row or 0}"
+    kwargs = data.get("chat_template_kwargs") if isinstance(data, dict) else None
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{where}: chat_template_kwargs must be an object of template variables, got "
+                         f"{type(kwargs).__name__}")
+    return kwargs

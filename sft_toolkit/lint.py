@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jinja2
 from jinja2 import nodes
@@ -52,15 +52,21 @@ class LintResult:
         return {"template": self.template, "ok": self.ok, "findings": [f.to_json() for f in self.findings]}
 
 
-PRAGMA = re.compile(r"sft-toolkit:\s*allow\s+([A-Z]\d{3}(?:\s*,\s*[A-Z]\d{3})*)\s*(?:\((.*?)\))?")
+PRAGMA = re.compile(r"sft-toolkit:\s*allow\s+([A-Z]\d{3}(?:\s*,\s*[A-Z]\d{3})*)"
+                    r"(?:\s+when\s+(\w+=[^\s,;()]+(?:[,;]\s*\w+=[^\s,;()]+)*))?\s*(?:\((.*?)\))?")
 
 
-def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None) -> LintResult:
-    """All rules on one template. `reference` is the original inference template to compare bytes with."""
+def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None,
+         template_kwargs: dict | None = None) -> LintResult:
+    """All rules on one template. `reference` is the original inference template to compare bytes with.
+
+    The probes render with `template_kwargs` (what a dataset's `chat_template_kwargs` or the caller passes)
+    and, besides, with each of the template's own switches (`template_switches`) set both ways."""
     findings = static_findings(source)
     # Rendering is pointless when the template can't parse, or has no blocks (every turn would be "untrained").
     if not any(f.rule in ("S001", "S002", "S003") for f in findings):
-        rendered, eot = rendered_findings(source, tokenizer=tokenizer, reference=reference)
+        rendered, eot = rendered_findings(source, tokenizer=tokenizer, reference=reference,
+                                          settings=settings_for(source, template_kwargs))
         if eot and not any(f.rule == "R003" and f.severity == ERROR for f in rendered):
             findings = static_findings(source, trained_eot=eot)  # S005 knows how the template ends a turn now
         findings += rendered
@@ -72,15 +78,25 @@ def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None
 
 def _apply_allowances(source: str, findings: list[Finding]) -> list[Finding]:
     """A template may accept a rule it breaks by design, with a reason, in a comment:
-    `{# sft-toolkit: allow R004 (Mistral moves the system prompt to the last user turn) #}`.
-    Such findings stay visible as info, with the reason; nothing is silently dropped."""
+    `{# sft-toolkit: allow R004 (Mistral moves the system prompt to the last user turn) #}`, or only under one
+    setting of its switches: `{# sft-toolkit: allow R002 when enable_thinking=false (reason) #}` (then only the
+    findings seen under that setting alone). Such findings stay visible as info, with the reason; nothing is
+    silently dropped."""
     allowed = {}
     for comment in re.findall(r"\{#(.*?)#\}", source, flags=re.S):
         for m in PRAGMA.finditer(comment):
+            when = re.sub(r"\s+", " ", m.group(2)) if m.group(2) else None
             for rule in re.split(r"\s*,\s*", m.group(1)):
-                allowed[rule] = (m.group(2) or "no reason given").strip()
-    return [Finding(f.rule, INFO, f"allowed by the template ({allowed[f.rule]}): {f.message}", f.line)
-            if f.rule in allowed and f.severity != INFO else f for f in findings]
+                allowed[(rule, when)] = (m.group(3) or "no reason given").strip()
+
+    def reason(f: Finding) -> str | None:
+        if (f.rule, None) in allowed:
+            return allowed[(f.rule, None)]
+        return next((why for (rule, when), why in allowed.items()
+                     if rule == f.rule and when and f.message.endswith(f" with {when}]")), None)
+
+    return [Finding(f.rule, INFO, f"allowed by the template ({why}): {f.message}", f.line)
+            if f.severity != INFO and (why := reason(f)) is not None else f for f in findings]
 
 
 # --------------------------------------------------------------------------------------------- static
@@ -250,6 +266,92 @@ def _leading_eot(node: nodes.Node) -> str | None:
     return m.group(1) if m else None
 
 
+# ------------------------------------------------------------------------------------------- switches
+
+# What transformers and TRL give every template (plus jinja's own globals): never a template's own switch.
+STANDARD_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt", "raise_exception", "strftime_now",
+                      "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+                      "additional_special_tokens", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"}
+# Tests that only ask what a value is (`x is defined`, `x is false`): a switch may be asked them.
+_BOOLEAN_TESTS = {"defined", "undefined", "true", "false", "boolean", "none", "sameas"}
+MAX_SWITCHES = 8
+
+
+def template_switches(source: str) -> list[str]:
+    """The boolean variables a template reads from its context (`enable_thinking`, `tools_in_user_message`),
+    in order of first use: names no one passes by standard (`STANDARD_VARIABLES`) that the template uses only
+    as a truth value (`if x`, `not x`, `x is false`, `x == true`, `x | default(false)`) and sets, if at all,
+    only to a boolean or from itself. [] when the template does not parse."""
+    from jinja2 import meta
+
+    try:
+        tree = _PARSER.parse(source)
+    except jinja2.TemplateSyntaxError:
+        return []
+    candidates = meta.find_undeclared_variables(tree) - STANDARD_VARIABLES
+    used, disqualified = [], set()
+
+    def visit(node, parent, grandparent):
+        if isinstance(node, nodes.Assign) and isinstance(node.target, nodes.Name) and node.target.name in candidates:
+            name = node.target.name
+            if not _boolean_value(node.node, name):
+                disqualified.add(name)  # set to something that is not a truth value
+            elif name not in used and not any(n.name == name for n in node.node.find_all(nodes.Name)):
+                disqualified.add(name)  # set before it is read: the template's own variable, not the caller's
+        elif isinstance(node, nodes.Name) and node.name in candidates:
+            if node.ctx == "load":
+                used.append(node.name)
+                if not _boolean_use(node, parent, grandparent):
+                    disqualified.add(node.name)
+            elif not isinstance(parent, nodes.Assign):
+                disqualified.add(node.name)  # a loop variable or a macro argument
+        for child in node.iter_child_nodes():
+            visit(child, node, parent)
+
+    visit(tree, None, None)
+    return [name for name in dict.fromkeys(used) if name not in disqualified][:MAX_SWITCHES]
+
+
+def _boolean_use(node, parent, grandparent) -> bool:
+    if isinstance(parent, nodes.CondExpr) and isinstance(grandparent, nodes.Assign):
+        # `{% set x = x if x is defined else true %}`: a default for the caller's value
+        return parent.test is node or getattr(grandparent.target, "name", None) == node.name
+    if isinstance(parent, (nodes.If, nodes.CondExpr)):
+        return parent.test is node
+    if isinstance(parent, (nodes.Not, nodes.And, nodes.Or)):
+        return True
+    if isinstance(parent, nodes.Test):
+        return parent.node is node and parent.name in _BOOLEAN_TESTS
+    if isinstance(parent, nodes.Filter):
+        return parent.node is node and parent.name == "default" and all(
+            isinstance(a, nodes.Const) and isinstance(a.value, bool) for a in parent.args)
+    if isinstance(parent, nodes.Compare):  # x == true
+        return all(isinstance(op.expr, nodes.Const) and isinstance(op.expr.value, bool) for op in parent.ops)
+    if isinstance(parent, nodes.Operand) and isinstance(grandparent, nodes.Compare):  # true == x
+        return isinstance(grandparent.expr, nodes.Const) and isinstance(grandparent.expr.value, bool)
+    return False
+
+
+def _boolean_value(value, name: str) -> bool:
+    """`{% set x = true %}`, or `{% set x = x | default(false) %}`."""
+    if isinstance(value, nodes.Const):
+        return isinstance(value.value, bool)
+    return any(n.name == name for n in value.find_all(nodes.Name))
+
+
+def settings_for(source: str, template_kwargs: dict | None = None) -> list[dict]:
+    """The variable settings lint renders its probes with: `template_kwargs` as given, then each switch the
+    template reads (and `template_kwargs` doesn't set) true and false."""
+    base = dict(template_kwargs or {})
+    return [base] + [{**base, name: value} for name in template_switches(source) if name not in base
+                     for value in (True, False)]
+
+
+def setting_label(setting: dict, base: dict) -> str:
+    """How a finding names the setting that shows it: the switches it sets beyond the caller's kwargs."""
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in setting.items() if k not in base or base[k] != v)
+
+
 # ------------------------------------------------------------------------------------------- rendered
 
 
@@ -276,76 +378,94 @@ class Turn:
     gap: tuple[int, int] | None = None
 
 
-def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None) -> tuple[list[Finding], str | None]:
-    """Run the probe corpus; one finding per distinct problem, naming the probes (and turns) that show it.
+NO_STOP = "the template writes nothing after an assistant message's content"
+
+
+def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None,
+                      settings: list[dict] | None = None) -> tuple[list[Finding], str | None]:
+    """Run the probe corpus under each variable setting (`settings_for`; default: none); one finding per
+    distinct problem, naming the probes (and turns) that show it, and the settings when not all of them do.
     Also returns the template's end-of-turn text when the probes show it."""
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
+    settings = settings or [{}]
     line = _single_block_line(source)
-    seen: dict[tuple, list[str]] = defaultdict(list)
+    seen: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
     examples: dict[tuple, str] = {}
+    label = ""
 
     def add(rule, severity, message, where: str, at_line=line, example: str | None = None):
         key = (rule, severity, message, at_line)
-        seen[key].append(where)
+        seen[key].append((where, label))
         if example is not None:
             examples.setdefault(key, example)
 
     eot, rendered_any, writes_no_eot = None, False, False
-    for probe in [*VERIFICATION_PROBES, *CONTROL_PROBES]:
-        controls, shape = probe in CONTROL_PROBES, probe in TOOL_SHAPE_PROBES
-        probe = usable_probe(source, probe, kwargs)
-        try:
-            full = _render(source, probe, probe.messages, False, kwargs)
-        except TemplateRaised as err:
-            add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
-            continue
-        except InputError as err:
-            if shape:  # a shape some datasets write, worth a warning where training gives it
-                if probe.training_shape:
-                    add("R007", WARNING, f"{err}; rows written this way fail with this template (check-data "
-                        "reports them as template_error)", probe.name, None)
-            else:
-                add("R007", ERROR, f"{err}", probe.name, None)
-            continue
-        rendered_any = True
-        found = _end_of_turn(source, probe, kwargs)
-        eot, writes_no_eot = eot or found, writes_no_eot or found == ""
-        try:
-            full, off = _apply_control(probe.messages, full)
-        except control.MappingError as err:
-            add("R008", WARNING, "per-message training control (train: false, train_roles, train_turns) can't be "
-                f"used with this template: {err}. Write one {{% generation %}} block per assistant message.", probe.name)
-            continue
-        for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs, off):
-            add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name, example=example)
-        if reference is not None:
-            for message in _reference_diffs(source, reference, probe, kwargs):
-                add("R005", ERROR, message, probe.name, None)
-        if tokenizer is not None and not controls:  # control probes add no new token boundaries
-            for message in _token_boundaries(source, probe, tokenizer):
-                add("R006", WARNING, message, probe.name)
+    for setting in settings:
+        label = setting_label(setting, settings[0])
+        for probe in [*VERIFICATION_PROBES, *CONTROL_PROBES]:
+            controls, shape = probe in CONTROL_PROBES, probe in TOOL_SHAPE_PROBES
+            probe = replace(probe, template_kwargs={**setting, **probe.template_kwargs})
+            probe = usable_probe(source, probe, kwargs)
+            try:
+                full = _render(source, probe, probe.messages, False, kwargs)
+            except TemplateRaised as err:
+                add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
+                continue
+            except InputError as err:
+                if shape:  # a shape some datasets write, worth a warning where training gives it
+                    if probe.training_shape:
+                        add("R007", WARNING, f"{err}; rows written this way fail with this template (check-data "
+                            "reports them as template_error)", probe.name, None)
+                else:
+                    add("R007", ERROR, f"{err}", probe.name, None)
+                continue
+            rendered_any = True
+            found = _end_of_turn(source, probe, kwargs)
+            eot, writes_no_eot = eot or found, writes_no_eot or found == ""
+            try:
+                full, off = _apply_control(probe.messages, full)
+            except control.MappingError as err:
+                add("R008", WARNING, "per-message training control (train: false, train_roles, train_turns) can't "
+                    f"be used with this template: {err}. Write one {{% generation %}} block per assistant message.",
+                    probe.name)
+                continue
+            for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs, off):
+                add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name,
+                    example=example)
+            if reference is not None:
+                for message in _reference_diffs(source, reference, probe, kwargs):
+                    add("R005", ERROR, message, probe.name, None)
+            if tokenizer is not None and not controls:  # control probes add no new token boundaries
+                for message in _token_boundaries(source, probe, tokenizer):
+                    add("R006", WARNING, message, probe.name)
 
     findings = []
     if writes_no_eot and not eot:
-        findings.append(Finding("R003", WARNING, "the template writes nothing after an assistant message's content, "
-                                "so no end-of-turn token is trained and the model may not learn to stop. If the next "
-                                "message's role tag ends a turn (GLM-4's `<|user|>`), the template has to emit it "
-                                "inside the assistant's {% generation %} block to train it."))
+        findings.append(Finding("R003", ERROR, f"{NO_STOP} on every probe, so no end-of-turn token is trained and "
+                                "the model never learns to stop. If the next message's role tag ends a turn (GLM-4's "
+                                "`<|user|>`), emit it inside the assistant's {% generation %} block to train it, or "
+                                "accept it with `{# sft-toolkit: allow R003 (why the model stops) #}`."))
+    labels = [setting_label(setting, settings[0]) for setting in settings]
     for key, where in seen.items():
         rule, severity, message, at_line = key
         example = f" e.g. {examples[key]}." if key in examples else ""
-        findings.append(Finding(rule, severity, f"{message}{example} [seen in {_summarize(where)}]", at_line))
+        findings.append(Finding(rule, severity, f"{message}{example} [seen in {_summarize(where, labels)}]", at_line))
     if not rendered_any and not any(f.rule == "R007" for f in findings):
         findings.append(Finding("R007", ERROR, "the template rejected every probe conversation; nothing could be "
                                 "checked. Does it accept a plain user/assistant exchange?"))
     return findings, eot or None
 
 
-def _summarize(where: list[str], limit: int = 4) -> str:
-    unique = list(dict.fromkeys(where))
+def _summarize(where: list[tuple[str, str]], labels: list[str] | None = None, limit: int = 4) -> str:
+    """The probes that show a finding; and the settings, when some of the settings rendered don't show it."""
+    unique = list(dict.fromkeys(probe for probe, _ in where))
     shown = ", ".join(unique[:limit])
     more = len(unique) - limit
-    return f"probe {shown}" + (f" and {more} more" if more > 0 else "")
+    out = f"probe {shown}" + (f" and {more} more" if more > 0 else "")
+    showing = list(dict.fromkeys(label for _, label in where))
+    if labels and len(labels) > 1 and set(showing) != set(labels):
+        out += " with " + "; ".join(label or "the template's defaults" for label in showing)
+    return out
 
 
 def usable_probe(source: str, probe: Probe, kwargs) -> Probe:

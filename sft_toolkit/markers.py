@@ -41,7 +41,8 @@ from enum import Enum
 import jinja2
 from jinja2 import nodes
 
-from .lint import _end_of_turn, _render, lint, locate_turns, usable_probe  # one home for finding turns
+from .lint import (NO_STOP, _end_of_turn, _render, lint, locate_turns, setting_label, settings_for,  # one home for
+                   usable_probe)  # finding turns
 from .masks import GENERATION_MARKER, RenderLimit, TemplateRaised, normalize_messages, render, template_error_text
 from .probes import PROBES, VERIFICATION_PROBES, Probe, text_of
 from .problems import ERROR, Finding, InputError
@@ -84,23 +85,32 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
             return Result(source, 0, 0, False)
         source = _strip_markers(source)
     template = _Template.parse(source)
-    traces, failed = _trace_all(template, tokenizer)
-    if not any("T" in t.labels for t in traces):
-        raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
-    errors = []
-    # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
-    for relaxed, flags in ((False, False), (True, False), (False, True), (True, True)):
-        try:
-            placed = _Placer(template, traces, relaxed, flags).place()
-        except MarkerError as err:
-            errors.append(err)
-            continue
-        marked = _inherit_allowances(placed.source, failed, tokenizer)
-        problems = _verify(original, marked, traces, tokenizer, relaxed)
-        if not problems:
-            return Result(marked, placed.blocks, placed.role_conditions, relaxed)
-        errors.append(MarkerError("the marked template failed verification: "
-                                  + "; ".join(f.message for f in problems[:3])))
+    # Markers placed for the template's defaults, when lint passes them under every setting of its switches
+    # (but for header-level R002/R004 findings of one setting, allowed by name and setting); else markers that
+    # suit every setting; else, where no place suits them all, the defaults' markers with the other settings'
+    # R001 findings allowed too (see _inherit_allowances).
+    settings = settings_for(source)
+    attempts = [([{}], False)] + ([(settings, False), ([{}], True)] if len(settings) > 1 else [])
+    errors, traced = [], {}
+    for tried, defaults_only in attempts:
+        if len(tried) not in traced:
+            traced[len(tried)] = _trace_all(template, tokenizer, tried)
+        traces, failed = traced[len(tried)]
+        if not any("T" in t.labels for t in traces):
+            raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
+        # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
+        for relaxed, flags in ((False, False), (True, False), (False, True), (True, True)):
+            try:
+                placed = _Placer(template, traces, relaxed, flags).place()
+            except MarkerError as err:
+                errors.append(err)
+                continue
+            marked = _inherit_allowances(placed.source, failed, tokenizer, defaults_only=defaults_only)
+            problems = _verify(original, marked, traces, tokenizer, relaxed)
+            if not problems:
+                return Result(marked, placed.blocks, placed.role_conditions, relaxed)
+            errors.append(MarkerError("the marked template failed verification: "
+                                      + "; ".join(f.message for f in problems[:3])))
     if str(errors[0]) != str(errors[1]):
         raise MarkerError(f"{errors[0]} (and with whitespace inside turns left untrained: {errors[1]})",
                           errors[0].line or errors[1].line)
@@ -111,19 +121,39 @@ def _strip_markers(source: str) -> str:
     return re.sub(r"\{%-?\+?\s*(?:end)?generation\s*[-+]?%\}", "", source)
 
 
-def _inherit_allowances(marked: str, failed: list[str], tokenizer) -> str:
+def _inherit_allowances(marked: str, failed: list[str], tokenizer, defaults_only: bool = False) -> str:
     """Findings that belong to the original's text, which the marked template reproduces byte for byte, are
     allowed with that reason in a comment (lint keeps showing them, as info) instead of failing the
     conversion: R004 (its generation prompt is not how it renders a past assistant turn) and R007 for
-    probes the original itself fails to render (e.g. a template without tool support)."""
-    rules = {f.rule for f in lint(marked, "marked", tokenizer=tokenizer).findings if f.severity == ERROR}
+    probes the original itself fails to render (e.g. a template without tool support); R002/R004 seen only
+    under one setting of the template's switches, for that setting (with `enable_thinking=false` glm4's
+    generation prompt writes the role header's newline that starts a turn by default: a byte-identical
+    conversion places one block boundary for both), and R001 too when the markers were placed for the
+    template's defaults only (`defaults_only`: no place suits every setting; check-data's content coverage
+    still checks each row rendered with its own settings); and R003 when the
+    original writes nothing after an assistant's content (glm4: the next message's role tag ends the turn, and
+    a byte-identical conversion can't train a tag that belongs to the next message)."""
+    errors = [f for f in lint(marked, "marked", tokenizer=tokenizer).findings if f.severity == ERROR]
+    rules = {f.rule for f in errors}
     reasons = []
+    setting_rules = ("R001", "R002", "R004") if defaults_only else ("R002", "R004")
+    for label in dict.fromkeys(m.group(1) for f in errors if f.rule in setting_rules
+                               and (m := re.search(r" with (\w+=[^\s,;()]+(?:; \w+=[^\s,;()]+)*)\]$", f.message))):
+        rules_there = ", ".join(sorted({f.rule for f in errors if f.message.endswith(f" with {label}]")}))
+        why = ("markers placed for the template's defaults: with {label} the same code writes assistant output "
+               "and text the model is given, so no place suits both" if defaults_only else
+               "with {label} its generation prompt ends elsewhere than its turns begin by default, and a "
+               "byte-identical conversion marks one place")
+        reasons.append(f"{rules_there} when {label} (inherited from the original template: {why.format(label=label)})")
+    if any(f.rule == "R003" and f.message.startswith(NO_STOP) for f in errors):
+        reasons.append("R003 (inherited from the original template: it writes nothing after an assistant's content, "
+                       "the next message's role tag ends the turn, so no stop token can be trained)")
     if "R004" in rules:
         reasons.append("R004 (inherited from the original template: its generation prompt differs from how it "
                        "renders a past assistant turn)")
     if "R007" in rules and failed:
         reasons.append(f"R007 (inherited from the original template: it fails to render the probes "
-                       f"{', '.join(sorted({n.split('[')[0].split('+')[0] for n in failed}))})")
+                       f"{', '.join(sorted({n.split(' (')[0].split('[')[0].split('+')[0] for n in failed}))})")
     return "".join(f"{{# sft-toolkit: allow {r} #}}" for r in reasons) + marked
 
 
@@ -580,7 +610,7 @@ def _cases(probe: Probe):
             yield f"{probe.name}[:{i + 1}]", probe.messages[: i + 1], False
 
 
-def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
+def _trace_all(template: _Template, tokenizer, settings: list[dict]) -> tuple[list[_Trace], list[str]]:
     from transformers.utils.chat_template_utils import _alias_reasoning_fields, _plain_template_data
 
     env = template.env
@@ -591,9 +621,13 @@ def _trace_all(template: _Template, tokenizer) -> list[_Trace]:
     eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
     out, failed, first_error = [], [], None
-    for probe in VERIFICATION_PROBES:
+    # The settings of the template's switches the markers must suit (lint checks each one).
+    for setting, probe in ((setting, probe) for setting in settings for probe in VERIFICATION_PROBES):
+        probe = replace(probe, template_kwargs={**setting, **probe.template_kwargs})
         probe = usable_probe(template.source, probe, _special(kwargs))
         for name, messages, prompt in _cases(probe):
+            if setting:
+                name = f"{name} ({setting_label(setting, {})})"
             sub = replace(probe, messages=messages)
             try:
                 expected = _render(template.source, sub, messages, prompt, kwargs)
@@ -1075,7 +1109,7 @@ def verify_placement(original: str, marked: str, *, tokenizer=None,
     when its output can't be traced to its source.
     """
     template = _Template.parse(_strip_markers(original))
-    traces, _ = _trace_all(template, tokenizer)
+    traces, _ = _trace_all(template, tokenizer, settings_for(original))
     return _verify(original, marked, traces, tokenizer, relaxed_whitespace)
 
 

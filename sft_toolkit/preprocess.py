@@ -18,7 +18,9 @@ from pathlib import Path
 import jinja2
 
 from . import policy as control
-from .masks import RenderLimit, render, template_error_text
+from . import coverage
+from .masks import RenderLimit, TemplateRaised, render, template_error_text
+from .probes import text_of
 from .problems import InputError
 from .templates import bundled_names, load_template
 
@@ -40,6 +42,10 @@ ROW_TOO_LARGE = "row_too_large"  # more text than MAX_ROW_CHARS: not tokenized
 # tokenized: it is reported as a row with nothing to train (ROW_TOO_LARGE), named and counted like the others,
 # instead of stopping the dataset. Read at call time (tests lower it).
 MAX_ROW_CHARS = 2_000_000
+
+# Whether each row's mask is also held against its assistant text (content coverage, `_coverage`). Read at call
+# time: `benchmarks/check_data.py --coverage-cost` turns it off to measure what the check costs.
+CHECK_COVERAGE = True
 
 KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}
 
@@ -176,9 +182,9 @@ def _tool_calls_problem(m: dict, i: int) -> str | None:
 def canonical_messages(messages: list[dict]) -> list[dict]:
     """The one shape every template renders the same way (a valid row, see `row_problem`).
 
-    - Text-only content parts `[{"type": "text", "text": ...}]` become one string: text-only templates
-      concatenate strings (`content + ...` fails on a list, so TRL raises a TypeError), and the multimodal
-      templates that do iterate parts write their texts back to back, which is what joining with "" gives.
+    - Content given as text parts `[{"type": "text", "text": ...}]` stays a list of parts, as TRL and
+      transformers pass it: vision-language templates iterate over the parts and render nothing of a string.
+      `messages_for_template` joins them where a template needs a string.
     - Tool-call `arguments` given as a JSON string (OpenAI's format) become the object: templates differ
       (chatml and llama3 write `arguments | tojson`, which double-encodes a string; qwen3 copies a string
       as is), while an object renders as JSON in all of them, as mistral-common does by parsing the string.
@@ -190,14 +196,48 @@ def canonical_messages(messages: list[dict]) -> list[dict]:
             out.append(m)
             continue
         m = dict(m)
-        content = m.get("content")
-        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
-                                             and p.get("type") == "text" for p in content):
-            m["content"] = "".join(part["text"] for part in content)
         if isinstance(m.get("tool_calls"), list):
             m["tool_calls"] = [_parsed_arguments(call) for call in m["tool_calls"]]
         out.append(m)
     return out
+
+
+def has_text_parts(messages: list[dict]) -> bool:
+    """Whether any message's content is a list of text parts (a valid row, see `row_problem`)."""
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages)
+
+
+def joined_parts(messages: list[dict]) -> list[dict]:
+    """Each list of text parts joined into one string (back to back, as the templates that iterate parts
+    write them)."""
+    return [{**m, "content": "".join(p["text"] for p in m["content"])}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
+
+
+def messages_for_template(template: str, messages: list[dict], *, tools=None, template_kwargs=None) -> list[dict]:
+    """The messages in the shape `template` renders: content parts kept, as TRL and transformers pass them,
+    unless the template needs strings. Decided by rendering both shapes: the parts are joined when that
+    render shows more of the messages' texts (templates that iterate parts render nothing of a string), or
+    when the parts' render prints a part itself (a text-only template writes the list's repr,
+    `[{'type': 'text', ...}]`, around the text, or fails on `content + ...`). Messages without parts are
+    returned as they are, unrendered."""
+    if not has_text_parts(messages):
+        return messages
+    joined = joined_parts(messages)
+    parts = [part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for part in m["content"]]
+
+    def shown(candidate) -> int:
+        try:
+            text = render(template, control.strip_control(candidate), tools=tools, template_kwargs=template_kwargs,
+                          placeholders=False).text
+        except (InputError, TemplateRaised, RenderLimit):
+            return -1  # the render that counts (tokenizing) reports what is wrong
+        if candidate is messages and any(str(part) in text or json.dumps(part) in text for part in parts):
+            return -1
+        return sum(piece in text for m in joined for piece in coverage.content_pieces(m))
+
+    return joined if shown(joined) > shown(messages) else messages
 
 
 def _parsed_arguments(call):
@@ -219,7 +259,7 @@ def zero_reason(messages: list[dict]) -> str:
     assistant = [m for m in messages if m.get("role") == "assistant"]
     if not assistant:
         return NO_ASSISTANT_TURN
-    if all(not m.get("content") and not m.get("tool_calls") for m in assistant):
+    if all(not text_of(m.get("content")) and not m.get("tool_calls") for m in assistant):  # text parts too
         return EMPTY_ASSISTANT_CONTENT
     return TEMPLATE_MARKS_NOTHING
 
@@ -231,7 +271,8 @@ def _code_salt() -> str:
 
     import sys
 
-    sources = (Path(__file__), Path(control.__file__), Path(sys.modules[render.__module__].__file__))
+    sources = (Path(__file__), Path(control.__file__), Path(sys.modules[render.__module__].__file__),
+               Path(coverage.__file__))
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
@@ -262,7 +303,7 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
 
     problem = row_problem(example)
     out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
-           "problem": problem or ""}
+           "problem": problem or "", "coverage_reason": "", "coverage_message": -1}
     if problem:
         return out
     tools = example.get("tools")
@@ -272,6 +313,8 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
         return out
     tools = json.loads(tools) if isinstance(tools, str) else tools
     original = canonical_messages(example["messages"])
+    original = messages_for_template(tokenizer.get_chat_template(template, tools), original, tools=tools,
+                                     template_kwargs=_template_variables(tokenizer, example))
     messages = original
     controlled = policy is not None and control.needs_control(messages, policy)
     if controlled:
@@ -315,7 +358,34 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
     # answer with nothing, so it counts as a zero-mask row although TRL's labels are not all -100.
     if trainable == 0 or (assistant_only_loss and reason == EMPTY_ASSISTANT_CONTENT):
         out["reason"] = reason
+    if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
+        found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
+        if found:
+            out.update(coverage_reason=found.reason, coverage_message=found.message)
     return out
+
+
+def _template_variables(tokenizer, example) -> dict:
+    """What `apply_chat_template` gives the template besides messages and tools: the tokenizer's special
+    tokens and the row's own `chat_template_kwargs`."""
+    return {**tokenizer.special_tokens_map, **(example.get("chat_template_kwargs") or {})}
+
+
+def _coverage(tokenizer, template, tools, example, messages, kept) -> coverage.CoverageProblem | None:
+    """The row's first content-coverage problem (sft_toolkit/coverage.py), from its render's spans.
+
+    `kept`: the trained assistant messages under per-message control (None: all of them, `messages` carry
+    no control fields)."""
+    try:
+        rendered = render(tokenizer.get_chat_template(template, tools), control.strip_control(messages), tools=tools,
+                          template_kwargs=_template_variables(tokenizer, example), placeholders=False)
+        spans = rendered.spans
+        if kept is not None:
+            spans = [span for i, own in control.assign_spans(messages, rendered).items() if i in kept for span in own]
+    except (InputError, TemplateRaised, RenderLimit, control.MappingError):
+        return None  # the same render succeeded while tokenizing; nothing more to say here
+    found = coverage.coverage_problems(rendered.text, spans, messages, kept)
+    return found[0] if found else None
 
 
 def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int]]:
@@ -388,7 +458,8 @@ def renders_template(dataset) -> bool:
 
 def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing",
              policy=None):
-    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem.
+    """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem (and, for
+    conversations, coverage_reason / coverage_message: the row's content-coverage problem, see `_coverage`).
 
     `policy` (a `policy.TurnPolicy`, default: every assistant message) and the messages' own `train`
     fields decide which assistant messages are trained; rows they don't concern keep TRL's mask as it is.

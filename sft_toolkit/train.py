@@ -142,6 +142,11 @@ def guard_splits(recipe, world_size: int = 1, *,
         if report.eval.zero_mask_rows:
             notes.append(f"eval split: {len(report.eval.zero_mask_rows)} rows have nothing to evaluate: "
                          f"{_shown_rows(report.eval)}")
+    if report.coverage_problem_rows:  # nothing to repair in the data: the template decides what is trained
+        shown = ", ".join(f"{r['index']} ({r['reason']}, message {r['message']})"
+                          for r in report.coverage_problem_rows[:10])
+        notes.append(f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
+                     f"which is not their assistant text alone: {shown}; lint the template")
     return report, dataset, eval_dataset, notes
 
 

@@ -286,3 +286,13 @@ def test_converted_template_is_right_on_conversations_the_probes_do_not_contain(
         assert not problems, (messages, problems)
         checked += 1
     assert checked >= 3, f"{name} rendered only {checked} of {len(HELD_OUT)} conversations"
+
+
+def test_glm4_without_an_end_of_turn_converts_with_its_r003_allowance_and_reason():
+    """glm4 writes nothing after an assistant's content (the next role tag ends the turn): lint's R003 is an
+    error for that, so the conversion writes the allowance, with the reason, and lint shows it as info."""
+    marked = converted("glm4moe").source
+    assert "sft-toolkit: allow R003 (inherited from the original template: it writes nothing after" in marked
+    findings = [f for f in lint(marked, "glm4moe").findings if f.rule == "R003"]
+    assert findings and all(f.severity == "info" and "next message's role tag ends the turn" in f.message
+                            for f in findings)

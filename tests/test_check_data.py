@@ -156,3 +156,101 @@ def test_sharegpt_role_map_is_a_recipe_option(tmp_path):
     assert report["ok"]
     with pytest.raises(InputError, match="role 'asker' is not one of"):
         run(write_recipe(tmp_path, rows))
+
+
+# ------------------------------------------------------------------------------------------ content coverage
+
+TRL_TEMPLATES = __import__("pathlib").Path(__import__("trl").__file__).parent / "chat_templates"
+TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."},
+             {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "That is 8."}]
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+def coverage_of(tmp_path, rows, template) -> dict:
+    return run(write_recipe(tmp_path, rows, chat_template_path=str(template)))
+
+
+def test_a_turn_the_template_leaves_untrained_fails_the_gate_naming_row_and_message(tmp_path):
+    """The template trains only the last assistant turn: the mask is not empty, but message 1 is not learned."""
+    rows = [qa("Hi?", "Hello."), {"messages": TWO_TURNS}]
+    report = coverage_of(tmp_path, rows, FIXTURES / "R001_last_turn_only.jinja")
+    assert report["zero_mask_rows"] == [] and report["trainable_tokens"] > 0
+    assert report["coverage_problem_rows"] == [{"index": 1, "reason": "assistant_content_untrained", "message": 1}]
+    assert not report["ok"]
+
+
+def test_user_text_inside_a_generation_block_fails_the_gate(tmp_path):
+    report = coverage_of(tmp_path, [{"messages": TWO_TURNS}], FIXTURES / "R002_user_in_mask.jinja")
+    assert report["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
+    assert not report["ok"]
+
+
+def test_a_turn_switched_off_is_exempt_from_coverage(tmp_path):
+    off = [dict(m) for m in TWO_TURNS]
+    off[1]["train"] = False
+    report = coverage_of(tmp_path, [{"messages": off}], FIXTURES / "good_chatml.jinja")
+    assert report["ok"] and report["coverage_problem_rows"] == []
+
+
+@pytest.mark.parametrize("name", ["smolvlm_training", "idefics3_training", "llava_next_training"])
+def test_vision_templates_train_assistant_text_of_content_parts_and_string_content_is_caught(tmp_path, name):
+    """Templates that iterate over content parts: rows written with parts keep them and pass; where a template
+    renders nothing of a string, a row that trains only the end-of-turn markup fails (or is refused)."""
+    template = TRL_TEMPLATES / f"{name}.jinja"
+    (tmp_path / "parts").mkdir()
+    report = coverage_of(tmp_path / "parts", [{"messages": as_parts(TWO_TURNS)}], template)
+    assert report["ok"] and report["coverage_problem_rows"] == [], report["problems"]
+    (tmp_path / "string").mkdir()
+    report = coverage_of(tmp_path / "string", [{"messages": TWO_TURNS}], template)
+    assert not report["ok"]
+    assert report["coverage_problem_rows"] or report["zero_mask_rows"]
+
+
+def test_text_parts_are_joined_for_a_template_that_needs_strings(tmp_path):
+    report = coverage_of(tmp_path, [{"messages": as_parts(TWO_TURNS)}], "chatml")
+    strings = run(write_recipe(tmp_path, [{"messages": TWO_TURNS}]))
+    assert report["ok"] and report["trainable_tokens"] == strings["trainable_tokens"]
+
+
+def test_cli_reports_coverage_problems_in_json_and_markdown(tmp_path):
+    from sft_toolkit.cli import main
+
+    recipe = write_recipe(tmp_path, [{"messages": TWO_TURNS}],
+                          chat_template_path=str(FIXTURES / "R002_user_in_mask.jinja"))
+    assert main(["check-data", recipe, "--format", "json", "--report", str(tmp_path / "report.json")]) == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
+    assert any("train the wrong text" in p for p in data["problems"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| 0 | 2 | non_assistant_text_trained |" in markdown and "generation" in markdown
+
+
+# ChatML whose assistant turns open with an empty think block when the row switches thinking off.
+THINKING_SWITCH = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}{% generation %}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else %}{{ m.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_each_rows_chat_template_kwargs_reach_the_template_also_under_per_message_control(tmp_path):
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING_SWITCH)
+    off = [dict(m) for m in TWO_TURNS]
+    off[1]["train"] = False
+    rows = [{"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": True}},
+            {"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": False}},
+            {"messages": off, "chat_template_kwargs": {"enable_thinking": True}},
+            {"messages": off, "chat_template_kwargs": {"enable_thinking": False}}]
+    from sft_toolkit.recipe import load_recipe
+
+    report, final = check_data(load_recipe(write_recipe(tmp_path, rows, chat_template_path=str(template))))
+    assert report.ok, report.problems()
+    tokenizer = offline_tokenizers.load("qwen2")
+    trained = [tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+               for ids, labels in zip(final["input_ids"], final["labels"])]
+    assert [text.count("<think>") for text in trained] == [0, 2, 0, 1]
+    assert "It is 5." not in trained[3] and "That is 8." in trained[3]

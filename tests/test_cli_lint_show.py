@@ -83,3 +83,52 @@ def test_help_exits_0_and_prints_usage(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: sft-toolkit{''.join(' ' + c for c in command)}")
     assert "Traceback" not in out
+
+
+# ChatML whose assistant turns open with an empty think block when the caller switches thinking off.
+THINKING_SWITCH = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}{% generation %}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else %}{{ m.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_show_renders_with_the_rows_chat_template_kwargs_and_matches_check_data(tmp_path, capsys):
+    """A row with `enable_thinking: false` (the template writes an empty think block into the trained turn):
+    show draws exactly the tokens check-data trains for that row."""
+    from sft_toolkit import offline_tokenizers
+    from sft_toolkit.check_data import check_data
+    from sft_toolkit.cli import main
+    from sft_toolkit.recipe import build_recipe
+
+    row = {"messages": [{"role": "user", "content": "Is 91 prime?"}, {"role": "assistant", "content": "No, 7 x 13."}],
+           "chat_template_kwargs": {"enable_thinking": False}}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    tokenizer = str(offline_tokenizers.cached("qwen2"))
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING_SWITCH)
+    template = str(template)
+    _, trained = check_data(build_recipe({"model_name_or_path": tokenizer, "dataset_name": str(data),
+                                          "chat_template_path": template, "assistant_only_loss": True}))
+    labels = trained["labels"][0]
+    assert main(["show", str(data), "--row", "0", "--template", template, "--tokenizer", tokenizer,
+                 "--format", "json"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    assert [t["id"] for t in tokens] == trained["input_ids"][0]
+    assert [t["trained"] for t in tokens] == [label != -100 for label in labels]
+    assert "<think>" in "".join(t["text"] for t in tokens if t["trained"])  # the switch changed the render
+
+
+def test_show_template_refusing_the_conversation_exits_two_naming_row_and_message(tmp_path, capsys):
+    from sft_toolkit.cli import main
+
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system prompts, "
+                        "please') }}{% endif %}{{ m.content }}{% endfor %}")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]})
+                    + "\n")
+    assert main(["show", str(data), "--row", "0", "--template", str(template)]) == 2
+    err = capsys.readouterr().err
+    assert "row 0" in err and "no system prompts, please" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -200,14 +201,23 @@ GLM_LIKE = ("{%- for m in messages %}"
             "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
-def test_template_without_end_of_turn_text_is_warned_and_its_tool_calls_may_be_trained():
+def test_template_without_end_of_turn_text_is_an_error_and_its_tool_calls_may_be_trained():
     """GLM-4 writes nothing after an assistant's content: the next role tag ends the turn. Its tool calls are
-    still the assistant's (the turn ends where the conversation cut after it ends), and lint warns that no
-    stop token is trained."""
+    still the assistant's (the turn ends where the conversation cut after it ends), but no stop token is
+    trained on any probe: the model never learns to stop, an error."""
     found = rules(GLM_LIKE)
     assert not {"R001", "R002"} & set(found), found
-    (warning,) = found["R003"]
-    assert warning.severity == "warning" and "may not learn to stop" in warning.message
+    (error,) = found["R003"]
+    assert error.severity == "error" and "never learns to stop" in error.message
+    assert not lint(GLM_LIKE, "t").ok
+
+
+def test_missing_stop_accepted_by_the_template_with_a_reason_passes_and_stays_visible():
+    allowed = "{# sft-toolkit: allow R003 (the next role tag ends the turn) #}" + GLM_LIKE
+    result = lint(allowed, "t")
+    assert result.ok
+    (info,) = [f for f in result.findings if f.rule == "R003"]
+    assert info.severity == "info" and "the next role tag ends the turn" in info.message
 
 
 def test_end_of_turn_skipped_after_the_last_turn_is_still_required_on_the_others():
@@ -234,3 +244,45 @@ def test_tool_result_printed_with_tojson_is_not_part_of_the_turn_before_it():
               "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
     found = rules(source)
     assert "R002" in found and "temperature_c" in found["R002"][0].message
+
+
+# A template that leaves assistant turns unmarked when the caller switches thinking off.
+SWITCHED = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
+            "{%- if enable_thinking is defined and enable_thinking is false %}{{ m.content + '<|im_end|>' }}"
+            "{%- else %}{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{%- endif %}{{ '\\n' }}"
+            "{%- else %}{{ m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_switches_are_the_boolean_variables_a_template_reads_from_its_context():
+    from sft_toolkit.lint import template_switches
+
+    source = ("{%- set keep = keep | default(false) %}{%- set mode = 'x' %}"
+              "{%- if not tools_in_user_message is defined %}{%- set tools_in_user_message = true %}{%- endif %}"
+              "{%- for m in messages %}{% if m.role == 'assistant' and enable_thinking == false %}x{% endif %}"
+              "{% if keep and tools_in_user_message %}{{ date_string }}{% endif %}{% endfor %}"
+              "{% if custom_tools %}{% for t in custom_tools %}{{ t }}{% endfor %}{% endif %}{% if mode %}{% endif %}")
+    assert template_switches(source) == ["keep", "tools_in_user_message", "enable_thinking"]
+    assert template_switches((TRL_TEMPLATES / "qwen3.jinja").read_text()) == ["enable_thinking"]
+
+
+def test_lint_probes_each_switch_both_ways_and_names_the_setting_that_shows_a_finding():
+    result = lint(SWITCHED, "t")
+    assert not result.ok
+    (finding,) = [f for f in result.findings if f.rule == "R001"]
+    assert finding.message.endswith("with enable_thinking=false]")
+
+
+def test_lint_kwargs_render_every_probe_with_them(tmp_path, capsys):
+    from sft_toolkit.cli import main
+
+    path = tmp_path / "switched.jinja"
+    path.write_text(SWITCHED)
+    (finding,) = [f for f in lint(SWITCHED, "t", template_kwargs={"enable_thinking": False}).findings
+                  if f.rule == "R001"]
+    assert "with enable_thinking" not in finding.message  # every probe rendered with it: no other setting
+    assert lint(GOOD, "t", template_kwargs={"enable_thinking": False}).ok
+    assert main(["lint", str(path), "--kwargs", '{"enable_thinking": false}', "--format", "json"]) == 1
+    assert json.loads(capsys.readouterr().out)["results"][0]["ok"] is False
+    assert main(["lint", str(path), "--kwargs", "[1]"]) == 2
+    assert "--kwargs" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`sft-toolkit check-data RECIPE.yaml [--format text|json] [--report FILE] [--max-zero-rows N]`
 
 The CI gate: exit 0 when the dataset is fit to train, 1 when any row, packed sequence or step would
-train on nothing (or assistant tokens would be trained without their context), 2 on bad input.
+train on nothing (or assistant tokens would be trained without their context), or any row's mask misses the
+assistant's text or trains another message's (content coverage), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -87,3 +88,9 @@ def _print_split(console, report) -> None:
         console.print(f"    row {row['index']}: {row['reason']} — {reason_help(row['reason'])}", markup=False)
     if len(report.zero_mask_rows) > SHOW_ROWS:
         console.print(f"    … and {len(report.zero_mask_rows) - SHOW_ROWS} more rows (see --format json or --report)")
+    for row in report.coverage_problem_rows[:SHOW_ROWS]:
+        console.print(f"    row {row['index']} message {row['message']}: {row['reason']} — "
+                      f"{reason_help(row['reason'])}", markup=False)
+    if len(report.coverage_problem_rows) > SHOW_ROWS:
+        console.print(f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or "
+                      "--report)")

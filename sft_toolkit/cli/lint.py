@@ -1,4 +1,4 @@
-"""`sft-toolkit lint TEMPLATE... [--tokenizer TOK] [--reference ORIGINAL.jinja] [--format text|json]`"""
+"""`sft-toolkit lint TEMPLATE... [--tokenizer TOK] [--reference ORIG.jinja] [--kwargs JSON] [--format text|json]`"""
 
 from __future__ import annotations
 
@@ -22,17 +22,22 @@ def add_parser(sub) -> None:
                    help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name")
     p.add_argument("--tokenizer", help="tokenizer directory, hub id or offline:NAME, for token-level checks")
     p.add_argument("--reference", help="the original inference template: any byte difference is an error")
+    p.add_argument("--kwargs", metavar="JSON", help="template variables every probe renders with, as a dataset's "
+                   "chat_template_kwargs gives them (e.g. '{\"enable_thinking\": false}'); the template's own "
+                   "boolean switches are also probed both ways")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     reference = load_template(args.reference).source if args.reference else None
+    template_kwargs = _kwargs(args.kwargs)
     results = []
     for spec in args.templates:
         template = load_template(spec)
         try:
-            results.append(lint(template.source, template.origin, tokenizer=tokenizer, reference=reference))
+            results.append(lint(template.source, template.origin, tokenizer=tokenizer, reference=reference,
+                                template_kwargs=template_kwargs))
         except RenderLimit as err:  # a runaway template: stop at the first probe instead of running every one
             raise InputError(f"{template.origin}: {err}") from None
     if args.format == "json":
@@ -40,6 +45,19 @@ def run(args) -> int:
     else:
         _print_text(results)
     return 0 if all(r.ok for r in results) else 1
+
+
+def _kwargs(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--kwargs: not valid JSON ({err.msg}); give an object, e.g. '{{\"enable_thinking\": "
+                         "false}'") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--kwargs: must be a JSON object of template variables, got {type(value).__name__}")
+    return value
 
 
 def _print_text(results) -> None:

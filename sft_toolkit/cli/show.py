@@ -8,11 +8,11 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from ..data import read_conversation
+from ..data import read_conversation, read_template_kwargs
 from .. import policy as control
-from ..masks import Rendered, RenderLimit, render, tokenize
+from ..masks import DEFAULT_SPECIAL_TOKENS, Rendered, RenderLimit, TemplateRaised, render, tokenize
 from ..outputs import check_output_file, existing_inputs, write_file
-from ..preprocess import canonical_messages, row_problem
+from ..preprocess import canonical_messages, messages_for_template, row_problem
 from ..problems import InputError
 from .. import show
 from ..show import char_views, to_html, to_plain, to_rich, token_views
@@ -56,17 +56,24 @@ def run(args) -> int:
     # switch turns off exactly as training does (sft_toolkit/policy.py).
     if problem := row_problem({"messages": messages}):  # what training would refuse, show refuses too
         raise InputError(f"{args.conversation}: {problem}")
-    messages = canonical_messages(messages)
+    # The row's chat_template_kwargs reach the template as in training; content parts stay parts unless the
+    # template needs strings (decided by rendering, as check-data does).
+    template_kwargs = read_template_kwargs(args.conversation, args.row)
+    variables = {**(tokenizer.special_tokens_map if tokenizer is not None else {}), **template_kwargs}
+    where = f"{args.conversation}{'' if args.row is None else f' row {args.row}'}"
+    messages = messages_for_template(source, canonical_messages(messages), tools=tools,
+                                     template_kwargs=variables if tokenizer is not None else
+                                     {**DEFAULT_SPECIAL_TOKENS, **template_kwargs})
     controlled, plain = control.has_flags(messages), control.strip_control(messages)
     try:
         if tokenizer is not None:
-            tm = tokenize(tokenizer, plain, template=source, tools=tools)
+            tm = tokenize(tokenizer, plain, template=source, tools=tools, template_kwargs=template_kwargs)
             if controlled:
                 tm = replace(tm, mask=control.controlled_token_mask(tm, messages, control.TurnPolicy()))
             views = token_views(tm)
             summary = f"{tm.trainable} of {len(tm.ids)} tokens trained"
         else:
-            rendered = render(source, plain, tools=tools)
+            rendered = render(source, plain, tools=tools, template_kwargs=template_kwargs)
             if controlled:
                 rendered = Rendered(rendered.text, control.kept_spans(messages, rendered, control.TurnPolicy()))
             views = char_views(rendered.text, rendered.spans)
@@ -74,6 +81,8 @@ def run(args) -> int:
             summary = f"{trained} of {len(rendered.text)} characters trained (pass --tokenizer to see tokens)"
     except control.MappingError as err:
         raise InputError(f"{args.conversation}: {err}") from None
+    except TemplateRaised as err:
+        raise InputError(f"{where}: the chat template {name} refuses this conversation: {err}") from None
     except RenderLimit as err:
         raise InputError(f"{name}: {err}") from None
     title = f"{args.conversation}{'' if args.row is None else f' row {args.row}'} with {name}"
