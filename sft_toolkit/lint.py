@@ -28,7 +28,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 
 from . import policy as control
-from .masks import Rendered, TemplateRaised, render, tokenize
+from .masks import BoundedSandbox, Rendered, TemplateRaised, render, tokenize
 from .probes import CONTROL_PROBES, TOOL_SHAPE_PROBES, VERIFICATION_PROBES, Probe, probe_variants, text_of
 from .problems import ERROR, INFO, WARNING, Finding, InputError
 
@@ -118,6 +118,8 @@ class _GenerationTag(Extension):
 
 
 _PARSER = jinja2.Environment(extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True, lstrip_blocks=True)
+_SANDBOXED_PARSER = BoundedSandbox(extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True,
+                                   lstrip_blocks=True)
 
 
 def generation_blocks(source: str) -> list[nodes.CallBlock]:
@@ -285,7 +287,9 @@ def template_switches(source: str) -> list[str]:
     from jinja2 import meta
 
     try:
-        tree = _PARSER.parse(source)
+        # find_undeclared_variables compiles the tree, and compiling folds constants (`10 ** 10 ** 10`): parsed
+        # in the bounded sandbox, whose intercepted operators and filters are never folded at compile time.
+        tree = _SANDBOXED_PARSER.parse(source)
     except jinja2.TemplateSyntaxError:
         return []
     candidates = meta.find_undeclared_variables(tree) - STANDARD_VARIABLES
