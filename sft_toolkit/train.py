@@ -281,6 +281,7 @@ def guarded_trainer_class():
 
         _staging = False
         _trainable_since_log = 0  # trainable tokens of the optimizer steps not logged yet (all ranks)
+        eval_trainable_tokens: int | None = None  # the eval split's (check-data's count), logged with each eval
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -357,10 +358,14 @@ def guarded_trainer_class():
         def log(self, logs, start_time=None):
             """A training log also carries the trainable tokens (summed over all ranks) of the optimizer steps
             since the previous one (`trainable_tokens`; each step's with logging_steps: 1) and of the whole
-            run (`trainable_tokens_total`, continued from the log history a resumed run reloads)."""
+            run (`trainable_tokens_total`, continued from the log history a resumed run reloads). An evaluation's
+            log carries the eval split's trainable tokens (`eval_trainable_tokens`): every evaluation covers it all.
+            """
             if "loss" in logs:
                 logs = {**logs, **trainable_token_logs(self.state.log_history, self._trainable_since_log)}
                 self._trainable_since_log = 0
+            if "eval_loss" in logs and self.eval_trainable_tokens is not None:
+                logs = {**logs, "eval_trainable_tokens": self.eval_trainable_tokens}
             super().log(logs, start_time)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -505,6 +510,8 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         peft_config=get_peft_config(recipe.model),
         callbacks=_callbacks(recipe),
     )
+    if report.eval is not None:
+        trainer.eval_trainable_tokens = report.eval.trainable_tokens
     if trainer.padding_free:
         leak = packing_isolation(trainer)
         if leak > isolation_tolerance(trainer.model):
@@ -531,9 +538,11 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         accuracy = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h]
         if accuracy:
             metrics["first_accuracy"], metrics["last_accuracy"] = accuracy[0], accuracy[-1]
-    evaluations = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evaluations:
-        metrics["first_eval_loss"], metrics["eval_loss"] = evaluations[0], evaluations[-1]
+        metrics["first_eval_loss"], metrics["eval_loss"] = evaluations[0]["eval_loss"], evaluations[-1]["eval_loss"]
+        if "eval_trainable_tokens" in evaluations[-1]:
+            metrics["eval_trainable_tokens"] = evaluations[-1]["eval_trainable_tokens"]
     if trainer.state.best_model_checkpoint:  # load_best_model_at_end: the saved model is this checkpoint's
         metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
         metrics["best_metric"] = trainer.state.best_metric

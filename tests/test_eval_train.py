@@ -69,6 +69,8 @@ def test_eval_loss_is_logged_at_eval_strategy(assets, tmp_path):
     assert outcome.report.eval.rows == 8
     assert outcome.metrics["first_eval_loss"] > 0 and outcome.metrics["eval_loss"] > 0
     assert outcome.metrics["eval_loss"] != outcome.metrics["first_eval_loss"]  # evaluated at steps 2 and 4
+    # each evaluation's log carries the eval split's trainable tokens, as check-data counts them
+    assert outcome.metrics["eval_trainable_tokens"] == outcome.report.eval.trainable_tokens > 0
 
 
 def test_a_zero_mask_eval_row_stops_the_run_before_the_model_loads(assets, tmp_path):
