@@ -4,8 +4,8 @@
 
 The same synthetic three-turn conversations (real Qwen2 vocabulary, bundled `chatml`, no packing) go
 through `check_data` under three recipes: no control (TRL's mask as it is), `train_turns: last` (every row
-X
-fresh process-free call with `datasets` caching off; the best of `--repeat` runs is kept. Prints one table.
+needs control) and `train: false` on each row's first turn. Each recipe runs in one call with `datasets`
+caching off; the best of `--repeat` runs is kept. Prints one table.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class Report:
             out.append("the dataset is empty")
         if len(self.zero_mask_rows) > self.max_zero_rows:
             out.append(f"{len(self.zero_mask_rows)} rows end with zero trainable tokens (allowed: {self.max_zero_rows}); "
-                       "fix or remove them, or raise --max-zero-rows")
+                       "fix or remove them, or raise max_zero_rows (recipe key; check-data --max-zero-rows)")
         if self.coverage_problem_rows:
             out.append(_coverage_problem_text(self.coverage_problem_rows))
         if self.zero_trainable_sequences:

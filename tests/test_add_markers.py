@@ -28,7 +28,7 @@ TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 DEV_SET = sorted(p.stem for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.endswith("_training"))
 BUNDLED = sorted(p for p in (Path(__file__).resolve().parents[1] / "templates").glob("*.jinja"))
 
-# Every dev-set template converts and verifies today except these (README "add-markers" gives the cause).
+# Every dev-set template converts and verifies today except these (docs/add-markers.md gives the cause).
 # A template joining this set is a regression; one leaving it should be taken out.
 REFUSED = {"diffusion_gemma"}
 CONVERTS = set(DEV_SET) - REFUSED
@@ -70,7 +70,7 @@ def test_dev_set_template_converts_or_says_where_it_cannot(name):
     elif isinstance(result, MarkerError):
         assert str(result).strip()  # a cause, and where the template allows it a line
     else:
-        pytest.fail(f"{name} now converts: take it out of REFUSED and the README table")
+        pytest.fail(f"{name} now converts: take it out of REFUSED and the table in docs/add-markers.md")
 
 
 @pytest.mark.parametrize("name", sorted(CONVERTS))
