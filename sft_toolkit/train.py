@@ -483,7 +483,11 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         log(f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
             f"{len(dataset)} sequences re-checked; not re-tokenized")
     else:
-        report, dataset, eval_dataset, notes = guard_splits(recipe, world_size, keep_provenance=True)
+        # Once per job, not once per rank: the main process tokenizes and accounts first, the other ranks wait,
+        # then find every step in the datasets cache (TRL prepares its datasets the same way). A guard stop on
+        # the main process releases the others, which reach the same decision from the cache.
+        with recipe.sft.main_process_first(desc="dataset preparation"):
+            report, dataset, eval_dataset, notes = guard_splits(recipe, world_size, keep_provenance=True)
         if "src_pos" in (dataset.column_names or ()):  # only the source rows travel with batches (to name them)
             dataset = dataset.remove_columns("src_pos")
     for note in notes:

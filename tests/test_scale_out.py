@@ -130,3 +130,20 @@ def test_two_nodes_train_and_a_failure_on_one_ends_the_other_with_the_cause(asse
     cause = other_node.stderr[other_node.stderr.index("Root Cause"):]
     assert "rank      : 1" in cause and "RuntimeError: injected failure on rank 1" in cause, other_node.stderr[-3000:]
     assert "Connection closed by peer" in main_node.stderr, main_node.stderr[-3000:]
+
+
+def test_the_main_process_prepares_the_data_and_the_other_rank_loads_it(assets, tmp_path):
+    rows = rows_with_long_prompts(assets, 0)
+    keys = recipe_keys(assets, tmp_path, rows, max_length=128, max_steps=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(keys))
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    entry = Path(__file__).parent / "helpers" / "count_tokenized_rows.py"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(entry), str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(counts), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenized = {path.stem: int(path.read_text()) for path in counts.iterdir()}
+    assert tokenized == {"rank-0": len(rows), "rank-1": 0}  # once per job: rank 1 found rank 0's work cached
