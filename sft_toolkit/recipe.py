@@ -154,6 +154,8 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     if not _has_accelerator():
         # Preparing data needs no GPU; TRL's bf16 default would otherwise refuse to build the config on CPU.
         sft_keys.setdefault("use_cpu", True)
+    if sft_keys.get("deepspeed") is not None:
+        _check_deepspeed(source, sft_keys["deepspeed"])  # TrainingArguments imports it while it is built
     try:
         built = {group: groups[group](**values) for group, values in by_group.items()}
     except (ValueError, TypeError) as err:
@@ -161,6 +163,18 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     _check_consistency(source, built)
     return Recipe(built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys),
                   mixture=built["mixture"])
+
+
+def _check_deepspeed(source: str, config) -> None:
+    """`deepspeed: ds.json` (or a mapping): the file must exist and DeepSpeed must be installed, else
+    transformers stops with a traceback while the config is built."""
+    import importlib.util
+
+    if isinstance(config, str) and not Path(config).is_file():
+        raise InputError(f"{source}: deepspeed: {config}: no such file (a DeepSpeed JSON config, or a mapping)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise InputError(f"{source}: deepspeed: DeepSpeed is not installed; pip install 'sft-toolkit[deepspeed]' "
+                         "(it trains on CUDA GPUs), or remove the key")
 
 
 def _has_accelerator() -> bool:

@@ -461,6 +461,22 @@ def _callbacks(recipe) -> list:
     return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience is not None else []
 
 
+def check_backend(recipe) -> None:
+    """InputError when accelerate's config asks for a backend this run would not use. accelerate applies an
+    FSDP config only on accelerator devices (its `AcceleratorState`): with `use_cpu` the same launch runs as
+    DDP on gloo, every rank holding the whole model, without a word."""
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    running = recipe.sft.distributed_state.distributed_type  # sets up the process group, as the trainer would
+    if running in (DistributedType.MULTI_CPU, DistributedType.NO):
+        raise InputError(f"{recipe.source}: accelerate's config asks for FSDP, but this run is "
+                         f"{running.value} (use_cpu: {recipe.sft.use_cpu}): accelerate shards only on accelerator "
+                         "devices, so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
+                         "or run FSDP on GPUs")
+
+
 def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     """Check, decide, then train with TRL. Raises GuardStop when the guard refuses or stops the run."""
     from trl import get_peft_config
@@ -473,6 +489,7 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         check_merge_target(merged_dir(recipe.sft.output_dir))
     # Before anything reads data or loads weights: an output_dir this run would damage is refused.
     earlier = check_train_output(recipe, resume_step=_resume_step)
+    check_backend(recipe)
     if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
         # The same template repair as from raw data (deterministic), so the template hashes can be compared.
         rendered = read_manifest(recipe.toolkit.prepared)["template"].get("sha256") is not None

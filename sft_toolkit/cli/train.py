@@ -11,6 +11,7 @@ import os
 
 import yaml
 
+from ..masks import RenderLimit
 from ..problems import InputError
 from ..recipe import load_recipe
 from ..train import GuardStop, train
@@ -55,7 +56,19 @@ def run(args) -> int:
         # (it ends the other ranks itself) instead of "error_file: <N/A>".
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        return record(_run)(args)
+        bad_input: list[Exception] = []
+
+        def recorded(args) -> int:
+            try:
+                return _run(args)
+            except (InputError, RenderLimit) as err:  # one line per rank from the CLI, not a root-cause traceback
+                bad_input.append(err)
+                return 2
+
+        code = record(recorded)(args)
+        if bad_input:
+            raise bad_input[0]
+        return code
     return _run(args)
 
 
