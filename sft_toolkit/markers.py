@@ -41,11 +41,11 @@ from enum import Enum
 import jinja2
 from jinja2 import nodes
 
-from .lint import (NO_STOP, _end_of_turn, _render, lint, locate_turns, setting_label, settings_for,  # one home for
-                   usable_probe)  # finding turns
+from .lint import lint, setting_label, settings_for
 from .masks import GENERATION_MARKER, RenderLimit, TemplateRaised, normalize_messages, render, template_error_text
 from .probes import PROBES, VERIFICATION_PROBES, Probe, text_of
 from .problems import ERROR, Finding, InputError
+from .turns import NO_STOP, end_of_turn, locate_turns, render_probe, usable_probe
 
 
 
@@ -618,7 +618,7 @@ def _trace_all(template: _Template, tokenizer, settings: list[dict]) -> tuple[li
     traced = env.template_class.from_code(env, code, env.make_globals(None), None)
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     # The end-of-turn text, from the first probe that shows it (a prefix ending in a tool call doesn't).
-    eot = next((e for p in PROBES if (e := _end_of_turn(template.source, usable_probe(template.source, p, _special(
+    eot = next((e for p in PROBES if (e := end_of_turn(template.source, usable_probe(template.source, p, _special(
         kwargs)), _special(kwargs)))), None)
     out, failed, first_error = [], [], None
     # The settings of the template's switches the markers must suit (lint checks each one).
@@ -630,7 +630,7 @@ def _trace_all(template: _Template, tokenizer, settings: list[dict]) -> tuple[li
                 name = f"{name} ({setting_label(setting, {})})"
             sub = replace(probe, messages=messages)
             try:
-                expected = _render(template.source, sub, messages, prompt, kwargs)
+                expected = render_probe(template.source, sub, messages, prompt, kwargs)
             except TemplateRaised:
                 continue  # the original refuses this conversation, the marked one must too (checked by lint)
             except InputError as err:
