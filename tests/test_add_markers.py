@@ -20,7 +20,7 @@ import trl
 
 from sft_toolkit.lint import _check_probe, lint
 from sft_toolkit.turns import end_of_turn, locate_turns, usable_probe
-from sft_toolkit.markers import MarkerError, _strip_markers, add_markers
+from sft_toolkit.markers import MarkerError, add_markers, strip_markers
 from sft_toolkit.masks import TemplateRaised, render, tokenize
 from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, generated_conversations
 from sft_toolkit.problems import InputError
@@ -134,7 +134,7 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
 def test_bundled_templates_stripped_of_markers_come_back_with_the_same_mask(path):
     source = path.read_text()
-    bare = _strip_markers(source)
+    bare = strip_markers(source)
     marked = add_markers(bare).source
     for probe in PROBES:
         probe = usable_probe(source, probe, {})
