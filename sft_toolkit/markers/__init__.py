@@ -40,6 +40,7 @@ from ..lint import lint, settings_for
 from ..masks import GENERATION_MARKER
 from ..problems import ERROR
 from ..turns import NO_STOP
+from .label import Label
 from .place import Placer
 from .source import MarkerError, Template, strip_markers
 from .trace import trace_all
@@ -83,7 +84,7 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
         if len(tried) not in traced:
             traced[len(tried)] = trace_all(template, tokenizer, tried)
         traces, failed = traced[len(tried)]
-        if not any("T" in t.labels for t in traces):
+        if not any(Label.TRAINED in trace.labels for trace in traces):
             raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")
         # Plain first; then leaving whitespace inside turns untrained; then with the turn-has-begun flag.
         for relaxed, flags in ((False, False), (True, False), (False, True), (True, True)):

@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from .label import Label
 from .source import Body, MarkerError, Piece, Statement, Tag, Template
 from .trace import Trace
 
 
 # The template is a tree of statement lists. In each list, every emitting piece and statement gets a
-# signature over all traced renders: {T} only trained text, {U} only untrained, {} nothing (or only
-# whitespace that may go either way), {T, U} both. Mixed ones are resolved: literal text is split between
+# signature over all traced renders (a set of `Label`s): {TRAINED} only trained text, {UNTRAINED} only untrained,
+# {} nothing (or only whitespace that may go either way), {TRAINED, UNTRAINED} both. Mixed ones are resolved: literal text is split between
 # characters, a statement is entered, and code shared by all roles is duplicated under a role condition.
-# Then each maximal run of {T} atoms (with {} atoms inside it) becomes one generation block.
+# Then each maximal run of {TRAINED} atoms (with {} atoms inside it) becomes one generation block.
 
 
 @dataclass
@@ -25,14 +26,22 @@ class Placement:
     role_conditions: int
 
 
+TRAINED_ONLY = frozenset({Label.TRAINED})
+MIXED = frozenset({Label.TRAINED, Label.UNTRAINED})
+# Signatures of atoms that end a run of trained atoms without being labels: a statement marked inside (or under
+# a condition), and an assignment (a `set` inside a generation block is not seen after it).
+RESOLVED_INSIDE = frozenset({"resolved inside"})
+ASSIGNMENT = frozenset({"assignment"})
+
+
 @dataclass(frozen=True)
 class _Atom:
     kind: str          # "piece" | "chars" (part of a literal) | "head"/"tail" (of a split `{{ name }}`) | "stmt" |
                        # "done" (resolved inside) | "break"
-    obj: object        # Piece | Statement
-    sig: frozenset
-    a: int = 0         # chars: [a, b) of the literal's text
-    b: int = 0
+    item: Piece | Statement
+    signature: frozenset
+    start: int = 0     # chars: [start, end) of the literal's text
+    end: int = 0
     landmark: str = ""  # head/tail: the text the head ends with
 
 
@@ -53,7 +62,7 @@ class Placer:
     probes); nothing of it is printed."""
 
     def __init__(self, template: Template, traces: list[Trace], relaxed: bool, flags: bool = False):
-        self.t, self.relaxed, self.flags = template, relaxed, flags
+        self.template, self.relaxed, self.flags = template, relaxed, flags
         self.by_piece: dict[int, list] = {}
         for trace in traces:
             for e in trace.emissions:
@@ -63,12 +72,12 @@ class Placer:
         self.flag_loops: set[int] = set()
 
     def place(self) -> Placement:
-        edits = self._body(self.t.body.items, frozenset())
+        edits = self._body(self.template.body.items, frozenset())
         for loop in sorted(self.flag_loops):  # a fresh flag at the start of each pass
             tag = self.fors[loop].open
             width = 2 + (1 if tag.rmod else 0)
             edits.append((tag.end - width, tag.end, f"%}}{{% set {FLAG} = namespace(started=false) {tag.rmod}%}}"))
-        source = _apply(self.t.source, edits, 0, len(self.t.source))
+        source = _apply(self.template.source, edits, 0, len(self.template.source))
         if self.flag_loops:  # every generation block in the source is ours
             source = re.sub(r"\{%([-+]?) endgeneration",
                             lambda m: f"{{%{m.group(1)} set {FLAG}.started = true %}}{{% endgeneration", source)
@@ -81,45 +90,46 @@ class Placer:
                 if all(_WHERE[name](e) for name in where):
                     yield trace, e
 
-    def _sig(self, pieces, where, prefill=False) -> frozenset:
+    def _signature(self, pieces, where, prefill=False) -> frozenset:
         """The labels the pieces emit. Pre-filled text (p) follows the rest unless `prefill` asks to see it:
         untrained beside untrained text, trained otherwise (as TRL's training templates train a pre-filled
         `<think>` block)."""
-        sig = {trace.labels[i] for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
-        sig.discard("*")
-        if "p" in sig and not prefill:
-            sig.discard("p")
-            sig = sig or {"T"}
-        return frozenset(sig)
+        signature = {trace.labels[i] for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
+        signature.discard(Label.EITHER)
+        if Label.PREFILL in signature and not prefill:
+            signature.discard(Label.PREFILL)
+            signature = signature or {Label.TRAINED}
+        return frozenset(signature)
 
     def _char_labels(self, piece: Piece, where) -> list[str] | None:
         """One label per character of a literal, or None when renders disagree. In relaxed mode a whitespace
         character that is trained in some renders and not in others (a separator the template shares with
         the role header) stays untrained. Whitespace that may go either way (after an end-of-turn) is trained
         only between trained characters."""
-        labels, forced = ["*"] * len(piece.text), set()
+        labels, forced = [Label.EITHER] * len(piece.text), set()
         for trace, e in self._emissions([piece.id], where):
             for k in range(len(piece.text)):
                 label = trace.labels[e.start + k]
-                if label == "*" or labels[k] == label or (label == "p" and labels[k] != "*"):
+                if label == Label.EITHER or labels[k] == label or (label == Label.PREFILL and labels[k] != Label.EITHER):
                     continue
-                if labels[k] in ("*", "p"):
+                if labels[k] in (Label.EITHER, Label.PREFILL):
                     labels[k] = label
                 elif self.relaxed and piece.text[k].isspace():
                     forced.add(k)
                 else:
                     return None
         for k in forced:
-            labels[k] = "U"
-        labels = ["T" if label == "p" else label for label in labels]
-        for a, b, label in _label_runs(labels):
-            if label == "*":
-                inside = a > 0 and b < len(labels) and labels[a - 1] == "T" and labels[b] == "T"
-                labels[a:b] = ["T" if inside else "U"] * (b - a)
+            labels[k] = Label.UNTRAINED
+        labels = [Label.TRAINED if label == Label.PREFILL else label for label in labels]
+        for start, end, label in _label_runs(labels):
+            if label == Label.EITHER:
+                inside = start > 0 and end < len(labels) and labels[start - 1] == Label.TRAINED \
+                    and labels[end] == Label.TRAINED
+                labels[start:end] = [Label.TRAINED if inside else Label.UNTRAINED] * (end - start)
         return labels
 
     def _stmt_pieces(self, stmt: Statement) -> list[int]:
-        return [p.id for p in self.t.pieces if stmt.open.start <= p.start and p.end <= stmt.close.end]
+        return [p.id for p in self.template.pieces if stmt.open.start <= p.start and p.end <= stmt.close.end]
 
     # The walk ------------------------------------------------------------------------------------------
     def _body(self, items, where: frozenset) -> list:
@@ -129,7 +139,7 @@ class Placer:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
                 edits.append(self._role_condition(item) if not where else self._turn_condition(item))
-                atoms.append(_Atom("done", item, frozenset("X")))
+                atoms.append(_Atom("done", item, RESOLVED_INSIDE))
             else:
                 atoms += resolved
         return edits + self._runs(atoms)
@@ -137,11 +147,11 @@ class Placer:
     def _resolve(self, item, where, edits) -> list[_Atom] | None:
         """The item's atoms with their signatures, mixed ones resolved; None when only a condition can."""
         if isinstance(item, Statement):
-            sig = self._sig(self._stmt_pieces(item), where)
-            if isinstance(item.node, (nodes.Assign, nodes.AssignBlock, nodes.Macro)) and not sig:
-                return [_Atom("break", item, frozenset("B"))]  # a `set` inside a block is not seen after it
-            if sig != {"T", "U"}:
-                return [_Atom("stmt", item, sig)]
+            signature = self._signature(self._stmt_pieces(item), where)
+            if isinstance(item.node, (nodes.Assign, nodes.AssignBlock, nodes.Macro)) and not signature:
+                return [_Atom("break", item, ASSIGNMENT)]  # a `set` inside a block is not seen after it
+            if signature != MIXED:
+                return [_Atom("stmt", item, signature)]
             if not item.bodies:
                 return None
             try:
@@ -151,21 +161,22 @@ class Placer:
                     raise
                 return None
             edits += inner
-            return [_Atom("done", item, frozenset("X"))]
+            return [_Atom("done", item, RESOLVED_INSIDE)]
         atoms = []
-        for piece in self.t.exprs.get(item.id, [item]):
-            sig = self._sig([piece.id], where)
-            splittable = piece.text is not None and self._sig([piece.id], where, prefill=True) & {"T", "p"}
+        for piece in self.template.exprs.get(item.id, [item]):
+            signature = self._signature([piece.id], where)
+            splittable = piece.text is not None and self._signature([piece.id], where, prefill=True) & {
+                Label.TRAINED, Label.PREFILL}
             labels = self._char_labels(piece, where) if splittable else None
-            if sig != {"T", "U"} and not (labels and "U" in labels):
+            if signature != MIXED and not (labels and Label.UNTRAINED in labels):
                 # (a trained literal that ends in whitespace after an end-of-turn is split all the same)
-                atoms.append(_Atom("piece", piece, sig))
+                atoms.append(_Atom("piece", piece, signature))
                 continue
             if labels is None:
                 landmark = self._landmark(piece, where) if piece.variable else None
                 if landmark:
-                    atoms += [_Atom("head", piece, frozenset("U"), landmark=landmark),
-                              _Atom("tail", piece, frozenset("T"), landmark=landmark)]
+                    atoms += [_Atom("head", piece, frozenset({Label.UNTRAINED}), landmark=landmark),
+                              _Atom("tail", piece, TRAINED_ONLY, landmark=landmark)]
                     continue
                 if not where or (self.flags and where == _ASSISTANT):
                     return None
@@ -175,7 +186,7 @@ class Placer:
                 raise MarkerError("the same code prints assistant output in some conversations and text the model "
                                   "is given in others (e.g. a reasoning block the generation prompt pre-fills), "
                                   "so no fixed place for a marker exists", piece.line)
-            atoms += [_Atom("chars", piece, frozenset(label), a, b) for a, b, label in _label_runs(labels)]
+            atoms += [_Atom("chars", piece, frozenset({label}), start, end) for start, end, label in _label_runs(labels)]
         return atoms
 
     def _landmark(self, piece: Piece, where) -> str | None:
@@ -186,8 +197,8 @@ class Placer:
         heads = []
         for trace, e in self._emissions([piece.id], where):
             labels, text = trace.labels[e.start:e.end], trace.text[e.start:e.end]
-            first = labels.find("T")
-            if first <= 0 or set(labels[:first]) - {"U", "p"} or "U" in labels[first:]:
+            first = labels.find(Label.TRAINED)
+            if first <= 0 or set(labels[:first]) - {Label.UNTRAINED, Label.PREFILL} or Label.UNTRAINED in labels[first:]:
                 return None
             heads.append((text, first))
         if not heads:
@@ -203,41 +214,41 @@ class Placer:
 
     def _role_condition(self, item) -> tuple[int, int, str]:
         """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item."""
-        pieces = self._stmt_pieces(item) if isinstance(item, Statement) else [p.id for p in self.t.exprs.get(item.id, [item])]
+        pieces = self._stmt_pieces(item) if isinstance(item, Statement) else [p.id for p in self.template.exprs.get(item.id, [item])]
         emissions = list(self._emissions(pieces, frozenset()))
         loops = {e.loop for _, e in emissions}
         line = item.line
         if not emissions or None in loops or len(loops) != 1:
             raise MarkerError("assistant output and other text come from the same code here, outside a "
                               "`for message in messages` loop, so it can't be conditioned on the role", line)
-        if any(trace.labels[i] == "T" for trace, e in emissions if e.role != "assistant"
+        if any(trace.labels[i] == Label.TRAINED for trace, e in emissions if e.role != "assistant"
                for i in range(e.start, e.end)):
             raise MarkerError("this code trains text of non-assistant messages", line)
         var = self.fors[loops.pop()].loop_var
-        start, lmod = _edge(self.t, item, "left")
-        end, rmod = _edge(self.t, item, "right")
+        start, lmod = _edge(self.template, item, "left")
+        end, rmod = _edge(self.template, item, "right")
         marked = self._copy(item, _ASSISTANT, start, end)
         self.role_conditions += 1
         return (start, end, f"{{%{lmod} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
-                            f"{self.t.source[start:end]}{{%+ endif {rmod}%}}")
+                            f"{self.template.source[start:end]}{{%+ endif {rmod}%}}")
 
     def _turn_condition(self, item) -> tuple[int, int, str]:
         """`{% if <flag>.started %}copy marked for later messages of a turn{% else %}copy for its first{% endif %}`
         around one `{{ }}` of an assistant message (see the class docstring)."""
-        emissions = list(self._emissions([p.id for p in self.t.exprs.get(item.id, [item])], _ASSISTANT))
+        emissions = list(self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], _ASSISTANT))
         loops = {e.loop for _, e in emissions}
         if None in loops or len(loops) != 1 or len({e.started for _, e in emissions}) != 2:
             raise MarkerError("the same code prints assistant output in some conversations and text the model is "
                               "given in others, and whether the turn has begun doesn't tell which", item.line)
-        start, lmod = _edge(self.t, item, "left")
-        end, rmod = _edge(self.t, item, "right")
+        start, lmod = _edge(self.template, item, "left")
+        end, rmod = _edge(self.template, item, "right")
         self.flag_loops.add(loops.pop())
         return (start, end, f"{{%{lmod} if {FLAG}.started +%}}{self._copy(item, _STARTED, start, end)}{{%+ else +%}}"
                             f"{self._copy(item, _FRESH, start, end)}{{%+ endif {rmod}%}}")
 
     def _copy(self, item, where: frozenset, start: int, end: int) -> str:
         """The item's source marked for the renders `where` selects, to sit inside a condition's branch."""
-        marked = _apply(self.t.source, self._body([item], where), start, end)
+        marked = _apply(self.template.source, self._body([item], where), start, end)
         # Inside the copy the neighbours are the condition's own tags, so no `+` is needed at its edges.
         marked = re.sub(r"\A\{%\+ generation", "{% generation", marked)
         return re.sub(r"endgeneration \+%\}\Z", "endgeneration %}", marked)
@@ -247,18 +258,18 @@ class Placer:
         edits, run = [], []
 
         def close():
-            while run and run[-1].sig != {"T"}:
+            while run and run[-1].signature != TRAINED_ONLY:
                 run.pop()
             if run:
-                edits.append(_boundary(self.t, run[0], "left", "generation"))
-                edits.append(_boundary(self.t, run[-1], "right", "endgeneration"))
+                edits.append(_boundary(self.template, run[0], "left", "generation"))
+                edits.append(_boundary(self.template, run[-1], "right", "endgeneration"))
                 self.blocks += 1
             run.clear()
 
         for atom in atoms:
-            if atom.sig == {"T"} or (not atom.sig and run):
+            if atom.signature == TRAINED_ONLY or (not atom.signature and run):
                 run.append(atom)
-            elif atom.sig:
+            elif atom.signature:
                 close()
         close()
         return edits
@@ -273,7 +284,7 @@ def _stmts(items_or_body):
                 yield from _stmts(body)
 
 
-def _label_runs(labels: list[str]):
+def _label_runs(labels: list[str]) -> list[tuple[int, int, str]]:
     out, start = [], 0
     for k in range(1, len(labels) + 1):
         if k == len(labels) or labels[k] != labels[start]:
@@ -299,54 +310,54 @@ def _lstrip_applies(source: str, pos: int) -> bool:
     return k < pos and (k == 0 or source[k - 1] == "\n")
 
 
-def _left_mod(t: Template, pos: int, tag: Tag | None) -> str:
+def _left_mod(template: Template, pos: int, tag: Tag | None) -> str:
     if tag is not None and (tag.kind == "block" or tag.lmod == "-"):
         return tag.lmod
-    return "+" if _lstrip_applies(t.source, pos) else ""
+    return "+" if _lstrip_applies(template.source, pos) else ""
 
 
-def _right_mod(t: Template, pos: int, tag: Tag | None) -> str:
+def _right_mod(template: Template, pos: int, tag: Tag | None) -> str:
     if tag is not None and (tag.kind == "block" or tag.rmod == "-"):
         return tag.rmod
-    return "+" if t.source.startswith(("\n", "\r\n"), pos) else ""
+    return "+" if template.source.startswith(("\n", "\r\n"), pos) else ""
 
 
-def _edge(t: Template, item, side: str) -> tuple[int, str]:
+def _edge(template: Template, item, side: str) -> tuple[int, str]:
     """Source position and whitespace modifier of an item's outer edge (for a condition around it)."""
     left = side == "left"
     tag = (item.open if left else item.close) if isinstance(item, Statement) else (None if item.kind == "data" else item.tag)
     pos = (tag.start if left else tag.end) if tag is not None else (item.start if left else item.end)
-    return pos, (_left_mod(t, pos, tag) if left else _right_mod(t, pos, tag)) or "+"
+    return pos, (_left_mod(template, pos, tag) if left else _right_mod(template, pos, tag)) or "+"
 
 
-def _boundary(t: Template, atom: _Atom, side: str, name: str) -> tuple[int, int, str]:
+def _boundary(template: Template, atom: _Atom, side: str, name: str) -> tuple[int, int, str]:
     """The edit that puts `{% name %}` on `side` of `atom`."""
-    obj, left = atom.obj, side == "left"
-    if atom.kind == "chars" and not (left and atom.a == 0) and not (not left and atom.b == len(obj.text)):
-        pos = obj.offsets[atom.a if left else atom.b]
-        if obj.kind != "data":  # inside a string literal: end the literal and the tag around the marker
-            quote = t.source[obj.offsets[-1]]
+    item, left = atom.item, side == "left"
+    if atom.kind == "chars" and not (left and atom.start == 0) and not (not left and atom.end == len(item.text)):
+        pos = item.offsets[atom.start if left else atom.end]
+        if item.kind != "data":  # inside a string literal: end the literal and the tag around the marker
+            quote = template.source[item.offsets[-1]]
             return (pos, pos, f"{quote} }}}}{{% {name} %}}{{{{ {quote}")
-        return (pos, pos, f"{{%{_left_mod(t, pos, None)} {name} {_right_mod(t, pos, None)}%}}")
+        return (pos, pos, f"{{%{_left_mod(template, pos, None)} {name} {_right_mod(template, pos, None)}%}}")
     if atom.kind == "tail" and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
-        tag, at = obj.tag, f"{obj.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
+        tag, at = item.tag, f"{item.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
         inner = (tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0))
-        return (*inner, f" {obj.variable}[:{at}] }}}}{{% {name} %}}{{{{ {obj.variable}[{at}:] ")
-    if isinstance(obj, Statement):
-        tag = obj.open if left else obj.close
-    elif obj.kind == "data":
-        pos = obj.start if left else obj.end
-        return (pos, pos, f"{{%{_left_mod(t, pos, None)} {name} {_right_mod(t, pos, None)}%}}")
-    elif obj.kind == "operand" and (obj.index > 0 if left else obj.index < obj.count - 1):
-        op = obj.cuts[obj.index - 1] if left else obj.cuts[obj.index]
+        return (*inner, f" {item.variable}[:{at}] }}}}{{% {name} %}}{{{{ {item.variable}[{at}:] ")
+    if isinstance(item, Statement):
+        tag = item.open if left else item.close
+    elif item.kind == "data":
+        pos = item.start if left else item.end
+        return (pos, pos, f"{{%{_left_mod(template, pos, None)} {name} {_right_mod(template, pos, None)}%}}")
+    elif item.kind == "operand" and (item.index > 0 if left else item.index < item.count - 1):
+        op = item.cuts[item.index - 1] if left else item.cuts[item.index]
         return (op[0], op[1], f" }}}}{{% {name} %}}{{{{ ")
     else:
-        tag = obj.tag
+        tag = item.tag
     width = 2 + (1 if (tag.lmod if left else tag.rmod) else 0)
     if left:
         return (tag.start, tag.start + width,
-                f"{{%{_left_mod(t, tag.start, tag)} {name} %}}{t.source[tag.start:tag.start + 2]}")
-    return (tag.end - width, tag.end, f"{t.source[tag.end - 2:tag.end]}{{% {name} {_right_mod(t, tag.end, tag)}%}}")
+                f"{{%{_left_mod(template, tag.start, tag)} {name} %}}{template.source[tag.start:tag.start + 2]}")
+    return (tag.end - width, tag.end, f"{template.source[tag.end - 2:tag.end]}{{% {name} {_right_mod(template, tag.end, tag)}%}}")
 
 
 def _jinja_string(text: str) -> str:

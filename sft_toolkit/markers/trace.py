@@ -13,7 +13,7 @@ from ..masks import RenderLimit, TemplateRaised, normalize_messages, template_er
 from ..probes import PROBES, VERIFICATION_PROBES, Probe, text_of
 from ..problems import InputError
 from ..turns import end_of_turn, render_probe, usable_probe
-from .label import label_characters
+from .label import Label, label_characters
 from .source import MarkerError, Piece, Template, with_special_tokens
 
 
@@ -33,7 +33,7 @@ class Trace:
     name: str
     text: str
     emissions: list
-    labels: str           # per character: T (must train), U (must not), * (either)
+    labels: str           # one `Label` value per character of `text`
     probe: Probe          # the conversation rendered (a probe or a prefix of one)
     prompt: bool          # add_generation_prompt
 
@@ -195,6 +195,6 @@ def _mark_started(emissions: list[Emission], labels: str, pieces: list[Piece]) -
     for e in emissions:
         piece = pieces[e.piece]
         e.started = previous.started if piece.kind == "operand" and piece.index > 0 else e.iteration in trained
-        if e.iteration is not None and "T" in labels[e.start:e.end]:
+        if e.iteration is not None and Label.TRAINED in labels[e.start:e.end]:
             trained.add(e.iteration)
         previous = e

@@ -10,6 +10,7 @@ from ..lint import lint, settings_for
 from ..masks import TemplateRaised, render
 from ..probes import text_of
 from ..problems import ERROR, Finding, InputError
+from .label import Label
 from .source import Template, strip_markers, with_special_tokens
 from .trace import Trace, trace_all
 
@@ -66,7 +67,7 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
                    f"renders {trace.text[at:at + 30]!r}")
             continue
         trained = out.trained_chars()
-        wrong = [(label == "U" and trained[i]) or (label == "T" and not trained[i] and not (
+        wrong = [(label == Label.UNTRAINED and trained[i]) or (label == Label.TRAINED and not trained[i] and not (
             relaxed and trace.text[i].isspace())) for i, label in enumerate(trace.labels)]
         if True in wrong:
             start = wrong.index(True)
