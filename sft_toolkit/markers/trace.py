@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import jinja2
 from jinja2 import nodes
+from jinja2.visitor import NodeTransformer
 
 from ..lint import setting_label
 from ..masks import RenderLimit, TemplateRaised, normalize_messages, template_error_text
@@ -32,70 +33,78 @@ class Emission:
 class Trace:
     name: str
     text: str
-    emissions: list
+    emissions: list[Emission]
     labels: str           # one `Label` value per character of `text`
     probe: Probe          # the conversation rendered (a probe or a prefix of one)
     prompt: bool          # add_generation_prompt
 
 
-def _instrument(template: Template):
-    """A fresh AST of the same source with every piece wrapped in `sft_emit(id, value)`, every for-loop body
-    opened with `sft_enter(loop, item)` and every for-loop followed by `sft_leave(loop)` (so text after an
-    inner loop over messages, e.g. gpt-oss's look-ahead, is not taken for the last message it saw); pieces
-    are numbered in the same order as `Template`."""
-    tree = template.env.parse(template.source)
-    counter = iter(range(len(template.pieces)))
-    loop_ids = {}
+class _Instrumenter(NodeTransformer):
+    """Wraps every piece of a fresh AST of the template's source in `sft_emit(id, value)`, opens every for-loop
+    body with `sft_enter(loop, item)` and follows every for-loop with `sft_leave(loop)` (so text after an inner
+    loop over messages, e.g. gpt-oss's look-ahead, is not taken for the last message it saw). Only statement
+    lists of `if` and `for` are entered, as `Template` enters them, so pieces are numbered in its order; other
+    statements (macros, set/filter/call blocks) capture their output and stay as they are."""
 
-    def call(name, *args):
-        return nodes.Call(nodes.Name(name, "load"), list(args), [], None, None)
+    def __init__(self, template: Template):
+        self.template = template
+        self.piece_ids = iter(range(len(template.pieces)))
+        self.loops = 0
 
-    def walk(stmts):
-        out = []
-        for node in stmts:
-            out.append(node)
-            if isinstance(node, nodes.Output):
-                new = []
-                for child in node.nodes:
-                    pid = next(counter)
-                    if isinstance(child, nodes.TemplateData):
-                        new.append(call("sft_emit", nodes.Const(pid), nodes.Const(child.data)))
-                        continue
-                    operands = template.exprs[pid]
-                    if len(operands) == 1:
-                        new.append(call("sft_emit", nodes.Const(pid), child))
-                    else:
-                        for _ in operands[1:]:
-                            next(counter)
-                        new.append(_wrap_chain(child, iter(p.id for p in operands), call))
-                node.nodes = new
-            elif isinstance(node, nodes.If):
-                node.body = walk(node.body)
-                for elif_ in node.elif_:
-                    elif_.body = walk(elif_.body)
-                node.else_ = walk(node.else_)
-            elif isinstance(node, nodes.For):
-                loop = loop_ids[id(node)] = len(loop_ids)
-                node.body = walk(node.body)
-                if isinstance(node.target, nodes.Name):
-                    node.body.insert(0, nodes.Output([call("sft_enter", nodes.Const(loop),
-                                                            nodes.Name(node.target.name, "load"))]))
-                    out.append(nodes.Output([call("sft_leave", nodes.Const(loop))]))
-                node.else_ = walk(node.else_)
-        return out
-    tree.body = walk(tree.body)
-    return tree
+    def generic_visit(self, node, *args, **kwargs):
+        return node
+
+    def visit_Template(self, node: nodes.Template) -> nodes.Template:
+        return super().generic_visit(node)
+
+    def visit_If(self, node: nodes.If) -> nodes.If:
+        return super().generic_visit(node)
+
+    def visit_For(self, node: nodes.For) -> list[nodes.Node]:
+        loop = self.loops
+        self.loops += 1
+        super().generic_visit(node)
+        if not isinstance(node.target, nodes.Name):
+            return [node]
+        node.body.insert(0, nodes.Output([_call("sft_enter", nodes.Const(loop), nodes.Name(node.target.name, "load"))]))
+        return [node, nodes.Output([_call("sft_leave", nodes.Const(loop))])]
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Output:
+        wrapped = []
+        for child in node.nodes:
+            piece_id = next(self.piece_ids)
+            if isinstance(child, nodes.TemplateData):
+                wrapped.append(_call("sft_emit", nodes.Const(piece_id), nodes.Const(child.data)))
+                continue
+            operands = self.template.exprs[piece_id]
+            if len(operands) == 1:
+                wrapped.append(_call("sft_emit", nodes.Const(piece_id), child))
+            else:
+                for _ in operands[1:]:
+                    next(self.piece_ids)
+                wrapped.append(_wrap_chain(child, iter(p.id for p in operands)))
+        node.nodes = wrapped
+        return node
 
 
-def _wrap_chain(node, ids, call):
+def _instrument(template: Template) -> nodes.Template:
+    """A fresh AST of the template's source with every piece and loop recorded (see `_Instrumenter`)."""
+    return _Instrumenter(template).visit(template.env.parse(template.source))
+
+
+def _call(name: str, *args: nodes.Expr) -> nodes.Call:
+    return nodes.Call(nodes.Name(name, "load"), list(args), [], None, None)
+
+
+def _wrap_chain(node: nodes.Expr, ids) -> nodes.Expr:
     if isinstance(node, nodes.Add):
-        node.left = _wrap_chain(node.left, ids, call)
-        node.right = _wrap_chain(node.right, ids, call)
+        node.left = _wrap_chain(node.left, ids)
+        node.right = _wrap_chain(node.right, ids)
         return node
     if isinstance(node, nodes.Concat):
-        node.nodes = [_wrap_chain(n, ids, call) for n in node.nodes]
+        node.nodes = [_wrap_chain(n, ids) for n in node.nodes]
         return node
-    return call("sft_emit", nodes.Const(next(ids)), node)
+    return _call("sft_emit", nodes.Const(next(ids)), node)
 
 
 def _cases(probe: Probe):
@@ -118,8 +127,9 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
     traced = env.template_class.from_code(env, code, env.make_globals(None), None)
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     # The end-of-turn text, from the first probe that shows it (a prefix ending in a tool call doesn't).
-    eot = next((e for p in PROBES if (e := end_of_turn(template.source, usable_probe(template.source, p, with_special_tokens(
-        kwargs)), with_special_tokens(kwargs)))), None)
+    special = with_special_tokens(kwargs)
+    eot = next((found for probe in PROBES
+                if (found := end_of_turn(template.source, usable_probe(template.source, probe, special), special))), None)
     out, failed, first_error = [], [], None
     # The settings of the template's switches the markers must suit (lint checks each one).
     for setting, probe in ((setting, probe) for setting in settings for probe in VERIFICATION_PROBES):
@@ -138,7 +148,7 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                     failed.append(name)  # the original can't render it either (e.g. no tool support): not ours
                     first_error = first_error or err
                 continue
-            emissions, stack, passes = [], [], []
+            emissions, texts, stack, passes = [], [], [], []
 
             def enter(loop, item):
                 while stack and stack[-1][0] == loop:
@@ -153,10 +163,12 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                     stack.pop()
                 return ""
 
-            def emit(pid, value, _e=emissions, _s=stack):
-                text = str(value) if value is not None else "None"
-                loop, role, iteration = _s[-1] if _s else (None, None, None)
-                _e.append((pid, text, role, iteration, loop))
+            def emit(piece_id, value):
+                emitted = str(value) if value is not None else "None"
+                loop, role, iteration = stack[-1] if stack else (None, None, None)
+                start = emissions[-1].end if emissions else 0
+                emissions.append(Emission(piece_id, start, start + len(emitted), role, loop, iteration))
+                texts.append(emitted)
                 return value
 
             variables = {**with_special_tokens(kwargs), **probe.template_kwargs}
@@ -173,16 +185,12 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
             except Exception as err:  # noqa: BLE001 - whatever the template's code raised while traced
                 raise InputError(f"the template failed while traced on probe {name}: "
                                  f"{template_error_text(err)}") from None
-            pos, located = 0, []
-            for pid, piece_text, role, iteration, loop in emissions:
-                located.append(Emission(pid, pos, pos + len(piece_text), role, loop, iteration))
-                pos += len(piece_text)
-            if text != expected.text or "".join(e[1] for e in emissions) != text:
+            if text != expected.text or "".join(texts) != text:
                 raise MarkerError(f"the template's output could not be traced to its source on probe {name} "
                                   "(output from a filter/call block, or a non-string `+`)")
             labels = label_characters(template.source, sub, expected, eot, kwargs)
-            _mark_started(located, labels, template.pieces)
-            out.append(Trace(name, text, located, labels, sub, prompt))
+            _mark_started(emissions, labels, template.pieces)
+            out.append(Trace(name, text, emissions, labels, sub, prompt))
     if not out and first_error:
         raise InputError(f"the template fails to render every probe conversation: {first_error}")
     return out, failed
