@@ -62,8 +62,14 @@ def usable_probe(source: str, probe: Probe, kwargs) -> Probe:
 
 def render_probe(source, probe: Probe, messages, add_generation_prompt, kwargs) -> Rendered:
     # Training renders without the control fields (preprocess strips them), so lint does too.
-    return render(source, control.strip_control(messages), add_generation_prompt=add_generation_prompt,
-                  tools=probe.tools, template_kwargs={**kwargs, **probe.template_kwargs}, keep_none=probe.keep_none)
+    return render(
+        source,
+        control.strip_control(messages),
+        add_generation_prompt=add_generation_prompt,
+        tools=probe.tools,
+        template_kwargs={**kwargs, **probe.template_kwargs},
+        keep_none=probe.keep_none,
+    )
 
 
 def end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
@@ -80,7 +86,7 @@ def end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
         at = text.rfind(content)
         if at < 0:
             return None
-        tail = text[at + len(content):].split()
+        tail = text[at + len(content) :].split()
         return tail[0] if tail else _end_before_user(source, probe, i, content, kwargs)
     return None
 
@@ -98,11 +104,13 @@ def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) ->
     except (TemplateRaised, InputError):
         return ""
     at, next_at = text.find(content), text.find(later)
-    tail = text[at + len(content):next_at].split() if 0 <= at < next_at else []
+    tail = text[at + len(content) : next_at].split() if 0 <= at < next_at else []
     return tail[0] if tail and "user" not in tail[0].lower() else ""
 
 
-def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwargs) -> tuple[list[Turn], list[tuple[str, int, str]]]:
+def locate_turns(
+    source: str, probe: Probe, full: Rendered, eot: str | None, kwargs
+) -> tuple[list[Turn], list[tuple[str, int, str]]]:
     """Find each assistant turn of `probe` in `full`; also return generation-prompt mismatches found on the way."""
     turns, mismatches = [], []
     text = full.text
@@ -113,28 +121,36 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         prompt, header = _generation_prompt(source, probe, i, kwargs)
         prefill_at, role_header, prefill_text = None, None, ""
         if prompt is not None and header is not None:
-            size = _role_header_length(prompt[header[0]:], text, probe)
+            size = _role_header_length(prompt[header[0] :], text, probe)
             if size is not None:
-                prefill_text = prompt[header[0] + size:]
-                if text.startswith(prompt[:header[0] + size]):
+                prefill_text = prompt[header[0] + size :]
+                if text.startswith(prompt[: header[0] + size]):
                     prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
         diverged, given = None, prompt
         if prompt is not None and not text.startswith(prompt):
             at = diverged = first_difference(prompt, text)
-            mismatches.append((
-                "train/inference mismatch: the generation prompt (add_generation_prompt=True) does not end where "
-                "training renders the assistant turn, so the model is trained on a context it never sees at "
-                "inference. Make the prompt write exactly the header training writes.",
-                i, f"prompt {prompt[at:at + 20]!r} vs training {text[at:at + 20]!r}"))
+            mismatches.append(
+                (
+                    "train/inference mismatch: the generation prompt (add_generation_prompt=True) does not end where "
+                    "training renders the assistant turn, so the model is trained on a context it never sees at "
+                    "inference. Make the prompt write exactly the header training writes.",
+                    i,
+                    f"prompt {prompt[at : at + 20]!r} vs training {text[at : at + 20]!r}",
+                )
+            )
             prompt, header = None, None
         content = text_of(message.get("content"))
-        start = len(prompt) if prompt is not None else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
+        start = (
+            len(prompt)
+            if prompt is not None
+            else _after_previous(text, probe.messages[i - 1] if i else None, cursor, eot)
+        )
         if diverged is not None:  # the model was prompted with the text up to where prompt and training part
             start = max(start, _markup_start(text, diverged))
             if start > diverged and (closing := _after_last_message(given, probe.messages[i - 1])):
                 # What the prompt writes after the last message is given too (mistral's `[/INST]`, a header),
                 # as far as training writes the same; the part of it that pre-fills the turn, either way.
-                same = _markup_start(text, start + first_difference(closing, text[start:start + len(closing)]))
+                same = _markup_start(text, start + first_difference(closing, text[start : start + len(closing)]))
                 given_end = start + len(closing) - (len(prefill_text) if closing.endswith(prefill_text) else 0)
                 if prefill_text and same > given_end:
                     prefill_at, role_header = given_end, None
@@ -147,8 +163,13 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
             content_at = followed  # a short text can also occur inside markup (`N` in `[/INST]`)
         body_end = content_at + len(content) if content_at >= 0 else start
         tail = gap = None
-        if content_at >= 0 and message.get("tool_calls") and i + 1 < len(probe.messages) \
-                and (shown := _shown(text, probe.messages[i + 1], start)) and shown[0] < content_at:
+        if (
+            content_at >= 0
+            and message.get("tool_calls")
+            and i + 1 < len(probe.messages)
+            and (shown := _shown(text, probe.messages[i + 1], start))
+            and shown[0] < content_at
+        ):
             # The template prints this message's text after the tool results (gemma4): its tool calls come
             # before them and its text after; the results between are not the turn's.
             calls_end = _values_end(text, _call_values(message), start, shown[0])
@@ -156,11 +177,15 @@ def locate_turns(source: str, probe: Probe, full: Rendered, eot: str | None, kwa
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
         end = body_end
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
-        next_at = next((shown[0] for m in probe.messages[i + 1:] if (shown := _shown(text, m, body_end))), -1)
+        next_at = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, body_end))), -1)
         if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
-        elif gap is None and i + 1 < len(probe.messages) and (stop_last := _turn_end(source, probe, i, text, start, next_at, kwargs))[0] > end:
+        elif (
+            gap is None
+            and i + 1 < len(probe.messages)
+            and (stop_last := _turn_end(source, probe, i, text, start, next_at, kwargs))[0] > end
+        ):
             # No end-of-turn text before the next message: the turn ends where the conversation cut after it
             # ends. What follows its last tool-call value there may be closing markup (glm4's `</tool_call>`)
             # or a hand-off the next message's code also prints (gemma4's `<|tool_response>`): either way.
@@ -186,8 +211,13 @@ def _call_values(message: dict) -> list[str]:
     for call in message.get("tool_calls") or []:
         function = call.get("function", call) if isinstance(call, dict) else {}
         arguments = function.get("arguments")
-        out += [str(function.get("name"))] + ([str(v) for v in arguments.values()] if isinstance(arguments, dict)
-                                               else [arguments] if isinstance(arguments, str) else [])
+        out += [str(function.get("name"))] + (
+            [str(v) for v in arguments.values()]
+            if isinstance(arguments, dict)
+            else [arguments]
+            if isinstance(arguments, str)
+            else []
+        )
     return [v for v in out if v]
 
 
@@ -215,7 +245,9 @@ def _turn_end(source: str, probe: Probe, i: int, text: str, start: int, next_at:
         return (found + len(ending), found + len(value)) if len(ending) > len(value) else (0, 0)
     # The cut one also ends differently (a last-turn-only end-of-turn): as far as both agree.
     found = text.rfind(value, start, limit)
-    stop = _markup_start(text, found + first_difference(ending, text[found:found + len(ending)])) if found >= 0 else 0
+    stop = (
+        _markup_start(text, found + first_difference(ending, text[found : found + len(ending)])) if found >= 0 else 0
+    )
     return (stop, found + len(value)) if stop > found + len(value) else (0, 0)
 
 
@@ -253,7 +285,7 @@ def _role_header_length(addition: str, text: str, probe: Probe) -> int | None:
         if message.get("role") != "user" or not content or (at := text.find(content)) < 0:
             continue
         for size in range(min(at, len(addition)), 0, -1):  # the longest header first
-            before = text[at - size:at]
+            before = text[at - size : at]
             if "user" not in before.lower():
                 break
             for name, assistant in _ROLE_NAMES:
@@ -289,7 +321,7 @@ def _forms(message: dict | None) -> list[str]:
 def _after_last_message(prompt: str, previous: dict) -> str:
     """The text a generation prompt ends with after the previous message's content ("" when not found)."""
     ends = [at + len(form) for form in _forms(previous) if (at := prompt.rfind(form)) >= 0]
-    return prompt[max(ends):] if ends else ""
+    return prompt[max(ends) :] if ends else ""
 
 
 def _after_previous(text: str, previous: dict | None, cursor: int, eot: str | None) -> int:

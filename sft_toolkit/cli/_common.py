@@ -22,15 +22,24 @@ def print_data_report(report, title: str) -> None:
 
 
 def _print_split(console, report) -> None:
-    console.print(f"  rows {report.rows}, tokens {report.tokens}, trainable tokens {report.trainable_tokens} "
-                  f"(before truncation/packing {report.trainable_tokens_before})")
-    console.print(f"  sequences {report.sequences} ({report.zero_trainable_sequences} with zero trainable tokens), "
-                  f"steps {report.steps} ({report.zero_trainable_steps} with zero trainable tokens)")
-    console.print(f"  dropped rows {report.dropped_rows}, assistant tokens lost to truncation "
-                  f"{report.truncated_assistant_tokens}, trained without context {report.orphaned_assistant_tokens}")
+    console.print(
+        f"  rows {report.rows}, tokens {report.tokens}, trainable tokens {report.trainable_tokens} "
+        f"(before truncation/packing {report.trainable_tokens_before})"
+    )
+    console.print(
+        f"  sequences {report.sequences} ({report.zero_trainable_sequences} with zero trainable tokens), "
+        f"steps {report.steps} ({report.zero_trainable_steps} with zero trainable tokens)"
+    )
+    console.print(
+        f"  dropped rows {report.dropped_rows}, assistant tokens lost to truncation "
+        f"{report.truncated_assistant_tokens}, trained without context {report.orphaned_assistant_tokens}"
+    )
     for source in report.sources:
-        console.print(f"  {source['source']}: rows {source['rows']}, trainable tokens {source['trainable_tokens']}, "
-                      f"zero-mask rows {source['zero_mask_rows']}", markup=False)
+        console.print(
+            f"  {source['source']}: rows {source['rows']}, trainable tokens {source['trainable_tokens']}, "
+            f"zero-mask rows {source['zero_mask_rows']}",
+            markup=False,
+        )
     for problem in report.problems():
         if not problem.startswith("eval split: "):  # printed under the eval split's own heading
             console.print(f"  [red]✗[/] {problem}", markup=True)
@@ -39,8 +48,11 @@ def _print_split(console, report) -> None:
     if len(report.zero_mask_rows) > SHOW_ROWS:
         console.print(f"    … and {len(report.zero_mask_rows) - SHOW_ROWS} more rows (see --format json or --report)")
     for row in report.coverage_problem_rows[:SHOW_ROWS]:
-        console.print(f"    row {row['index']} message {row['message']}: {row['reason']} — "
-                      f"{reason_help(row['reason'])}", markup=False)
+        console.print(
+            f"    row {row['index']} message {row['message']}: {row['reason']} — {reason_help(row['reason'])}",
+            markup=False,
+        )
     if len(report.coverage_problem_rows) > SHOW_ROWS:
-        console.print(f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or "
-                      "--report)")
+        console.print(
+            f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or --report)"
+        )

@@ -40,9 +40,10 @@ from ..lint import lint, settings_for
 from ..masks import GENERATION_MARKER
 from ..problems import ERROR
 from ..turns import NO_STOP
+from .errors import MarkerError
 from .label import Label
 from .place import Placer
-from .source import MarkerError, Template, strip_markers
+from .source import Template, strip_markers
 from .trace import trace_all
 from .verify import Refusal, check_traces, verify_placement
 
@@ -52,8 +53,8 @@ __all__ = ["MarkerError", "Refusal", "Result", "add_markers", "has_markers", "st
 @dataclass(frozen=True)
 class Result:
     source: str
-    blocks: int               # generation blocks inserted
-    role_conditions: int      # shared role code duplicated under an assistant condition
+    blocks: int  # generation blocks inserted
+    role_conditions: int  # shared role code duplicated under an assistant condition
     relaxed_whitespace: bool  # some whitespace inside an assistant turn had to stay untrained
 
 
@@ -97,11 +98,14 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
             problems = check_traces(original, marked, traces, tokenizer, relaxed)
             if not problems:
                 return Result(marked, placed.blocks, placed.role_conditions, relaxed)
-            errors.append(MarkerError("the marked template failed verification: "
-                                      + "; ".join(f.message for f in problems[:3])))
+            errors.append(
+                MarkerError("the marked template failed verification: " + "; ".join(f.message for f in problems[:3]))
+            )
     if str(errors[0]) != str(errors[1]):
-        raise MarkerError(f"{errors[0]} (and with whitespace inside turns left untrained: {errors[1]})",
-                          errors[0].line or errors[1].line)
+        raise MarkerError(
+            f"{errors[0]} (and with whitespace inside turns left untrained: {errors[1]})",
+            errors[0].line or errors[1].line,
+        )
     raise errors[0]
 
 
@@ -121,21 +125,33 @@ def _inherit_allowances(marked: str, failed: list[str], tokenizer, defaults_only
     rules = {f.rule for f in errors}
     reasons = []
     setting_rules = ("R001", "R002", "R004") if defaults_only else ("R002", "R004")
-    for label in dict.fromkeys(m.group(1) for f in errors if f.rule in setting_rules
-                               and (m := re.search(r" with (\w+=[^\s,;()]+(?:; \w+=[^\s,;()]+)*)\]$", f.message))):
+    for label in dict.fromkeys(
+        m.group(1)
+        for f in errors
+        if f.rule in setting_rules and (m := re.search(r" with (\w+=[^\s,;()]+(?:; \w+=[^\s,;()]+)*)\]$", f.message))
+    ):
         rules_there = ", ".join(sorted({f.rule for f in errors if f.message.endswith(f" with {label}]")}))
-        why = ("markers placed for the template's defaults: with {label} the same code writes assistant output "
-               "and text the model is given, so no place suits both" if defaults_only else
-               "with {label} its generation prompt ends elsewhere than its turns begin by default, and a "
-               "byte-identical conversion marks one place")
+        why = (
+            "markers placed for the template's defaults: with {label} the same code writes assistant output "
+            "and text the model is given, so no place suits both"
+            if defaults_only
+            else "with {label} its generation prompt ends elsewhere than its turns begin by default, and a "
+            "byte-identical conversion marks one place"
+        )
         reasons.append(f"{rules_there} when {label} (inherited from the original template: {why.format(label=label)})")
     if any(f.rule == "R003" and f.message.startswith(NO_STOP) for f in errors):
-        reasons.append("R003 (inherited from the original template: it writes nothing after an assistant's content, "
-                       "the next message's role tag ends the turn, so no stop token can be trained)")
+        reasons.append(
+            "R003 (inherited from the original template: it writes nothing after an assistant's content, "
+            "the next message's role tag ends the turn, so no stop token can be trained)"
+        )
     if "R004" in rules:
-        reasons.append("R004 (inherited from the original template: its generation prompt differs from how it "
-                       "renders a past assistant turn)")
+        reasons.append(
+            "R004 (inherited from the original template: its generation prompt differs from how it "
+            "renders a past assistant turn)"
+        )
     if "R007" in rules and failed:
-        reasons.append(f"R007 (inherited from the original template: it fails to render the probes "
-                       f"{', '.join(sorted({n.split(' (')[0].split('[')[0].split('+')[0] for n in failed}))})")
+        reasons.append(
+            f"R007 (inherited from the original template: it fails to render the probes "
+            f"{', '.join(sorted({n.split(' (')[0].split('[')[0].split('+')[0] for n in failed}))})"
+        )
     return "".join(f"{{# sft-toolkit: allow {r} #}}" for r in reasons) + marked

@@ -15,11 +15,11 @@ class Label(str, Enum):
     a member hashes and compares as its one-character value: `Label.TRAINED in {"T"}` and `{Label.TRAINED} ==
     {"T"}` hold, and a slice of the string is searched with members (`labels.find(Label.TRAINED)`)."""
 
-    TRAINED = "T"     # assistant output or its end-of-turn: must be trained
-    UNTRAINED = "U"   # anything else: must not be
-    EITHER = "*"      # whitespace after an end-of-turn: either way
-    PREFILL = "p"     # the generation prompt's prefill or a tool-call turn's closing markup: either way, trained
-                      # where that gives the markers a fixed place
+    TRAINED = "T"  # assistant output or its end-of-turn: must be trained
+    UNTRAINED = "U"  # anything else: must not be
+    EITHER = "*"  # whitespace after an end-of-turn: either way
+    PREFILL = "p"  # the generation prompt's prefill or a tool-call turn's closing markup: either way, trained
+    # where that gives the markers a fixed place
 
     __hash__ = str.__hash__
 
@@ -38,5 +38,5 @@ def label_characters(source: str, probe: Probe, rendered: Rendered, eot: str | N
         for either_start, either_end in filter(None, (turn.prefill, turn.tail)):
             labels[either_start:either_end] = [Label.PREFILL] * (either_end - either_start)
         if turn.gap:
-            labels[turn.gap[0]:turn.gap[1]] = [Label.UNTRAINED] * (turn.gap[1] - turn.gap[0])
+            labels[turn.gap[0] : turn.gap[1]] = [Label.UNTRAINED] * (turn.gap[1] - turn.gap[0])
     return "".join(labels)

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from .boundaries import apply_edits, boundary, edge
+from .errors import MarkerError
 from .label import Label
-from .source import Body, MarkerError, Piece, Statement, Tag, Template
+from .source import Body, Piece, Statement, Template
 from .trace import Trace
 
-
 # The template is a tree of statement lists. In each list, every emitting piece and statement gets a
-# signature over all traced renders (a set of `Label`s): {TRAINED} only trained text, {UNTRAINED} only untrained,
-# {} nothing (or only whitespace that may go either way), {TRAINED, UNTRAINED} both. Mixed ones are resolved: literal text is split between
-# characters, a statement is entered, and code shared by all roles is duplicated under a role condition.
-# Then each maximal run of {TRAINED} atoms (with {} atoms inside it) becomes one generation block.
+# signature over all traced renders (a set of `Label`s): {TRAINED} only trained text, {UNTRAINED} only
+# untrained, {} nothing (or only whitespace that may go either way), {TRAINED, UNTRAINED} both. Mixed ones are
+# resolved: literal text is split between characters, a statement is entered, and code shared by all roles is
+# duplicated under a role condition. Then each maximal run of {TRAINED} atoms (with {} atoms inside it) becomes
+# one generation block.
 
 
 @dataclass
@@ -35,20 +37,28 @@ ASSIGNMENT = frozenset({"assignment"})
 
 
 @dataclass(frozen=True)
-class _Atom:
-    kind: str          # "piece" | "chars" (part of a literal) | "head"/"tail" (of a split `{{ name }}`) | "stmt" |
-                       # "done" (resolved inside) | "break"
+class Atom:
+    kind: str  # "piece" | "chars" (part of a literal) | "head"/"tail" (of a split `{{ name }}`) | "stmt" |
+    # "done" (resolved inside) | "break"
     item: Piece | Statement
     signature: frozenset
-    start: int = 0     # chars: [start, end) of the literal's text
+    start: int = 0  # chars: [start, end) of the literal's text
     end: int = 0
     landmark: str = ""  # head/tail: the text the head ends with
 
 
 # The namespace a converted template keeps its "this turn already wrote trained text" flag in (see `Placer`).
 FLAG = "sft_toolkit_turn"
-_ASSISTANT, _STARTED, _FRESH = frozenset({"assistant"}), frozenset({"assistant", "started"}), frozenset({"assistant", "fresh"})
-_WHERE = {"assistant": lambda e: e.role == "assistant", "started": lambda e: e.started, "fresh": lambda e: not e.started}
+_ASSISTANT, _STARTED, _FRESH = (
+    frozenset({"assistant"}),
+    frozenset({"assistant", "started"}),
+    frozenset({"assistant", "fresh"}),
+)
+_WHERE = {
+    "assistant": lambda e: e.role == "assistant",
+    "started": lambda e: e.started,
+    "fresh": lambda e: not e.started,
+}
 
 
 class Placer:
@@ -75,12 +85,17 @@ class Placer:
         edits = self._body(self.template.body.items, frozenset())
         for loop in sorted(self.flag_loops):  # a fresh flag at the start of each pass
             tag = self.fors[loop].open
-            width = 2 + (1 if tag.rmod else 0)
-            edits.append((tag.end - width, tag.end, f"%}}{{% set {FLAG} = namespace(started=false) {tag.rmod}%}}"))
-        source = _apply(self.template.source, edits, 0, len(self.template.source))
+            width = 2 + (1 if tag.right_modifier else 0)
+            edits.append(
+                (tag.end - width, tag.end, f"%}}{{% set {FLAG} = namespace(started=false) {tag.right_modifier}%}}")
+            )
+        source = apply_edits(self.template.source, edits, 0, len(self.template.source))
         if self.flag_loops:  # every generation block in the source is ours
-            source = re.sub(r"\{%([-+]?) endgeneration",
-                            lambda m: f"{{%{m.group(1)} set {FLAG}.started = true %}}{{% endgeneration", source)
+            source = re.sub(
+                r"\{%([-+]?) endgeneration",
+                lambda m: f"{{%{m.group(1)} set {FLAG}.started = true %}}{{% endgeneration",
+                source,
+            )
         return Placement(source, self.blocks, self.role_conditions)
 
     # What pieces emitted -------------------------------------------------------------------------------
@@ -110,7 +125,11 @@ class Placer:
         for trace, e in self._emissions([piece.id], where):
             for k in range(len(piece.text)):
                 label = trace.labels[e.start + k]
-                if label == Label.EITHER or labels[k] == label or (label == Label.PREFILL and labels[k] != Label.EITHER):
+                if (
+                    label == Label.EITHER
+                    or labels[k] == label
+                    or (label == Label.PREFILL and labels[k] != Label.EITHER)
+                ):
                     continue
                 if labels[k] in (Label.EITHER, Label.PREFILL):
                     labels[k] = label
@@ -123,8 +142,12 @@ class Placer:
         labels = [Label.TRAINED if label == Label.PREFILL else label for label in labels]
         for start, end, label in _label_runs(labels):
             if label == Label.EITHER:
-                inside = start > 0 and end < len(labels) and labels[start - 1] == Label.TRAINED \
+                inside = (
+                    start > 0
+                    and end < len(labels)
+                    and labels[start - 1] == Label.TRAINED
                     and labels[end] == Label.TRAINED
+                )
                 labels[start:end] = [Label.TRAINED if inside else Label.UNTRAINED] * (end - start)
         return labels
 
@@ -139,19 +162,19 @@ class Placer:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
                 edits.append(self._role_condition(item) if not where else self._turn_condition(item))
-                atoms.append(_Atom("done", item, RESOLVED_INSIDE))
+                atoms.append(Atom("done", item, RESOLVED_INSIDE))
             else:
                 atoms += resolved
         return edits + self._runs(atoms)
 
-    def _resolve(self, item, where, edits) -> list[_Atom] | None:
+    def _resolve(self, item, where, edits) -> list[Atom] | None:
         """The item's atoms with their signatures, mixed ones resolved; None when only a condition can."""
         if isinstance(item, Statement):
             signature = self._signature(self._stmt_pieces(item), where)
             if isinstance(item.node, (nodes.Assign, nodes.AssignBlock, nodes.Macro)) and not signature:
-                return [_Atom("break", item, ASSIGNMENT)]  # a `set` inside a block is not seen after it
+                return [Atom("break", item, ASSIGNMENT)]  # a `set` inside a block is not seen after it
             if signature != MIXED:
-                return [_Atom("stmt", item, signature)]
+                return [Atom("stmt", item, signature)]
             if not item.bodies:
                 return None
             try:
@@ -161,32 +184,44 @@ class Placer:
                     raise
                 return None
             edits += inner
-            return [_Atom("done", item, RESOLVED_INSIDE)]
+            return [Atom("done", item, RESOLVED_INSIDE)]
         atoms = []
         for piece in self.template.exprs.get(item.id, [item]):
             signature = self._signature([piece.id], where)
             splittable = piece.text is not None and self._signature([piece.id], where, prefill=True) & {
-                Label.TRAINED, Label.PREFILL}
+                Label.TRAINED,
+                Label.PREFILL,
+            }
             labels = self._char_labels(piece, where) if splittable else None
             if signature != MIXED and not (labels and Label.UNTRAINED in labels):
                 # (a trained literal that ends in whitespace after an end-of-turn is split all the same)
-                atoms.append(_Atom("piece", piece, signature))
+                atoms.append(Atom("piece", piece, signature))
                 continue
             if labels is None:
                 landmark = self._landmark(piece, where) if piece.variable else None
                 if landmark:
-                    atoms += [_Atom("head", piece, frozenset({Label.UNTRAINED}), landmark=landmark),
-                              _Atom("tail", piece, TRAINED_ONLY, landmark=landmark)]
+                    atoms += [
+                        Atom("head", piece, frozenset({Label.UNTRAINED}), landmark=landmark),
+                        Atom("tail", piece, TRAINED_ONLY, landmark=landmark),
+                    ]
                     continue
                 if not where or (self.flags and where == _ASSISTANT):
                     return None
                 if piece.variable:
-                    raise MarkerError(f"the turn is assembled in the variable `{piece.variable}` and printed in one "
-                                      "piece; markers can only go where its parts are printed", piece.line)
-                raise MarkerError("the same code prints assistant output in some conversations and text the model "
-                                  "is given in others (e.g. a reasoning block the generation prompt pre-fills), "
-                                  "so no fixed place for a marker exists", piece.line)
-            atoms += [_Atom("chars", piece, frozenset({label}), start, end) for start, end, label in _label_runs(labels)]
+                    raise MarkerError(
+                        f"the turn is assembled in the variable `{piece.variable}` and printed in one "
+                        "piece; markers can only go where its parts are printed",
+                        piece.line,
+                    )
+                raise MarkerError(
+                    "the same code prints assistant output in some conversations and text the model "
+                    "is given in others (e.g. a reasoning block the generation prompt pre-fills), "
+                    "so no fixed place for a marker exists",
+                    piece.line,
+                )
+            atoms += [
+                Atom("chars", piece, frozenset({label}), start, end) for start, end, label in _label_runs(labels)
+            ]
         return atoms
 
     def _landmark(self, piece: Piece, where) -> str | None:
@@ -196,41 +231,60 @@ class Placer:
         split renders the same bytes wherever it falls; verification checks that it falls right."""
         heads = []
         for trace, e in self._emissions([piece.id], where):
-            labels, text = trace.labels[e.start:e.end], trace.text[e.start:e.end]
+            labels, text = trace.labels[e.start : e.end], trace.text[e.start : e.end]
             first = labels.find(Label.TRAINED)
-            if first <= 0 or set(labels[:first]) - {Label.UNTRAINED, Label.PREFILL} or Label.UNTRAINED in labels[first:]:
+            if (
+                first <= 0
+                or set(labels[:first]) - {Label.UNTRAINED, Label.PREFILL}
+                or Label.UNTRAINED in labels[first:]
+            ):
                 return None
             heads.append((text, first))
         if not heads:
             return None
         size = min(k for _, k in heads)
-        while size and len({text[k - size:k] for text, k in heads}) > 1:
+        while size and len({text[k - size : k] for text, k in heads}) > 1:
             size -= 1
         for n in range(size, 0, -1):
-            landmark = heads[0][0][heads[0][1] - n:heads[0][1]]
+            landmark = heads[0][0][heads[0][1] - n : heads[0][1]]
             if all(text.find(landmark) + n == k for text, k in heads):
                 return landmark
         return None
 
     def _role_condition(self, item) -> tuple[int, int, str]:
         """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item."""
-        pieces = self._stmt_pieces(item) if isinstance(item, Statement) else [p.id for p in self.template.exprs.get(item.id, [item])]
+        pieces = (
+            self._stmt_pieces(item)
+            if isinstance(item, Statement)
+            else [p.id for p in self.template.exprs.get(item.id, [item])]
+        )
         emissions = list(self._emissions(pieces, frozenset()))
         loops = {e.loop for _, e in emissions}
         line = item.line
         if not emissions or None in loops or len(loops) != 1:
-            raise MarkerError("assistant output and other text come from the same code here, outside a "
-                              "`for message in messages` loop, so it can't be conditioned on the role", line)
-        if any(trace.labels[i] == Label.TRAINED for trace, e in emissions if e.role != "assistant"
-               for i in range(e.start, e.end)):
+            raise MarkerError(
+                "assistant output and other text come from the same code here, outside a "
+                "`for message in messages` loop, so it can't be conditioned on the role",
+                line,
+            )
+        if any(
+            trace.labels[i] == Label.TRAINED
+            for trace, e in emissions
+            if e.role != "assistant"
+            for i in range(e.start, e.end)
+        ):
             raise MarkerError("this code trains text of non-assistant messages", line)
         var = self.fors[loops.pop()].loop_var
-        start, lmod = _edge(self.template, item, "left")
-        end, rmod = _edge(self.template, item, "right")
+        start, left_modifier = edge(self.template, item, "left")
+        end, right_modifier = edge(self.template, item, "right")
         marked = self._copy(item, _ASSISTANT, start, end)
         self.role_conditions += 1
-        return (start, end, f"{{%{lmod} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
-                            f"{self.template.source[start:end]}{{%+ endif {rmod}%}}")
+        return (
+            start,
+            end,
+            f"{{%{left_modifier} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
+            f"{self.template.source[start:end]}{{%+ endif {right_modifier}%}}",
+        )
 
     def _turn_condition(self, item) -> tuple[int, int, str]:
         """`{% if <flag>.started %}copy marked for later messages of a turn{% else %}copy for its first{% endif %}`
@@ -238,22 +292,29 @@ class Placer:
         emissions = list(self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], _ASSISTANT))
         loops = {e.loop for _, e in emissions}
         if None in loops or len(loops) != 1 or len({e.started for _, e in emissions}) != 2:
-            raise MarkerError("the same code prints assistant output in some conversations and text the model is "
-                              "given in others, and whether the turn has begun doesn't tell which", item.line)
-        start, lmod = _edge(self.template, item, "left")
-        end, rmod = _edge(self.template, item, "right")
+            raise MarkerError(
+                "the same code prints assistant output in some conversations and text the model is "
+                "given in others, and whether the turn has begun doesn't tell which",
+                item.line,
+            )
+        start, left_modifier = edge(self.template, item, "left")
+        end, right_modifier = edge(self.template, item, "right")
         self.flag_loops.add(loops.pop())
-        return (start, end, f"{{%{lmod} if {FLAG}.started +%}}{self._copy(item, _STARTED, start, end)}{{%+ else +%}}"
-                            f"{self._copy(item, _FRESH, start, end)}{{%+ endif {rmod}%}}")
+        return (
+            start,
+            end,
+            f"{{%{left_modifier} if {FLAG}.started +%}}{self._copy(item, _STARTED, start, end)}{{%+ else +%}}"
+            f"{self._copy(item, _FRESH, start, end)}{{%+ endif {right_modifier}%}}",
+        )
 
     def _copy(self, item, where: frozenset, start: int, end: int) -> str:
         """The item's source marked for the renders `where` selects, to sit inside a condition's branch."""
-        marked = _apply(self.template.source, self._body([item], where), start, end)
+        marked = apply_edits(self.template.source, self._body([item], where), start, end)
         # Inside the copy the neighbours are the condition's own tags, so no `+` is needed at its edges.
         marked = re.sub(r"\A\{%\+ generation", "{% generation", marked)
         return re.sub(r"endgeneration \+%\}\Z", "endgeneration %}", marked)
 
-    def _runs(self, atoms: list[_Atom]) -> list:
+    def _runs(self, atoms: list[Atom]) -> list:
         """One generation block per maximal run of trained atoms; silent atoms join runs but never end them."""
         edits, run = [], []
 
@@ -261,8 +322,8 @@ class Placer:
             while run and run[-1].signature != TRAINED_ONLY:
                 run.pop()
             if run:
-                edits.append(_boundary(self.template, run[0], "left", "generation"))
-                edits.append(_boundary(self.template, run[-1], "right", "endgeneration"))
+                edits.append(boundary(self.template, run[0], "left", "generation"))
+                edits.append(boundary(self.template, run[-1], "right", "endgeneration"))
                 self.blocks += 1
             run.clear()
 
@@ -291,87 +352,3 @@ def _label_runs(labels: list[str]) -> list[tuple[int, int, str]]:
             out.append((start, k, labels[start]))
             start = k
     return out
-
-
-# Boundaries ---------------------------------------------------------------------------------------------
-#
-# A start tag goes right before an atom and an end tag right after one. Where the atom begins (ends) with a
-# tag, the inserted tag takes over that tag's whitespace control: `{{- x }}` strips the text before it, so it
-# becomes `{%- generation %}{{ x }}`, with nothing left between the two to strip. An inserted `{% %}` is also
-# subject to jinja's lstrip_blocks/trim_blocks, which `{{ }}` and plain text are not: it gets a `+` exactly
-# where those would eat text (indentation before it, a newline after it). Elsewhere the tags stay plain,
-# because TRL (`has_generation_markers`) only recognises `{% generation %}` written with or without `-`.
-
-
-def _lstrip_applies(source: str, pos: int) -> bool:
-    k = pos
-    while k > 0 and source[k - 1] in " \t":
-        k -= 1
-    return k < pos and (k == 0 or source[k - 1] == "\n")
-
-
-def _left_mod(template: Template, pos: int, tag: Tag | None) -> str:
-    if tag is not None and (tag.kind == "block" or tag.lmod == "-"):
-        return tag.lmod
-    return "+" if _lstrip_applies(template.source, pos) else ""
-
-
-def _right_mod(template: Template, pos: int, tag: Tag | None) -> str:
-    if tag is not None and (tag.kind == "block" or tag.rmod == "-"):
-        return tag.rmod
-    return "+" if template.source.startswith(("\n", "\r\n"), pos) else ""
-
-
-def _edge(template: Template, item, side: str) -> tuple[int, str]:
-    """Source position and whitespace modifier of an item's outer edge (for a condition around it)."""
-    left = side == "left"
-    tag = (item.open if left else item.close) if isinstance(item, Statement) else (None if item.kind == "data" else item.tag)
-    pos = (tag.start if left else tag.end) if tag is not None else (item.start if left else item.end)
-    return pos, (_left_mod(template, pos, tag) if left else _right_mod(template, pos, tag)) or "+"
-
-
-def _boundary(template: Template, atom: _Atom, side: str, name: str) -> tuple[int, int, str]:
-    """The edit that puts `{% name %}` on `side` of `atom`."""
-    item, left = atom.item, side == "left"
-    if atom.kind == "chars" and not (left and atom.start == 0) and not (not left and atom.end == len(item.text)):
-        pos = item.offsets[atom.start if left else atom.end]
-        if item.kind != "data":  # inside a string literal: end the literal and the tag around the marker
-            quote = template.source[item.offsets[-1]]
-            return (pos, pos, f"{quote} }}}}{{% {name} %}}{{{{ {quote}")
-        return (pos, pos, f"{{%{_left_mod(template, pos, None)} {name} {_right_mod(template, pos, None)}%}}")
-    if atom.kind == "tail" and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
-        tag, at = item.tag, f"{item.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
-        inner = (tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0))
-        return (*inner, f" {item.variable}[:{at}] }}}}{{% {name} %}}{{{{ {item.variable}[{at}:] ")
-    if isinstance(item, Statement):
-        tag = item.open if left else item.close
-    elif item.kind == "data":
-        pos = item.start if left else item.end
-        return (pos, pos, f"{{%{_left_mod(template, pos, None)} {name} {_right_mod(template, pos, None)}%}}")
-    elif item.kind == "operand" and (item.index > 0 if left else item.index < item.count - 1):
-        op = item.cuts[item.index - 1] if left else item.cuts[item.index]
-        return (op[0], op[1], f" }}}}{{% {name} %}}{{{{ ")
-    else:
-        tag = item.tag
-    width = 2 + (1 if (tag.lmod if left else tag.rmod) else 0)
-    if left:
-        return (tag.start, tag.start + width,
-                f"{{%{_left_mod(template, tag.start, tag)} {name} %}}{template.source[tag.start:tag.start + 2]}")
-    return (tag.end - width, tag.end, f"{template.source[tag.end - 2:tag.end]}{{% {name} {_right_mod(template, tag.end, tag)}%}}")
-
-
-def _jinja_string(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
-    return "'" + escaped.replace("\t", "\\t") + "'"
-
-
-def _apply(source: str, edits, start: int, end: int) -> str:
-    edits = sorted((e for e in edits if start <= e[0] and e[1] <= end), key=lambda e: (e[0], e[1]))
-    out, pos = [], start
-    for s, e, text in edits:
-        if s < pos:
-            raise MarkerError("two markers would land on the same place", source.count("\n", 0, s) + 1)
-        out += [source[pos:s], text]
-        pos = e
-    out.append(source[pos:end])
-    return "".join(out)

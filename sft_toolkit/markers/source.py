@@ -11,18 +11,8 @@ from jinja2 import nodes
 
 from ..masks import DEFAULT_SPECIAL_TOKENS
 from ..problems import InputError
-
-
-class MarkerError(Exception):
-    """The template could not be given verified markers; `line` points at the construct that defeated it."""
-
-    def __init__(self, message: str, line: int | None = None):
-        super().__init__(message)
-        self.line = line
-
-    def __str__(self) -> str:
-        where = f"line {self.line}: " if self.line else ""
-        return f"{where}{self.args[0]}"
+from .errors import MarkerError
+from .tags import Tag, outside_strings, scan_tags
 
 
 def strip_markers(source: str) -> str:
@@ -34,67 +24,19 @@ def with_special_tokens(kwargs: dict) -> dict:
 
 
 @dataclass
-class Tag:
-    kind: str        # "var" {{ }}, "block" {% %}, "comment" {# #}, "raw" ({% raw %}...{% endraw %}, kept as text)
-    start: int
-    end: int
-    name: str = ""   # first word of a block tag
-    lmod: str = ""   # "-", "+" or "" right after the opening delimiter
-    rmod: str = ""   # "-", "+" or "" right before the closing delimiter
-
-
-def _scan(source: str) -> list[Tag]:
-    """Tags with their exact positions (jinja2's lexer has line numbers only). Strings inside tags are skipped."""
-    tags, i, n = [], 0, len(source)
-    while True:
-        j = source.find("{", i)
-        while j >= 0 and source[j + 1:j + 2] not in ("{", "%", "#"):
-            j = source.find("{", j + 1)
-        if j < 0:
-            return tags
-        opener = source[j + 1]
-        if opener == "#":
-            end = source.find("#}", j + 2)
-            if end < 0:
-                raise MarkerError("unclosed comment", source.count("\n", 0, j) + 1)
-            tags.append(Tag("comment", j, end + 2, lmod=_mod(source[j + 2:j + 3]), rmod=_mod(source[end - 1])))
-            i = end + 2
-            continue
-        close = "}}" if opener == "{" else "%}"
-        k = next((k for k, _ in _outside_strings(source, j + 2, n) if source.startswith(close, k)), n)
-        if k >= n:
-            raise MarkerError(f"unclosed {'{{' if opener == '{' else '{%'} tag", source.count("\n", 0, j) + 1)
-        inner = source[j + 2:k]
-        tag = Tag("var" if opener == "{" else "block", j, k + 2, lmod=_mod(inner[:1]), rmod=_mod(inner[-1:]))
-        if tag.kind == "block":
-            tag.name = (inner.strip("-+ \t\r\n").split() or [""])[0]
-            if tag.name == "raw":
-                m = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}").search(source, tag.end)
-                if not m:
-                    raise MarkerError("unclosed raw block", source.count("\n", 0, j) + 1)
-                tag = Tag("raw", j, m.end(), lmod=tag.lmod, rmod=m.group(0)[-3:-2].replace("%", ""))
-        tags.append(tag)
-        i = tag.end
-
-
-def _mod(ch: str) -> str:
-    return ch if ch in ("-", "+") else ""
-
-
-@dataclass
 class Piece:
     """Something that emits text: literal text, a whole `{{ }}` expression, or one operand of a `+`/`~` chain."""
 
     id: int
-    kind: str                 # "data", "expr", "operand"
-    start: int                # source span of the text / tag / operand
+    kind: str  # "data", "expr", "operand"
+    start: int  # source span of the text / tag / operand
     end: int
     line: int
-    tag: Tag | None = None   # the {{ }} tag of an expr / operand
-    index: int = 0            # operand index in its chain
-    count: int = 1            # operands in the chain
-    cuts: list = field(default_factory=list)   # operator spans between operands (for the owning expr)
-    text: str | None = None   # literal value (data, string constant): splittable between characters
+    tag: Tag | None = None  # the {{ }} tag of an expr / operand
+    index: int = 0  # operand index in its chain
+    count: int = 1  # operands in the chain
+    cuts: list = field(default_factory=list)  # operator spans between operands (for the owning expr)
+    text: str | None = None  # literal value (data, string constant): splittable between characters
     offsets: list | None = None  # source position of each character of `text` (and of the closing quote)
     variable: str | None = None  # `{{ name }}`: the text was assembled elsewhere
 
@@ -106,14 +48,14 @@ class Statement:
     node: nodes.Node
     open: Tag
     close: Tag
-    bodies: list            # list of Body
+    bodies: list  # list of Body
     line: int
-    loop_var: str | None = None   # `for <name> in ...`: the name, for role conditions
+    loop_var: str | None = None  # `for <name> in ...`: the name, for role conditions
 
 
 @dataclass
 class Body:
-    items: list             # Piece (the first operand stands for its whole `{{ }}`) | Statement
+    items: list  # Piece (the first operand stands for its whole `{{ }}`) | Statement
 
 
 class Template:
@@ -121,14 +63,16 @@ class Template:
 
     def __init__(self, source: str, env, tree):
         self.source, self.env = source, env
-        self.tags = _scan(source)
+        self.tags = scan_tags(source)
         self.pieces: list[Piece] = []
-        self.exprs: dict[int, list[Piece]] = {}   # id of the first operand -> all operands of that {{ }}
-        self._t, self._pos = 0, 0
+        self.exprs: dict[int, list[Piece]] = {}  # id of the first operand -> all operands of that {{ }}
+        self._tag_index, self._position = 0, 0
         self.body = self._body(tree.body)
-        if self._t != len(self.tags):
-            raise MarkerError("the template's tags and jinja2's parse disagree (unsupported construct)",
-                              self._line(self.tags[self._t].start) if self._t < len(self.tags) else None)
+        if self._tag_index != len(self.tags):
+            raise MarkerError(
+                "the template's tags and jinja2's parse disagree (unsupported construct)",
+                self._line(self.tags[self._tag_index].start) if self._tag_index < len(self.tags) else None,
+            )
 
     @classmethod
     def parse(cls, source: str) -> "Template":
@@ -144,23 +88,26 @@ class Template:
 
     def _next(self, kinds=("block",), names=None) -> Tag:
         """The next tag, skipping comments; it must be what the AST says comes next."""
-        while self._t < len(self.tags) and self.tags[self._t].kind == "comment":
-            self._t += 1
-        if self._t >= len(self.tags):
+        while self._tag_index < len(self.tags) and self.tags[self._tag_index].kind == "comment":
+            self._tag_index += 1
+        if self._tag_index >= len(self.tags):
             raise MarkerError("unexpected end of the template's tags (unsupported construct)")
-        tag = self.tags[self._t]
+        tag = self.tags[self._tag_index]
         if tag.kind not in kinds or (names and tag.name not in names):
-            raise MarkerError(f"could not match the {tag.kind} tag {self.source[tag.start:tag.end][:40]!r} to "
-                              "jinja2's parse (unsupported construct)", self._line(tag.start))
-        self._t += 1
-        self._pos = tag.end
+            raise MarkerError(
+                f"could not match the {tag.kind} tag {self.source[tag.start : tag.end][:40]!r} to "
+                "jinja2's parse (unsupported construct)",
+                self._line(tag.start),
+            )
+        self._tag_index += 1
+        self._position = tag.end
         return tag
 
     def _peek(self) -> Tag | None:
-        t = self._t
-        while t < len(self.tags) and self.tags[t].kind == "comment":
-            t += 1
-        return self.tags[t] if t < len(self.tags) else None
+        index = self._tag_index
+        while index < len(self.tags) and self.tags[index].kind == "comment":
+            index += 1
+        return self.tags[index] if index < len(self.tags) else None
 
     def _body(self, stmts) -> Body:
         items = []
@@ -174,25 +121,25 @@ class Template:
 
     def _data(self, node: nodes.TemplateData) -> Piece:
         """Literal text: the gap between tags (comments split gaps) that jinja trimmed into `node.data`."""
-        gaps, s, k = [], self._pos, self._t
+        gaps, s, k = [], self._position, self._tag_index
         while k < len(self.tags) and self.tags[k].kind == "comment":
             gaps.append((s, self.tags[k].start))
             s, k = self.tags[k].end, k + 1
         gaps.append((s, self.tags[k].start if k < len(self.tags) else len(self.source)))
         for gs, ge in gaps:
             trimmed = self._trim(gs, ge)
-            if trimmed is not None and self.source[trimmed[0]:trimmed[1]] == node.data:
+            if trimmed is not None and self.source[trimmed[0] : trimmed[1]] == node.data:
                 at = trimmed[0]
             elif (at := self.source.find(node.data, gs, ge)) < 0:
                 continue
-            self._pos = ge
+            self._position = ge
             piece = self._new("data", at, at + len(node.data))
             piece.text = node.data
             piece.offsets = list(range(at, at + len(node.data) + 1))
             return piece
         if k < len(self.tags) and self.tags[k].kind == "raw":  # {% raw %}: kept whole
-            self._t = k + 1
-            self._pos = self.tags[k].end
+            self._tag_index = k + 1
+            self._position = self.tags[k].end
             return self._new("data", self.tags[k].start, self.tags[k].end)
         raise MarkerError("could not locate literal text in the source", node.lineno)
 
@@ -203,16 +150,16 @@ class Template:
         s, e = gs, ge
         text = self.source
         if before is not None:
-            if before.rmod == "-":
+            if before.right_modifier == "-":
                 while s < e and text[s].isspace():
                     s += 1
-            elif before.kind in ("block", "comment") and before.rmod != "+" and text.startswith("\n", s):
+            elif before.kind in ("block", "comment") and before.right_modifier != "+" and text.startswith("\n", s):
                 s += 1
         if after is not None:
-            if after.lmod == "-":
+            if after.left_modifier == "-":
                 while e > s and text[e - 1].isspace():
                     e -= 1
-            elif after.kind in ("block", "comment") and after.lmod != "+":
+            elif after.kind in ("block", "comment") and after.left_modifier != "+":
                 k = e
                 while k > s and text[k - 1] in " \t":
                     k -= 1
@@ -236,14 +183,17 @@ class Template:
             if isinstance(node, nodes.Name):
                 piece.variable = node.name
             if isinstance(node, nodes.Const) and isinstance(node.value, str):
-                inner = (tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0))
+                inner = (
+                    tag.start + 2 + (1 if tag.left_modifier else 0),
+                    tag.end - 2 - (1 if tag.right_modifier else 0),
+                )
                 offsets = _literal_offsets(self.source, *inner, node.value)
                 if offsets is not None:
                     piece.text, piece.offsets = node.value, offsets
             self.exprs[piece.id] = [piece]
             return piece
-        bounds = [tag.start + 2 + (1 if tag.lmod else 0)] + [c[1] for c in cuts]
-        ends = [c[0] for c in cuts] + [tag.end - 2 - (1 if tag.rmod else 0)]
+        bounds = [tag.start + 2 + (1 if tag.left_modifier else 0)] + [c[1] for c in cuts]
+        ends = [c[0] for c in cuts] + [tag.end - 2 - (1 if tag.right_modifier else 0)]
         operands = []
         for i, (leaf, s, e) in enumerate(zip(leaves, bounds, ends)):
             piece = self._new("operand", s, e, tag=tag, index=i, count=len(leaves), cuts=cuts)
@@ -284,9 +234,14 @@ class Template:
         if type(node) in simple:
             tag = self._next(names=(simple[type(node)],))
             return Statement(node, tag, tag, [], line)
-        blocks = {nodes.Macro: ("macro", "endmacro"), nodes.AssignBlock: ("set", "endset"),
-                  nodes.With: ("with", "endwith"), nodes.FilterBlock: ("filter", "endfilter"),
-                  nodes.CallBlock: ("call", "endcall"), nodes.Scope: ("scope", "endscope")}
+        blocks = {
+            nodes.Macro: ("macro", "endmacro"),
+            nodes.AssignBlock: ("set", "endset"),
+            nodes.With: ("with", "endwith"),
+            nodes.FilterBlock: ("filter", "endfilter"),
+            nodes.CallBlock: ("call", "endcall"),
+            nodes.Scope: ("scope", "endscope"),
+        }
         for kind, (opening, closing) in blocks.items():
             if isinstance(node, kind):
                 open_ = self._next(names=(opening,))
@@ -298,19 +253,28 @@ class Template:
 
     def _skip_to(self, closing: str) -> None:
         """Skip the tags of an opaque block, nested blocks of the same kind included."""
-        opening = {"endmacro": "macro", "endset": "set", "endwith": "with", "endfilter": "filter",
-                   "endcall": "call", "endscope": "scope"}[closing]
+        opening = {
+            "endmacro": "macro",
+            "endset": "set",
+            "endwith": "with",
+            "endfilter": "filter",
+            "endcall": "call",
+            "endscope": "scope",
+        }[closing]
         depth = 0
-        while self._t < len(self.tags):
-            tag = self.tags[self._t]
+        while self._tag_index < len(self.tags):
+            tag = self.tags[self._tag_index]
             if tag.kind == "block" and tag.name == closing:
                 if depth == 0:
                     return
                 depth -= 1
-            elif tag.kind == "block" and tag.name == opening and not (opening == "set" and "=" in
-                                                                    self.source[tag.start:tag.end]):
+            elif (
+                tag.kind == "block"
+                and tag.name == opening
+                and not (opening == "set" and "=" in self.source[tag.start : tag.end])
+            ):
                 depth += 1
-            self._t += 1
+            self._tag_index += 1
 
 
 def _chain(node: nodes.Node) -> list[nodes.Node]:
@@ -325,7 +289,9 @@ def _chain(node: nodes.Node) -> list[nodes.Node]:
 def _operators(source: str, tag: Tag) -> list[tuple[int, int]]:
     """Spans of the top-level `+`/`~` operators inside a `{{ }}` tag (outside strings and brackets)."""
     out, depth = [], 0
-    for k, c in _outside_strings(source, tag.start + 2 + (1 if tag.lmod else 0), tag.end - 2 - (1 if tag.rmod else 0)):
+    for k, c in outside_strings(
+        source, tag.start + 2 + (1 if tag.left_modifier else 0), tag.end - 2 - (1 if tag.right_modifier else 0)
+    ):
         if c in "([{":
             depth += 1
         elif c in ")]}":
@@ -333,23 +299,6 @@ def _operators(source: str, tag: Tag) -> list[tuple[int, int]]:
         elif c in "+~" and depth == 0:
             out.append((k, k + 1))
     return out
-
-
-def _outside_strings(source: str, start: int, end: int):
-    """(position, character) of the code in source[start:end] that is not inside a quoted string."""
-    k, quote = start, None
-    while k < end:
-        c = source[k]
-        if quote:
-            if c == "\\":
-                k += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"":
-            quote = c
-        else:
-            yield k, c
-        k += 1
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "0": "\0"}

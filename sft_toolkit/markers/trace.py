@@ -14,8 +14,9 @@ from ..masks import RenderLimit, TemplateRaised, normalize_messages, template_er
 from ..probes import PROBES, VERIFICATION_PROBES, Probe, text_of
 from ..problems import InputError
 from ..turns import end_of_turn, render_probe, usable_probe
+from .errors import MarkerError
 from .label import Label, label_characters
-from .source import MarkerError, Piece, Template, with_special_tokens
+from .source import Piece, Template, with_special_tokens
 
 
 @dataclass
@@ -23,8 +24,8 @@ class Emission:
     piece: int
     start: int
     end: int
-    role: str | None      # role of the innermost message being looped over, if any
-    loop: int | None      # id of that for-loop node
+    role: str | None  # role of the innermost message being looped over, if any
+    loop: int | None  # id of that for-loop node
     iteration: int | None = None  # which pass through that loop
     started: bool = False  # whether this pass already emitted trained text (before this `{{ }}`)
 
@@ -34,9 +35,9 @@ class Trace:
     name: str
     text: str
     emissions: list[Emission]
-    labels: str           # one `Label` value per character of `text`
-    probe: Probe          # the conversation rendered (a probe or a prefix of one)
-    prompt: bool          # add_generation_prompt
+    labels: str  # one `Label` value per character of `text`
+    probe: Probe  # the conversation rendered (a probe or a prefix of one)
+    prompt: bool  # add_generation_prompt
 
 
 class _Instrumenter(NodeTransformer):
@@ -66,7 +67,9 @@ class _Instrumenter(NodeTransformer):
         super().generic_visit(node)
         if not isinstance(node.target, nodes.Name):
             return [node]
-        node.body.insert(0, nodes.Output([_call("sft_enter", nodes.Const(loop), nodes.Name(node.target.name, "load"))]))
+        node.body.insert(
+            0, nodes.Output([_call("sft_enter", nodes.Const(loop), nodes.Name(node.target.name, "load"))])
+        )
         return [node, nodes.Output([_call("sft_leave", nodes.Const(loop))])]
 
     def visit_Output(self, node: nodes.Output) -> nodes.Output:
@@ -114,13 +117,20 @@ def _cases(probe: Probe):
     for i, m in enumerate(probe.messages):
         # A conversation cut right after a tool call has no turn end to find: some templates
         # keep the model's turn open for the tool's answer, so where the turn stops is unknowable there.
-        if m.get("role") == "assistant" and i + 1 < len(probe.messages) and text_of(m.get("content")) \
-                and not m.get("tool_calls"):
+        if (
+            m.get("role") == "assistant"
+            and i + 1 < len(probe.messages)
+            and text_of(m.get("content"))
+            and not m.get("tool_calls")
+        ):
             yield f"{probe.name}[:{i + 1}]", probe.messages[: i + 1], False
 
 
 def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list[Trace], list[str]]:
-    from transformers.utils.chat_template_utils import _alias_reasoning_fields, _plain_template_data
+    from transformers.utils.chat_template_utils import (
+        _alias_reasoning_fields,
+        _plain_template_data,
+    )
 
     env = template.env
     code = env.compile(_instrument(template))
@@ -128,8 +138,14 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     # The end-of-turn text, from the first probe that shows it (a prefix ending in a tool call doesn't).
     special = with_special_tokens(kwargs)
-    eot = next((found for probe in PROBES
-                if (found := end_of_turn(template.source, usable_probe(template.source, probe, special), special))), None)
+    eot = next(
+        (
+            found
+            for probe in PROBES
+            if (found := end_of_turn(template.source, usable_probe(template.source, probe, special), special))
+        ),
+        None,
+    )
     out, failed, first_error = [], [], None
     # The settings of the template's switches the markers must suit (lint checks each one).
     for setting, probe in ((setting, probe) for setting in settings for probe in VERIFICATION_PROBES):
@@ -172,22 +188,33 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                 return value
 
             variables = {**with_special_tokens(kwargs), **probe.template_kwargs}
-            chat = _alias_reasoning_fields(_plain_template_data(messages if probe.keep_none
-                                                                else normalize_messages(messages)))
+            chat = _alias_reasoning_fields(
+                _plain_template_data(messages if probe.keep_none else normalize_messages(messages))
+            )
             try:
-                text = traced.render(messages=chat, tools=_plain_template_data(probe.tools), documents=None,
-                                     add_generation_prompt=prompt, sft_emit=emit, sft_enter=enter, sft_leave=leave,
-                                     **_plain_template_data(variables))
+                text = traced.render(
+                    messages=chat,
+                    tools=_plain_template_data(probe.tools),
+                    documents=None,
+                    add_generation_prompt=prompt,
+                    sft_emit=emit,
+                    sft_enter=enter,
+                    sft_leave=leave,
+                    **_plain_template_data(variables),
+                )
             except RenderLimit as err:  # the traced render has the same budget as any other (a template that
                 raise RenderLimit(f"tracing probe {name}: {err}") from None  # loops only when traced stops too)
             except jinja2.TemplateError as err:
                 raise MarkerError(f"tracing the template failed on probe {name}: {template_error_text(err)}") from None
             except Exception as err:  # noqa: BLE001 - whatever the template's code raised while traced
-                raise InputError(f"the template failed while traced on probe {name}: "
-                                 f"{template_error_text(err)}") from None
+                raise InputError(
+                    f"the template failed while traced on probe {name}: {template_error_text(err)}"
+                ) from None
             if text != expected.text or "".join(texts) != text:
-                raise MarkerError(f"the template's output could not be traced to its source on probe {name} "
-                                  "(output from a filter/call block, or a non-string `+`)")
+                raise MarkerError(
+                    f"the template's output could not be traced to its source on probe {name} "
+                    "(output from a filter/call block, or a non-string `+`)"
+                )
             labels = label_characters(template.source, sub, expected, eot, kwargs)
             _mark_started(emissions, labels, template.pieces)
             out.append(Trace(name, text, emissions, labels, sub, prompt))
@@ -203,6 +230,6 @@ def _mark_started(emissions: list[Emission], labels: str, pieces: list[Piece]) -
     for e in emissions:
         piece = pieces[e.piece]
         e.started = previous.started if piece.kind == "operand" and piece.index > 0 else e.iteration in trained
-        if e.iteration is not None and Label.TRAINED in labels[e.start:e.end]:
+        if e.iteration is not None and Label.TRAINED in labels[e.start : e.end]:
             trained.add(e.iteration)
         previous = e

@@ -18,16 +18,15 @@ from .trace import Trace, trace_all
 class Refusal(str, Enum):
     """Why verification refuses a marked template: the `rule` of each finding `verify_placement` returns."""
 
-    RENDER_FAILED = "render-failed"            # the marked template fails where the original renders
-    RENDER_DIFFERS = "render-differs"          # not byte-identical to the original
-    OUTPUT_UNTRAINED = "output-untrained"      # assistant output or its end-of-turn left outside every block
-    TRAINED_OUTSIDE = "trained-outside-turn"   # user/system/tool text or template text between turns trained
+    RENDER_FAILED = "render-failed"  # the marked template fails where the original renders
+    RENDER_DIFFERS = "render-differs"  # not byte-identical to the original
+    OUTPUT_UNTRAINED = "output-untrained"  # assistant output or its end-of-turn left outside every block
+    TRAINED_OUTSIDE = "trained-outside-turn"  # user/system/tool text or template text between turns trained
     MARKERS_UNRECOGNISED = "markers-unrecognised"  # TRL's has_generation_markers doesn't see the blocks
-    LINT = "lint"                              # a lint error on the marked template
+    LINT = "lint"  # a lint error on the marked template
 
 
-def verify_placement(original: str, marked: str, *, tokenizer=None,
-                     relaxed_whitespace: bool = False) -> list[Finding]:
+def verify_placement(original: str, marked: str, *, tokenizer=None, relaxed_whitespace: bool = False) -> list[Finding]:
     """Why `marked` is not `original` with correctly placed generation markers; [] when it is.
 
     The checks add-markers runs before it writes anything: on every probe render (whole, prefixes, with and
@@ -54,21 +53,35 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
     for trace in traces:
         probe = trace.probe
         try:
-            out = render(marked, probe.messages, add_generation_prompt=trace.prompt, tools=probe.tools,
-                         template_kwargs={**kwargs, **probe.template_kwargs}, placeholders=False,
-                         keep_none=probe.keep_none)
+            out = render(
+                marked,
+                probe.messages,
+                add_generation_prompt=trace.prompt,
+                tools=probe.tools,
+                template_kwargs={**kwargs, **probe.template_kwargs},
+                placeholders=False,
+                keep_none=probe.keep_none,
+            )
         except (TemplateRaised, InputError) as err:
             refuse(Refusal.RENDER_FAILED, f"{trace.name}: {err}")
             continue
         if out.text != trace.text:
-            at = next((i for i, (x, y) in enumerate(zip(out.text, trace.text)) if x != y),
-                      min(len(out.text), len(trace.text)))
-            refuse(Refusal.RENDER_DIFFERS, f"{trace.name}: renders {out.text[at:at + 30]!r} where the original "
-                   f"renders {trace.text[at:at + 30]!r}")
+            at = next(
+                (i for i, (x, y) in enumerate(zip(out.text, trace.text)) if x != y),
+                min(len(out.text), len(trace.text)),
+            )
+            refuse(
+                Refusal.RENDER_DIFFERS,
+                f"{trace.name}: renders {out.text[at : at + 30]!r} where the original "
+                f"renders {trace.text[at : at + 30]!r}",
+            )
             continue
         trained = out.trained_chars()
-        wrong = [(label == Label.UNTRAINED and trained[i]) or (label == Label.TRAINED and not trained[i] and not (
-            relaxed and trace.text[i].isspace())) for i, label in enumerate(trace.labels)]
+        wrong = [
+            (label == Label.UNTRAINED and trained[i])
+            or (label == Label.TRAINED and not trained[i] and not (relaxed and trace.text[i].isspace()))
+            for i, label in enumerate(trace.labels)
+        ]
         if True in wrong:
             start = wrong.index(True)
             end = wrong.index(False, start) if False in wrong[start:] else len(wrong)
@@ -105,11 +118,14 @@ def _untrained_output(messages: list[dict], text: str, trained: list[bool], rela
             if own and message.get("role") != "system" and (at := text.find(own, cursor)) >= 0:
                 cursor = at + len(own)
             continue
-        following = next((text_of(m.get("content")) for m in messages[i + 1:] if m.get("role") != "assistant"), "")
+        following = next((text_of(m.get("content")) for m in messages[i + 1 :] if m.get("role") != "assistant"), "")
         forms = {following, json.dumps(following)[1:-1], json.dumps(following, ensure_ascii=False)[1:-1]}
         stop = min((at for form in forms if form and (at := text.find(form, cursor)) >= 0), default=len(text))
-        pieces = [(key, value) for key in ("reasoning_content", "thinking", "content")
-                  if (value := text_of(message.get(key)))]
+        pieces = [
+            (key, value)
+            for key in ("reasoning_content", "thinking", "content")
+            if (value := text_of(message.get(key)))
+        ]
         position = cursor
         for call in message.get("tool_calls") or []:
             function = call.get("function", call) if isinstance(call, dict) else {}
