@@ -3,9 +3,9 @@
 Static rules read the template without running it (jinja2's own parser, with a `generation` tag that
 parses like transformers' and remembers where the block ends). Rendered rules run the template through
 transformers' renderer on the probe corpus and compare what is trained with where each assistant turn
-really is. A turn's place is found without knowing the family: `render(messages[:i],
-add_generation_prompt=True)` ends where the model starts writing turn i, so everything the template
-emits from there up to the turn's end-of-turn text is the assistant's output; everything else must
+really is, as `turns.locate_turns` (shared with add-markers) finds it: without knowing the family,
+`render(messages[:i], add_generation_prompt=True)` ends where the model starts writing turn i, so everything
+the template emits from there up to the turn's end-of-turn text is the assistant's output; everything else must
 stay untrained.
 
 Rule codes are stable (other tools match on them):

@@ -10,7 +10,7 @@ source, and the result must pass the same checks as a hand-written template:
    instrumented tree is compiled with transformers' own environment (same filters, globals, sandbox).
    Rendering the probe corpus then says, for every output character, which piece emitted it and for
    which message of the conversation loop.
-2. Label. lint's `locate_turns` says where each assistant turn is in the text (from the end of the
+2. Label. `turns.locate_turns` (lint's turn finder) says where each assistant turn is in the text (from the end of the
    generation prompt's role header to its end-of-turn): those characters must be trained, all others
    must not. Whitespace after the end-of-turn may go either way (we leave it untrained, as the bundled
    templates do); so may text the generation prompt pre-fills and a tool-call turn's closing markup,
@@ -29,6 +29,9 @@ source, and the result must pass the same checks as a hand-written template:
    labelled character and, checked apart from the labels, every assistant content, reasoning and tool-call
    name and argument the render shows, and pass lint (`verify_placement`). Nothing is returned otherwise:
    `MarkerError` says which construct defeated the placement and on which line.
+
+Modules: `tags` and `source` (the source scanned into tags and emitting pieces, matched to jinja2's AST),
+`trace` (step 1), `label` (2), `place` and `boundaries` (3), `verify` (4); this module runs them in turn.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Label: what each rendered character must be, from lint's turn finder (step 2 of `markers`)."""
+"""Label: what each rendered character must be, from the turns `turns.locate_turns` finds (step 2 of `markers`)."""
 
 from __future__ import annotations
 

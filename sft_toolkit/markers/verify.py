@@ -10,6 +10,7 @@ from ..lint import lint, settings_for
 from ..masks import TemplateRaised, render
 from ..probes import text_of
 from ..problems import ERROR, Finding, InputError
+from ..turns import first_difference
 from .label import Label
 from .source import Template, strip_markers, with_special_tokens
 from .trace import Trace, trace_all
@@ -66,10 +67,7 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
             refuse(Refusal.RENDER_FAILED, f"{trace.name}: {err}")
             continue
         if out.text != trace.text:
-            at = next(
-                (i for i, (x, y) in enumerate(zip(out.text, trace.text)) if x != y),
-                min(len(out.text), len(trace.text)),
-            )
+            at = first_difference(out.text, trace.text)
             refuse(
                 Refusal.RENDER_DIFFERS,
                 f"{trace.name}: renders {out.text[at : at + 30]!r} where the original "
@@ -108,7 +106,7 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
 def _untrained_output(messages: list[dict], text: str, trained: list[bool], relaxed: bool) -> str | None:
     """The first piece of assistant output the render shows but leaves untrained, named; None when all is.
 
-    Checked apart from the labels (which come from lint's turn finder): each assistant message's content and
+    Checked apart from the labels (which come from `turns.locate_turns`): each assistant message's content and
     reasoning, found after the message before it, and each tool call's argument values and the name before
     them, found before the next message's text. Output the template doesn't print is not looked for."""
     cursor = 0
