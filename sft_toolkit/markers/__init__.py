@@ -31,7 +31,8 @@ source, and the result must pass the same checks as a hand-written template:
    `MarkerError` says which construct defeated the placement and on which line.
 
 Modules: `tags` and `source` (the source scanned into tags and emitting pieces, matched to jinja2's AST),
-`trace` (step 1), `label` (2), `place` and `boundaries` (3), `verify` (4); this module runs them in turn.
+`trace` (step 1), `label` (2), `place` with `atoms` and `boundaries` (3), `verify` (4), `errors`
+(`MarkerError`); this module runs them in turn.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ __all__ = ["MarkerError", "Refusal", "Result", "add_markers", "has_markers", "st
 
 @dataclass(frozen=True)
 class Result:
+    """A verified marked template and what placing its markers took."""
+
     source: str
     blocks: int  # generation blocks inserted
     role_conditions: int  # shared role code duplicated under an assistant condition

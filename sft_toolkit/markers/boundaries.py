@@ -10,14 +10,10 @@ because TRL (`has_generation_markers`) only recognises `{% generation %}` writte
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from .atoms import Atom, AtomKind
 from .errors import MarkerError
-from .source import Statement, Template
-from .tags import Tag
-
-if TYPE_CHECKING:
-    from .place import Atom
+from .source import PieceKind, Statement, Template
+from .tags import Tag, TagKind
 
 
 def _lstrip_applies(source: str, pos: int) -> bool:
@@ -28,13 +24,13 @@ def _lstrip_applies(source: str, pos: int) -> bool:
 
 
 def _left_modifier(template: Template, pos: int, tag: Tag | None) -> str:
-    if tag is not None and (tag.kind == "block" or tag.left_modifier == "-"):
+    if tag is not None and (tag.kind == TagKind.BLOCK or tag.left_modifier == "-"):
         return tag.left_modifier
     return "+" if _lstrip_applies(template.source, pos) else ""
 
 
 def _right_modifier(template: Template, pos: int, tag: Tag | None) -> str:
-    if tag is not None and (tag.kind == "block" or tag.right_modifier == "-"):
+    if tag is not None and (tag.kind == TagKind.BLOCK or tag.right_modifier == "-"):
         return tag.right_modifier
     return "+" if template.source.startswith(("\n", "\r\n"), pos) else ""
 
@@ -45,7 +41,7 @@ def edge(template: Template, item, side: str) -> tuple[int, str]:
     tag = (
         (item.open if left else item.close)
         if isinstance(item, Statement)
-        else (None if item.kind == "data" else item.tag)
+        else (None if item.kind == PieceKind.DATA else item.tag)
     )
     pos = (tag.start if left else tag.end) if tag is not None else (item.start if left else item.end)
     return pos, (_left_modifier(template, pos, tag) if left else _right_modifier(template, pos, tag)) or "+"
@@ -54,22 +50,26 @@ def edge(template: Template, item, side: str) -> tuple[int, str]:
 def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int, int, str]:
     """The edit that puts `{% name %}` on `side` of `atom`."""
     item, left = atom.item, side == "left"
-    if atom.kind == "chars" and not (left and atom.start == 0) and not (not left and atom.end == len(item.text)):
+    if (
+        atom.kind == AtomKind.CHARACTERS
+        and not (left and atom.start == 0)
+        and not (not left and atom.end == len(item.text))
+    ):
         pos = item.offsets[atom.start if left else atom.end]
-        if item.kind != "data":  # inside a string literal: end the literal and the tag around the marker
+        if item.kind != PieceKind.DATA:  # inside a string literal: end the literal and the tag around the marker
             quote = template.source[item.offsets[-1]]
             return (pos, pos, f"{quote} }}}}{{% {name} %}}{{{{ {quote}")
         return (pos, pos, f"{{%{_left_modifier(template, pos, None)} {name} {_right_modifier(template, pos, None)}%}}")
-    if atom.kind == "tail" and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
+    if atom.kind == AtomKind.TAIL and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
         tag, at = item.tag, f"{item.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
         inner = (tag.start + 2 + (1 if tag.left_modifier else 0), tag.end - 2 - (1 if tag.right_modifier else 0))
         return (*inner, f" {item.variable}[:{at}] }}}}{{% {name} %}}{{{{ {item.variable}[{at}:] ")
     if isinstance(item, Statement):
         tag = item.open if left else item.close
-    elif item.kind == "data":
+    elif item.kind == PieceKind.DATA:
         pos = item.start if left else item.end
         return (pos, pos, f"{{%{_left_modifier(template, pos, None)} {name} {_right_modifier(template, pos, None)}%}}")
-    elif item.kind == "operand" and (item.index > 0 if left else item.index < item.count - 1):
+    elif item.kind == PieceKind.OPERAND and (item.index > 0 if left else item.index < item.count - 1):
         op = item.cuts[item.index - 1] if left else item.cuts[item.index]
         return (op[0], op[1], f" }}}}{{% {name} %}}{{{{ ")
     else:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from .atoms import ASSIGNMENT, MIXED, RESOLVED_INSIDE, TRAINED_ONLY, Atom, AtomKind
 from .boundaries import apply_edits, boundary, edge
 from .errors import MarkerError
 from .label import Label
@@ -26,25 +27,6 @@ class Placement:
     source: str
     blocks: int
     role_conditions: int
-
-
-TRAINED_ONLY = frozenset({Label.TRAINED})
-MIXED = frozenset({Label.TRAINED, Label.UNTRAINED})
-# Signatures of atoms that end a run of trained atoms without being labels: a statement marked inside (or under
-# a condition), and an assignment (a `set` inside a generation block is not seen after it).
-RESOLVED_INSIDE = frozenset({"resolved inside"})
-ASSIGNMENT = frozenset({"assignment"})
-
-
-@dataclass(frozen=True)
-class Atom:
-    kind: str  # "piece" | "chars" (part of a literal) | "head"/"tail" (of a split `{{ name }}`) | "stmt" |
-    # "done" (resolved inside) | "break"
-    item: Piece | Statement
-    signature: frozenset
-    start: int = 0  # chars: [start, end) of the literal's text
-    end: int = 0
-    landmark: str = ""  # head/tail: the text the head ends with
 
 
 # The namespace a converted template keeps its "this turn already wrote trained text" flag in (see `Placer`).
@@ -162,7 +144,7 @@ class Placer:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
                 edits.append(self._role_condition(item) if not where else self._turn_condition(item))
-                atoms.append(Atom("done", item, RESOLVED_INSIDE))
+                atoms.append(Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE))
             else:
                 atoms += resolved
         return edits + self._runs(atoms)
@@ -172,9 +154,9 @@ class Placer:
         if isinstance(item, Statement):
             signature = self._signature(self._stmt_pieces(item), where)
             if isinstance(item.node, (nodes.Assign, nodes.AssignBlock, nodes.Macro)) and not signature:
-                return [Atom("break", item, ASSIGNMENT)]  # a `set` inside a block is not seen after it
+                return [Atom(AtomKind.ASSIGNMENT, item, ASSIGNMENT)]  # a `set` inside a block is not seen after it
             if signature != MIXED:
-                return [Atom("stmt", item, signature)]
+                return [Atom(AtomKind.STATEMENT, item, signature)]
             if not item.bodies:
                 return None
             try:
@@ -184,7 +166,7 @@ class Placer:
                     raise
                 return None
             edits += inner
-            return [Atom("done", item, RESOLVED_INSIDE)]
+            return [Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE)]
         atoms = []
         for piece in self.template.exprs.get(item.id, [item]):
             signature = self._signature([piece.id], where)
@@ -195,14 +177,14 @@ class Placer:
             labels = self._char_labels(piece, where) if splittable else None
             if signature != MIXED and not (labels and Label.UNTRAINED in labels):
                 # (a trained literal that ends in whitespace after an end-of-turn is split all the same)
-                atoms.append(Atom("piece", piece, signature))
+                atoms.append(Atom(AtomKind.PIECE, piece, signature))
                 continue
             if labels is None:
                 landmark = self._landmark(piece, where) if piece.variable else None
                 if landmark:
                     atoms += [
-                        Atom("head", piece, frozenset({Label.UNTRAINED}), landmark=landmark),
-                        Atom("tail", piece, TRAINED_ONLY, landmark=landmark),
+                        Atom(AtomKind.HEAD, piece, frozenset({Label.UNTRAINED}), landmark=landmark),
+                        Atom(AtomKind.TAIL, piece, TRAINED_ONLY, landmark=landmark),
                     ]
                     continue
                 if not where or (self.flags and where == _ASSISTANT):
@@ -220,7 +202,8 @@ class Placer:
                     piece.line,
                 )
             atoms += [
-                Atom("chars", piece, frozenset({label}), start, end) for start, end, label in _label_runs(labels)
+                Atom(AtomKind.CHARACTERS, piece, frozenset({label}), start, end)
+                for start, end, label in _label_runs(labels)
             ]
         return atoms
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 
 import jinja2
 from jinja2 import nodes
@@ -12,7 +13,7 @@ from jinja2 import nodes
 from ..masks import DEFAULT_SPECIAL_TOKENS
 from ..problems import InputError
 from .errors import MarkerError
-from .tags import Tag, outside_strings, scan_tags
+from .tags import Tag, TagKind, outside_strings, scan_tags
 
 
 def strip_markers(source: str) -> str:
@@ -23,12 +24,18 @@ def with_special_tokens(kwargs: dict) -> dict:
     return {**DEFAULT_SPECIAL_TOKENS, **kwargs}
 
 
+class PieceKind(str, Enum):
+    DATA = "data"  # literal text
+    EXPRESSION = "expr"  # a whole `{{ }}`
+    OPERAND = "operand"  # one operand of a `+`/`~` chain in a `{{ }}`
+
+
 @dataclass
 class Piece:
     """Something that emits text: literal text, a whole `{{ }}` expression, or one operand of a `+`/`~` chain."""
 
     id: int
-    kind: str  # "data", "expr", "operand"
+    kind: PieceKind
     start: int  # source span of the text / tag / operand
     end: int
     line: int
@@ -86,16 +93,16 @@ class Template:
     def _line(self, pos: int) -> int:
         return self.source.count("\n", 0, pos) + 1
 
-    def _next(self, kinds=("block",), names=None) -> Tag:
+    def _next(self, kinds=(TagKind.BLOCK,), names=None) -> Tag:
         """The next tag, skipping comments; it must be what the AST says comes next."""
-        while self._tag_index < len(self.tags) and self.tags[self._tag_index].kind == "comment":
+        while self._tag_index < len(self.tags) and self.tags[self._tag_index].kind == TagKind.COMMENT:
             self._tag_index += 1
         if self._tag_index >= len(self.tags):
             raise MarkerError("unexpected end of the template's tags (unsupported construct)")
         tag = self.tags[self._tag_index]
         if tag.kind not in kinds or (names and tag.name not in names):
             raise MarkerError(
-                f"could not match the {tag.kind} tag {self.source[tag.start : tag.end][:40]!r} to "
+                f"could not match the {tag.kind.value} tag {self.source[tag.start : tag.end][:40]!r} to "
                 "jinja2's parse (unsupported construct)",
                 self._line(tag.start),
             )
@@ -105,7 +112,7 @@ class Template:
 
     def _peek(self) -> Tag | None:
         index = self._tag_index
-        while index < len(self.tags) and self.tags[index].kind == "comment":
+        while index < len(self.tags) and self.tags[index].kind == TagKind.COMMENT:
             index += 1
         return self.tags[index] if index < len(self.tags) else None
 
@@ -122,7 +129,7 @@ class Template:
     def _data(self, node: nodes.TemplateData) -> Piece:
         """Literal text: the gap between tags (comments split gaps) that jinja trimmed into `node.data`."""
         gaps, s, k = [], self._position, self._tag_index
-        while k < len(self.tags) and self.tags[k].kind == "comment":
+        while k < len(self.tags) and self.tags[k].kind == TagKind.COMMENT:
             gaps.append((s, self.tags[k].start))
             s, k = self.tags[k].end, k + 1
         gaps.append((s, self.tags[k].start if k < len(self.tags) else len(self.source)))
@@ -133,14 +140,14 @@ class Template:
             elif (at := self.source.find(node.data, gs, ge)) < 0:
                 continue
             self._position = ge
-            piece = self._new("data", at, at + len(node.data))
+            piece = self._new(PieceKind.DATA, at, at + len(node.data))
             piece.text = node.data
             piece.offsets = list(range(at, at + len(node.data) + 1))
             return piece
-        if k < len(self.tags) and self.tags[k].kind == "raw":  # {% raw %}: kept whole
+        if k < len(self.tags) and self.tags[k].kind == TagKind.RAW:  # {% raw %}: kept whole
             self._tag_index = k + 1
             self._position = self.tags[k].end
-            return self._new("data", self.tags[k].start, self.tags[k].end)
+            return self._new(PieceKind.DATA, self.tags[k].start, self.tags[k].end)
         raise MarkerError("could not locate literal text in the source", node.lineno)
 
     def _trim(self, gs: int, ge: int) -> tuple[int, int] | None:
@@ -153,13 +160,17 @@ class Template:
             if before.right_modifier == "-":
                 while s < e and text[s].isspace():
                     s += 1
-            elif before.kind in ("block", "comment") and before.right_modifier != "+" and text.startswith("\n", s):
+            elif (
+                before.kind in (TagKind.BLOCK, TagKind.COMMENT)
+                and before.right_modifier != "+"
+                and text.startswith("\n", s)
+            ):
                 s += 1
         if after is not None:
             if after.left_modifier == "-":
                 while e > s and text[e - 1].isspace():
                     e -= 1
-            elif after.kind in ("block", "comment") and after.left_modifier != "+":
+            elif after.kind in (TagKind.BLOCK, TagKind.COMMENT) and after.left_modifier != "+":
                 k = e
                 while k > s and text[k - 1] in " \t":
                     k -= 1
@@ -173,13 +184,13 @@ class Template:
         return piece
 
     def _expr(self, node: nodes.Node) -> Piece:
-        tag = self._next(("var",))
+        tag = self._next((TagKind.EXPRESSION,))
         leaves = _chain(node)
         cuts = _operators(self.source, tag) if len(leaves) > 1 else []
         if len(leaves) > 1 and len(cuts) != len(leaves) - 1:
             leaves, cuts = [node], []  # parentheses or mixed operators: keep the expression whole
         if len(leaves) == 1:
-            piece = self._new("expr", tag.start, tag.end, tag=tag)
+            piece = self._new(PieceKind.EXPRESSION, tag.start, tag.end, tag=tag)
             if isinstance(node, nodes.Name):
                 piece.variable = node.name
             if isinstance(node, nodes.Const) and isinstance(node.value, str):
@@ -196,7 +207,7 @@ class Template:
         ends = [c[0] for c in cuts] + [tag.end - 2 - (1 if tag.right_modifier else 0)]
         operands = []
         for i, (leaf, s, e) in enumerate(zip(leaves, bounds, ends)):
-            piece = self._new("operand", s, e, tag=tag, index=i, count=len(leaves), cuts=cuts)
+            piece = self._new(PieceKind.OPERAND, s, e, tag=tag, index=i, count=len(leaves), cuts=cuts)
             if isinstance(leaf, nodes.Const) and isinstance(leaf.value, str):
                 offsets = _literal_offsets(self.source, s, e, leaf.value)
                 if offsets is not None:
@@ -264,12 +275,12 @@ class Template:
         depth = 0
         while self._tag_index < len(self.tags):
             tag = self.tags[self._tag_index]
-            if tag.kind == "block" and tag.name == closing:
+            if tag.kind == TagKind.BLOCK and tag.name == closing:
                 if depth == 0:
                     return
                 depth -= 1
             elif (
-                tag.kind == "block"
+                tag.kind == TagKind.BLOCK
                 and tag.name == opening
                 and not (opening == "set" and "=" in self.source[tag.start : tag.end])
             ):

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 
 from .errors import MarkerError
 
 
+class TagKind(str, Enum):
+    EXPRESSION = "var"  # {{ }}
+    BLOCK = "block"  # {% %}
+    COMMENT = "comment"  # {# #}
+    RAW = "raw"  # {% raw %}...{% endraw %}, kept as text
+
+
 @dataclass
 class Tag:
-    kind: str  # "var" {{ }}, "block" {% %}, "comment" {# #}, "raw" ({% raw %}...{% endraw %}, kept as text)
+    kind: TagKind
     start: int
     end: int
     name: str = ""  # first word of a block tag
@@ -35,7 +43,7 @@ def scan_tags(source: str) -> list[Tag]:
                 raise MarkerError("unclosed comment", source.count("\n", 0, j) + 1)
             tags.append(
                 Tag(
-                    "comment",
+                    TagKind.COMMENT,
                     j,
                     end + 2,
                     left_modifier=_mod(source[j + 2 : j + 3]),
@@ -50,20 +58,20 @@ def scan_tags(source: str) -> list[Tag]:
             raise MarkerError(f"unclosed {'{{' if opener == '{' else '{%'} tag", source.count("\n", 0, j) + 1)
         inner = source[j + 2 : k]
         tag = Tag(
-            "var" if opener == "{" else "block",
+            TagKind.EXPRESSION if opener == "{" else TagKind.BLOCK,
             j,
             k + 2,
             left_modifier=_mod(inner[:1]),
             right_modifier=_mod(inner[-1:]),
         )
-        if tag.kind == "block":
+        if tag.kind == TagKind.BLOCK:
             tag.name = (inner.strip("-+ \t\r\n").split() or [""])[0]
             if tag.name == "raw":
                 m = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}").search(source, tag.end)
                 if not m:
                     raise MarkerError("unclosed raw block", source.count("\n", 0, j) + 1)
                 tag = Tag(
-                    "raw",
+                    TagKind.RAW,
                     j,
                     m.end(),
                     left_modifier=tag.left_modifier,

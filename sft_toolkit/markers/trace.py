@@ -16,7 +16,7 @@ from ..problems import InputError
 from ..turns import end_of_turn, render_probe, usable_probe
 from .errors import MarkerError
 from .label import Label, label_characters
-from .source import Piece, Template, with_special_tokens
+from .source import Piece, PieceKind, Template, with_special_tokens
 
 
 @dataclass
@@ -127,6 +127,9 @@ def _cases(probe: Probe):
 
 
 def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list[Trace], list[str]]:
+    """Every render lint checks (each probe of `VERIFICATION_PROBES` under each setting, with and without the
+    generation prompt, cut after each assistant turn), traced and labelled; and the names of the probes the
+    original template itself fails to render."""
     from transformers.utils.chat_template_utils import (
         _alias_reasoning_fields,
         _plain_template_data,
@@ -229,7 +232,7 @@ def _mark_started(emissions: list[Emission], labels: str, pieces: list[Piece]) -
     trained, previous = set(), None
     for e in emissions:
         piece = pieces[e.piece]
-        e.started = previous.started if piece.kind == "operand" and piece.index > 0 else e.iteration in trained
+        e.started = previous.started if piece.kind == PieceKind.OPERAND and piece.index > 0 else e.iteration in trained
         if e.iteration is not None and Label.TRAINED in labels[e.start : e.end]:
             trained.add(e.iteration)
         previous = e
