@@ -22,7 +22,8 @@ from pathlib import Path
 
 import trl
 
-from sft_toolkit.lint import _check_probe, _end_of_turn, usable_probe
+from sft_toolkit.lint import _check_probe
+from sft_toolkit.turns import end_of_turn, usable_probe
 from sft_toolkit.markers import MarkerError, add_markers
 from sft_toolkit.masks import TemplateRaised, render
 from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, generated_conversations
@@ -50,7 +51,7 @@ def main() -> None:
         totals["seconds"] += seconds
         renders = bad = 0
         if marked is not None:
-            eot = next((e for p in PROBES if (e := _end_of_turn(source, usable_probe(source, p, {}), {}))), None)
+            eot = next((e for p in PROBES if (e := end_of_turn(source, usable_probe(source, p, {}), {}))), None)
             for messages in conversations:
                 probe = usable_probe(source, Probe("generated", messages, [WEATHER_TOOL]), {})
                 try:

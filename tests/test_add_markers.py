@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import trl
 
-from sft_toolkit.lint import _check_probe, _end_of_turn, lint, locate_turns, usable_probe
-from sft_toolkit.markers import MarkerError, _strip_markers, add_markers
+from sft_toolkit.lint import _check_probe, lint
+from sft_toolkit.turns import end_of_turn, locate_turns, usable_probe
+from sft_toolkit.markers import MarkerError, add_markers, strip_markers
 from sft_toolkit.masks import TemplateRaised, render, tokenize
 from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, generated_conversations
 from sft_toolkit.problems import InputError
@@ -113,7 +114,7 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
             continue  # no assistant turn before the texts part
         compared += 1
         full = render(original, probe.messages, tools=probe.tools)
-        eot = _end_of_turn(original, probe, {})
+        eot = end_of_turn(original, probe, {})
         turns, _ = locate_turns(original, probe, full, eot, {})
         inside = [False] * len(a.text)
         for turn in turns:
@@ -133,7 +134,7 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
 def test_bundled_templates_stripped_of_markers_come_back_with_the_same_mask(path):
     source = path.read_text()
-    bare = _strip_markers(source)
+    bare = strip_markers(source)
     marked = add_markers(bare).source
     for probe in PROBES:
         probe = usable_probe(source, probe, {})
@@ -271,7 +272,7 @@ def test_converted_template_is_right_on_conversations_the_probes_do_not_contain(
     """Verification runs on the probe corpus; this checks the result on other conversations with the same
     rules (every assistant turn and its end-of-turn trained, nothing else), as a user's data would."""
     original, marked = (TRL_TEMPLATES / f"{name}.jinja").read_text(), converted(name).source
-    eot = next((e for p in PROBES if (e := _end_of_turn(original, usable_probe(original, p, {}), {}))), None)
+    eot = next((e for p in PROBES if (e := end_of_turn(original, usable_probe(original, p, {}), {}))), None)
     checked = 0
     for messages in HELD_OUT:
         probe = usable_probe(original, Probe("held-out", messages, [WEATHER_TOOL]), {})

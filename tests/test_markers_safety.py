@@ -26,7 +26,7 @@ import trl
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import sft_toolkit.lint
-import sft_toolkit.markers
+import sft_toolkit.markers.trace
 from sft_toolkit.markers import MarkerError, Refusal, add_markers, verify_placement
 from sft_toolkit.masks import render
 from sft_toolkit.preprocess import canonical_messages
@@ -121,7 +121,7 @@ def test_the_conversion_the_old_probes_allowed_is_refused(monkeypatch):
     """With the probe set add-markers had before the tool-call shapes, the content-none branch is never
     rendered, so it gets no markers and verification passes; the full set refuses that template."""
     with monkeypatch.context() as patch:
-        patch.setattr(sft_toolkit.markers, "VERIFICATION_PROBES", PROBES)
+        patch.setattr(sft_toolkit.markers.trace, "VERIFICATION_PROBES", PROBES)
         patch.setattr(sft_toolkit.lint, "VERIFICATION_PROBES", PROBES)
         old = add_markers(CALLS_ONLY_WHEN_NONE).source
     out = render(old, NULL_CONTENT_AS_GIVEN.messages, tools=NULL_CONTENT_AS_GIVEN.tools, keep_none=True)

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sft_toolkit.lint import _check_probe, _end_of_turn
+from sft_toolkit.lint import _check_probe
+from sft_toolkit.turns import end_of_turn
 from sft_toolkit.masks import TemplateRaised, render
 from sft_toolkit.probes import PROBES, Probe
 from sft_toolkit.templates import bundled_names, load_template
@@ -50,7 +51,7 @@ def test_bundled_template_trains_exactly_the_assistant_output(name, messages):
         full = render(source, messages)
     except TemplateRaised:
         return  # the template refuses this conversation (e.g. Gemma 1/2 and a system message)
-    eot = _end_of_turn(source, PROBES[0], {})
+    eot = end_of_turn(source, PROBES[0], {})
     problems = [(rule, msg) for rule, _, msg, _, _ in _check_probe(source, probe, full, eot, {})
                 if rule in ("R001", "R002", "R003")]
     assert problems == []

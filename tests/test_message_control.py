@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from sft_toolkit import offline_tokenizers, preprocess
 from sft_toolkit.check_data import REASON_HELP, check_data
-from sft_toolkit.lint import _check_probe, _end_of_turn
+from sft_toolkit.lint import _check_probe
+from sft_toolkit.turns import end_of_turn
 from sft_toolkit.masks import Rendered, TemplateRaised, render
 from sft_toolkit.policy import MappingError, TurnPolicy, kept_spans, policy_from, selected, strip_control
 from sft_toolkit.probes import CONTROL_PROBES, PROBES, Probe
@@ -251,7 +252,7 @@ def test_trained_text_is_exactly_the_selected_turns(name, case):
     policy = TurnPolicy(turns=turns)
     off = frozenset(i for i, on in selected(messages, policy).items() if not on)
     controlled = Rendered(full.text, kept_spans(messages, full, policy))
-    eot = _end_of_turn(source, PROBES[0], {})
+    eot = end_of_turn(source, PROBES[0], {})
     problems = _check_probe(source, Probe("generated", messages), controlled, eot, {}, off)
     assert [(rule, msg) for rule, _, msg, _, _ in problems if rule in ("R001", "R002", "R003", "R008")] == []
     assert len(controlled.spans) == len(selected(messages, policy)) - len(off)

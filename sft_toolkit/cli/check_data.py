@@ -11,13 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
-from ..check_data import check_data, reason_help, to_markdown
+from ..check_data import check_data, to_markdown
 from ..outputs import check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
-
-SHOW_ROWS = 20
+from ._common import print_data_report
 
 
 def add_parser(sub) -> None:
@@ -48,7 +45,7 @@ def run(args) -> int:
     if args.format == "json":
         print(json.dumps(data, indent=2))
     else:
-        _print_text(report, args.recipe)
+        print_data_report(report, args.recipe)
     return 0 if report.ok else 1
 
 
@@ -58,39 +55,3 @@ def _report_paths(report: str) -> tuple[Path, Path]:
     if json_path.suffix == ".md":
         json_path = json_path.with_suffix(".json")
     return json_path, json_path.with_suffix(".md")
-
-
-def _print_text(report, title: str) -> None:
-    console = Console(highlight=False, soft_wrap=True)
-    verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
-    console.print(f"[bold]check-data {title}[/]: {verdict}")
-    _print_split(console, report)
-    if report.eval is not None:
-        verdict = "[green]PASS[/]" if report.eval.ok else "[red]FAIL[/]"
-        console.print(f"[bold]eval split[/]: {verdict}")
-        _print_split(console, report.eval)
-
-
-def _print_split(console, report) -> None:
-    console.print(f"  rows {report.rows}, tokens {report.tokens}, trainable tokens {report.trainable_tokens} "
-                  f"(before truncation/packing {report.trainable_tokens_before})")
-    console.print(f"  sequences {report.sequences} ({report.zero_trainable_sequences} with zero trainable tokens), "
-                  f"steps {report.steps} ({report.zero_trainable_steps} with zero trainable tokens)")
-    console.print(f"  dropped rows {report.dropped_rows}, assistant tokens lost to truncation "
-                  f"{report.truncated_assistant_tokens}, trained without context {report.orphaned_assistant_tokens}")
-    for source in report.sources:
-        console.print(f"  {source['source']}: rows {source['rows']}, trainable tokens {source['trainable_tokens']}, "
-                      f"zero-mask rows {source['zero_mask_rows']}", markup=False)
-    for problem in report.problems():
-        if not problem.startswith("eval split: "):  # printed under the eval split's own heading
-            console.print(f"  [red]✗[/] {problem}", markup=True)
-    for row in report.zero_mask_rows[:SHOW_ROWS]:
-        console.print(f"    row {row['index']}: {row['reason']} — {reason_help(row['reason'])}", markup=False)
-    if len(report.zero_mask_rows) > SHOW_ROWS:
-        console.print(f"    … and {len(report.zero_mask_rows) - SHOW_ROWS} more rows (see --format json or --report)")
-    for row in report.coverage_problem_rows[:SHOW_ROWS]:
-        console.print(f"    row {row['index']} message {row['message']}: {row['reason']} — "
-                      f"{reason_help(row['reason'])}", markup=False)
-    if len(report.coverage_problem_rows) > SHOW_ROWS:
-        console.print(f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or "
-                      "--report)")

@@ -13,7 +13,7 @@ import json
 from ..prepare import prepare
 from ..recipe import load_recipe
 from ..train import GuardStop
-from .check_data import _print_text
+from ._common import print_data_report
 from .train import parse_overrides
 
 
@@ -42,7 +42,7 @@ def run(args) -> int:
     if args.format == "json":
         print(json.dumps({"prepared": str(result.path), **result.manifest}, indent=2))
         return 0
-    _print_text(result.report, args.recipe)
+    print_data_report(result.report, args.recipe)
     for note in result.notes:
         print(f"  mask guard ({recipe.toolkit.mask_guard}): {note}")
     summary = result.manifest["dataset"]

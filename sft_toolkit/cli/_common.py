@@ -1,0 +1,58 @@
+"""Printing the cli commands share: check-data's report, which `prepare` prints too for what it saved."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from ..check_data import reason_help
+
+SHOW_ROWS = 20
+
+
+def print_data_report(report, title: str) -> None:
+    """A check-data report as text: the verdict, the counts of each split, the problems and the rows behind them."""
+    console = Console(highlight=False, soft_wrap=True)
+    verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
+    console.print(f"[bold]check-data {title}[/]: {verdict}")
+    _print_split(console, report)
+    if report.eval is not None:
+        verdict = "[green]PASS[/]" if report.eval.ok else "[red]FAIL[/]"
+        console.print(f"[bold]eval split[/]: {verdict}")
+        _print_split(console, report.eval)
+
+
+def _print_split(console, report) -> None:
+    console.print(
+        f"  rows {report.rows}, tokens {report.tokens}, trainable tokens {report.trainable_tokens} "
+        f"(before truncation/packing {report.trainable_tokens_before})"
+    )
+    console.print(
+        f"  sequences {report.sequences} ({report.zero_trainable_sequences} with zero trainable tokens), "
+        f"steps {report.steps} ({report.zero_trainable_steps} with zero trainable tokens)"
+    )
+    console.print(
+        f"  dropped rows {report.dropped_rows}, assistant tokens lost to truncation "
+        f"{report.truncated_assistant_tokens}, trained without context {report.orphaned_assistant_tokens}"
+    )
+    for source in report.sources:
+        console.print(
+            f"  {source['source']}: rows {source['rows']}, trainable tokens {source['trainable_tokens']}, "
+            f"zero-mask rows {source['zero_mask_rows']}",
+            markup=False,
+        )
+    for problem in report.problems():
+        if not problem.startswith("eval split: "):  # printed under the eval split's own heading
+            console.print(f"  [red]✗[/] {problem}", markup=True)
+    for row in report.zero_mask_rows[:SHOW_ROWS]:
+        console.print(f"    row {row['index']}: {row['reason']} — {reason_help(row['reason'])}", markup=False)
+    if len(report.zero_mask_rows) > SHOW_ROWS:
+        console.print(f"    … and {len(report.zero_mask_rows) - SHOW_ROWS} more rows (see --format json or --report)")
+    for row in report.coverage_problem_rows[:SHOW_ROWS]:
+        console.print(
+            f"    row {row['index']} message {row['message']}: {row['reason']} — {reason_help(row['reason'])}",
+            markup=False,
+        )
+    if len(report.coverage_problem_rows) > SHOW_ROWS:
+        console.print(
+            f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or --report)"
+        )
