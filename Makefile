@@ -10,11 +10,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: setup quickstart test
+.PHONY: setup quickstart test fmt
 setup: $(VENV)/.installed
 
 quickstart: setup
 	$(VENV)/bin/sft-toolkit quickstart
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

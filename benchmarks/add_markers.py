@@ -23,11 +23,11 @@ from pathlib import Path
 import trl
 
 from sft_toolkit.lint import _check_probe
-from sft_toolkit.turns import end_of_turn, usable_probe
 from sft_toolkit.markers import MarkerError, add_markers
 from sft_toolkit.masks import TemplateRaised, render
 from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, generated_conversations
 from sft_toolkit.problems import InputError
+from sft_toolkit.turns import end_of_turn, usable_probe
 
 
 def main() -> None:
@@ -37,7 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     conversations = [c for seed in args.seeds for c in generated_conversations(args.conversations, seed)]
     folder = Path(trl.__file__).parent / "chat_templates"
-    print(f"python benchmarks/add_markers.py {shlex.join(sys.argv[1:])}  ({platform.machine()}, trl {trl.__version__})")
+    print(
+        f"python benchmarks/add_markers.py {shlex.join(sys.argv[1:])}  ({platform.machine()}, trl {trl.__version__})"
+    )
     print("| template | add-markers s | converted | renders | bad |\n|---|---:|---|---:|---:|")
     totals = collections.Counter()
     for path in sorted(p for p in folder.glob("*.jinja") if not p.stem.endswith("_training")):
@@ -61,11 +63,15 @@ def main() -> None:
                 ours = render(marked, probe.messages, tools=probe.tools)
                 renders += 1
                 bad += ours.text != expected.text or any(
-                    severity == "error" and rule != "R004" for rule, severity, *_ in _check_probe(source, probe, ours, eot, {}))
+                    severity == "error" and rule != "R004"
+                    for rule, severity, *_ in _check_probe(source, probe, ours, eot, {})
+                )
         totals.update(converted=marked is not None, templates=1, renders=renders, bad=bad)
         print(f"| {path.stem} | {seconds:.2f} | {'yes' if marked is not None else 'no'} | {renders} | {bad} |")
-    print(f"\n{totals['converted']} of {totals['templates']} converted in {totals['seconds']:.1f} s; "
-          f"{totals['renders']} renders of generated conversations, {totals['bad']} bad")
+    print(
+        f"\n{totals['converted']} of {totals['templates']} converted in {totals['seconds']:.1f} s; "
+        f"{totals['renders']} renders of generated conversations, {totals['bad']} bad"
+    )
 
 
 if __name__ == "__main__":

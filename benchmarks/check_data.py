@@ -118,8 +118,14 @@ def write_dataset(path: Path, n: int, seed: int = SEED) -> None:
 def _recipe_keys(data: str, config: str, num_proc: int | None, output_dir: str) -> dict:
     from sft_toolkit import offline_tokenizers
 
-    return {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": data,
-            "output_dir": output_dir, "dataset_num_proc": num_proc, **COMMON, **CONFIGS[config]}
+    return {
+        "model_name_or_path": str(offline_tokenizers.cached("qwen2")),
+        "dataset_name": data,
+        "output_dir": output_dir,
+        "dataset_num_proc": num_proc,
+        **COMMON,
+        **CONFIGS[config],
+    }
 
 
 def _rss_mib(who) -> float:
@@ -148,9 +154,21 @@ PHASE_NAMES = {  # map/filter descriptions (TRL's end in " train dataset") -> on
 }
 
 
-PHASE_ORDER = ["load tokenizer", "load .jsonl", "tokenize (map)", "build labels (map)", "accounting: per-row stats",
-               "truncate (map)", "accounting: truncation", "drop fully masked (filter)", "tag src_row/src_pos (map)",
-               "pack bfd (map)", "accounting: packed sequences", "accounting: zero rows", "accounting: optimizer steps"]
+PHASE_ORDER = [
+    "load tokenizer",
+    "load .jsonl",
+    "tokenize (map)",
+    "build labels (map)",
+    "accounting: per-row stats",
+    "truncate (map)",
+    "accounting: truncation",
+    "drop fully masked (filter)",
+    "tag src_row/src_pos (map)",
+    "pack bfd (map)",
+    "accounting: packed sequences",
+    "accounting: zero rows",
+    "accounting: optimizer steps",
+]
 OTHER = "other (select/shuffle/glue)"
 
 
@@ -270,21 +288,32 @@ def measure(side: str, data: str, config: str, num_proc: int | None) -> dict:
 
         phases.wrap(sft_toolkit.preprocess, "load_tokenizer_for", "load tokenizer")
         phases.wrap(sft_toolkit.data, "load_rows", "load .jsonl")  # with check-data's line-by-line JSON check
-        for fn, label in [("_row_stats", "accounting: per-row stats"), ("_truncated_stats", "accounting: truncation"),
-                          ("_packed_stats", "accounting: packed sequences"), ("_zero_rows", "accounting: zero rows"),
-                          ("_steps", "accounting: optimizer steps")]:
+        for fn, label in [
+            ("_row_stats", "accounting: per-row stats"),
+            ("_truncated_stats", "accounting: truncation"),
+            ("_packed_stats", "accounting: packed sequences"),
+            ("_zero_rows", "accounting: zero rows"),
+            ("_steps", "accounting: optimizer steps"),
+        ]:
             phases.wrap(cd, fn, label)
         phases.start()
         cpu0, start = _cpu_seconds(), time.perf_counter()
         report, final = check_data(recipe)
         seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
-        extra = {"report_sequences": report.sequences, "report_trainable_tokens": report.trainable_tokens,
-                 "report_ok": report.ok, "rows": report.rows, "dropped_rows": report.dropped_rows,
-                 "truncated_assistant_tokens": report.truncated_assistant_tokens}
+        extra = {
+            "report_sequences": report.sequences,
+            "report_trainable_tokens": report.trainable_tokens,
+            "report_ok": report.ok,
+            "rows": report.rows,
+            "dropped_rows": report.dropped_rows,
+            "truncated_assistant_tokens": report.truncated_assistant_tokens,
+        }
     else:
-        args = SFTConfig(**{k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name",
-                                                                        "chat_template_path")},
-                         use_cpu=True, report_to="none")
+        args = SFTConfig(
+            **{k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name", "chat_template_path")},
+            use_cpu=True,
+            report_to="none",
+        )
         phases.start()
         cpu0, start = _cpu_seconds(), time.perf_counter()
         with phases.span("load tokenizer"):
@@ -295,8 +324,11 @@ def measure(side: str, data: str, config: str, num_proc: int | None) -> dict:
         stand_in = argparse.Namespace(
             _tokenizer=tokenizer,
             # As SFTTrainer.__init__: TRL's training template only when the tokenizer's lacks generation markers.
-            chat_template=(get_training_chat_template(tokenizer) if args.assistant_only_loss
-                           and not has_generation_markers(tokenizer.chat_template) else None),
+            chat_template=(
+                get_training_chat_template(tokenizer)
+                if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template)
+                else None
+            ),
             completion_only_loss=False,
         )
         with phases.span("load .jsonl"):  # as check-data does, minus its line-by-line JSON check
@@ -310,17 +342,34 @@ def measure(side: str, data: str, config: str, num_proc: int | None) -> dict:
     phases._record(OTHER)
     phases.stop()
     phases.seconds[OTHER] = seconds - sum(phases.seconds.values())
-    return {"side": side, "config": config, "seconds": seconds, "cpu_seconds": cpu, "phases": phases.seconds,
-            "max_rss": phases.max_rss, "max_anon": phases.max_anon, "peak_anon_mib": max(phases.max_anon.values()),
-            "baseline_rss_mib": baseline,
-            "peak_rss_mib": peak, "peak_rss_children_mib": peak_children, "sequences": sequences,
-            "trainable_tokens": trainable, "columns": final.column_names, **extra}
+    return {
+        "side": side,
+        "config": config,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "phases": phases.seconds,
+        "max_rss": phases.max_rss,
+        "max_anon": phases.max_anon,
+        "peak_anon_mib": max(phases.max_anon.values()),
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": peak,
+        "peak_rss_children_mib": peak_children,
+        "sequences": sequences,
+        "trainable_tokens": trainable,
+        "columns": final.column_names,
+        **extra,
+    }
 
 
 def run_measure(side: str, data: Path, config: str, num_proc: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as cache:
-        env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONWARNINGS": "ignore"}
+        env = {
+            **os.environ,
+            "HF_DATASETS_CACHE": cache,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore",
+        }
         cmd = [sys.executable, __file__, "_measure", "--side", side, "--data", str(data), "--config", config]
         if num_proc:
             cmd += ["--num-proc", str(num_proc)]
@@ -362,13 +411,18 @@ def coverage_cost(args) -> None:
                 preprocess.CHECK_COVERAGE = True
                 off, on = (min(seconds[k]) for k in (False, True))
                 medians = [statistics.median(seconds[k]) for k in (False, True)]
-                lines.append(f"| {_human(n)} | {config} | {off:.2f} | {on:.2f} | {on / off - 1:+.1%} | "
-                             f"{medians[0]:.2f} | {medians[1]:.2f} | {medians[1] / medians[0] - 1:+.1%} | "
-                             f"{len(report.coverage_problem_rows)} |")
-    print("| rows | config | without s (min) | with s (min) | cost (min) | without s (median) | with s (median) "
-          f"| cost (median) | coverage problem rows |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
-          + "\n".join(lines) + f"\n\nCPU seconds of check_data(recipe) in one process, {args.coverage_cost} "
-          "interleaved runs each.")
+                lines.append(
+                    f"| {_human(n)} | {config} | {off:.2f} | {on:.2f} | {on / off - 1:+.1%} | "
+                    f"{medians[0]:.2f} | {medians[1]:.2f} | {medians[1] / medians[0] - 1:+.1%} | "
+                    f"{len(report.coverage_problem_rows)} |"
+                )
+    print(
+        "| rows | config | without s (min) | with s (min) | cost (min) | without s (median) | with s (median) "
+        "| cost (median) | coverage problem rows |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        + "\n".join(lines)
+        + f"\n\nCPU seconds of check_data(recipe) in one process, {args.coverage_cost} "
+        "interleaved runs each."
+    )
 
 
 def _human(n: int) -> str:
@@ -381,9 +435,14 @@ def main(argv=None) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="dataset_num_proc for both sides (default: none)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--workdir", help="where to write the .jsonl files (default: a temp dir, removed)")
-    parser.add_argument("--coverage-cost", type=int, metavar="REPEATS", help="instead: what the content coverage "
-                        "check adds to check-data, measured in one process, with and without it, interleaved REPEATS "
-                        "times (CPU seconds; a shared machine's noise swamps a 10%% difference between separate runs)")
+    parser.add_argument(
+        "--coverage-cost",
+        type=int,
+        metavar="REPEATS",
+        help="instead: what the content coverage "
+        "check adds to check-data, measured in one process, with and without it, interleaved REPEATS "
+        "times (CPU seconds; a shared machine's noise swamps a 10%% difference between separate runs)",
+    )
     args = parser.parse_args(argv)
     if args.coverage_cost:
         coverage_cost(args)
@@ -407,21 +466,28 @@ def main(argv=None) -> None:
             for side in ("trl", "check-data"):
                 r = run_measure(side, data, config, args.num_proc)
                 results[n, config, side] = r
-                print(f"#   {config:12s} {side:10s} {r['seconds']:7.1f} s  peak {r['peak_rss_mib']:6.0f} MiB  "
-                      f"{r['sequences']} sequences, {r['trainable_tokens']} trainable tokens",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"#   {config:12s} {side:10s} {r['seconds']:7.1f} s  peak {r['peak_rss_mib']:6.0f} MiB  "
+                    f"{r['sequences']} sequences, {r['trainable_tokens']} trainable tokens",
+                    file=sys.stderr,
+                    flush=True,
+                )
             ours, theirs = results[n, config, "check-data"], results[n, config, "trl"]
             same = (ours["sequences"], ours["trainable_tokens"]) == (theirs["sequences"], theirs["trainable_tokens"])
-            same_report = (ours["report_sequences"], ours["report_trainable_tokens"]) == (ours["sequences"],
-                                                                                         ours["trainable_tokens"])
+            same_report = (ours["report_sequences"], ours["report_trainable_tokens"]) == (
+                ours["sequences"],
+                ours["trainable_tokens"],
+            )
             assert same, f"{n} rows, {config}: check-data {ours} != TRL {theirs}"
             assert same_report, f"{n} rows, {config}: the report disagrees with check-data's own dataset: {ours}"
 
     lines = [
-        f"Command: `{command}`", "",
+        f"Command: `{command}`",
+        "",
         f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Python "
         f"{platform.python_version()}, dataset_num_proc={args.num_proc}, max_length=1024, Qwen2 vocabulary, "
-        "chatml template, assistant_only_loss", "",
+        "chatml template, assistant_only_loss",
+        "",
         "| rows | config | TRL s | check-data s | ratio (wall) | ratio (CPU) | TRL rows/s | check-data rows/s "
         "| TRL peak RSS MiB | check-data peak RSS MiB | sequences | trainable tokens | same as TRL |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -430,41 +496,56 @@ def main(argv=None) -> None:
         if side != "check-data":
             continue
         t = results[n, config, "trl"]
-        lines.append(f"| {_human(n)} | {config} | {t['seconds']:.1f} | {r['seconds']:.1f} | "
-                     f"{r['seconds'] / t['seconds']:.2f} | {r['cpu_seconds'] / t['cpu_seconds']:.2f} | "
-                     f"{n / t['seconds']:.0f} | {n / r['seconds']:.0f} | "
-                     f"{t['peak_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['sequences']} | "
-                     f"{r['trainable_tokens']} | yes |")
-    lines += ["", "ratio = check-data / TRL (goal <= 1.15); CPU = user+sys seconds of the measuring process and its "
-              "workers (less sensitive than wall time to other load on the machine)."]
+        lines.append(
+            f"| {_human(n)} | {config} | {t['seconds']:.1f} | {r['seconds']:.1f} | "
+            f"{r['seconds'] / t['seconds']:.2f} | {r['cpu_seconds'] / t['cpu_seconds']:.2f} | "
+            f"{n / t['seconds']:.0f} | {n / r['seconds']:.0f} | "
+            f"{t['peak_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['sequences']} | "
+            f"{r['trainable_tokens']} | yes |"
+        )
+    lines += [
+        "",
+        "ratio = check-data / TRL (goal <= 1.15); CPU = user+sys seconds of the measuring process and its "
+        "workers (less sensitive than wall time to other load on the machine).",
+    ]
     big = max(args.sizes)
     for config in args.configs:
         t, r = results[big, config, "trl"], results[big, config, "check-data"]
         names = [k for k in PHASE_ORDER if k in t["phases"] or k in r["phases"]]
         names += [k for k in {**t["phases"], **r["phases"]} if k not in names]  # unforeseen ones, "other" last
-        lines += ["", f"Where the time and memory go, {_human(big)} rows, {config} (phases in the order they run; "
-                  "memory = largest RSS while the phase ran, sampled every 20 ms, with the anonymous (heap) part "
-                  "in brackets; the rest is file pages of mmapped Arrow files):", "",
-                  "| phase | TRL s | check-data s | TRL RSS (anon) MiB | check-data RSS (anon) MiB |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Where the time and memory go, {_human(big)} rows, {config} (phases in the order they run; "
+            "memory = largest RSS while the phase ran, sampled every 20 ms, with the anonymous (heap) part "
+            "in brackets; the rest is file pages of mmapped Arrow files):",
+            "",
+            "| phase | TRL s | check-data s | TRL RSS (anon) MiB | check-data RSS (anon) MiB |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name in names:
             cells = [f"{x['phases'][name]:.1f}" if name in x["phases"] else "-" for x in (t, r)]
-            mem = [f"{x['max_rss'][name]:.0f} ({x['max_anon'][name]:.0f})" if name in x["max_rss"] else "-"
-                   for x in (t, r)]
+            mem = [
+                f"{x['max_rss'][name]:.0f} ({x['max_anon'][name]:.0f})" if name in x["max_rss"] else "-"
+                for x in (t, r)
+            ]
             lines.append(f"| {name} | {cells[0]} | {cells[1]} | {mem[0]} | {mem[1]} |")
-        lines.append(f"| **total** (peak: ru_maxrss; anon: sampled) | **{t['seconds']:.1f}** | **{r['seconds']:.1f}** "
-                     f"| **{t['peak_rss_mib']:.0f} ({t['peak_anon_mib']:.0f})** "
-                     f"| **{r['peak_rss_mib']:.0f} ({r['peak_anon_mib']:.0f})** |")
+        lines.append(
+            f"| **total** (peak: ru_maxrss; anon: sampled) | **{t['seconds']:.1f}** | **{r['seconds']:.1f}** "
+            f"| **{t['peak_rss_mib']:.0f} ({t['peak_anon_mib']:.0f})** "
+            f"| **{r['peak_rss_mib']:.0f} ({r['peak_anon_mib']:.0f})** |"
+        )
     if len(args.sizes) > 1:
         small, large = min(args.sizes), max(args.sizes)
         lines += ["", f"Growth from {_human(small)} to {_human(large)} rows (x{large / small:g} data):", ""]
         for config in args.configs:
             for side in ("trl", "check-data"):
                 a, b = results[small, config, side], results[large, config, side]
-                lines.append(f"- {config}, {side}: time x{b['seconds'] / a['seconds']:.2f}, peak RSS "
-                             f"x{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} ({a['peak_rss_mib']:.0f} -> "
-                             f"{b['peak_rss_mib']:.0f} MiB; peak anonymous {a['peak_anon_mib']:.0f} -> "
-                             f"{b['peak_anon_mib']:.0f} MiB; import baseline {b['baseline_rss_mib']:.0f} MiB)")
+                lines.append(
+                    f"- {config}, {side}: time x{b['seconds'] / a['seconds']:.2f}, peak RSS "
+                    f"x{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} ({a['peak_rss_mib']:.0f} -> "
+                    f"{b['peak_rss_mib']:.0f} MiB; peak anonymous {a['peak_anon_mib']:.0f} -> "
+                    f"{b['peak_anon_mib']:.0f} MiB; import baseline {b['baseline_rss_mib']:.0f} MiB)"
+                )
     if args.num_proc and args.num_proc > 1:
         lines += ["", "With dataset_num_proc > 1 the maps run in worker processes; peak RSS of the largest worker:"]
         for (n, config, side), r in results.items():

@@ -33,20 +33,32 @@ def rows(n: int, flag: bool) -> list[dict]:
         first = {"role": "assistant", "content": f"Hello! Happy to help with question {i}."}
         if flag:
             first["train"] = False
-        out.append({"messages": [
-            {"role": "user", "content": f"Hi, I have a question ({i})."}, first,
-            {"role": "user", "content": f"What is {i} times {i + 7}?"},
-            {"role": "assistant", "content": f"{i} x {i + 7} = {i * (i + 7)}."},
-            {"role": "user", "content": "And plus one?"},
-            {"role": "assistant", "content": f"{i * (i + 7) + 1}."}]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Hi, I have a question ({i})."},
+                    first,
+                    {"role": "user", "content": f"What is {i} times {i + 7}?"},
+                    {"role": "assistant", "content": f"{i} x {i + 7} = {i * (i + 7)}."},
+                    {"role": "user", "content": "And plus one?"},
+                    {"role": "assistant", "content": f"{i * (i + 7) + 1}."},
+                ]
+            }
+        )
     return out
 
 
 def measure(folder: Path, data: list[dict], keys: dict, repeat: int) -> tuple[float, int]:
     path = folder / f"data-{time.monotonic_ns()}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in data))
-    recipe_keys = {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": str(path),
-                   "chat_template_path": "chatml", "assistant_only_loss": True, "max_length": 1024, **keys}
+    recipe_keys = {
+        "model_name_or_path": str(offline_tokenizers.cached("qwen2")),
+        "dataset_name": str(path),
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "max_length": 1024,
+        **keys,
+    }
     recipe_path = folder / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe_keys))
     best, trainable = float("inf"), 0
@@ -67,13 +79,18 @@ def main() -> None:
     args = parser.parse_args()
     datasets.disable_caching()
     offline_tokenizers.load("qwen2")
-    cases = [("no control", False, {}), ("train_turns: last", False, {"train_turns": "last"}),
-             ("train: false on the first answer", True, {})]
+    cases = [
+        ("no control", False, {}),
+        ("train_turns: last", False, {"train_turns": "last"}),
+        ("train: false on the first answer", True, {}),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         results = [(name, *measure(Path(tmp), rows(args.rows, flag), keys, args.repeat)) for name, flag, keys in cases]
     base = results[0][1]
-    print(f"python benchmarks/message_control.py --rows {args.rows} --repeat {args.repeat}  "
-          f"({platform.processor() or platform.machine()}, best of {args.repeat})")
+    print(
+        f"python benchmarks/message_control.py --rows {args.rows} --repeat {args.repeat}  "
+        f"({platform.processor() or platform.machine()}, best of {args.repeat})"
+    )
     print("| control | check-data CPU s | vs no control | trainable tokens |")
     print("|---|---:|---:|---:|")
     for name, seconds, trainable in results:

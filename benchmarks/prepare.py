@@ -42,8 +42,13 @@ COMMON = {"chat_template_path": "chatml", "assistant_only_loss": True, "max_leng
 
 
 def _keys(workdir: Path, config: str) -> dict:
-    return {"model_name_or_path": str(workdir / "assets" / "tiny-chat"), "dataset_name": str(workdir / "rows.jsonl"),
-            "output_dir": str(workdir / "run"), **COMMON, **CONFIGS[config]}
+    return {
+        "model_name_or_path": str(workdir / "assets" / "tiny-chat"),
+        "dataset_name": str(workdir / "rows.jsonl"),
+        "output_dir": str(workdir / "run"),
+        **COMMON,
+        **CONFIGS[config],
+    }
 
 
 def _cpu_seconds() -> float:
@@ -99,8 +104,13 @@ def measure(side: str, workdir: Path, config: str) -> dict:
 
 def run_measure(side: str, workdir: Path, config: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as cache:
-        env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONWARNINGS": "ignore"}
+        env = {
+            **os.environ,
+            "HF_DATASETS_CACHE": cache,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore",
+        }
         cmd = [sys.executable, __file__, "_measure", side, str(workdir), config]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -129,25 +139,35 @@ def main(argv=None) -> None:
             for side in ("from raw", "prepare", "from prepared"):
                 runs = [run_measure(side, workdir, config) for _ in range(args.repeats if side != "prepare" else 1)]
                 results[config, side] = min(runs, key=lambda r: r["seconds"])
-                print(f"#   {config:12s} {side:14s} {results[config, side]['seconds']:7.2f} s", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"#   {config:12s} {side:14s} {results[config, side]['seconds']:7.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raw, loaded = results[config, "from raw"], results[config, "from prepared"]
-            assert (raw["sequences"], raw["trainable_tokens"]) == (loaded["sequences"], loaded["trainable_tokens"]), \
+            assert (raw["sequences"], raw["trainable_tokens"]) == (loaded["sequences"], loaded["trainable_tokens"]), (
                 f"{config}: prepared {loaded} != raw {raw}"
+            )
 
-    lines = [f"Command: `{command}`", "",
-             f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Python "
-             f"{platform.python_version()}; {args.rows} quickstart-like rows, quickstart tokenizer, chatml, "
-             "max_length 256, assistant_only_loss", "",
-             "| config | from raw s (every run, every rank) | prepare s (once) | from prepared s (every run) | saved per run s "
-             "| speed-up | prepared dir MiB | peak RSS raw / prepared MiB | sequences | trainable tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), Python "
+        f"{platform.python_version()}; {args.rows} quickstart-like rows, quickstart tokenizer, chatml, "
+        "max_length 256, assistant_only_loss",
+        "",
+        "| config | from raw s (every run, every rank) | prepare s (once) | from prepared s (every run) | saved per run s "
+        "| speed-up | prepared dir MiB | peak RSS raw / prepared MiB | sequences | trainable tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for config in args.configs:
         raw, once, loaded = (results[config, s] for s in ("from raw", "prepare", "from prepared"))
-        lines.append(f"| {config} | {raw['seconds']:.1f} | {once['seconds']:.1f} | {loaded['seconds']:.2f} | "
-                     f"{raw['seconds'] - loaded['seconds']:.1f} | {raw['seconds'] / loaded['seconds']:.0f}x | "
-                     f"{once['size_mib']:.0f} | {raw['peak_rss_mib']:.0f} / {loaded['peak_rss_mib']:.0f} | "
-                     f"{loaded['sequences']} | {loaded['trainable_tokens']} |")
+        lines.append(
+            f"| {config} | {raw['seconds']:.1f} | {once['seconds']:.1f} | {loaded['seconds']:.2f} | "
+            f"{raw['seconds'] - loaded['seconds']:.1f} | {raw['seconds'] / loaded['seconds']:.0f}x | "
+            f"{once['size_mib']:.0f} | {raw['peak_rss_mib']:.0f} / {loaded['peak_rss_mib']:.0f} | "
+            f"{loaded['sequences']} | {loaded['trainable_tokens']} |"
+        )
     lines += ["", f"Total benchmark wall time: {time.perf_counter() - t0:.0f} s"]
     print("\n".join(lines))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
 import socket
 import subprocess
 import sys
@@ -45,21 +44,36 @@ def run(recipe: Path, ranks: int, cache: Path) -> dict:
     if ranks == 1:
         cmd = [sys.executable, "-m", "sft_toolkit", "train", str(recipe)]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
-               "--main_process_port", str(free_port()), *train]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(ranks),
+            "--main_process_port",
+            str(free_port()),
+            *train,
+        ]
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     # A wrapper process per run, so RUSAGE_CHILDREN's peak is this run's alone (KiB on Linux, on stderr's last line).
-    measure = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-               "usage = resource.getrusage(resource.RUSAGE_CHILDREN); "
-               "print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime, file=sys.stderr); sys.exit(code)")
+    measure = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime, file=sys.stderr); sys.exit(code)"
+    )
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", measure, *cmd], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     peak, cpu = proc.stderr.strip().splitlines()[-1].split()
-    return {"ranks": ranks, "seconds": round(seconds, 1), "cpu_seconds": round(float(cpu), 1),
-            "peak_rss_mib": round(int(peak) / 1024)}
+    return {
+        "ranks": ranks,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(float(cpu), 1),
+        "peak_rss_mib": round(int(peak) / 1024),
+    }
 
 
 def main() -> None:
@@ -74,10 +88,23 @@ def main() -> None:
         data.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_conversations(args.rows, seed=0)))
         for ranks in args.ranks:
             recipe = folder / f"recipe-{ranks}.yaml"
-            recipe.write_text(yaml.safe_dump({
-                "model_name_or_path": str(assets["model"]), "dataset_name": str(data), "chat_template_path": "chatml",
-                "assistant_only_loss": True, "max_length": 256, "max_steps": 1, "per_device_train_batch_size": 2,
-                "save_strategy": "no", "use_cpu": True, "bf16": False, "output_dir": str(folder / f"run-{ranks}")}))
+            recipe.write_text(
+                yaml.safe_dump(
+                    {
+                        "model_name_or_path": str(assets["model"]),
+                        "dataset_name": str(data),
+                        "chat_template_path": "chatml",
+                        "assistant_only_loss": True,
+                        "max_length": 256,
+                        "max_steps": 1,
+                        "per_device_train_batch_size": 2,
+                        "save_strategy": "no",
+                        "use_cpu": True,
+                        "bf16": False,
+                        "output_dir": str(folder / f"run-{ranks}"),
+                    }
+                )
+            )
             print(json.dumps(run(recipe, ranks, folder / f"cache-{ranks}")), flush=True)
 
 

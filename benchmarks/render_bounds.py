@@ -32,15 +32,19 @@ import time
 def conversation() -> list[dict]:
     messages = [{"role": "system", "content": "You are a patient maths tutor."}]
     for i in range(3):
-        messages += [{"role": "user", "content": f"Question {i}: what is {i} times {i + 3}? Explain each step. " * 3},
-                     {"role": "assistant", "content": f"{i} x {i + 3} = {i * (i + 3)}. Indeed. " * 8}]
+        messages += [
+            {"role": "user", "content": f"Question {i}: what is {i} times {i + 3}? Explain each step. " * 3},
+            {"role": "assistant", "content": f"{i} x {i + 3} = {i * (i + 3)}. Indeed. " * 8},
+        ]
     return messages
 
 
 def large_conversation(chars: int) -> list[dict]:
     words = "The quick brown fox jumps over the lazy dog, again and again. "
-    return [{"role": "user", "content": "Summarise the report."},
-            {"role": "assistant", "content": (words * (chars // len(words) + 1))[:chars]}]
+    return [
+        {"role": "user", "content": "Summarise the report."},
+        {"role": "assistant", "content": (words * (chars // len(words) + 1))[:chars]},
+    ]
 
 
 def per_row(args) -> None:
@@ -58,10 +62,10 @@ def per_row(args) -> None:
     chat_template_utils.ImmutableSandboxedEnvironment = jinja2.sandbox.ImmutableSandboxedEnvironment
     chat_template_utils._compile_jinja_template(plain_template)
     chat_template_utils.ImmutableSandboxedEnvironment = masks.BoundedSandbox
-    assert not isinstance(chat_template_utils._compile_jinja_template(plain_template).environment,
-                          masks.BoundedSandbox)
-    assert isinstance(chat_template_utils._compile_jinja_template(bounded_template).environment,
-                      masks.BoundedSandbox)
+    assert not isinstance(
+        chat_template_utils._compile_jinja_template(plain_template).environment, masks.BoundedSandbox
+    )
+    assert isinstance(chat_template_utils._compile_jinja_template(bounded_template).environment, masks.BoundedSandbox)
     messages = conversation()
 
     def tokenize(template):
@@ -69,17 +73,20 @@ def per_row(args) -> None:
 
     def render(template):
         return lambda: chat_template_utils.render_jinja_template(
-            conversations=[messages], chat_template=template, return_assistant_tokens_mask=True)
+            conversations=[messages], chat_template=template, return_assistant_tokens_mask=True
+        )
 
     def budget_alone():
         with masks.render_budget():
             pass
 
-    calls = {"tokenize, transformers' environment": tokenize(plain_template),
-             "tokenize, bounded environment": tokenize(bounded_template),
-             "render, transformers' environment": render(plain_template),
-             "render, bounded environment": render(bounded_template),
-             "budget alone (timer, memory reading)": budget_alone}
+    calls = {
+        "tokenize, transformers' environment": tokenize(plain_template),
+        "tokenize, bounded environment": tokenize(bounded_template),
+        "render, transformers' environment": render(plain_template),
+        "render, bounded environment": render(bounded_template),
+        "budget alone (timer, memory reading)": budget_alone,
+    }
     assert tokenize(plain_template)() == tokenize(bounded_template)()
     ids = tokenize(bounded_template)()["input_ids"]
     best = dict.fromkeys(calls, float("inf"))
@@ -99,8 +106,10 @@ def per_row(args) -> None:
             best[name] = min(best[name], spent[name] / (args.rows // block * block) * 1e6)
 
     base = best["tokenize, transformers' environment"]
-    print(f"`python {' '.join(shlex.quote(a) for a in sys.argv)}` ({platform.processor() or platform.machine()}, "
-          f"{len(ids)} tokens per row)\n")
+    print(
+        f"`python {' '.join(shlex.quote(a) for a in sys.argv)}` ({platform.processor() or platform.machine()}, "
+        f"{len(ids)} tokens per row)\n"
+    )
     print("| per row | µs | vs. tokenize (transformers' environment) |\n|---|---:|---:|")
     for name, micros in best.items():
         print(f"| {name} | {micros:.1f} | {micros / base * 100:.1f}% |")
@@ -128,8 +137,7 @@ def large_step(step: str, chars: int) -> None:
         masks.render(template, messages)
         tokens = None
     else:
-        out = preprocess._tokenize_row({"messages": messages}, 0, tokenizer, template, True,
-                                       max_row_chars=2 * chars)
+        out = preprocess._tokenize_row({"messages": messages}, 0, tokenizer, template, True, max_row_chars=2 * chars)
         assert not out["reason"] and not out["problem"], out["reason"] or out["problem"]
         tokens = len(out["input_ids"])
     seconds = time.perf_counter() - start
@@ -140,11 +148,17 @@ def large_step(step: str, chars: int) -> None:
 def large(args) -> None:
     rows = []
     for step in ("render", "tokenize"):
-        out = subprocess.run([sys.executable, __file__, "--step", step, "--large", str(args.large)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--step", step, "--large", str(args.large)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"`python {' '.join(shlex.quote(a) for a in sys.argv)}` ({platform.processor() or platform.machine()}, "
-          f"one assistant message of {args.large:,} characters, Qwen2 vocabulary, `chatml`)\n")
+    print(
+        f"`python {' '.join(shlex.quote(a) for a in sys.argv)}` ({platform.processor() or platform.machine()}, "
+        f"one assistant message of {args.large:,} characters, Qwen2 vocabulary, `chatml`)\n"
+    )
     print("| step | seconds | peak memory growth, bytes per input character | tokens |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['step']} | {row['seconds']:.2f} | {row['bytes_per_char']:.1f} | {row['tokens'] or ''} |")

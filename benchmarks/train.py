@@ -30,8 +30,10 @@ from sft_toolkit.check_data import check_data  # noqa: E402
 from sft_toolkit.recipe import build_recipe  # noqa: E402
 from sft_toolkit.train import guarded_trainer_class, prepared_trainer_args  # noqa: E402
 
-WORDS = ("the model learns only what the assistant says while user system and tool text stays context "
-         "packing keeps sequences apart when position ids reset at each boundary so nothing leaks").split()
+WORDS = (
+    "the model learns only what the assistant says while user system and tool text stays context "
+    "packing keeps sequences apart when position ids reset at each boundary so nothing leaks"
+).split()
 
 
 def conversations(n: int, seed: int, mean_words: int) -> list[dict]:
@@ -58,10 +60,19 @@ def build_model_dir(kind: str, folder: Path) -> Path:
 
         return build_quickstart_assets(folder / "assets")["model"]
     tokenizer = offline_tokenizers.load("qwen2")
-    config = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     out = folder / "qwen2.5-0.5b-shape"
@@ -96,8 +107,13 @@ def measure(keys: dict, guarded: bool, warmup: int, steps: int) -> dict:
 
     cls = guarded_trainer_class() if guarded else SFTTrainer
     timer = StepTimer(warmup)
-    trainer = cls(model=keys["model_name_or_path"], args=sft, train_dataset=dataset,
-                  processing_class=load_tokenizer_for(recipe), callbacks=[timer])
+    trainer = cls(
+        model=keys["model_name_or_path"],
+        args=sft,
+        train_dataset=dataset,
+        processing_class=load_tokenizer_for(recipe),
+        callbacks=[timer],
+    )
     # The batches this run sees (same seed, same sampler): count real, padded and trainable tokens.
     real = padded = trainable = 0
     for i, batch in enumerate(trainer.get_train_dataloader()):
@@ -115,9 +131,14 @@ def measure(keys: dict, guarded: bool, warmup: int, steps: int) -> dict:
         isolation = (packing_isolation(trainer), packing_isolation(trainer, use_cache=True))
     trainer.train()
     seconds = sum(timer.times)
-    return {"step_s": seconds / max(len(timer.times), 1), "tokens_per_s": real / seconds,
-            "trainable_per_s": trainable / seconds, "padding": 1 - real / padded,
-            "sequences": report.sequences, "isolation": isolation}
+    return {
+        "step_s": seconds / max(len(timer.times), 1),
+        "tokens_per_s": real / seconds,
+        "trainable_per_s": trainable / seconds,
+        "padding": 1 - real / padded,
+        "sequences": report.sequences,
+        "isolation": isolation,
+    }
 
 
 def main() -> None:
@@ -136,15 +157,29 @@ def main() -> None:
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(args.rows, 0, 40)))
     gpu = torch.cuda.is_available()
-    base = {"model_name_or_path": str(model_dir), "dataset_name": str(data), "chat_template_path": "chatml",
-            "assistant_only_loss": True, "max_length": args.max_length, "per_device_train_batch_size": args.batch,
-            "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no", "seed": 0,
-            "bf16": gpu, "use_cpu": not gpu, "attn_implementation": args.attn, "output_dir": str(folder / "out"),
-            "dataloader_num_workers": 0}
+    base = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(data),
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "max_length": args.max_length,
+        "per_device_train_batch_size": args.batch,
+        "learning_rate": 1e-4,
+        "logging_steps": 1000,
+        "save_strategy": "no",
+        "seed": 0,
+        "bf16": gpu,
+        "use_cpu": not gpu,
+        "attn_implementation": args.attn,
+        "output_dir": str(folder / "out"),
+        "dataloader_num_workers": 0,
+    }
     configs = [("no packing", {"packing": False}), ("bfd packing", {"packing": True, "packing_strategy": "bfd"})]
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# {' '.join(sys.argv)}\n# model {args.model}, {args.rows} rows, batch {args.batch}, max_length "
-          f"{args.max_length}, attn {args.attn}, {args.steps} timed steps after {args.warmup}, on {device}")
+    print(
+        f"# {' '.join(sys.argv)}\n# model {args.model}, {args.rows} rows, batch {args.batch}, max_length "
+        f"{args.max_length}, attn {args.attn}, {args.steps} timed steps after {args.warmup}, on {device}"
+    )
     print("| config | trainer | step s | tokens/s | trainable tokens/s | padding |")
     print("|---|---|---|---|---|---|")
     for name, extra in configs:
@@ -157,14 +192,20 @@ def main() -> None:
         results = {g: min(rs, key=lambda r: r["step_s"]) for g, rs in runs.items()}
         results[True]["isolation"] = runs[True][0]["isolation"]
         for guarded, r in results.items():
-            print(f"| {name} | {'guarded' if guarded else 'plain TRL'} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['trainable_per_s']:.0f} | {r['padding']:.1%} |", flush=True)
+            print(
+                f"| {name} | {'guarded' if guarded else 'plain TRL'} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | "
+                f"{r['trainable_per_s']:.0f} | {r['padding']:.1%} |",
+                flush=True,
+            )
         overhead = results[True]["step_s"] / results[False]["step_s"] - 1
         print(f"| {name} | guard overhead | {overhead:+.1%} | | | |", flush=True)
         if results[True]["isolation"]:
             clean, leaky = results[True]["isolation"]
-            print(f"# packing isolation probe ({args.attn}): max |logit diff| packed vs alone = {clean:.3g} "
-                  f"(use_cache=False, the training forward), {leaky:.3g} with use_cache=True", flush=True)
+            print(
+                f"# packing isolation probe ({args.attn}): max |logit diff| packed vs alone = {clean:.3g} "
+                f"(use_cache=False, the training forward), {leaky:.3g} with use_cache=True",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from sft_toolkit import offline_tokenizers
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path, help="directory to write <name>/ tokenizer directories into")
-    parser.add_argument("names", nargs="*", metavar="name", help=f"any of {', '.join(offline_tokenizers.NAMES)} (default: all)")
+    parser.add_argument(
+        "names", nargs="*", metavar="name", help=f"any of {', '.join(offline_tokenizers.NAMES)} (default: all)"
+    )
     args = parser.parse_args(argv)
     names = args.names or list(offline_tokenizers.NAMES)
     unknown = [n for n in names if n not in offline_tokenizers.NAMES]

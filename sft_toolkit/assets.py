@@ -48,9 +48,7 @@ PAD_TOKEN = "<|endoftext|>"
 
 # Qwen2's pre-tokenizer pattern: digits are split one by one, which keeps numbers learnable for a
 # tiny model (and a 512-token vocabulary has no room for multi-digit tokens anyway).
-PRETOKENIZE_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 TRAIN_ROWS = 2000
 EVAL_ROWS = 200
@@ -233,8 +231,7 @@ def render_conversations(rows: Iterable[dict], template: str | None = None) -> l
     rows = list(rows)
     if template is None:
         return [
-            "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"])
-            for row in rows
+            "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"]) for row in rows
         ]
     from transformers.utils.chat_template_utils import render_jinja_template
 

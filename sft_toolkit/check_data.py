@@ -45,14 +45,20 @@ class Report:
     # A datasets: mixture: per source, {"source", "rows", "trainable_tokens", "zero_mask_rows"} (empty otherwise).
     sources: list[dict] = field(default_factory=list)
     # The eval split (eval_strategy not "no"): the same accounting, `index` counted within the eval split.
-    eval: "Report | None" = None
+    eval: Report | None = None
     warnings: list[str] = field(default_factory=list)  # e.g. `datasets` given with `dataset_name` (ignored)
 
     @property
     def ok(self) -> bool:
-        return (len(self.zero_mask_rows) <= self.max_zero_rows and self.zero_trainable_sequences == 0
-                and self.zero_trainable_steps == 0 and self.orphaned_assistant_tokens == 0 and self.rows > 0
-                and (self.eval is None or self.eval.ok) and not self.coverage_problem_rows)
+        return (
+            len(self.zero_mask_rows) <= self.max_zero_rows
+            and self.zero_trainable_sequences == 0
+            and self.zero_trainable_steps == 0
+            and self.orphaned_assistant_tokens == 0
+            and self.rows > 0
+            and (self.eval is None or self.eval.ok)
+            and not self.coverage_problem_rows
+        )
 
     def problems(self) -> list[str]:
         """Each reason the check fails, with numbers and the change that fixes it."""
@@ -60,18 +66,24 @@ class Report:
         if self.rows == 0:
             out.append("the dataset is empty")
         if len(self.zero_mask_rows) > self.max_zero_rows:
-            out.append(f"{len(self.zero_mask_rows)} rows end with zero trainable tokens (allowed: {self.max_zero_rows}); "
-                       "fix or remove them, or raise max_zero_rows (recipe key; check-data --max-zero-rows)")
+            out.append(
+                f"{len(self.zero_mask_rows)} rows end with zero trainable tokens (allowed: {self.max_zero_rows}); "
+                "fix or remove them, or raise max_zero_rows (recipe key; check-data --max-zero-rows)"
+            )
         if self.coverage_problem_rows:
             out.append(_coverage_problem_text(self.coverage_problem_rows))
         if self.zero_trainable_sequences:
-            out.append(f"{self.zero_trainable_sequences} of {self.sequences} packed sequences have zero trainable tokens "
-                       "(wasted compute); use packing_strategy: bfd and drop zero-trainable rows, or raise max_length")
+            out.append(
+                f"{self.zero_trainable_sequences} of {self.sequences} packed sequences have zero trainable tokens "
+                "(wasted compute); use packing_strategy: bfd and drop zero-trainable rows, or raise max_length"
+            )
         if self.zero_trainable_steps:
             out.append(f"{self.zero_trainable_steps} of {self.steps} optimizer steps would see zero trainable tokens")
         if self.orphaned_assistant_tokens:
-            out.append(f"{self.orphaned_assistant_tokens} assistant tokens in {len(self.orphaned_rows)} rows would be "
-                       "trained without the conversation before them (split by packing); use packing_strategy: bfd")
+            out.append(
+                f"{self.orphaned_assistant_tokens} assistant tokens in {len(self.orphaned_rows)} rows would be "
+                "trained without the conversation before them (split by packing); use packing_strategy: bfd"
+            )
         if self.eval is not None:
             out += [f"eval split: {problem}" for problem in self.eval.problems()]
         return out
@@ -82,7 +94,7 @@ class Report:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Report":
+    def from_json(cls, data: dict) -> Report:
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         if isinstance(values.get("eval"), dict):
             values["eval"] = cls.from_json(values["eval"])
@@ -108,8 +120,10 @@ def check_splits(recipe, *, world_size: int = 1, keep_provenance: bool = False) 
 
     script, mixture = recipe.script, getattr(recipe, "mixture", None)
     if not script.dataset_name and not (mixture is not None and mixture.datasets):
-        raise InputError(f"{recipe.source}: dataset_name is not set; this recipe trains from prepared: "
-                         f"{recipe.toolkit.prepared}, whose accounting is in its manifest.json")
+        raise InputError(
+            f"{recipe.source}: dataset_name is not set; this recipe trains from prepared: "
+            f"{recipe.toolkit.prepared}, whose accounting is in its manifest.json"
+        )
     tokenizer = preprocess.load_tokenizer_for(recipe)
     try:
         splits = load_splits(recipe)
@@ -117,35 +131,63 @@ def check_splits(recipe, *, world_size: int = 1, keep_provenance: bool = False) 
         key = "datasets" if mixture is not None and mixture.datasets else "dataset_name"
         raise InputError(f"{recipe.source}: {key}: {err}") from None
     sft = recipe.sft
-    report, final, trainable = _account(recipe, tokenizer, splits.train, splits.train_label, packing=sft.packing,
-                                        batch=(sft.per_device_train_batch_size, sft.gradient_accumulation_steps),
-                                        world_size=world_size, keep_provenance=keep_provenance)
+    report, final, trainable = _account(
+        recipe,
+        tokenizer,
+        splits.train,
+        splits.train_label,
+        packing=sft.packing,
+        batch=(sft.per_device_train_batch_size, sft.gradient_accumulation_steps),
+        world_size=world_size,
+        keep_provenance=keep_provenance,
+    )
     report.sources = _per_source(report, trainable, splits.sources, splits.train_source)
     report.warnings = list(splits.notes)
     eval_final = None
     if splits.eval is not None:
         packing = sft.packing if sft.eval_packing is None else sft.eval_packing
-        report.eval, eval_final, trainable = _account(recipe, tokenizer, splits.eval, splits.eval_label,
-                                                      packing=packing, batch=(sft.per_device_eval_batch_size, 1),
-                                                      world_size=world_size, keep_provenance=False)
+        report.eval, eval_final, trainable = _account(
+            recipe,
+            tokenizer,
+            splits.eval,
+            splits.eval_label,
+            packing=packing,
+            batch=(sft.per_device_eval_batch_size, 1),
+            world_size=world_size,
+            keep_provenance=False,
+        )
         report.eval.sources = _per_source(report.eval, trainable, splits.sources, splits.eval_source)
     return report, final, eval_final
 
 
-def _account(recipe, tokenizer, raw, label: str, *, packing: bool, batch: tuple[int, int], world_size: int,
-             keep_provenance: bool) -> tuple[Report, object, np.ndarray]:
+def _account(
+    recipe,
+    tokenizer,
+    raw,
+    label: str,
+    *,
+    packing: bool,
+    batch: tuple[int, int],
+    world_size: int,
+    keep_provenance: bool,
+) -> tuple[Report, object, np.ndarray]:
     """One split through the trainer's preprocessing, with every row and token accounted for; also each row's
     trainable tokens."""
     sft = recipe.sft
     # Plain text and pre-tokenized rows never meet the chat template (a base model may not have one).
     template = preprocess.training_template(tokenizer, sft) if preprocess.renders_template(raw) else None
     # The eval split's settings keep the train keys' names (the same report keys), with the eval batch in them.
-    settings = {**_settings(sft, world_size), "packing": packing, "per_device_train_batch_size": batch[0],
-                "gradient_accumulation_steps": batch[1]}
+    settings = {
+        **_settings(sft, world_size),
+        "packing": packing,
+        "per_device_train_batch_size": batch[0],
+        "gradient_accumulation_steps": batch[1],
+    }
     report = Report(max_zero_rows=recipe.toolkit.max_zero_rows, settings=settings)
     try:  # errors about rows name the dataset they are in
-        tokenized = preprocess.tokenize(raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map,
-                                        policy=recipe_policy(recipe))
+        tokenized = preprocess.tokenize(
+            raw, tokenizer, template, sft, role_map=recipe.toolkit.role_map, policy=recipe_policy(recipe)
+        )
         per_row = _row_stats(tokenized, report)
         _coverage_rows(tokenized, report)
     except InputError as err:
@@ -184,14 +226,28 @@ def _per_source(report: Report, trainable: np.ndarray, sources: list[str], origi
     zero = np.zeros(len(sources), dtype=np.int64)
     for row in report.zero_mask_rows:
         zero[origin[row["index"]]] += 1
-    return [{"source": source, "rows": int((origin == i).sum()),
-             "trainable_tokens": int(trainable[origin == i].sum()),
-             "zero_mask_rows": int(zero[i])} for i, source in enumerate(sources)]
+    return [
+        {
+            "source": source,
+            "rows": int((origin == i).sum()),
+            "trainable_tokens": int(trainable[origin == i].sum()),
+            "zero_mask_rows": int(zero[i]),
+        }
+        for i, source in enumerate(sources)
+    ]
 
 
 def _settings(sft, world_size) -> dict:
-    keys = ("assistant_only_loss", "max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
-            "per_device_train_batch_size", "gradient_accumulation_steps")
+    keys = (
+        "assistant_only_loss",
+        "max_length",
+        "truncation_mode",
+        "packing",
+        "packing_strategy",
+        "padding_free",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+    )
     return {**{k: getattr(sft, k) for k in keys}, "world_size": world_size}
 
 
@@ -244,17 +300,21 @@ def _coverage_rows(tokenized, report: Report) -> None:
         if not pc.any(flagged).as_py():
             continue
         table = table.filter(flagged)
-        for row, reason, message in zip(*(table[c].to_pylist() for c in ("src_row", "coverage_reason",
-                                                                        "coverage_message"))):
+        for row, reason, message in zip(
+            *(table[c].to_pylist() for c in ("src_row", "coverage_reason", "coverage_message"))
+        ):
             report.coverage_problem_rows.append({"index": int(row), "reason": reason, "message": int(message)})
 
 
 def _coverage_problem_text(rows: list[dict]) -> str:
     untrained = sum(r["reason"] == coverage.ASSISTANT_CONTENT_UNTRAINED for r in rows)
     parts = ([f"{untrained} leave assistant text untrained"] if untrained else []) + (
-        [f"{len(rows) - untrained} train user/system/tool text"] if len(rows) > untrained else [])
-    return (f"{len(rows)} rows train the wrong text ({', '.join(parts)}); lint the template and check these rows "
-            "with `sft-toolkit show DATASET --row N`")
+        [f"{len(rows) - untrained} train user/system/tool text"] if len(rows) > untrained else []
+    )
+    return (
+        f"{len(rows)} rows train the wrong text ({', '.join(parts)}); lint the template and check these rows "
+        "with `sft-toolkit show DATASET --row N`"
+    )
 
 
 def _truncated_stats(tokenized, per_row: _Rows, report: Report) -> None:
@@ -330,8 +390,9 @@ def _zero_rows(per_row: _Rows, report: Report) -> None:
     flagged[list(per_row.reasons)] = True
     for row in np.flatnonzero((per_row.after == 0) | flagged):
         row = int(row)
-        reason = per_row.reasons.get(row) or (preprocess.PAST_MAX_LENGTH if per_row.before[row] > 0 else
-                                              preprocess.TEMPLATE_MARKS_NOTHING)
+        reason = per_row.reasons.get(row) or (
+            preprocess.PAST_MAX_LENGTH if per_row.before[row] > 0 else preprocess.TEMPLATE_MARKS_NOTHING
+        )
         report.zero_mask_rows.append({"index": row, "reason": reason})
 
 
@@ -343,7 +404,7 @@ def _steps(final, per_step: int, report: Report) -> None:
         zero_flags.append(_segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels) == 0)
     flags = np.concatenate(zero_flags) if zero_flags else np.zeros(0, dtype=bool)
     report.steps = math.ceil(len(flags) / per_step) if per_step else 0
-    report.zero_trainable_steps = sum(bool(flags[i:i + per_step].all()) for i in range(0, len(flags), per_step))
+    report.zero_trainable_steps = sum(bool(flags[i : i + per_step].all()) for i in range(0, len(flags), per_step))
 
 
 REASON_HELP = {
@@ -353,17 +414,17 @@ REASON_HELP = {
     preprocess.PAST_MAX_LENGTH: "all assistant tokens lie past max_length: raise max_length or shorten the prompt",
     preprocess.TEMPLATE_ERROR: "the chat template refused this row: fix the row (e.g. role order) or the template",
     preprocess.ALL_TURNS_SWITCHED_OFF: "every assistant turn is switched off (train: false / weight: 0, train_roles, "
-                                       "train_turns): mark one turn to train or drop the row",
+    "train_turns): mark one turn to train or drop the row",
     preprocess.MASK_MARKS_NOTHING: "the row's labels / assistant_masks mark no token: fix its mask or drop the row",
     preprocess.EMPTY_COMPLETION: "the completion is empty: only the end-of-turn would be trained; give the "
-                                 "completion or drop the row",
+    "completion or drop the row",
     preprocess.ROW_TOO_LARGE: "the row is not tokenized (more text than preprocess.MAX_ROW_CHARS): split the "
-                              "conversation or drop the row",
+    "conversation or drop the row",
     coverage.ASSISTANT_CONTENT_UNTRAINED: "part of this assistant message's text (content or tool calls) is not "
-                                          "trained, or only markup is: lint the template; for content parts, check "
-                                          "the template renders them",
+    "trained, or only markup is: lint the template; for content parts, check "
+    "the template renders them",
     coverage.NON_ASSISTANT_TEXT_TRAINED: "text of this user/system/tool message is trained: the template's "
-                                         "{% generation %} block covers it; lint the template",
+    "{% generation %} block covers it; lint the template",
 }
 
 
@@ -376,11 +437,16 @@ def to_markdown(report: Report, title: str) -> str:
     verdict = "PASS: fit to train" if report.ok else "FAIL: not fit to train"
     s = report.settings
     lines = [
-        f"# check-data: {title}", "", f"**{verdict}**", "",
+        f"# check-data: {title}",
+        "",
+        f"**{verdict}**",
+        "",
         f"Settings: max_length={s.get('max_length')}, truncation_mode={s.get('truncation_mode')}, "
         f"packing={s.get('packing')} ({s.get('packing_strategy')}), batch={s.get('per_device_train_batch_size')} "
-        f"x accumulation {s.get('gradient_accumulation_steps')} x ranks {s.get('world_size')}", "",
-        "| | |", "|---|---|",
+        f"x accumulation {s.get('gradient_accumulation_steps')} x ranks {s.get('world_size')}",
+        "",
+        "| | |",
+        "|---|---|",
         f"| rows | {report.rows} |",
         f"| tokens | {report.tokens} |",
         f"| trainable tokens before truncation/packing | {report.trainable_tokens_before} |",
@@ -403,19 +469,34 @@ def to_markdown(report: Report, title: str) -> str:
         lines += [f"| {r['index']} | {r['reason']} | {reason_help(r['reason'])} |" for r in report.zero_mask_rows]
         lines.append("")
     if report.coverage_problem_rows:
-        lines += ["## Rows that train the wrong text", "", "| row | message | reason | what to do |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['index']} | {r['message']} | {r['reason']} | {reason_help(r['reason'])} |"
-                  for r in report.coverage_problem_rows]
+        lines += [
+            "## Rows that train the wrong text",
+            "",
+            "| row | message | reason | what to do |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['index']} | {r['message']} | {r['reason']} | {reason_help(r['reason'])} |"
+            for r in report.coverage_problem_rows
+        ]
         lines.append("")
     if report.orphaned_rows:
         lines += ["## Rows split by packing", "", ", ".join(map(str, report.orphaned_rows)), ""]
     if report.sources:
-        lines += ["## Rows per source", "", "| source | rows | trainable tokens | zero-mask rows |", "|---|---|---|---|"]
-        lines += [f"| {s['source']} | {s['rows']} | {s['trainable_tokens']} | {s['zero_mask_rows']} |"
-                  for s in report.sources]
+        lines += [
+            "## Rows per source",
+            "",
+            "| source | rows | trainable tokens | zero-mask rows |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['source']} | {s['rows']} | {s['trainable_tokens']} | {s['zero_mask_rows']} |"
+            for s in report.sources
+        ]
         lines.append("")
     if report.eval is not None:  # the same tables one heading level down; row numbers count within the eval split
-        lines += ["#" + line if line.startswith("#") else line
-                  for line in to_markdown(report.eval, f"eval split of {title}").splitlines()]
+        lines += [
+            "#" + line if line.startswith("#") else line
+            for line in to_markdown(report.eval, f"eval split of {title}").splitlines()
+        ]
     return "\n".join(lines)

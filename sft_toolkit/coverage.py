@@ -137,8 +137,9 @@ def _find_trained(text: str, piece: str, start: int, stop, trained: TrainedSpans
     return found, False
 
 
-def coverage_problems(text: str, spans, messages: list[dict], trained_messages: set[int] | None = None
-                      ) -> list[CoverageProblem]:
+def coverage_problems(
+    text: str, spans, messages: list[dict], trained_messages: set[int] | None = None
+) -> list[CoverageProblem]:
     """What the row's trained spans get wrong, one problem per offending message, in message order.
 
     `trained_messages`: the assistant messages the row trains (default: all); the others are exempt.
@@ -190,7 +191,7 @@ def coverage_problems(text: str, spans, messages: list[dict], trained_messages: 
 
 def _next_anchor(text: str, messages: list[dict], j: int, cursor: int) -> int:
     """Where the first later non-assistant message's text shows (the end of the render when none does)."""
-    for message in messages[j + 1:]:
+    for message in messages[j + 1 :]:
         if message.get("role") == "assistant":
             continue
         for piece in content_pieces(message):

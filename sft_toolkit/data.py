@@ -26,8 +26,15 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 FILE_SPLITS = ["train"]  # `datasets` reads a lone data file as one split, "train"
 
 
-def load_rows(source: str, split: str = "train", *, streaming: bool = False, name: str | None = None,
-              split_key: str = "dataset_train_split", config_key: str = "dataset_config"):
+def load_rows(
+    source: str,
+    split: str = "train",
+    *,
+    streaming: bool = False,
+    name: str | None = None,
+    split_key: str = "dataset_train_split",
+    config_key: str = "dataset_config",
+):
     """A `datasets.Dataset` (or `IterableDataset` when streaming) for `source`, with row order kept.
 
     name: the dataset's config (`load_dataset(..., name=)`, as `trl sft` passes `dataset_config`).
@@ -40,7 +47,9 @@ def load_rows(source: str, split: str = "train", *, streaming: bool = False, nam
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv")
+                raise InputError(
+                    f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv"
+                )
             _no_config(source, name, config_key, "a single data file")
             _require_split(source, split, FILE_SPLITS, split_key)
             if path.suffix.lower() == ".jsonl":
@@ -104,15 +113,18 @@ def _no_config(source: str, name: str | None, config_key: str, what: str) -> Non
 
 def _require_split(source: str, split: str, splits: list[str], split_key: str) -> None:
     if split not in splits:
-        raise InputError(f"{source}: {split_key}: no split {split!r} (its splits: {', '.join(splits)}); set "
-                         f"{split_key} to one of them" + _EVAL_HINT.get(split_key, ""))
+        raise InputError(
+            f"{source}: {split_key}: no split {split!r} (its splits: {', '.join(splits)}); set "
+            f"{split_key} to one of them" + _EVAL_HINT.get(split_key, "")
+        )
 
 
 _EVAL_HINT = {"dataset_test_split": ", split one off with datasets: + test_split_size, or set eval_strategy: no"}
 
 
-def _load_builder(source: str, name: str | None, split: str, streaming: bool, split_key: str, config_key: str,
-                  **load_kwargs):
+def _load_builder(
+    source: str, name: str | None, split: str, streaming: bool, split_key: str, config_key: str, **load_kwargs
+):
     """`datasets.load_dataset` for a hub id or a data folder, its config and split errors said in recipe terms."""
     import datasets
 
@@ -121,11 +133,15 @@ def _load_builder(source: str, name: str | None, split: str, streaming: bool, sp
     except ValueError as err:
         text = str(err)
         if text.startswith("Config name is missing"):
-            raise InputError(f"{source}: the dataset has several configs ({', '.join(_configs(source, text))}) and "
-                             f"the recipe names none; set {config_key} to one of them") from None
+            raise InputError(
+                f"{source}: the dataset has several configs ({', '.join(_configs(source, text))}) and "
+                f"the recipe names none; set {config_key} to one of them"
+            ) from None
         if text.startswith("BuilderConfig") and "not found" in text:
-            raise InputError(f"{source}: {config_key}: {name!r} is not one of the dataset's configs "
-                             f"({', '.join(_configs(source, text))}); set {config_key} to one of them") from None
+            raise InputError(
+                f"{source}: {config_key}: {name!r} is not one of the dataset's configs "
+                f"({', '.join(_configs(source, text))}); set {config_key} to one of them"
+            ) from None
         if text.startswith("Unknown split"):
             _require_split(source, split, _splits(source, name, text), split_key)
         raise
@@ -151,7 +167,7 @@ def _splits(source: str, name: str | None, message: str) -> list[str]:
 
 def _listed(message: str) -> list[str]:
     """The names in the first `[...]` of a `datasets` error message."""
-    inside = message[message.find("[") + 1:message.find("]")] if "[" in message else ""
+    inside = message[message.find("[") + 1 : message.find("]")] if "[" in message else ""
     return [part.strip().strip("'\"") for part in inside.split(",") if part.strip()] or ["(unknown)"]
 
 
@@ -210,18 +226,27 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
     script, mixture = recipe.script, recipe.mixture
     notes = []
     if script.dataset_name:
-        notes.append(f"both datasets and dataset_name are set: as trl sft does, the datasets mixture is loaded and "
-                     f"dataset_name ({script.dataset_name}) is ignored")
+        notes.append(
+            f"both datasets and dataset_name are set: as trl sft does, the datasets mixture is loaded and "
+            f"dataset_name ({script.dataset_name}) is ignored"
+        )
     sources = [_loadable(i, source) for i, source in enumerate(mixture.datasets)]
     labels = [_source_label(i, source) for i, source in enumerate(mixture.datasets)]
     lengths = []
     with fresh_cache([source.path for source in sources]):
         for i, source in enumerate(sources):
-            one = _mixture_call(labels[i], lambda: get_dataset(DatasetMixtureConfig(
-                datasets=[dataclasses.replace(source, fraction=None)]))["train"], source, i)
+            one = _mixture_call(
+                labels[i],
+                lambda: get_dataset(DatasetMixtureConfig(datasets=[dataclasses.replace(source, fraction=None)]))[
+                    "train"
+                ],
+                source,
+                i,
+            )
             lengths.append(len(one))
-        combined = _mixture_call("combining the sources",
-                                 lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"])
+        combined = _mixture_call(
+            "combining the sources", lambda: get_dataset(DatasetMixtureConfig(datasets=sources))["train"]
+        )
     taken = _taken_rows(lengths, [s.fraction for s in sources])
     if sum(taken) != len(combined):
         raise RuntimeError(f"mixture rows per source {taken} don't add up to the {len(combined)} rows TRL combined")
@@ -233,21 +258,32 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
             split = index.train_test_split(test_size=mixture.test_split_size, seed=recipe.sft.seed)
         except ValueError as err:
             raise InputError(f"test_split_size: {mixture.test_split_size}: {_first_line(err)}") from None
-        parts = {name: (combined.select(split[name]["row"]), origin[np.asarray(split[name]["row"], dtype=np.int64)])
-                 for name in ("train", "test")}
+        parts = {
+            name: (combined.select(split[name]["row"]), origin[np.asarray(split[name]["row"], dtype=np.int64)])
+            for name in ("train", "test")
+        }
     names = list(parts)
 
     def pick(split: str, key: str):
         if split not in parts:
-            hint = ("; set test_split_size to split one off the mixture, or eval_strategy: no"
-                    if key == "dataset_test_split" else "")
-            raise InputError(f"the mixture has no split {split!r} (its splits: {', '.join(names)}); set {key} to "
-                             f"one of them{hint}")
+            hint = (
+                "; set test_split_size to split one off the mixture, or eval_strategy: no"
+                if key == "dataset_test_split"
+                else ""
+            )
+            raise InputError(
+                f"the mixture has no split {split!r} (its splits: {', '.join(names)}); set {key} to one of them{hint}"
+            )
         return parts[split]
 
     train, train_source = pick(script.dataset_train_split, "dataset_train_split")
-    out = Splits(train=train, train_label=f"datasets mixture split {script.dataset_train_split!r}", sources=labels,
-                 train_source=train_source, notes=notes)
+    out = Splits(
+        train=train,
+        train_label=f"datasets mixture split {script.dataset_train_split!r}",
+        sources=labels,
+        train_source=train_source,
+        notes=notes,
+    )
     if with_eval:
         out.eval, out.eval_source = pick(script.dataset_test_split, "dataset_test_split")
         out.eval_label = f"datasets mixture split {script.dataset_test_split!r}"
@@ -276,8 +312,11 @@ def _loadable(i: int, source):
 
 
 def _source_label(i: int, source) -> str:
-    extra = "".join(f", {k}={getattr(source, k)!r}" for k in ("name", "data_dir", "data_files", "fraction")
-                    if getattr(source, k) is not None)
+    extra = "".join(
+        f", {k}={getattr(source, k)!r}"
+        for k in ("name", "data_dir", "data_files", "fraction")
+        if getattr(source, k) is not None
+    )
     return f"datasets[{i}] ({source.path}{extra}, split {source.split!r})"
 
 
@@ -291,8 +330,16 @@ def _mixture_call(label: str, load, source=None, i: int | None = None):
         except ValueError as err:  # the config / split errors, said with what exists
             text = str(err)
             if text.startswith(("Config name is missing", "BuilderConfig", "Unknown split")):
-                _load_builder(source.path, source.name, source.split, False, f"datasets[{i}].split",
-                              f"datasets[{i}].name", data_dir=source.data_dir, data_files=source.data_files)
+                _load_builder(
+                    source.path,
+                    source.name,
+                    source.split,
+                    False,
+                    f"datasets[{i}].split",
+                    f"datasets[{i}].name",
+                    data_dir=source.data_dir,
+                    data_files=source.data_files,
+                )
             raise
     except InputError as err:
         raise InputError(f"{label}: {err}") from None
@@ -316,8 +363,10 @@ def first_train_row(recipe) -> dict | None:
         train = load_splits(recipe, with_eval=False).train
         return train[0] if len(train) else None
     script = recipe.script
-    return next(iter(load_rows(script.dataset_name, script.dataset_train_split, streaming=True,
-                               name=script.dataset_config)), None)
+    return next(
+        iter(load_rows(script.dataset_name, script.dataset_train_split, streaming=True, name=script.dataset_config)),
+        None,
+    )
 
 
 def check_jsonl(path: Path) -> None:
@@ -336,12 +385,15 @@ def check_jsonl(path: Path) -> None:
                 raise InputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
             where = _non_finite_field(row.get("messages"), "messages")
             if where:
-                raise InputError(f"{path}:{number}: {where} is not a JSON number (datasets would read it as null, "
-                                 "so the message would count as unmarked); write a number (train/weight: 0 or 1)")
+                raise InputError(
+                    f"{path}:{number}: {where} is not a JSON number (datasets would read it as null, "
+                    "so the message would count as unmarked); write a number (train/weight: 0 or 1)"
+                )
             rows += 1
     if not rows:
-        raise InputError(f"{path}: the dataset is empty (no rows); give at least one conversation, one JSON object "
-                         "per line")
+        raise InputError(
+            f"{path}: the dataset is empty (no rows); give at least one conversation, one JSON object per line"
+        )
 
 
 class NonFinite(str):
@@ -364,8 +416,11 @@ def _non_finite_field(value, where: str) -> str | None:
 def looks_local(spec: str) -> bool:
     """A path the user means on this machine (not a hub id `org/name`): a known file suffix, an explicit
     directory prefix, or more than one '/'. Used to say "no such file" instead of a hub lookup failure."""
-    return (spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
-            or Path(spec).suffix.lower() in {*FILE_BUILDERS, ".jinja", ".j2", ".yaml", ".yml"})
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec.count("/") > 1
+        or Path(spec).suffix.lower() in {*FILE_BUILDERS, ".jinja", ".j2", ".yaml", ".yml"}
+    )
 
 
 def read_conversation(source: str, row: int | None = None) -> tuple[list[dict], list[dict] | None]:
@@ -416,6 +471,7 @@ def read_template_kwargs(source: str, row: int | None = None) -> dict:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict):
-        raise InputError(f"{where}: chat_template_kwargs must be an object of template variables, got "
-                         f"{type(kwargs).__name__}")
+        raise InputError(
+            f"{where}: chat_template_kwargs must be an object of template variables, got {type(kwargs).__name__}"
+        )
     return kwargs

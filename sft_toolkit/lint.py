@@ -53,12 +53,15 @@ class LintResult:
         return {"template": self.template, "ok": self.ok, "findings": [f.to_json() for f in self.findings]}
 
 
-PRAGMA = re.compile(r"sft-toolkit:\s*allow\s+([A-Z]\d{3}(?:\s*,\s*[A-Z]\d{3})*)"
-                    r"(?:\s+when\s+(\w+=[^\s,;()]+(?:[,;]\s*\w+=[^\s,;()]+)*))?\s*(?:\((.*?)\))?")
+PRAGMA = re.compile(
+    r"sft-toolkit:\s*allow\s+([A-Z]\d{3}(?:\s*,\s*[A-Z]\d{3})*)"
+    r"(?:\s+when\s+(\w+=[^\s,;()]+(?:[,;]\s*\w+=[^\s,;()]+)*))?\s*(?:\((.*?)\))?"
+)
 
 
-def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None,
-         template_kwargs: dict | None = None) -> LintResult:
+def lint(
+    source: str, name: str, *, tokenizer=None, reference: str | None = None, template_kwargs: dict | None = None
+) -> LintResult:
     """All rules on one template. `reference` is the original inference template to compare bytes with.
 
     The probes render with `template_kwargs` (what a dataset's `chat_template_kwargs` or the caller passes)
@@ -66,8 +69,9 @@ def lint(source: str, name: str, *, tokenizer=None, reference: str | None = None
     findings = static_findings(source)
     # Rendering is pointless when the template can't parse, or has no blocks (every turn would be "untrained").
     if not any(f.rule in ("S001", "S002", "S003") for f in findings):
-        rendered, eot = rendered_findings(source, tokenizer=tokenizer, reference=reference,
-                                          settings=settings_for(source, template_kwargs))
+        rendered, eot = rendered_findings(
+            source, tokenizer=tokenizer, reference=reference, settings=settings_for(source, template_kwargs)
+        )
         if eot and not any(f.rule == "R003" and f.severity == ERROR for f in rendered):
             findings = static_findings(source, trained_eot=eot)  # S005 knows how the template ends a turn now
         findings += rendered
@@ -93,11 +97,21 @@ def _apply_allowances(source: str, findings: list[Finding]) -> list[Finding]:
     def reason(f: Finding) -> str | None:
         if (f.rule, None) in allowed:
             return allowed[(f.rule, None)]
-        return next((why for (rule, when), why in allowed.items()
-                     if rule == f.rule and when and f.message.endswith(f" with {when}]")), None)
+        return next(
+            (
+                why
+                for (rule, when), why in allowed.items()
+                if rule == f.rule and when and f.message.endswith(f" with {when}]")
+            ),
+            None,
+        )
 
-    return [Finding(f.rule, INFO, f"allowed by the template ({why}): {f.message}", f.line)
-            if f.severity != INFO and (why := reason(f)) is not None else f for f in findings]
+    return [
+        Finding(f.rule, INFO, f"allowed by the template ({why}): {f.message}", f.line)
+        if f.severity != INFO and (why := reason(f)) is not None
+        else f
+        for f in findings
+    ]
 
 
 # --------------------------------------------------------------------------------------------- static
@@ -118,9 +132,12 @@ class _GenerationTag(Extension):
         return block
 
 
-_PARSER = jinja2.Environment(extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True, lstrip_blocks=True)
-_SANDBOXED_PARSER = BoundedSandbox(extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True,
-                                   lstrip_blocks=True)
+_PARSER = jinja2.Environment(
+    extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True, lstrip_blocks=True
+)
+_SANDBOXED_PARSER = BoundedSandbox(
+    extensions=[_GenerationTag, "jinja2.ext.loopcontrols"], trim_blocks=True, lstrip_blocks=True
+)
 
 
 def generation_blocks(source: str) -> list[nodes.CallBlock]:
@@ -135,21 +152,40 @@ def static_findings(source: str, trained_eot: str | None = None) -> list[Finding
     except jinja2.TemplateSyntaxError as err:
         col = _error_column(source, err)
         if "generation" in err.message:
-            return [Finding("S003", ERROR, f"unbalanced generation block at {err.lineno}:{col}: {err.message} "
-                            "Every {% generation %} needs exactly one {% endgeneration %}.", err.lineno)]
+            return [
+                Finding(
+                    "S003",
+                    ERROR,
+                    f"unbalanced generation block at {err.lineno}:{col}: {err.message} "
+                    "Every {% generation %} needs exactly one {% endgeneration %}.",
+                    err.lineno,
+                )
+            ]
         return [Finding("S001", ERROR, f"syntax error at {err.lineno}:{col}: {err.message}", err.lineno)]
 
     blocks = list(tree.find_all(nodes.CallBlock))
     if not blocks:
-        return [Finding("S002", ERROR, "no {% generation %} block: assistant_only_loss would train on nothing. "
-                        "Wrap each assistant message's output and its end-of-turn token in "
-                        "{% generation %}...{% endgeneration %} (or run `sft-toolkit add-markers`).")]
+        return [
+            Finding(
+                "S002",
+                ERROR,
+                "no {% generation %} block: assistant_only_loss would train on nothing. "
+                "Wrap each assistant message's output and its end-of-turn token in "
+                "{% generation %}...{% endgeneration %} (or run `sft-toolkit add-markers`).",
+            )
+        ]
     findings = []
     for block in blocks:
         for inner in block.find_all(nodes.CallBlock):
-            findings.append(Finding("S003", ERROR, f"generation block at line {inner.lineno} is nested inside the "
-                                    f"one at line {block.lineno}; transformers records both spans. Remove the inner one.",
-                                    inner.lineno))
+            findings.append(
+                Finding(
+                    "S003",
+                    ERROR,
+                    f"generation block at line {inner.lineno} is nested inside the "
+                    f"one at line {block.lineno}; transformers records both spans. Remove the inner one.",
+                    inner.lineno,
+                )
+            )
     for block, conditions in _blocks_with_conditions(tree):
         findings += _role_finding(block, conditions)
     findings += _eot_after_block_findings(tree, trained_eot)
@@ -220,10 +256,24 @@ def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
             return []
         if positive and roles & OTHER_ROLES and not roles & ASSISTANT_ROLES:
             role = sorted(roles & OTHER_ROLES)[0]
-            return [Finding("S004", ERROR, f"generation block at line {block.lineno} sits under a condition on role "
-                            f"'{role}': it would train {role} text. Move it into the assistant branch.", block.lineno)]
-    return [Finding("S004", WARNING, f"generation block at line {block.lineno} is not inside an `if` on the "
-                    "assistant role; check it only wraps assistant output.", block.lineno)]
+            return [
+                Finding(
+                    "S004",
+                    ERROR,
+                    f"generation block at line {block.lineno} sits under a condition on role "
+                    f"'{role}': it would train {role} text. Move it into the assistant branch.",
+                    block.lineno,
+                )
+            ]
+    return [
+        Finding(
+            "S004",
+            WARNING,
+            f"generation block at line {block.lineno} is not inside an `if` on the "
+            "assistant role; check it only wraps assistant output.",
+            block.lineno,
+        )
+    ]
 
 
 def _eot_after_block_findings(tree, trained_eot: str | None = None) -> list[Finding]:
@@ -238,15 +288,30 @@ def _eot_after_block_findings(tree, trained_eot: str | None = None) -> list[Find
             for block, following in zip(children, children[1:]):
                 if not (isinstance(block, nodes.CallBlock) and (eot := _leading_eot(following))):
                     continue
-                message = (f"end-of-turn {eot!r} on line {following.lineno} is emitted after {{% endgeneration %}} "
-                           f"(line {block.end_lineno}): it is not trained")
+                message = (
+                    f"end-of-turn {eot!r} on line {following.lineno} is emitted after {{% endgeneration %}} "
+                    f"(line {block.end_lineno}): it is not trained"
+                )
                 if trained_eot and trained_eot != eot:
-                    findings.append(Finding("S005", WARNING, f"{message}. The template ends a conversation's "
-                                            f"last turn with {trained_eot!r}, which is trained; leave {eot!r} out only "
-                                            "if the model never writes it there.", following.lineno))
+                    findings.append(
+                        Finding(
+                            "S005",
+                            WARNING,
+                            f"{message}. The template ends a conversation's "
+                            f"last turn with {trained_eot!r}, which is trained; leave {eot!r} out only "
+                            "if the model never writes it there.",
+                            following.lineno,
+                        )
+                    )
                 else:
-                    findings.append(Finding("S005", ERROR, f"{message}, so the model never learns to stop. Move it "
-                                            "inside the block.", following.lineno))
+                    findings.append(
+                        Finding(
+                            "S005",
+                            ERROR,
+                            f"{message}, so the model never learns to stop. Move it inside the block.",
+                            following.lineno,
+                        )
+                    )
     return findings
 
 
@@ -272,9 +337,29 @@ def _leading_eot(node: nodes.Node) -> str | None:
 # ------------------------------------------------------------------------------------------- switches
 
 # What transformers and TRL give every template (plus jinja's own globals): never a template's own switch.
-STANDARD_VARIABLES = {"messages", "tools", "documents", "add_generation_prompt", "raise_exception", "strftime_now",
-                      "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
-                      "additional_special_tokens", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"}
+STANDARD_VARIABLES = {
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "raise_exception",
+    "strftime_now",
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+    "additional_special_tokens",
+    "range",
+    "dict",
+    "lipsum",
+    "cycler",
+    "joiner",
+    "namespace",
+    "loop",
+}
 # Tests that only ask what a value is (`x is defined`, `x is false`): a switch may be asked them.
 _BOOLEAN_TESTS = {"defined", "undefined", "true", "false", "boolean", "none", "sameas"}
 MAX_SWITCHES = 8
@@ -328,8 +413,11 @@ def _boolean_use(node, parent, grandparent) -> bool:
     if isinstance(parent, nodes.Test):
         return parent.node is node and parent.name in _BOOLEAN_TESTS
     if isinstance(parent, nodes.Filter):
-        return parent.node is node and parent.name == "default" and all(
-            isinstance(a, nodes.Const) and isinstance(a.value, bool) for a in parent.args)
+        return (
+            parent.node is node
+            and parent.name == "default"
+            and all(isinstance(a, nodes.Const) and isinstance(a.value, bool) for a in parent.args)
+        )
     if isinstance(parent, nodes.Compare):  # x == true
         return all(isinstance(op.expr, nodes.Const) and isinstance(op.expr.value, bool) for op in parent.ops)
     if isinstance(parent, nodes.Operand) and isinstance(grandparent, nodes.Compare):  # true == x
@@ -348,8 +436,9 @@ def settings_for(source: str, template_kwargs: dict | None = None) -> list[dict]
     """The variable settings lint renders its probes with: `template_kwargs` as given, then each switch the
     template reads (and `template_kwargs` doesn't set) true and false."""
     base = dict(template_kwargs or {})
-    return [base] + [{**base, name: value} for name in template_switches(source) if name not in base
-                     for value in (True, False)]
+    return [base] + [
+        {**base, name: value} for name in template_switches(source) if name not in base for value in (True, False)
+    ]
 
 
 def setting_label(setting: dict, base: dict) -> str:
@@ -360,8 +449,9 @@ def setting_label(setting: dict, base: dict) -> str:
 # ------------------------------------------------------------------------------------------- rendered
 
 
-def rendered_findings(source: str, *, tokenizer=None, reference: str | None = None,
-                      settings: list[dict] | None = None) -> tuple[list[Finding], str | None]:
+def rendered_findings(
+    source: str, *, tokenizer=None, reference: str | None = None, settings: list[dict] | None = None
+) -> tuple[list[Finding], str | None]:
     """Run the probe corpus under each variable setting (`settings_for`; default: none); one finding per
     distinct problem, naming the probes (and turns) that show it, and the settings when not all of them do.
     Also returns the template's end-of-turn text when the probes show it."""
@@ -393,8 +483,14 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             except InputError as err:
                 if shape:  # a shape some datasets write, worth a warning where training gives it
                     if probe.training_shape:
-                        add("R007", WARNING, f"{err}; rows written this way fail with this template (check-data "
-                            "reports them as template_error)", probe.name, None)
+                        add(
+                            "R007",
+                            WARNING,
+                            f"{err}; rows written this way fail with this template (check-data "
+                            "reports them as template_error)",
+                            probe.name,
+                            None,
+                        )
                 else:
                     add("R007", ERROR, f"{err}", probe.name, None)
                 continue
@@ -404,13 +500,22 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
             try:
                 full, off = _apply_control(probe.messages, full)
             except control.MappingError as err:
-                add("R008", WARNING, "per-message training control (train: false, train_roles, train_turns) can't "
+                add(
+                    "R008",
+                    WARNING,
+                    "per-message training control (train: false, train_roles, train_turns) can't "
                     f"be used with this template: {err}. Write one {{% generation %}} block per assistant message.",
-                    probe.name)
+                    probe.name,
+                )
                 continue
             for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs, off):
-                add(rule, severity, message, f"{probe.name}#{turn}" if turn is not None else probe.name,
-                    example=example)
+                add(
+                    rule,
+                    severity,
+                    message,
+                    f"{probe.name}#{turn}" if turn is not None else probe.name,
+                    example=example,
+                )
             if reference is not None:
                 for message in _reference_diffs(source, reference, probe, kwargs):
                     add("R005", ERROR, message, probe.name, None)
@@ -420,18 +525,30 @@ def rendered_findings(source: str, *, tokenizer=None, reference: str | None = No
 
     findings = []
     if writes_no_eot and not eot:
-        findings.append(Finding("R003", ERROR, f"{NO_STOP} on every probe, so no end-of-turn token is trained and "
-                                "the model never learns to stop. If the next message's role tag ends a turn (GLM-4's "
-                                "`<|user|>`), emit it inside the assistant's {% generation %} block to train it, or "
-                                "accept it with `{# sft-toolkit: allow R003 (why the model stops) #}`."))
+        findings.append(
+            Finding(
+                "R003",
+                ERROR,
+                f"{NO_STOP} on every probe, so no end-of-turn token is trained and "
+                "the model never learns to stop. If the next message's role tag ends a turn (GLM-4's "
+                "`<|user|>`), emit it inside the assistant's {% generation %} block to train it, or "
+                "accept it with `{# sft-toolkit: allow R003 (why the model stops) #}`.",
+            )
+        )
     labels = [setting_label(setting, settings[0]) for setting in settings]
     for key, where in seen.items():
         rule, severity, message, at_line = key
         example = f" e.g. {examples[key]}." if key in examples else ""
         findings.append(Finding(rule, severity, f"{message}{example} [seen in {_summarize(where, labels)}]", at_line))
     if not rendered_any and not any(f.rule == "R007" for f in findings):
-        findings.append(Finding("R007", ERROR, "the template rejected every probe conversation; nothing could be "
-                                "checked. Does it accept a plain user/assistant exchange?"))
+        findings.append(
+            Finding(
+                "R007",
+                ERROR,
+                "the template rejected every probe conversation; nothing could be "
+                "checked. Does it accept a plain user/assistant exchange?",
+            )
+        )
     return findings, eot or None
 
 
@@ -461,8 +578,9 @@ def _single_block_line(source: str) -> int | None:
     return blocks[0].lineno if len(blocks) == 1 else None
 
 
-def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs,
-                 off: frozenset[int] = frozenset()) -> list[tuple[str, str, str, int | None, str | None]]:
+def _check_probe(
+    source, probe: Probe, full: Rendered, eot, kwargs, off: frozenset[int] = frozenset()
+) -> list[tuple[str, str, str, int | None, str | None]]:
     """`off`: assistant messages switched off by per-message control, which must stay untrained."""
     out = []
     turns, mismatches = locate_turns(source, probe, full, eot, kwargs)
@@ -472,33 +590,71 @@ def _check_probe(source, probe: Probe, full: Rendered, eot, kwargs,
         s, e = turn.region
         if turn.index in off:
             if any(trained[s:e]):
-                out.append(("R008", ERROR, "an assistant turn switched off (train: false) is still trained: the "
-                            "template's generation blocks are not one per assistant message, in order.", turn.index,
-                            None))
+                out.append(
+                    (
+                        "R008",
+                        ERROR,
+                        "an assistant turn switched off (train: false) is still trained: the "
+                        "template's generation blocks are not one per assistant message, in order.",
+                        turn.index,
+                        None,
+                    )
+                )
             continue
         if not any(trained[s:e]):
-            out.append(("R001", ERROR, "an assistant turn has no trained characters, so it is not learned. Is the "
-                        "generation block in a branch this turn doesn't take (e.g. only the last turn)?", turn.index, None))
+            out.append(
+                (
+                    "R001",
+                    ERROR,
+                    "an assistant turn has no trained characters, so it is not learned. Is the "
+                    "generation block in a branch this turn doesn't take (e.g. only the last turn)?",
+                    turn.index,
+                    None,
+                )
+            )
             continue
         for a, b, kind in turn.required:
             if all(trained[a:b]):
                 continue
             if kind == "eot":
-                out.append(("R003", ERROR, f"the end-of-turn {eot!r} after an assistant turn is not trained, so the "
-                            "model never learns to stop. Put it inside {% generation %}.", turn.index, None))
+                out.append(
+                    (
+                        "R003",
+                        ERROR,
+                        f"the end-of-turn {eot!r} after an assistant turn is not trained, so the "
+                        "model never learns to stop. Put it inside {% generation %}.",
+                        turn.index,
+                        None,
+                    )
+                )
             else:
                 untrained = "".join(c for c, t in zip(text[a:b], trained[a:b]) if not t)
-                out.append(("R001", ERROR, "an assistant turn's content is only partly trained.", turn.index,
-                            f"untrained {untrained[:40]!r}"))
+                out.append(
+                    (
+                        "R001",
+                        ERROR,
+                        "an assistant turn's content is only partly trained.",
+                        turn.index,
+                        f"untrained {untrained[:40]!r}",
+                    )
+                )
     allowed = [False] * len(text)
     for turn in turns:
-        allowed[turn.region[0]:turn.region[1]] = [True] * (turn.region[1] - turn.region[0])
+        allowed[turn.region[0] : turn.region[1]] = [True] * (turn.region[1] - turn.region[0])
         if turn.gap:
-            allowed[turn.gap[0]:turn.gap[1]] = [False] * (turn.gap[1] - turn.gap[0])
+            allowed[turn.gap[0] : turn.gap[1]] = [False] * (turn.gap[1] - turn.gap[0])
     for start, end in _runs([t and not a for t, a in zip(trained, allowed)]):
         what, turn = _describe(text, start, end, turns, probe)
-        out.append(("R002", ERROR, f"trained text outside assistant output: {what}. Only assistant output and "
-                    "its end-of-turn may be inside {% generation %}.", turn, repr(text[start:end][:60])))
+        out.append(
+            (
+                "R002",
+                ERROR,
+                f"trained text outside assistant output: {what}. Only assistant output and "
+                "its end-of-turn may be inside {% generation %}.",
+                turn,
+                repr(text[start:end][:60]),
+            )
+        )
     return out
 
 
@@ -512,7 +668,7 @@ def _describe(text: str, start: int, end: int, turns: list[Turn], probe: Probe) 
                 return f"{message['role']} message text", None
     for turn in turns:
         if turn.header and turn.header[0] <= start < turn.header[1]:
-            header = text[turn.header[0]:turn.header[1]]
+            header = text[turn.header[0] : turn.header[1]]
             return f"part of the role header {header!r} that the generation prompt writes", turn.index
         if turn.region[1] == start:
             return "text after the assistant turn's end-of-turn", turn.index
@@ -546,14 +702,18 @@ def _reference_diffs(source: str, reference: str, probe: Probe, kwargs) -> list[
         if ours != theirs:
             at = first_difference(ours, theirs)
             line = theirs.count("\n", 0, at) + 1
-            diffs.append(f"renders differently from the reference ({len(messages)} messages, add_generation_prompt="
-                         f"{gen}) at output line {line}: ours {ours[at:at + 40]!r}, reference {theirs[at:at + 40]!r}")
+            diffs.append(
+                f"renders differently from the reference ({len(messages)} messages, add_generation_prompt="
+                f"{gen}) at output line {line}: ours {ours[at : at + 40]!r}, reference {theirs[at : at + 40]!r}"
+            )
     return diffs
 
 
 def _token_boundaries(source: str, probe: Probe, tokenizer) -> list[str]:
     try:
-        tm = tokenize(tokenizer, probe.messages, template=source, tools=probe.tools, template_kwargs=probe.template_kwargs)
+        tm = tokenize(
+            tokenizer, probe.messages, template=source, tools=probe.tools, template_kwargs=probe.template_kwargs
+        )
     except (TemplateRaised, InputError):
         return []
     out = []
@@ -561,10 +721,14 @@ def _token_boundaries(source: str, probe: Probe, tokenizer) -> list[str]:
         for (a, b), token_id in zip(tm.offsets, tm.ids):
             token = tm.text[a:b]
             if a < start < b:
-                out.append(f"mask starts inside token {token!r} (id {token_id}): transformers trains the whole "
-                           f"token, so {tm.text[a:start]!r} before the generation block is trained too")
+                out.append(
+                    f"mask starts inside token {token!r} (id {token_id}): transformers trains the whole "
+                    f"token, so {tm.text[a:start]!r} before the generation block is trained too"
+                )
             if a < end < b:
-                out.append(f"mask ends inside token {token!r} (id {token_id}): transformers trains the whole "
-                           f"token, so {tm.text[end:b]!r} after the generation block is trained too. Usually the "
-                           "end-of-turn text is not a single token in this vocabulary")
+                out.append(
+                    f"mask ends inside token {token!r} (id {token_id}): transformers trains the whole "
+                    f"token, so {tm.text[end:b]!r} after the generation block is trained too. Usually the "
+                    "end-of-turn text is not a single token in this vocabulary"
+                )
     return out

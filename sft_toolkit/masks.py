@@ -145,10 +145,14 @@ def render_budget(what: str = ""):
             return
         active[0] = False
         if over_time:
-            raise RenderLimit(f"{prefix}the chat template ran longer than {seconds:g} s and was stopped (a loop that "
-                              "does not end?); fix the template")
-        raise RenderLimit(f"{prefix}the chat template used more than {memory / 2**20:,.0f} MiB of memory "
-                          f"({grown / 2**20:,.0f} MiB) and was stopped; fix the template")
+            raise RenderLimit(
+                f"{prefix}the chat template ran longer than {seconds:g} s and was stopped (a loop that "
+                "does not end?); fix the template"
+            )
+        raise RenderLimit(
+            f"{prefix}the chat template used more than {memory / 2**20:,.0f} MiB of memory "
+            f"({grown / 2**20:,.0f} MiB) and was stopped; fix the template"
+        )
 
     # `_signal.signal` is the C function behind `signal.signal`, without its enum conversions (5 µs a call
     # against 0.5, twice per render).
@@ -175,8 +179,9 @@ class _Limits:
 
     def limit(self) -> int:
         if self.conversation is None:
-            self.conversation = len(json.dumps([self.variables.get("messages"), self.variables.get("tools")],
-                                               default=str))
+            self.conversation = len(
+                json.dumps([self.variables.get("messages"), self.variables.get("tools")], default=str)
+            )
         return render_chars_limit(self.conversation)
 
 
@@ -191,9 +196,11 @@ def _limit() -> int:
 def _check(size: int, what: str, unit: str = "characters") -> None:
     """Refuse to build `what` of `size` characters (or items) when the render's limit is smaller."""
     if size > RENDER_CHARS_FLOOR and size > (limit := _limit()):
-        raise RenderLimit(f"the chat template would build {what} of {size:,} {unit} (limit {limit:,}: "
-                          f"{RENDER_CHARS_FLOOR:,} + {RENDER_GROWTH} per character of the conversation); fix the "
-                          "template")
+        raise RenderLimit(
+            f"the chat template would build {what} of {size:,} {unit} (limit {limit:,}: "
+            f"{RENDER_CHARS_FLOOR:,} + {RENDER_GROWTH} per character of the conversation); fix the "
+            "template"
+        )
 
 
 def _text_size(value, budget: int | None = None) -> int:
@@ -220,10 +227,16 @@ def _text_size(value, budget: int | None = None) -> int:
 def _check_ints(arguments, name: str) -> None:
     """A width, count or length argument (`center(10**9)`, `batch(10**9, x)`) can be a size: same limit."""
     for value in arguments:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > RENDER_CHARS_FLOOR \
-                and abs(value) > (limit := _limit()):
-            raise RenderLimit(f"the chat template passes {value:,} to {name} (limit {limit:,}: a size, width or count "
-                              f"beyond the longest text the render may build); fix the template")
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and abs(value) > RENDER_CHARS_FLOOR
+            and abs(value) > (limit := _limit())
+        ):
+            raise RenderLimit(
+                f"the chat template passes {value:,} to {name} (limit {limit:,}: a size, width or count "
+                f"beyond the longest text the render may build); fix the template"
+            )
 
 
 def _formatted_size(template: str, arguments) -> int:
@@ -266,13 +279,19 @@ _SEQUENCES = (str, list, tuple)
 
 
 def _repeated(value) -> tuple[str, str]:
-    return ("a repeated string", "characters") if isinstance(value, str) else (
-        f"a repeated {type(value).__name__}", "items")
+    return (
+        ("a repeated string", "characters")
+        if isinstance(value, str)
+        else (f"a repeated {type(value).__name__}", "items")
+    )
 
 
 def _joined(value) -> tuple[str, str]:
-    return ("a string of two joined (`+`)", "characters") if isinstance(value, str) else (
-        f"a {type(value).__name__} of two joined (`+`)", "items")
+    return (
+        ("a string of two joined (`+`)", "characters")
+        if isinstance(value, str)
+        else (f"a {type(value).__name__} of two joined (`+`)", "items")
+    )
 
 
 class BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -295,26 +314,42 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         # Honest templates add short strings all the time: one size comparison decides, the checks come after.
         if operator == "+":
-            if isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES) and \
-                    len(left) + len(right) > RENDER_CHARS_FLOOR:
+            if (
+                isinstance(left, _SEQUENCES)
+                and isinstance(right, _SEQUENCES)
+                and len(left) + len(right) > RENDER_CHARS_FLOOR
+            ):
                 _check(len(left) + len(right), *_joined(left))
         elif operator == "*":
             if isinstance(right, int) and isinstance(left, _SEQUENCES):
                 _check(len(left) * max(right, 0), *_repeated(left))
             elif isinstance(left, int) and isinstance(right, _SEQUENCES):
                 _check(len(right) * max(left, 0), *_repeated(right))
-            elif isinstance(left, int) and isinstance(right, int) and \
-                    (bits := left.bit_length() + right.bit_length()) > RENDER_INT_BITS:
-                raise RenderLimit(f"the chat template would compute a number of {bits:,} bits (limit "
-                                  f"{RENDER_INT_BITS:,}); fix the template")
+            elif (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and (bits := left.bit_length() + right.bit_length()) > RENDER_INT_BITS
+            ):
+                raise RenderLimit(
+                    f"the chat template would compute a number of {bits:,} bits (limit "
+                    f"{RENDER_INT_BITS:,}); fix the template"
+                )
         elif operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 and \
-                    right * left.bit_length() > RENDER_INT_BITS:
-                raise RenderLimit(f"the chat template would compute a number of about {right * left.bit_length():,} "
-                                  f"bits (limit {RENDER_INT_BITS:,}); fix the template")
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and right > 0
+                and abs(left) > 1
+                and right * left.bit_length() > RENDER_INT_BITS
+            ):
+                raise RenderLimit(
+                    f"the chat template would compute a number of about {right * left.bit_length():,} "
+                    f"bits (limit {RENDER_INT_BITS:,}); fix the template"
+                )
         elif operator == "%" and isinstance(left, str):
-            arguments = right if isinstance(right, tuple) else list(right.values()) if isinstance(right, dict) \
-                else [right]
+            arguments = (
+                right if isinstance(right, tuple) else list(right.values()) if isinstance(right, dict) else [right]
+            )
             _check_ints(arguments, "`%`")
             _check(_formatted_size(left, arguments), "a formatted string")
         return self.binop_table[operator](left, right)
@@ -364,7 +399,10 @@ class _BoundedCodeGenerator(CodeGenerator):
 def _filter_size(name: str, args: list, kwargs: dict) -> tuple | None:
     """What a filter that can write far more than it reads would build: (size, what[, unit]), else None."""
     value = args[0] if args else None
-    option = lambda i, key, default=None: args[i] if len(args) > i else kwargs.get(key, default)
+
+    def option(i, key, default=None):
+        return args[i] if len(args) > i else kwargs.get(key, default)
+
     if name == "replace" and isinstance(value, str):
         old, new, count = str(option(1, "old", "")), str(option(2, "new", "")), option(3, "count")
         return _replaced_size(value, old, new, count if isinstance(count, int) else -1), "a replaced string"
@@ -387,8 +425,26 @@ def _filter_size(name: str, args: list, kwargs: dict) -> tuple | None:
 
 # Filters whose output can be far larger than their input (a width, a count, a separator, a repr of shared
 # items); the others write at most a few times what they read (`escape`: 6x) or less (`trim`, `map`, `sort`).
-_AMPLIFYING_FILTERS = frozenset({"batch", "center", "filesizeformat", "format", "indent", "join", "list", "pprint",
-                                 "replace", "slice", "string", "sum", "tojson", "truncate", "urlize", "wordwrap"})
+_AMPLIFYING_FILTERS = frozenset(
+    {
+        "batch",
+        "center",
+        "filesizeformat",
+        "format",
+        "indent",
+        "join",
+        "list",
+        "pprint",
+        "replace",
+        "slice",
+        "string",
+        "sum",
+        "tojson",
+        "truncate",
+        "urlize",
+        "wordwrap",
+    }
+)
 
 
 class _BoundedFilters(dict):
@@ -417,9 +473,9 @@ def _bounded_filter(name: str, function):
             items = list(args[skip])
             separator = args[skip + 1] if len(args) > skip + 1 else kwargs.get("d", "")
             _check(sum(_text_size(i) for i in items) + len(str(separator)) * len(items), "a joined string")
-            args = (*args[:skip], items, *args[skip + 1:])
+            args = (*args[:skip], items, *args[skip + 1 :])
         else:
-            _check_ints(_values(args[skip + 1:], kwargs), f"the filter `{name}`")
+            _check_ints(_values(args[skip + 1 :], kwargs), f"the filter `{name}`")
             size = _filter_size(name, list(args[skip:]), kwargs)
             if size:
                 _check(*size)
@@ -446,9 +502,11 @@ class _BoundedTemplate(jinja2.Template):
                 for chunk in super().generate(variables):
                     written += len(chunk)
                     if written > RENDER_CHARS_FLOOR and written > limits.limit():
-                        raise RenderLimit(f"the chat template wrote {written:,} characters for a conversation of "
-                                          f"{limits.conversation:,} (limit {limits.limit():,}) and was stopped; fix "
-                                          "the template")
+                        raise RenderLimit(
+                            f"the chat template wrote {written:,} characters for a conversation of "
+                            f"{limits.conversation:,} (limit {limits.limit():,}) and was stopped; fix "
+                            "the template"
+                        )
                     yield chunk
         except RenderLimit as err:
             raise RenderLimit(f"{err}{_template_line(err)}") from None

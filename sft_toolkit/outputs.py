@@ -61,10 +61,13 @@ class Input:
 
 def recipe_inputs(recipe) -> list[Input]:
     """The local paths a recipe reads: its dataset, model, template, prepared data and the recipe file itself."""
-    candidates = [("dataset_name", recipe.script.dataset_name),
-                  ("model_name_or_path", recipe.model.model_name_or_path),
-                  ("chat_template_path", recipe.sft.chat_template_path), ("prepared", recipe.toolkit.prepared),
-                  ("recipe file", recipe.source)]
+    candidates = [
+        ("dataset_name", recipe.script.dataset_name),
+        ("model_name_or_path", recipe.model.model_name_or_path),
+        ("chat_template_path", recipe.sft.chat_template_path),
+        ("prepared", recipe.toolkit.prepared),
+        ("recipe file", recipe.source),
+    ]
     return existing_inputs(candidates)
 
 
@@ -111,7 +114,7 @@ def _file_record(path: Path) -> dict:
 def write_owner_record(folder: Path, kind: str, token: str) -> None:
     """Record every file under `folder` (written last: a folder without it is not provably the toolkit's)."""
     files = {}
-    for root, dirs, names in os.walk(folder):
+    for root, _dirs, names in os.walk(folder):
         for name in names:
             path = Path(root) / name
             if path.name != OWNER_FILE or path.parent != folder:
@@ -131,8 +134,12 @@ def ownership_problem(folder: Path, kind: str) -> str | None:
         record = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"its {OWNER_FILE} record does not read"
-    if not isinstance(record, dict) or record.get("owner") != OWNER or record.get("format") != OWNER_FORMAT \
-            or not isinstance(record.get("files"), dict):
+    if (
+        not isinstance(record, dict)
+        or record.get("owner") != OWNER
+        or record.get("format") != OWNER_FORMAT
+        or not isinstance(record.get("files"), dict)
+    ):
         return f"its {OWNER_FILE} record is not one this version of sft-toolkit writes"
     if record.get("kind") != kind:
         return f"its {OWNER_FILE} record says it holds {record.get('kind')!r}, not {kind!r}"
@@ -152,8 +159,10 @@ def ownership_problem(folder: Path, kind: str) -> str | None:
             expected = files[relative]
             found = _file_record(path)
             same = found["size"] == expected.get("size") and (
-                found.get("sha256") == expected.get("sha256") if "sha256" in found
-                else found["mtime_ns"] == expected.get("mtime_ns"))
+                found.get("sha256") == expected.get("sha256")
+                if "sha256" in found
+                else found["mtime_ns"] == expected.get("mtime_ns")
+            )
             if not same:
                 return f"{relative} changed since the toolkit wrote it"
     return None
@@ -165,22 +174,29 @@ def check_output_dir(out: str | Path, kind: str, inputs: Iterable[Input] = ()) -
     out = Path(out)
     way_out = "choose a new or empty directory, or move it away yourself"
     if out.is_symlink():
-        raise InputError(f"{out}: is a symbolic link (to {os.readlink(out)}); the toolkit never replaces what a link "
-                         f"points to; give the real path of a new or empty directory")
+        raise InputError(
+            f"{out}: is a symbolic link (to {os.readlink(out)}); the toolkit never replaces what a link "
+            f"points to; give the real path of a new or empty directory"
+        )
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is a file, not a directory; {way_out}")
     collision = overlap(out, inputs)
     if collision:
-        raise InputError(f"{out}: {collision}: writing there would replace the input; nothing was changed; "
-                         "choose an output directory outside the recipe's inputs")
+        raise InputError(
+            f"{out}: {collision}: writing there would replace the input; nothing was changed; "
+            "choose an output directory outside the recipe's inputs"
+        )
     if Path.cwd().resolve().is_relative_to(_real(out)):
-        raise InputError(f"{out}: is or holds the current directory, which cannot be replaced; name a new folder "
-                         "for it to write")
+        raise InputError(
+            f"{out}: is or holds the current directory, which cannot be replaced; name a new folder for it to write"
+        )
     if out.is_dir() and any(out.iterdir()):
         problem = ownership_problem(out, kind)
         if problem:
-            raise InputError(f"{out}: exists and is not a {kind} directory sft-toolkit wrote ({problem}); nothing "
-                             f"was changed; {way_out}")
+            raise InputError(
+                f"{out}: exists and is not a {kind} directory sft-toolkit wrote ({problem}); nothing "
+                f"was changed; {way_out}"
+            )
 
 
 def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs: Iterable[Input] = ()) -> Path:
@@ -195,8 +211,9 @@ def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InputError(f"{out}: cannot create its parent folder ({err.strerror}); choose another directory") \
-            from None
+        raise InputError(
+            f"{out}: cannot create its parent folder ({err.strerror}); choose another directory"
+        ) from None
     token = secrets.token_hex(8)
     staging = out.parent / f".{out.name}.partial-{token}"
     try:
@@ -222,14 +239,17 @@ def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs
             raise
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"{out}: cannot be replaced ({err.strerror or err}); it was left as it was; choose "
-                         "another directory") from None
+        raise InputError(
+            f"{out}: cannot be replaced ({err.strerror or err}); it was left as it was; choose another directory"
+        ) from None
     if previous is not None:
         if ownership_problem(previous, kind) is None or not any(previous.iterdir()):
             shutil.rmtree(previous)
         else:  # changed between the check and the rename: keep it, and say where
-            raise InputError(f"{out}: changed while it was being replaced; the new {kind} directory is in place and "
-                             f"the old one was kept at {previous}")
+            raise InputError(
+                f"{out}: changed while it was being replaced; the new {kind} directory is in place and "
+                f"the old one was kept at {previous}"
+            )
     return out
 
 
@@ -241,7 +261,7 @@ def checkpoint_step(path: str | Path) -> int | None:
     """N when `path` is a real directory `checkpoint-N` whose trainer_state.json records global_step N (a
     checkpoint a trainer finished writing); None for anything else: a link, a file, a torn or foreign folder."""
     path = Path(path)
-    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    suffix = path.name[len(CHECKPOINT_PREFIX) :]
     if not path.name.startswith(CHECKPOINT_PREFIX) or not suffix.isdigit() or path.is_symlink() or not path.is_dir():
         return None
     state = path / TRAINER_STATE
@@ -259,9 +279,12 @@ def checkpoint_entries(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def remove_checkpoint(path: str | Path) -> None:
@@ -269,8 +292,10 @@ def remove_checkpoint(path: str | Path) -> None:
     once rather than file by file); raise InputError otherwise."""
     path = Path(path)
     if checkpoint_step(path) is None:
-        raise InputError(f"{path}: not a checkpoint the trainer wrote (a link, a file, or no {TRAINER_STATE} with "
-                         f"its step); it is kept; move it away or choose another output_dir")
+        raise InputError(
+            f"{path}: not a checkpoint the trainer wrote (a link, a file, or no {TRAINER_STATE} with "
+            f"its step); it is kept; move it away or choose another output_dir"
+        )
     aside = path.parent / f".{path.name}.removed-{secrets.token_hex(4)}"
     os.rename(path, aside)
     shutil.rmtree(aside)
@@ -323,8 +348,10 @@ def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: s
         theirs = _real(item.path)
         if _real(target) == theirs or os.path.lexists(target) and _real(target).is_relative_to(theirs):
             part = "is" if _real(target) == theirs else "is part of"
-            raise InputError(f"{given}: {part} the input {item.key} ({item.path}); writing there would replace it; "
-                             "nothing was changed; give another output file")
+            raise InputError(
+                f"{given}: {part} the input {item.key} ({item.path}); writing there would replace it; "
+                "nothing was changed; give another output file"
+            )
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -352,8 +379,14 @@ def write_file(path: str | Path, text: str, inputs: Iterable[Input] = ()) -> Pat
 # ---------------------------------------------------------------------------------------------------------
 # A training run's output_dir
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "adapter_config.json", "adapter_model.safetensors")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
 
 
 def _may_save(sft, start: int) -> Callable[[int], bool]:
@@ -386,15 +419,19 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
     out = Path(sft.output_dir)
     where = f"{recipe.source}: output_dir: {out}"
     if os.path.lexists(out) and not out.is_dir():
-        raise InputError(f"{where}: is a file{' (or a broken link)' if out.is_symlink() else ''}, not a directory; "
-                         "choose another output_dir")
+        raise InputError(
+            f"{where}: is a file{' (or a broken link)' if out.is_symlink() else ''}, not a directory; "
+            "choose another output_dir"
+        )
     for item in recipe_inputs(recipe):
         if item.key == "recipe file":
             continue
         collision = overlap(out, [item])
         if collision and (item.key == "model_name_or_path" or not collision.startswith("contains")):
-            raise InputError(f"{where}: {collision}: training would write its checkpoints and weights there; "
-                             "nothing was changed; choose another output_dir")
+            raise InputError(
+                f"{where}: {collision}: training would write its checkpoints and weights there; "
+                "nothing was changed; choose another output_dir"
+            )
     resume = sft.resume_from_checkpoint
     resumes_here = False
     start = 0
@@ -406,20 +443,29 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
     may_save = _may_save(sft, start)
     entries = checkpoint_entries(out)
     for entry in entries:
-        step = int(entry.name[len(CHECKPOINT_PREFIX):])
+        step = int(entry.name[len(CHECKPOINT_PREFIX) :])
         if may_save(step) and checkpoint_step(entry) is None:
-            kind = "a symbolic link" if entry.is_symlink() else "a file" if not entry.is_dir() else \
-                f"a folder without a {TRAINER_STATE} recording step {step}"
-            raise InputError(f"{where}: this run may save {entry.name}, and {entry} is {kind}, not a checkpoint the "
-                             "trainer wrote; nothing was changed; move it away or choose another output_dir")
+            kind = (
+                "a symbolic link"
+                if entry.is_symlink()
+                else "a file"
+                if not entry.is_dir()
+                else f"a folder without a {TRAINER_STATE} recording step {step}"
+            )
+            raise InputError(
+                f"{where}: this run may save {entry.name}, and {entry} is {kind}, not a checkpoint the "
+                "trainer wrote; nothing was changed; move it away or choose another output_dir"
+            )
     if resumes_here:
         return []
     proven = [entry for entry in entries if checkpoint_step(entry) is not None]
     models = [name for name in MODEL_FILES if os.path.lexists(out / name)]
     if (proven or models) and not getattr(toolkit, "overwrite_output_dir", False):
         held = ", ".join([p.name for p in proven][:5] + models[:3]) + (" …" if len(proven) > 5 else "")
-        raise InputError(f"{where}: holds an earlier run ({held}) that this run would overwrite or mix with; "
-                         "nothing was changed; resume it (resume_from_checkpoint: true), set "
-                         "overwrite_output_dir: true (deletes only its checkpoints, those whose trainer_state.json "
-                         "shows they are), or choose another output_dir")
+        raise InputError(
+            f"{where}: holds an earlier run ({held}) that this run would overwrite or mix with; "
+            "nothing was changed; resume it (resume_from_checkpoint: true), set "
+            "overwrite_output_dir: true (deletes only its checkpoints, those whose trainer_state.json "
+            "shows they are), or choose another output_dir"
+        )
     return proven

@@ -63,8 +63,10 @@ def policy_from(train_roles, train_turns, source: str = "<recipe>") -> TurnPolic
         raise InputError(f"{source}: train_roles must be a non-empty list of {', '.join(ROLE_CHOICES)}")
     for role in roles:
         if role in ("user", "system", "tool", "ipython", "developer"):
-            raise InputError(f"{source}: train_roles: {role!r} can't be trained: templates mark only assistant output "
-                             f"(tool results are input, never trained); choose from {', '.join(ROLE_CHOICES)}")
+            raise InputError(
+                f"{source}: train_roles: {role!r} can't be trained: templates mark only assistant output "
+                f"(tool results are input, never trained); choose from {', '.join(ROLE_CHOICES)}"
+            )
         if role not in ROLE_CHOICES:
             raise InputError(f"{source}: train_roles: {role!r} is not one of {', '.join(ROLE_CHOICES)}")
     if train_turns not in TURN_CHOICES:
@@ -96,8 +98,10 @@ def message_problem(i: int, message: dict) -> str | None:
     if train is not None and weight is not None and bool(train) != bool(weight):
         return f"messages[{i}] has train: {str(train).lower()} and weight: {weight}, which disagree; keep one"
     if flag(message) and message.get("role") != "assistant":
-        return (f"messages[{i}] (role {message.get('role')!r}) is marked to train, but templates train only assistant "
-                "output (tool results and prompts are never trained); remove the flag")
+        return (
+            f"messages[{i}] (role {message.get('role')!r}) is marked to train, but templates train only assistant "
+            "output (tool results and prompts are never trained); remove the flag"
+        )
     return None
 
 
@@ -144,17 +148,21 @@ def assign_spans(messages: list[dict], rendered: Rendered) -> dict[int, list[tup
     out = _between_other_messages(messages, rendered.text, spans)
     if out is None:
         if len(spans) != len(assistant):
-            raise MappingError(f"the template writes {len(spans)} generation block(s) for {len(assistant)} assistant "
-                               "message(s) and they can't be told apart by the messages around them; per-message "
-                               "training control needs one per assistant message there")
+            raise MappingError(
+                f"the template writes {len(spans)} generation block(s) for {len(assistant)} assistant "
+                "message(s) and they can't be told apart by the messages around them; per-message "
+                "training control needs one per assistant message there"
+            )
         out = {i: [span] for i, span in zip(assistant, spans)}
     for i, own in out.items():
         content = messages[i].get("content")
         text = content.strip() if isinstance(content, str) else ""
-        inside = rendered.text[own[0][0]:own[-1][1]] if own else ""
+        inside = rendered.text[own[0][0] : own[-1][1]] if own else ""
         if text and text in rendered.text and text not in inside:
-            raise MappingError(f"messages[{i}]'s text is not inside the generation block it maps to (the template's "
-                               "blocks are not one per assistant message, in order)")
+            raise MappingError(
+                f"messages[{i}]'s text is not inside the generation block it maps to (the template's "
+                "blocks are not one per assistant message, in order)"
+            )
         if flag(messages[i]) and not any(start < end for start, end in own):
             raise MappingError(f"messages[{i}] is marked to train but the template marks nothing of it")
     return out

@@ -32,11 +32,15 @@ def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
     from .preprocess import load_tokenizer_for, renders_conversations
 
     if recipe.toolkit.prepared:
-        raise InputError(f"{recipe.source}: prepared: {recipe.toolkit.prepared} is set; prepare reads the raw "
-                         "dataset_name, so remove the key (or --prepared) to prepare again")
+        raise InputError(
+            f"{recipe.source}: prepared: {recipe.toolkit.prepared} is set; prepare reads the raw "
+            "dataset_name, so remove the key (or --prepared) to prepare again"
+        )
     if recipe.script.dataset_streaming:
-        raise InputError(f"{recipe.source}: dataset_streaming: true; prepare saves the whole dataset to disk, so set "
-                         "dataset_streaming: false")
+        raise InputError(
+            f"{recipe.source}: dataset_streaming: true; prepare saves the whole dataset to disk, so set "
+            "dataset_streaming: false"
+        )
     inputs = recipe_inputs(recipe)
     check_output_dir(out_dir, KIND, inputs)  # before any work: a directory that isn't ours is refused at once
     keys = shaping_keys(recipe)  # as the recipe asks: the guard's repairs change recipe.sft in place

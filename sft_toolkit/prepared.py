@@ -41,10 +41,17 @@ def shaping_keys(recipe) -> dict:
     change any of them and the tokens or labels could differ. The template and tokenizer are compared by
     content (hashes), not by path, so the same files on another machine match."""
     sft, script, toolkit = recipe.sft, recipe.script, recipe.toolkit
-    keys = {"dataset_name": script.dataset_name, "dataset_train_split": script.dataset_train_split,
-            "assistant_only_loss": sft.assistant_only_loss, "dataset_text_field": sft.dataset_text_field,
-            "max_length": sft.max_length, "packing": sft.packing, "shuffle_dataset": sft.shuffle_dataset,
-            "role_map": toolkit.role_map, "mask_guard": toolkit.mask_guard}
+    keys = {
+        "dataset_name": script.dataset_name,
+        "dataset_train_split": script.dataset_train_split,
+        "assistant_only_loss": sft.assistant_only_loss,
+        "dataset_text_field": sft.dataset_text_field,
+        "max_length": sft.max_length,
+        "packing": sft.packing,
+        "shuffle_dataset": sft.shuffle_dataset,
+        "role_map": toolkit.role_map,
+        "mask_guard": toolkit.mask_guard,
+    }
     if sft.packing:
         keys["packing_strategy"] = sft.packing_strategy
     elif sft.max_length is not None:
@@ -107,8 +114,12 @@ def versions() -> dict:
 
     from . import __version__
 
-    return {"sft_toolkit": __version__, "trl": trl.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__}
+    return {
+        "sft_toolkit": __version__,
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
 
 
 def dataset_summary(dataset) -> dict:
@@ -117,8 +128,9 @@ def dataset_summary(dataset) -> dict:
     return {"sequences": len(dataset), "tokens": stats.tokens, "trainable_tokens": stats.trainable_tokens}
 
 
-def build_manifest(recipe_keys: dict, tokenizer, template: str | None, report: Report, repairs: list[str],
-                   applied: dict, dataset) -> dict:
+def build_manifest(
+    recipe_keys: dict, tokenizer, template: str | None, report: Report, repairs: list[str], applied: dict, dataset
+) -> dict:
     return {
         "format": FORMAT,
         "recipe": recipe_keys,
@@ -147,16 +159,22 @@ def save(out_dir: str | Path, dataset, manifest: dict, inputs: Iterable[Input] =
 def read_manifest(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
-        raise InputError(f"{prepared_dir}: no {MANIFEST}; not a directory `sft-toolkit prepare` wrote (or it did not "
-                         "finish): run prepare again")
+        raise InputError(
+            f"{prepared_dir}: no {MANIFEST}; not a directory `sft-toolkit prepare` wrote (or it did not "
+            "finish): run prepare again"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid JSON ({err}); run prepare again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
-                         f"is not {FORMAT}; prepare it again with this version of sft-toolkit")
-    missing = [key for key in ("recipe", "tokenizer", "template", "accounting") if not isinstance(manifest.get(key), dict)]
+        raise InputError(
+            f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
+            f"is not {FORMAT}; prepare it again with this version of sft-toolkit"
+        )
+    missing = [
+        key for key in ("recipe", "tokenizer", "template", "accounting") if not isinstance(manifest.get(key), dict)
+    ]
     if missing:
         raise InputError(f"{path}: field(s) {', '.join(missing)} missing or not objects; run prepare again")
     return manifest
@@ -179,14 +197,18 @@ def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
         out.append(f"{key}: recipe (not in force), prepared {theirs[key]!r}")
     sha = tokenizer_sha256(tokenizer)
     if manifest.get("tokenizer", {}).get("sha256") != sha:
-        out.append(f"tokenizer: recipe {tokenizer.name_or_path} (sha256 {sha[:12]}), prepared "
-                   f"{manifest.get('tokenizer', {}).get('name_or_path')} "
-                   f"(sha256 {str(manifest.get('tokenizer', {}).get('sha256'))[:12]})")
+        out.append(
+            f"tokenizer: recipe {tokenizer.name_or_path} (sha256 {sha[:12]}), prepared "
+            f"{manifest.get('tokenizer', {}).get('name_or_path')} "
+            f"(sha256 {str(manifest.get('tokenizer', {}).get('sha256'))[:12]})"
+        )
     prepared_sha = manifest.get("template", {}).get("sha256")
     template_sha = _sha256(rendering_template(tokenizer, recipe.sft)) if prepared_sha is not None else None
     if prepared_sha != template_sha:  # (plain-text and pre-tokenized data were rendered with no template)
-        out.append(f"chat template: recipe sha256 {str(template_sha)[:12]}, prepared "
-                   f"sha256 {str(manifest.get('template', {}).get('sha256'))[:12]}")
+        out.append(
+            f"chat template: recipe sha256 {str(template_sha)[:12]}, prepared "
+            f"sha256 {str(manifest.get('template', {}).get('sha256'))[:12]}"
+        )
     return out
 
 
@@ -206,8 +228,11 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
     tokenizer = load_tokenizer_for(recipe)
     differences = mismatches(manifest, recipe, tokenizer)
     if differences:
-        raise InputError(f"{folder}: prepared with other settings than {recipe.source} — " + "; ".join(differences)
-                         + f". Run `sft-toolkit prepare {recipe.source} -o {folder}` again, or fix the recipe")
+        raise InputError(
+            f"{folder}: prepared with other settings than {recipe.source} — "
+            + "; ".join(differences)
+            + f". Run `sft-toolkit prepare {recipe.source} -o {folder}` again, or fix the recipe"
+        )
     try:
         dataset = datasets.load_from_disk(str(folder / DATASET))
     except (FileNotFoundError, ValueError) as err:
@@ -219,14 +244,23 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
     report = Report.from_json(manifest["accounting"])
     sft = recipe.sft
     per_step = sft.per_device_train_batch_size * sft.gradient_accumulation_steps * world_size
-    report.settings = {**report.settings, "per_device_train_batch_size": sft.per_device_train_batch_size,
-                       "gradient_accumulation_steps": sft.gradient_accumulation_steps, "world_size": world_size}
+    report.settings = {
+        **report.settings,
+        "per_device_train_batch_size": sft.per_device_train_batch_size,
+        "gradient_accumulation_steps": sft.gradient_accumulation_steps,
+        "world_size": world_size,
+    }
     report.steps = math.ceil(len(stats.zero) / per_step)
-    report.zero_trainable_steps = sum(bool(stats.zero[i:i + per_step].all()) for i in range(0, len(stats.zero), per_step))
+    report.zero_trainable_steps = sum(
+        bool(stats.zero[i : i + per_step].all()) for i in range(0, len(stats.zero), per_step)
+    )
     notes = [f"prepare applied: {r}" for r in manifest.get("repairs", [])]
     ours = versions()
-    notes += [f"warning: prepared with {name} {v}, training with {ours.get(name)}"
-              for name, v in manifest.get("versions", {}).items() if ours.get(name) != v]
+    notes += [
+        f"warning: prepared with {name} {v}, training with {ours.get(name)}"
+        for name, v in manifest.get("versions", {}).items()
+        if ours.get(name) != v
+    ]
     if stats.zero.any():
         notes.append(f"warning: {int(stats.zero.sum())} sequences have zero trainable tokens (mask_guard warn)")
     return report, dataset, notes
@@ -279,19 +313,25 @@ def recheck(dataset, recipe, manifest: dict, folder: Path) -> _Stats:
     stats = _scan(dataset)
     where = f"{folder / DATASET}"
     if stats.bad_lengths:
-        raise InputError(f"{where}: labels and input_ids differ in length in sequences "
-                         f"{', '.join(map(str, stats.bad_lengths[:SHOWN]))}; run prepare again")
+        raise InputError(
+            f"{where}: labels and input_ids differ in length in sequences "
+            f"{', '.join(map(str, stats.bad_lengths[:SHOWN]))}; run prepare again"
+        )
     if stats.bad_labels:
         seq, pos = stats.bad_labels[0]
-        raise InputError(f"{where}: sequence {seq}, position {pos}: a trained label differs from its input_id "
-                         "(labels must be the input_ids, -100 where nothing is trained); run prepare again")
+        raise InputError(
+            f"{where}: sequence {seq}, position {pos}: a trained label differs from its input_id "
+            "(labels must be the input_ids, -100 where nothing is trained); run prepare again"
+        )
     max_length = recipe.sft.max_length
     if max_length is not None and stats.longest > max_length:
         raise InputError(f"{where}: a sequence has {stats.longest} tokens, more than max_length {max_length}")
     zero = np.flatnonzero(stats.zero)
     if len(zero) and recipe.toolkit.mask_guard != "warn":
-        raise InputError(f"{where}: {len(zero)} sequences have zero trainable tokens "
-                         f"({', '.join(map(str, zero[:SHOWN]))}); run prepare again (with mask_guard: repair to drop them)")
+        raise InputError(
+            f"{where}: {len(zero)} sequences have zero trainable tokens "
+            f"({', '.join(map(str, zero[:SHOWN]))}); run prepare again (with mask_guard: repair to drop them)"
+        )
     recorded = manifest.get("dataset", {})
     found = {"sequences": len(dataset), "tokens": stats.tokens, "trainable_tokens": stats.trainable_tokens}
     changed = [f"{k} {recorded.get(k)} recorded, {v} found" for k, v in found.items() if recorded.get(k) != v]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import jinja2
 
-from . import policy as control
 from . import coverage
+from . import policy as control
 from .masks import RenderLimit, TemplateRaised, render, template_error_text
 from .probes import text_of
 from .problems import InputError
@@ -60,11 +60,13 @@ def load_tokenizer_for(recipe):
 
     model = recipe.model.model_name_or_path
     if looks_local(model) and not Path(model).expanduser().exists():
-        raise InputError(f"{recipe.source}: model_name_or_path: {model}: no such directory (a local model "
-                         "directory or a hub id)")
+        raise InputError(
+            f"{recipe.source}: model_name_or_path: {model}: no such directory (a local model directory or a hub id)"
+        )
     try:
-        tokenizer = load_tokenizer(model, revision=recipe.model.model_revision,
-                                   trust_remote_code=recipe.sft.trust_remote_code)
+        tokenizer = load_tokenizer(
+            model, revision=recipe.model.model_revision, trust_remote_code=recipe.sft.trust_remote_code
+        )
     except InputError as err:
         raise InputError(f"{recipe.source}: model_name_or_path: {err}") from None
     path = recipe.sft.chat_template_path
@@ -75,8 +77,10 @@ def load_tokenizer_for(recipe):
             except InputError as err:
                 raise InputError(f"{recipe.source}: chat_template_path: {err}") from None
         else:
-            raise InputError(f"{recipe.source}: chat_template_path: {path!r} must be a .jinja file or a bundled template "
-                             f"name ({', '.join(bundled_names())}); cloning another tokenizer's template is not supported")
+            raise InputError(
+                f"{recipe.source}: chat_template_path: {path!r} must be a .jinja file or a bundled template "
+                f"name ({', '.join(bundled_names())}); cloning another tokenizer's template is not supported"
+            )
     _set_eos_token(tokenizer, recipe)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -90,8 +94,10 @@ def _set_eos_token(tokenizer, recipe) -> None:
     if eos is None:
         return
     if eos not in tokenizer.get_vocab():
-        raise InputError(f"{recipe.source}: eos_token: {eos!r} is not in the vocabulary of "
-                         f"{recipe.model.model_name_or_path}; give one of its tokens (e.g. the template's end of turn)")
+        raise InputError(
+            f"{recipe.source}: eos_token: {eos!r} is not in the vocabulary of "
+            f"{recipe.model.model_name_or_path}; give one of its tokens (e.g. the template's end of turn)"
+        )
     tokenizer.eos_token = eos
 
 
@@ -100,7 +106,9 @@ def training_template(tokenizer, sft) -> str | None:
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if not tokenizer.chat_template:
-        raise InputError("the tokenizer has no chat template; set chat_template_path (a .jinja file or a bundled name)")
+        raise InputError(
+            "the tokenizer has no chat template; set chat_template_path (a .jinja file or a bundled name)"
+        )
     if sft.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
         name = f"chat template {sft.chat_template_path or tokenizer.name_or_path}"
         try:  # TRL renders the template (with a tool call) to decide
@@ -110,8 +118,10 @@ def training_template(tokenizer, sft) -> str | None:
         except RenderLimit as err:
             raise InputError(f"{name}: {err}") from None
         except Exception as err:  # noqa: BLE001 - what the template raised where the trainer would stop too
-            raise InputError(f"{name}: it fails to render TRL's tool-call check ({template_error_text(err)}); the "
-                             "trainer stops there as well: fix the template") from None
+            raise InputError(
+                f"{name}: it fails to render TRL's tool-call check ({template_error_text(err)}); the "
+                "trainer stops there as well: fix the template"
+            ) from None
     return None
 
 
@@ -129,8 +139,10 @@ def row_problem(example: dict) -> str | None:
         if not isinstance(role, str):
             return f"messages[{i}].role is missing"
         if role not in KNOWN_ROLES:
-            return (f"messages[{i}].role {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))} "
-                    "(rename it, or map it with the recipe key role_map)")
+            return (
+                f"messages[{i}].role {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))} "
+                "(rename it, or map it with the recipe key role_map)"
+            )
         problem = _content_problem(m, i) or _tool_calls_problem(m, i) or control.message_problem(i, m)
         if problem:
             return problem
@@ -143,14 +155,18 @@ def _content_problem(m: dict, i: int) -> str | None:
         if m.get("role") == "assistant" and m.get("tool_calls"):
             return None  # an assistant turn that only calls tools: the template renders the calls
         extra = " and the turn makes no tool_calls" if m.get("role") == "assistant" else ""
-        return (f"messages[{i}].content is missing or null{extra}; give the text (only an assistant turn with "
-                "tool_calls may have null content)")
+        return (
+            f"messages[{i}].content is missing or null{extra}; give the text (only an assistant turn with "
+            "tool_calls may have null content)"
+        )
     if isinstance(content, list):
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                return (f"messages[{i}].content[{j}] is a {kind!r} part; text-only training takes "
-                        "[{\"type\": \"text\", \"text\": ...}] parts only: remove it or make it text")
+                return (
+                    f"messages[{i}].content[{j}] is a {kind!r} part; text-only training takes "
+                    '[{"type": "text", "text": ...}] parts only: remove it or make it text'
+                )
         return None
     if not isinstance(content, str):
         return f"messages[{i}].content must be a string, got {type(content).__name__}"
@@ -166,14 +182,16 @@ def _tool_calls_problem(m: dict, i: int) -> str | None:
     for j, call in enumerate(calls):
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            return f"messages[{i}].tool_calls[{j}] needs a function name ({{\"function\": {{\"name\", \"arguments\"}}}})"
+            return f'messages[{i}].tool_calls[{j}] needs a function name ({{"function": {{"name", "arguments"}}}})'
         arguments = function.get("arguments")
         if isinstance(arguments, str):
             try:
                 parsed = json.loads(arguments)
             except json.JSONDecodeError as err:
-                return (f"messages[{i}].tool_calls[{j}].function.arguments is a string that is not JSON ({err.msg}); "
-                        "give the arguments as an object")
+                return (
+                    f"messages[{i}].tool_calls[{j}].function.arguments is a string that is not JSON ({err.msg}); "
+                    "give the arguments as an object"
+                )
             if not isinstance(parsed, dict):
                 return f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object"
     return None
@@ -210,8 +228,12 @@ def has_text_parts(messages: list[dict]) -> bool:
 def joined_parts(messages: list[dict]) -> list[dict]:
     """Each list of text parts joined into one string (back to back, as the templates that iterate parts
     write them)."""
-    return [{**m, "content": "".join(p["text"] for p in m["content"])}
-            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
+    return [
+        {**m, "content": "".join(p["text"] for p in m["content"])}
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
 
 
 def messages_for_template(template: str, messages: list[dict], *, tools=None, template_kwargs=None) -> list[dict]:
@@ -224,13 +246,19 @@ def messages_for_template(template: str, messages: list[dict], *, tools=None, te
     if not has_text_parts(messages):
         return messages
     joined = joined_parts(messages)
-    parts = [part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
-             for part in m["content"]]
+    parts = [
+        part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"]
+    ]
 
     def shown(candidate) -> int:
         try:
-            text = render(template, control.strip_control(candidate), tools=tools, template_kwargs=template_kwargs,
-                          placeholders=False).text
+            text = render(
+                template,
+                control.strip_control(candidate),
+                tools=tools,
+                template_kwargs=template_kwargs,
+                placeholders=False,
+            ).text
         except (InputError, TemplateRaised, RenderLimit):
             return -1  # the render that counts (tokenizing) reports what is wrong
         if candidate is messages and any(str(part) in text or json.dumps(part) in text for part in parts):
@@ -268,11 +296,14 @@ def _code_salt() -> str:
     """datasets fingerprints a module-level function by its name, not its code, so a cached map from an older
     toolkit would be reused after an upgrade; passing this module's source hash as an argument prevents it."""
     import hashlib
-
     import sys
 
-    sources = (Path(__file__), Path(control.__file__), Path(sys.modules[render.__module__].__file__),
-               Path(coverage.__file__))
+    sources = (
+        Path(__file__),
+        Path(control.__file__),
+        Path(sys.modules[render.__module__].__file__),
+        Path(coverage.__file__),
+    )
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
@@ -291,8 +322,17 @@ def _too_large(chars: int, limit: int) -> str:
     return f"{ROW_TOO_LARGE}: {chars:,} characters of text (limit {limit:,})"
 
 
-def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, template_name="", code_salt=None,
-                  policy=None, max_row_chars=None):
+def _tokenize_row(
+    example,
+    index,
+    tokenizer,
+    template,
+    assistant_only_loss,
+    template_name="",
+    code_salt=None,
+    policy=None,
+    max_row_chars=None,
+):
     """TRL's `tokenize_fn` (conversational language-modeling case), minus its abort, plus accounting.
 
     `policy` (per-message training control) changes the mask only for rows it concerns; other rows go
@@ -302,8 +342,17 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
     from trl.data_utils import _tokenize
 
     problem = row_problem(example)
-    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
-           "problem": problem or "", "coverage_reason": "", "coverage_message": -1}
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "src_row": index,
+        "n_trainable": 0,
+        "span": 0,
+        "reason": "",
+        "problem": problem or "",
+        "coverage_reason": "",
+        "coverage_message": -1,
+    }
     if problem:
         return out
     tools = example.get("tools")
@@ -313,14 +362,20 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
         return out
     tools = json.loads(tools) if isinstance(tools, str) else tools
     original = canonical_messages(example["messages"])
-    original = messages_for_template(tokenizer.get_chat_template(template, tools), original, tools=tools,
-                                     template_kwargs=_template_variables(tokenizer, example))
+    original = messages_for_template(
+        tokenizer.get_chat_template(template, tools),
+        original,
+        tools=tools,
+        template_kwargs=_template_variables(tokenizer, example),
+    )
     messages = original
     controlled = policy is not None and control.needs_control(messages, policy)
     if controlled:
         if not assistant_only_loss:
-            out["problem"] = ("per-message training control (train/weight fields, train_roles, train_turns) needs "
-                              "assistant_only_loss: true; without it every token is trained")
+            out["problem"] = (
+                "per-message training control (train/weight fields, train_roles, train_turns) needs "
+                "assistant_only_loss: true; without it every token is trained"
+            )
             return out
         messages = control.strip_control(messages)
     kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
@@ -329,8 +384,9 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
     except RenderLimit as err:  # a runaway template (time, memory, size): no row can be trusted to finish
         raise InputError(f"{template_name}: row {index}: {err}") from None
     except jinja2.TemplateSyntaxError as err:  # no row can render: unusable input, not a per-row reason
-        raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
-                         "lint` on the template") from None
+        raise InputError(
+            f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit lint` on the template"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any error the template hit (IndexError, OverflowError, ...)
         # The template failed on this row (raise_exception, or an error it hit): the row is reported, by number.
         out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
@@ -350,8 +406,9 @@ def _tokenize_row(example, index, tokenizer, template, assistant_only_loss, temp
         labels = list(ids)
     trainable, span = _trainable_and_span(labels)
     out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span)
-    reason = zero_reason(messages if kept is None else
-                         [m for i, m in enumerate(messages) if m.get("role") != "assistant" or i in kept])
+    reason = zero_reason(
+        messages if kept is None else [m for i, m in enumerate(messages) if m.get("role") != "assistant" or i in kept]
+    )
     if kept is not None and not kept and any(m.get("role") == "assistant" for m in messages):
         reason = ALL_TURNS_SWITCHED_OFF
     # A row whose assistant turns are all empty still trains the end-of-turn token: it teaches the model to
@@ -377,8 +434,13 @@ def _coverage(tokenizer, template, tools, example, messages, kept) -> coverage.C
     `kept`: the trained assistant messages under per-message control (None: all of them, `messages` carry
     no control fields)."""
     try:
-        rendered = render(tokenizer.get_chat_template(template, tools), control.strip_control(messages), tools=tools,
-                          template_kwargs=_template_variables(tokenizer, example), placeholders=False)
+        rendered = render(
+            tokenizer.get_chat_template(template, tools),
+            control.strip_control(messages),
+            tools=tools,
+            template_kwargs=_template_variables(tokenizer, example),
+            placeholders=False,
+        )
         spans = rendered.spans
         if kept is not None:
             spans = [span for i, own in control.assign_spans(messages, rendered).items() if i in kept for span in own]
@@ -397,12 +459,19 @@ def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[li
     clean = control.strip_control(messages)
     template = tokenizer.get_chat_template(kwargs.get("chat_template"), kwargs.get("tools"))
     extra = {k: v for k, v in kwargs.items() if k not in ("chat_template", "tools")}
-    rendered = render(template, clean, tools=kwargs.get("tools"),
-                      template_kwargs={**tokenizer.special_tokens_map, **extra}, placeholders=False)
+    rendered = render(
+        template,
+        clean,
+        tools=kwargs.get("tools"),
+        template_kwargs={**tokenizer.special_tokens_map, **extra},
+        placeholders=False,
+    )
     n = len(processed["input_ids"])
     if control.token_mask(processed, rendered.spans, n) != list(processed["assistant_masks"]):
-        raise control.MappingError("the template's generation spans don't line up with its token mask "
-                                   "(does it render differently on each call?)")
+        raise control.MappingError(
+            "the template's generation spans don't line up with its token mask "
+            "(does it render differently on each call?)"
+        )
     chosen = control.selected(messages, policy)
     spans = control.assign_spans(messages, rendered)
     kept = {i for i in spans if chosen[i]}
@@ -456,8 +525,9 @@ def renders_template(dataset) -> bool:
     return first is not None and is_conversational_prompt(first)
 
 
-def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing",
-             policy=None):
+def tokenize(
+    dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing", policy=None
+):
     """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem (and, for
     conversations, coverage_reason / coverage_message: the row's content-coverage problem, see `_coverage`).
 
@@ -478,11 +548,19 @@ def tokenize(dataset, tokenizer, template, sft, *, role_map: dict | None = None,
         if sft.dataset_text_field in dataset.column_names and not sft.assistant_only_loss:
             return _tokenize_text(dataset, tokenizer, sft)
         raise InputError(_no_messages_hint(dataset.column_names, sft))
-    kwargs = {"with_indices": True, "remove_columns": dataset.column_names,
-              "fn_kwargs": {"tokenizer": tokenizer, "template": template,
-                            "assistant_only_loss": sft.assistant_only_loss, "code_salt": _code_salt(),
-                            "policy": policy or control.TurnPolicy(), "max_row_chars": MAX_ROW_CHARS,
-                            "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}}
+    kwargs = {
+        "with_indices": True,
+        "remove_columns": dataset.column_names,
+        "fn_kwargs": {
+            "tokenizer": tokenizer,
+            "template": template,
+            "assistant_only_loss": sft.assistant_only_loss,
+            "code_salt": _code_salt(),
+            "policy": policy or control.TurnPolicy(),
+            "max_row_chars": MAX_ROW_CHARS,
+            "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}",
+        },
+    }
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
     return dataset.map(_tokenize_row, **kwargs)
@@ -497,28 +575,61 @@ def _tokenize_prompt_completion(dataset, tokenizer, template, sft, *, policy=Non
     first = next(iter(dataset), None)
     conversational = first is not None and is_conversational_prompt(first)
     if sft.assistant_only_loss and first is not None and not conversational:
-        raise InputError("prompt/completion rows of plain text with assistant_only_loss: true (TRL refuses this too: "
-                         "the option needs conversational rows); set assistant_only_loss: false, and "
-                         "completion_only_loss (on by default for prompt/completion rows) trains the completion only")
+        raise InputError(
+            "prompt/completion rows of plain text with assistant_only_loss: true (TRL refuses this too: "
+            "the option needs conversational rows); set assistant_only_loss: false, and "
+            "completion_only_loss (on by default for prompt/completion rows) trains the completion only"
+        )
     completion_only = True if sft.completion_only_loss is None else sft.completion_only_loss
-    fn_kwargs = {"tokenizer": tokenizer, "template": template, "assistant_only_loss": sft.assistant_only_loss,
-                 "completion_only_loss": completion_only, "code_salt": _code_salt(),
-                 # TRL appends eos to plain completions, judged on the first row (its `add_eos` step)
-                 "eos": None if conversational else (tokenizer.eos_token or ""),
-                 "text_field": sft.dataset_text_field, "policy": policy or control.TurnPolicy(),
-                 "max_row_chars": MAX_ROW_CHARS, "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}"}
-    return dataset.map(_prompt_completion_row, with_indices=True, remove_columns=dataset.column_names,
-                       fn_kwargs=fn_kwargs, **_map_kwargs(dataset, sft, desc))
+    fn_kwargs = {
+        "tokenizer": tokenizer,
+        "template": template,
+        "assistant_only_loss": sft.assistant_only_loss,
+        "completion_only_loss": completion_only,
+        "code_salt": _code_salt(),
+        # TRL appends eos to plain completions, judged on the first row (its `add_eos` step)
+        "eos": None if conversational else (tokenizer.eos_token or ""),
+        "text_field": sft.dataset_text_field,
+        "policy": policy or control.TurnPolicy(),
+        "max_row_chars": MAX_ROW_CHARS,
+        "template_name": f"chat template {sft.chat_template_path or tokenizer.name_or_path}",
+    }
+    return dataset.map(
+        _prompt_completion_row,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs=fn_kwargs,
+        **_map_kwargs(dataset, sft, desc),
+    )
 
 
-def _prompt_completion_row(example, index, tokenizer, template, assistant_only_loss, completion_only_loss, eos,
-                           text_field, policy, template_name="", code_salt=None, max_row_chars=None):
+def _prompt_completion_row(
+    example,
+    index,
+    tokenizer,
+    template,
+    assistant_only_loss,
+    completion_only_loss,
+    eos,
+    text_field,
+    policy,
+    template_name="",
+    code_salt=None,
+    max_row_chars=None,
+):
     """TRL's `tokenize_fn` (prompt-completion case), minus its abort, plus accounting."""
     from trl.data_utils import _tokenize, common_prefix_length
 
     prompt, completion = example.get("prompt"), example.get("completion")
-    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
-           "problem": _prompt_completion_problem(prompt, completion, policy)}
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "src_row": index,
+        "n_trainable": 0,
+        "span": 0,
+        "reason": "",
+        "problem": _prompt_completion_problem(prompt, completion, policy),
+    }
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -533,13 +644,16 @@ def _prompt_completion_row(example, index, tokenizer, template, assistant_only_l
         kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
         try:  # the template's render is bounded by the sandbox (masks.render_budget); tokenizing is the row's cost
             prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-            processed = _tokenize(tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss,
-                                  **kwargs)
+            processed = _tokenize(
+                tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss, **kwargs
+            )
         except RenderLimit as err:
             raise InputError(f"{template_name}: row {index}: {err}") from None
         except jinja2.TemplateSyntaxError as err:
-            raise InputError(f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
-                             "lint` on the template") from None
+            raise InputError(
+                f"{template_name}: line {err.lineno}: syntax error ({err.message}); run `sft-toolkit "
+                "lint` on the template"
+            ) from None
         except Exception as err:  # noqa: BLE001 - any error the template hit, as for chat rows
             out["reason"] = f"{TEMPLATE_ERROR}: {template_error_text(err)}"
             return out
@@ -563,8 +677,7 @@ def _prompt_completion_row(example, index, tokenizer, template, assistant_only_l
     if empty and (completion_only_loss or assistant_only_loss):
         out["reason"] = EMPTY_COMPLETION
     elif trainable == 0:
-        out["reason"] = (zero_reason(example["completion"]) if isinstance(example["prompt"], list)
-                         else EMPTY_COMPLETION)
+        out["reason"] = zero_reason(example["completion"]) if isinstance(example["prompt"], list) else EMPTY_COMPLETION
     return out
 
 
@@ -572,16 +685,20 @@ def _prompt_completion_problem(prompt, completion, policy) -> str:
     if isinstance(prompt, str) and isinstance(completion, str):
         return ""
     if not (isinstance(prompt, list) and isinstance(completion, list)):
-        return (f"fields 'prompt' and 'completion' must both be text or both be lists of messages, got "
-                f"{type(prompt).__name__} and {type(completion).__name__}")
+        return (
+            f"fields 'prompt' and 'completion' must both be text or both be lists of messages, got "
+            f"{type(prompt).__name__} and {type(completion).__name__}"
+        )
     if not completion:
         return "field 'completion' is an empty list; give the completion's messages"
     problem = row_problem({"messages": prompt + completion})
     if problem:
         return f"prompt + completion {problem}" if problem.startswith("messages[") else problem
     if control.needs_control(prompt + completion, policy):
-        return ("per-message training control (train/weight fields, train_roles, train_turns) applies to 'messages' "
-                "rows; a prompt/completion row trains its completion: drop those fields or use 'messages'")
+        return (
+            "per-message training control (train/weight fields, train_roles, train_turns) applies to 'messages' "
+            "rows; a prompt/completion row trains its completion: drop those fields or use 'messages'"
+        )
     return ""
 
 
@@ -590,18 +707,34 @@ def _tokenize_text(dataset, tokenizer, sft):
     tokenize, train every token."""
     field = sft.dataset_text_field
     eos = tokenizer.eos_token or ""
-    return dataset.map(_text_row, with_indices=True, remove_columns=dataset.column_names,
-                       fn_kwargs={"tokenizer": tokenizer, "field": field, "eos": eos, "code_salt": _code_salt(),
-                                  "max_row_chars": MAX_ROW_CHARS},
-                       **_map_kwargs(dataset, sft, "Tokenizing"))
+    return dataset.map(
+        _text_row,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "field": field,
+            "eos": eos,
+            "code_salt": _code_salt(),
+            "max_row_chars": MAX_ROW_CHARS,
+        },
+        **_map_kwargs(dataset, sft, "Tokenizing"),
+    )
 
 
 def _text_row(example, index, tokenizer, field, eos, code_salt=None, max_row_chars=None):
     from trl.data_utils import _tokenize
 
     text = example[field]
-    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
-           "problem": "" if isinstance(text, str) else f"field {field!r} must be a string"}
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "src_row": index,
+        "n_trainable": 0,
+        "span": 0,
+        "reason": "",
+        "problem": "" if isinstance(text, str) else f"field {field!r} must be a string",
+    }
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -629,19 +762,32 @@ def from_tokens(dataset, sft):
         if sft.completion_only_loss and "completion_mask" in columns:
             label_from.append("completion_mask")
     if not label_from and sft.assistant_only_loss:
-        raise InputError(f"the dataset is pre-tokenized (has 'input_ids') but has no 'labels' or 'assistant_masks' "
-                         f"column (columns: {', '.join(columns)}), so nothing says which tokens are the assistant's; "
-                         "add one, or set assistant_only_loss: false to train on every token")
-    return dataset.map(_tokens_row, with_indices=True, remove_columns=columns,
-                       fn_kwargs={"label_from": label_from, "code_salt": _code_salt()},
-                       **_map_kwargs(dataset, sft, "Checking tokens"))
+        raise InputError(
+            f"the dataset is pre-tokenized (has 'input_ids') but has no 'labels' or 'assistant_masks' "
+            f"column (columns: {', '.join(columns)}), so nothing says which tokens are the assistant's; "
+            "add one, or set assistant_only_loss: false to train on every token"
+        )
+    return dataset.map(
+        _tokens_row,
+        with_indices=True,
+        remove_columns=columns,
+        fn_kwargs={"label_from": label_from, "code_salt": _code_salt()},
+        **_map_kwargs(dataset, sft, "Checking tokens"),
+    )
 
 
 def _tokens_row(example, index, label_from, code_salt=None):
     """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token)."""
     ids = example["input_ids"]
-    out = {"input_ids": [], "labels": [], "src_row": index, "n_trainable": 0, "span": 0, "reason": "",
-           "problem": _tokens_problem(example, label_from)}
+    out = {
+        "input_ids": [],
+        "labels": [],
+        "src_row": index,
+        "n_trainable": 0,
+        "span": 0,
+        "reason": "",
+        "problem": _tokens_problem(example, label_from),
+    }
     if out["problem"]:
         return out
     ids = list(ids)
@@ -650,8 +796,9 @@ def _tokens_row(example, index, label_from, code_salt=None):
     else:
         labels = [t if all(example[m][i] for m in label_from) else -100 for i, t in enumerate(ids)]
     trainable, span = _trainable_and_span(labels)
-    out.update(input_ids=ids, labels=labels, n_trainable=trainable, span=span,
-               reason="" if trainable else MASK_MARKS_NOTHING)
+    out.update(
+        input_ids=ids, labels=labels, n_trainable=trainable, span=span, reason="" if trainable else MASK_MARKS_NOTHING
+    )
     return out
 
 
@@ -665,16 +812,23 @@ def _tokens_problem(example, label_from) -> str:
     if label_from == ["labels"]:
         bad = next((i for i, (t, label) in enumerate(zip(ids, example["labels"])) if label not in (-100, t)), None)
         if bad is not None:
-            return (f"labels[{bad}] is {example['labels'][bad]} but input_ids[{bad}] is {ids[bad]}: labels must be "
-                    "the input_ids (unshifted; the model shifts them) with -100 where nothing is trained")
+            return (
+                f"labels[{bad}] is {example['labels'][bad]} but input_ids[{bad}] is {ids[bad]}: labels must be "
+                "the input_ids (unshifted; the model shifts them) with -100 where nothing is trained"
+            )
     return ""
 
 
 # ShareGPT's role names. TRL's `maybe_convert_to_chatml` renames the keys but keeps these values, and
 # chat templates then skip 'human' turns and never train 'gpt' ones (TRL aborts on the first such row);
 # so we also map the names. A recipe's `role_map` replaces this table.
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "observation": "tool",
-                  "function_call": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "observation": "tool",
+    "function_call": "assistant",
+}
 
 
 def to_chatml(dataset, sft, role_map: dict | None = None):
@@ -696,24 +850,38 @@ def to_chatml(dataset, sft, role_map: dict | None = None):
 
 def _no_messages_hint(columns: list[str], sft) -> str:
     if "conversations" in columns:
-        return ("the 'conversations' column is not ShareGPT-style {from, value} messages and there is no "
-                "'messages' column; give each row a 'messages' list of {role, content} (ShareGPT rows of "
-                "{from, value} are converted, role names mapped with the recipe key role_map)")
+        return (
+            "the 'conversations' column is not ShareGPT-style {from, value} messages and there is no "
+            "'messages' column; give each row a 'messages' list of {role, content} (ShareGPT rows of "
+            "{from, value} are converted, role names mapped with the recipe key role_map)"
+        )
     if "prompt" in columns and "text" not in columns:
-        return (f"a 'prompt' column without 'completion' (columns: {', '.join(columns)}); prompt/completion rows need "
-                "both (text, or lists of messages), and conversations a 'messages' list of {role, content}")
+        return (
+            f"a 'prompt' column without 'completion' (columns: {', '.join(columns)}); prompt/completion rows need "
+            "both (text, or lists of messages), and conversations a 'messages' list of {role, content}"
+        )
     if "text" in columns or "prompt" in columns:
         kind = "plain 'text'" if "text" in columns else "'prompt'/'completion'"
-        loss = ("the recipe sets assistant_only_loss: true, which needs conversations with assistant turns; "
-                if sft.assistant_only_loss else "")
-        pretrain = (" — or, for continued pretraining on the text, set assistant_only_loss: false"
-                    if "text" in columns and sft.assistant_only_loss else "")
-        return (f"a non-conversational dataset ({kind} columns: {', '.join(columns)}) and no 'messages' column; "
-                f"{loss}the toolkit checks and trains conversations: give each row a 'messages' list of "
-                "{role, content} (e.g. user = the prompt, assistant = the completion)" + pretrain)
-    return (f"no 'messages' column (columns: {', '.join(columns)}); assistant-only training needs each row's "
-            "conversation as a 'messages' list of {role, content} (rename the column; ShareGPT 'conversations' "
-            "of {from, value} are converted)")
+        loss = (
+            "the recipe sets assistant_only_loss: true, which needs conversations with assistant turns; "
+            if sft.assistant_only_loss
+            else ""
+        )
+        pretrain = (
+            " — or, for continued pretraining on the text, set assistant_only_loss: false"
+            if "text" in columns and sft.assistant_only_loss
+            else ""
+        )
+        return (
+            f"a non-conversational dataset ({kind} columns: {', '.join(columns)}) and no 'messages' column; "
+            f"{loss}the toolkit checks and trains conversations: give each row a 'messages' list of "
+            "{role, content} (e.g. user = the prompt, assistant = the completion)" + pretrain
+        )
+    return (
+        f"no 'messages' column (columns: {', '.join(columns)}); assistant-only training needs each row's "
+        "conversation as a 'messages' list of {role, content} (rename the column; ShareGPT 'conversations' "
+        "of {from, value} are converted)"
+    )
 
 
 PROVENANCE = ("src_rows", "src_pos")
@@ -732,8 +900,10 @@ def truncate(tokenized, sft):
 
 def drop_fully_masked(truncated, sft):
     """TRL's filter after truncation: rows with no label left contribute no loss and are removed."""
-    return truncated.filter(lambda example: any(label != -100 for label in example["labels"]),
-                            **_map_kwargs(truncated, sft, "Dropping fully masked examples"))
+    return truncated.filter(
+        lambda example: any(label != -100 for label in example["labels"]),
+        **_map_kwargs(truncated, sft, "Dropping fully masked examples"),
+    )
 
 
 def pack(tokenized, sft):
@@ -758,8 +928,11 @@ def add_provenance(tokenized, sft):
         return tokenized.map(_provenance, **kwargs)
     features = tokenized.features.copy()
     features.update({c: List(Value("int32")) for c in PROVENANCE})
-    return tokenized.with_format("arrow").map(_provenance_arrow, batched=True, features=features,
-                                              **kwargs).with_format(None)
+    return (
+        tokenized.with_format("arrow")
+        .map(_provenance_arrow, batched=True, features=features, **kwargs)
+        .with_format(None)
+    )
 
 
 def _provenance(example):
@@ -781,8 +954,9 @@ def _provenance_arrow(batch):
     for name in PROVENANCE:
         if name in batch.column_names:
             batch = batch.drop_columns([name])
-    return batch.append_column("src_rows", pa.ListArray.from_arrays(list_offsets, pa.array(rows))) \
-                .append_column("src_pos", pa.ListArray.from_arrays(list_offsets, pa.array(pos)))
+    return batch.append_column("src_rows", pa.ListArray.from_arrays(list_offsets, pa.array(rows))).append_column(
+        "src_pos", pa.ListArray.from_arrays(list_offsets, pa.array(pos))
+    )
 
 
 def _map_kwargs(dataset, sft, desc: str) -> dict:

@@ -106,7 +106,11 @@ PROBES: list[Probe] = [
         "reasoning-multi-turn",
         [
             {"role": "user", "content": "Is 97 prime?"},
-            {"role": "assistant", "reasoning_content": "Check 2, 3, 5, 7: none divide 97.", "content": "Yes, 97 is prime."},
+            {
+                "role": "assistant",
+                "reasoning_content": "Check 2, 3, 5, 7: none divide 97.",
+                "content": "Yes, 97 is prime.",
+            },
             {"role": "user", "content": "Is 99 prime?"},
             {"role": "assistant", "reasoning_content": "99 = 9 * 11.", "content": "No, 99 = 9 \u00d7 11."},
         ],
@@ -152,8 +156,12 @@ PROBES: list[Probe] = [
         "tool-call-reasoning",
         [
             {"role": "user", "content": "Is it warm in Lisbon today?"},
-            {"role": "assistant", "reasoning_content": "I need the current weather in Lisbon.", "content": "",
-             "tool_calls": [_call("Lisbon")]},
+            {
+                "role": "assistant",
+                "reasoning_content": "I need the current weather in Lisbon.",
+                "content": "",
+                "tool_calls": [_call("Lisbon")],
+            },
             {"role": "tool", "name": "get_weather", "content": '{"temperature_c": 24}'},
         ],
         tools=[WEATHER_TOOL],
@@ -169,8 +177,11 @@ PROBES: list[Probe] = [
 # templates' hand-written expectations (tests/test_templates.py) cover PROBES only.
 _NULL_CONTENT = [
     {"role": "user", "content": "Is it raining in Bergen or in Cork?"},
-    {"role": "assistant", "content": None,
-     "tool_calls": [_call("Bergen", "call_bergen1"), _call("Cork", "call_cork01")]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [_call("Bergen", "call_bergen1"), _call("Cork", "call_cork01")],
+    },
     {"role": "tool", "tool_call_id": "call_bergen1", "name": "get_weather", "content": '{"rain_mm": 12}'},
     {"role": "tool", "tool_call_id": "call_cork01", "name": "get_weather", "content": '{"rain_mm": 0}'},
     {"role": "assistant", "content": "Bergen has rain (12 mm); Cork is dry."},
@@ -178,15 +189,19 @@ _NULL_CONTENT = [
 
 TOOL_SHAPE_PROBES: list[Probe] = [
     Probe("tool-call-null-content", _NULL_CONTENT, tools=[WEATHER_TOOL]),
-    Probe("tool-call-null-content-as-given", _NULL_CONTENT, tools=[WEATHER_TOOL], keep_none=True,
-          training_shape=False),
+    Probe(
+        "tool-call-null-content-as-given", _NULL_CONTENT, tools=[WEATHER_TOOL], keep_none=True, training_shape=False
+    ),
     Probe(
         "tool-call-string-arguments",
         [
             {"role": "system", "content": "Report temperatures in Celsius."},
             {"role": "user", "content": "How cold is Tromso right now?"},
-            {"role": "assistant", "content": "Checking Tromso.",
-             "tool_calls": [_call("Tromso", "call_tromso", string_arguments=True)]},
+            {
+                "role": "assistant",
+                "content": "Checking Tromso.",
+                "tool_calls": [_call("Tromso", "call_tromso", string_arguments=True)],
+            },
             {"role": "tool", "tool_call_id": "call_tromso", "content": '{"temperature_c": -9}'},
             {"role": "assistant", "content": "Tromso is at -9 \u00b0C."},
         ],
@@ -197,8 +212,12 @@ TOOL_SHAPE_PROBES: list[Probe] = [
         "tool-call-thinking",
         [
             {"role": "user", "content": "Should I pack an umbrella for Dublin?"},
-            {"role": "assistant", "thinking": "Dublin weather decides it.", "content": "",
-             "tool_calls": [_call("Dublin", "call_dublin")]},
+            {
+                "role": "assistant",
+                "thinking": "Dublin weather decides it.",
+                "content": "",
+                "tool_calls": [_call("Dublin", "call_dublin")],
+            },
             {"role": "tool", "tool_call_id": "call_dublin", "name": "get_weather", "content": '{"rain_mm": 5}'},
             {"role": "assistant", "thinking": "5 mm means rain.", "content": "Yes, pack one: 5 mm of rain."},
         ],
@@ -255,8 +274,12 @@ def probe_variants(probe: Probe):
     of text parts, and with both (the shapes templates disagree on)."""
 
     def string_arguments(m):
-        calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
-                 if not isinstance(c["function"]["arguments"], str) else c for c in m.get("tool_calls") or []]
+        calls = [
+            {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+            if not isinstance(c["function"]["arguments"], str)
+            else c
+            for c in m.get("tool_calls") or []
+        ]
         return {**m, "tool_calls": calls} if calls else m
 
     def parts(m):
@@ -284,13 +307,18 @@ def generated_conversations(count: int, seed: int = 0) -> list[list[dict]]:
         for _ in range(rng.randint(1, 3)):
             messages.append({"role": "user", "content": text()})
             if rng.random() < 0.35:
-                call = {"role": "assistant", "content": text() if rng.random() < 0.3 else "",
-                        "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"])) for _ in range(rng.randint(1, 2))]}
+                call = {
+                    "role": "assistant",
+                    "content": text() if rng.random() < 0.3 else "",
+                    "tool_calls": [_call(rng.choice(["Oslo", "Rome", "Lima"])) for _ in range(rng.randint(1, 2))],
+                }
                 if rng.random() < 0.5:
                     call["reasoning_content"] = text()
                 messages.append(call)
-                messages += [{"role": "tool", "name": "get_weather", "content": f'{{"temperature_c": {rng.randint(-5, 35)}}}'}
-                             for _ in call["tool_calls"]]
+                messages += [
+                    {"role": "tool", "name": "get_weather", "content": f'{{"temperature_c": {rng.randint(-5, 35)}}}'}
+                    for _ in call["tool_calls"]
+                ]
             answer = {"role": "assistant", "content": text()}
             if rng.random() < 0.4:
                 answer["reasoning_content"] = text()

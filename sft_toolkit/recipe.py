@@ -32,28 +32,63 @@ GUARD_POLICIES = ("reject", "repair", "warn")
 class ToolkitArguments:
     """The toolkit's own recipe keys (TRL has no names for these)."""
 
-    mask_guard: str = field(default="reject", metadata={"choices": list(GUARD_POLICIES),
-                            "help": "what to do when the data would train on nothing: reject, repair or warn"})
+    mask_guard: str = field(
+        default="reject",
+        metadata={
+            "choices": list(GUARD_POLICIES),
+            "help": "what to do when the data would train on nothing: reject, repair or warn",
+        },
+    )
     max_zero_rows: int = field(default=0, metadata={"help": "rows allowed to end with zero trainable tokens"})
-    max_length_limit: int | None = field(default=None, metadata={
-        "help": "repair may raise max_length up to this many tokens (what memory allows) to keep assistant tokens"})
-    role_map: dict | None = field(default=None, metadata={
-        "help": "role names of ShareGPT-style rows -> ChatML roles (default: human->user, gpt->assistant, ...)"})
-    train_roles: list | str | None = field(default=None, metadata={
-        "help": "assistant messages to train: assistant (all, default), answers (without tool calls), tool_calls"})
-    train_turns: str = field(default="all", metadata={"choices": ["all", "last"],
-                             "help": "all assistant turns, or only the conversation's last one"})
-    prepared: str | None = field(default=None, metadata={
-        "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"})
-    merge_adapter: bool = field(default=False, metadata={
-        "help": "after LoRA training, also save the base model with the adapter merged in (output_dir/merged)"})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "start afresh in an output_dir that holds an earlier run: its checkpoints are deleted (only "
-                "folders whose trainer_state.json shows they are checkpoints) and its model overwritten (TRL's "
-                "name; transformers 5 no longer has the field)"})
-    early_stopping_patience: int | None = field(default=None, metadata={
-        "help": "stop after this many evaluations without improvement of metric_for_best_model (transformers' "
-                "EarlyStoppingCallback); needs eval_strategy and metric_for_best_model"})
+    max_length_limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "repair may raise max_length up to this many tokens (what memory allows) to keep assistant tokens"
+        },
+    )
+    role_map: dict | None = field(
+        default=None,
+        metadata={
+            "help": "role names of ShareGPT-style rows -> ChatML roles (default: human->user, gpt->assistant, ...)"
+        },
+    )
+    train_roles: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "assistant messages to train: assistant (all, default), answers (without tool calls), tool_calls"
+        },
+    )
+    train_turns: str = field(
+        default="all",
+        metadata={"choices": ["all", "last"], "help": "all assistant turns, or only the conversation's last one"},
+    )
+    prepared: str | None = field(
+        default=None,
+        metadata={
+            "help": "train from a dataset `sft-toolkit prepare` saved (a directory); checked against this recipe"
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "after LoRA training, also save the base model with the adapter merged in (output_dir/merged)"
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "start afresh in an output_dir that holds an earlier run: its checkpoints are deleted (only "
+            "folders whose trainer_state.json shows they are checkpoints) and its model overwritten (TRL's "
+            "name; transformers 5 no longer has the field)"
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "stop after this many evaluations without improvement of metric_for_best_model (transformers' "
+            "EarlyStoppingCallback); needs eval_strategy and metric_for_best_model"
+        },
+    )
 
 
 @dataclass
@@ -74,8 +109,13 @@ class Recipe:
 def _groups():
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
-    return {"script": ScriptArguments, "sft": SFTConfig, "model": ModelConfig, "mixture": DatasetMixtureConfig,
-            "toolkit": ToolkitArguments}
+    return {
+        "script": ScriptArguments,
+        "sft": SFTConfig,
+        "model": ModelConfig,
+        "mixture": DatasetMixtureConfig,
+        "toolkit": ToolkitArguments,
+    }
 
 
 def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
@@ -130,8 +170,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     groups = _groups()
-    fields = {name: (group, f) for group, cls in groups.items() for f in dataclasses.fields(cls) for name in [f.name]
-              if f.init}
+    fields = {
+        name: (group, f)
+        for group, cls in groups.items()
+        for f in dataclasses.fields(cls)
+        for name in [f.name]
+        if f.init
+    }
     by_group: dict[str, dict] = {group: {} for group in groups}
     hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
     for key, value in keys.items():
@@ -161,8 +206,9 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     except (ValueError, TypeError) as err:
         raise InputError(f"{source}: {err}") from None
     _check_consistency(source, built)
-    return Recipe(built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys),
-                  mixture=built["mixture"])
+    return Recipe(
+        built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys), mixture=built["mixture"]
+    )
 
 
 def _check_deepspeed(source: str, config) -> None:
@@ -173,8 +219,10 @@ def _check_deepspeed(source: str, config) -> None:
     if isinstance(config, str) and not Path(config).is_file():
         raise InputError(f"{source}: deepspeed: {config}: no such file (a DeepSpeed JSON config, or a mapping)")
     if importlib.util.find_spec("deepspeed") is None:
-        raise InputError(f"{source}: deepspeed: DeepSpeed is not installed; pip install 'sft-toolkit[deepspeed]' "
-                         "(it trains on CUDA GPUs), or remove the key")
+        raise InputError(
+            f"{source}: deepspeed: DeepSpeed is not installed; pip install 'sft-toolkit[deepspeed]' "
+            "(it trains on CUDA GPUs), or remove the key"
+        )
 
 
 def _has_accelerator() -> bool:
@@ -243,22 +291,48 @@ SEED = Range(0, 2**32 - 1)  # what numpy and torch accept
 # allowed where the key's type allows it. tests/test_recipe_keys.py checks that no numeric key is missing here.
 VALUE_RANGES: dict[str, Range] = {
     # lengths and counts of things: at least one
-    "max_length": POSITIVE, "max_length_limit": POSITIVE, "per_device_train_batch_size": POSITIVE,
-    "per_device_eval_batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
-    "eval_accumulation_steps": POSITIVE, "dataset_num_proc": POSITIVE, "dataloader_prefetch_factor": POSITIVE,
-    "torch_empty_cache_steps": POSITIVE, "ddp_bucket_cap_mb": POSITIVE, "ddp_timeout": POSITIVE, "lora_r": POSITIVE,
-    "lora_alpha": POSITIVE, "pad_to_multiple_of": POSITIVE, "save_total_limit": POSITIVE,
+    "max_length": POSITIVE,
+    "max_length_limit": POSITIVE,
+    "per_device_train_batch_size": POSITIVE,
+    "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "eval_accumulation_steps": POSITIVE,
+    "dataset_num_proc": POSITIVE,
+    "dataloader_prefetch_factor": POSITIVE,
+    "torch_empty_cache_steps": POSITIVE,
+    "ddp_bucket_cap_mb": POSITIVE,
+    "ddp_timeout": POSITIVE,
+    "lora_r": POSITIVE,
+    "lora_alpha": POSITIVE,
+    "pad_to_multiple_of": POSITIVE,
+    "save_total_limit": POSITIVE,
     # steps: a whole number, or below 1 a fraction of the training steps (transformers' own reading)
-    "logging_steps": POSITIVE, "save_steps": POSITIVE, "eval_steps": POSITIVE, "warmup_steps": NOT_NEGATIVE,
-    "num_train_epochs": POSITIVE, "max_steps": Range(1, also=(-1,)), "eval_delay": NOT_NEGATIVE,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "warmup_steps": NOT_NEGATIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": Range(1, also=(-1,)),
+    "eval_delay": NOT_NEGATIVE,
     # optimizer (a learning rate of 0 is allowed: it evaluates and saves without changing the weights)
-    "learning_rate": NOT_NEGATIVE, "weight_decay": NOT_NEGATIVE, "adam_beta1": Range(0, 1, high_inclusive=False),
-    "adam_beta2": Range(0, 1, high_inclusive=False), "adam_epsilon": POSITIVE, "max_grad_norm": NOT_NEGATIVE,
-    "label_smoothing_factor": FRACTION, "lora_dropout": FRACTION, "neftune_noise_alpha": NOT_NEGATIVE,
+    "learning_rate": NOT_NEGATIVE,
+    "weight_decay": NOT_NEGATIVE,
+    "adam_beta1": Range(0, 1, high_inclusive=False),
+    "adam_beta2": Range(0, 1, high_inclusive=False),
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": NOT_NEGATIVE,
+    "label_smoothing_factor": FRACTION,
+    "lora_dropout": FRACTION,
+    "neftune_noise_alpha": NOT_NEGATIVE,
     "router_aux_loss_coef": NOT_NEGATIVE,
     # the rest
-    "seed": SEED, "data_seed": SEED, "dataloader_num_workers": NOT_NEGATIVE, "local_rank": Range(-1),
-    "max_zero_rows": NOT_NEGATIVE, "test_split_size": POSITIVE, "early_stopping_patience": POSITIVE,
+    "seed": SEED,
+    "data_seed": SEED,
+    "dataloader_num_workers": NOT_NEGATIVE,
+    "local_rank": Range(-1),
+    "max_zero_rows": NOT_NEGATIVE,
+    "test_split_size": POSITIVE,
+    "early_stopping_patience": POSITIVE,
 }
 
 
@@ -295,8 +369,15 @@ def _base_types(annotation) -> set[type]:
 
 
 def _names(allowed: set[type]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a mapping", type(None): "null"}
+    names = {
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }
     return " or ".join(sorted(names.get(t, t.__name__) for t in allowed))
 
 
@@ -306,43 +387,61 @@ def _check_consistency(source: str, built: dict) -> None:
     sft = built["sft"]
     toolkit = built["toolkit"]
     if not policy_from(toolkit.train_roles, toolkit.train_turns, source).is_default and not sft.assistant_only_loss:
-        raise InputError(f"{source}: train_roles / train_turns choose assistant turns to train, which needs "
-                         "assistant_only_loss: true (without it every token is trained)")
+        raise InputError(
+            f"{source}: train_roles / train_turns choose assistant turns to train, which needs "
+            "assistant_only_loss: true (without it every token is trained)"
+        )
     if sft.packing and sft.max_length is None:
         raise InputError(f"{source}: packing: true needs max_length (the packed sequence length); set max_length")
     resume = sft.resume_from_checkpoint
     if isinstance(resume, str) and resume != "true" and not Path(resume).is_dir():
-        raise InputError(f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
-                         "checkpoint-N directory, or true for the last complete one in output_dir)")
+        raise InputError(
+            f"{source}: resume_from_checkpoint: {resume}: no such checkpoint directory (give a "
+            "checkpoint-N directory, or true for the last complete one in output_dir)"
+        )
     model = built["model"]
     if toolkit.merge_adapter and not model.use_peft:
-        raise InputError(f"{source}: merge_adapter: true merges a LoRA adapter into its base model, which needs "
-                         "use_peft: true (a full fine-tune already saves a whole model)")
+        raise InputError(
+            f"{source}: merge_adapter: true merges a LoRA adapter into its base model, which needs "
+            "use_peft: true (a full fine-tune already saves a whole model)"
+        )
     quantized = "load_in_4bit" if model.load_in_4bit else "load_in_8bit" if model.load_in_8bit else None
     if quantized and not model.use_peft:
-        raise InputError(f"{source}: {quantized}: a quantized model trains only through a LoRA adapter; set "
-                         f"use_peft: true (QLoRA), or remove {quantized}")
+        raise InputError(
+            f"{source}: {quantized}: a quantized model trains only through a LoRA adapter; set "
+            f"use_peft: true (QLoRA), or remove {quantized}"
+        )
     mixture = built["mixture"]
     for key, streaming in (("dataset_streaming", built["script"].dataset_streaming), ("streaming", mixture.streaming)):
         if streaming:
-            raise InputError(f"{source}: {key}: true is refused: the mask guard counts every row, token and step "
-                             "before training starts, which a stream can't give without reading it all; set "
-                             f"{key}: false (datasets memory-maps the data from disk, so it needs no more memory)")
+            raise InputError(
+                f"{source}: {key}: true is refused: the mask guard counts every row, token and step "
+                "before training starts, which a stream can't give without reading it all; set "
+                f"{key}: false (datasets memory-maps the data from disk, so it needs no more memory)"
+            )
     for i, entry in enumerate(mixture.datasets):
         if not dataclasses.is_dataclass(entry) or not isinstance(entry.path, str):
-            raise InputError(f"{source}: datasets[{i}]: each source is a mapping with path (and name, data_dir, "
-                             f"data_files, split, columns, fraction), got {entry!r}")
+            raise InputError(
+                f"{source}: datasets[{i}]: each source is a mapping with path (and name, data_dir, "
+                f"data_files, split, columns, fraction), got {entry!r}"
+            )
     if mixture.test_split_size is not None and not mixture.datasets:
-        raise InputError(f"{source}: test_split_size splits a datasets: mixture; with dataset_name, name the eval "
-                         "split with dataset_test_split")
+        raise InputError(
+            f"{source}: test_split_size splits a datasets: mixture; with dataset_name, name the eval "
+            "split with dataset_test_split"
+        )
     _check_eval(source, built)
     if not built["model"].model_name_or_path:
-        raise InputError(f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
-                         "is loaded from it)")
+        raise InputError(
+            f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
+            "is loaded from it)"
+        )
     if not built["script"].dataset_name and not built["toolkit"].prepared and not mixture.datasets:
-        raise InputError(f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
-                         ".parquet file), or datasets: (a mixture), or prepared: DIR (a dataset `sft-toolkit prepare` "
-                         "saved)")
+        raise InputError(
+            f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
+            ".parquet file), or datasets: (a mixture), or prepared: DIR (a dataset `sft-toolkit prepare` "
+            "saved)"
+        )
 
 
 def _check_eval(source: str, built: dict) -> None:
@@ -350,16 +449,24 @@ def _check_eval(source: str, built: dict) -> None:
     sft, toolkit = built["sft"], built["toolkit"]
     strategy = str(getattr(sft.eval_strategy, "value", sft.eval_strategy))
     if strategy == "no" and sft.do_eval:  # TrainingArguments sets do_eval itself only for an eval_strategy
-        raise InputError(f"{source}: do_eval: true with eval_strategy: no evaluates nothing (trl sft passes no eval "
-                         "dataset then); set eval_strategy: epoch or steps, or remove do_eval")
+        raise InputError(
+            f"{source}: do_eval: true with eval_strategy: no evaluates nothing (trl sft passes no eval "
+            "dataset then); set eval_strategy: epoch or steps, or remove do_eval"
+        )
     if toolkit.early_stopping_patience is not None:
         if strategy == "no" or not sft.metric_for_best_model:
-            raise InputError(f"{source}: early_stopping_patience needs evaluation to compare: set eval_strategy "
-                             "(epoch or steps) and load_best_model_at_end: true (or metric_for_best_model)")
+            raise InputError(
+                f"{source}: early_stopping_patience needs evaluation to compare: set eval_strategy "
+                "(epoch or steps) and load_best_model_at_end: true (or metric_for_best_model)"
+            )
         if toolkit.early_stopping_patience < 1:
-            raise InputError(f"{source}: early_stopping_patience: {toolkit.early_stopping_patience}: give at least 1 "
-                             "(evaluations without improvement before stopping)")
+            raise InputError(
+                f"{source}: early_stopping_patience: {toolkit.early_stopping_patience}: give at least 1 "
+                "(evaluations without improvement before stopping)"
+            )
     if strategy != "no" and toolkit.prepared:
-        raise InputError(f"{source}: prepared: {toolkit.prepared} holds the train split only, and eval_strategy: "
-                         f"{strategy} needs the eval split checked from the raw data; train without prepared, or "
-                         "set eval_strategy: no")
+        raise InputError(
+            f"{source}: prepared: {toolkit.prepared} holds the train split only, and eval_strategy: "
+            f"{strategy} needs the eval split checked from the raw data; train without prepared, or "
+            "set eval_strategy: no"
+        )

@@ -20,7 +20,9 @@ class Handling(enum.Enum):
     """Where a recipe key goes."""
 
     TRAINER = "passed to TRL's SFTTrainer in its SFTConfig, as `trl sft` passes it"
-    MODEL_LOADING = "passed to the model loading as `trl sft` does (model_init_kwargs, quantization_config, peft_config)"
+    MODEL_LOADING = (
+        "passed to the model loading as `trl sft` does (model_init_kwargs, quantization_config, peft_config)"
+    )
     DATA_PREPARATION = "applied by the toolkit's data preparation, which reproduces TRL's (what check-data counts)"
     DATASET_LOADING = "read by the toolkit's dataset loading, as `trl sft` loads datasets"
     TOOLKIT = "the toolkit's own key (TRL has no name for it)"
@@ -41,7 +43,9 @@ TRAINER, MODEL, DATA, DATASET, TOOLKIT, REFUSED = Handling
 
 # transformers' TrainingArguments, as inherited by SFTConfig: the trainer reads them from the SFTConfig object
 # the toolkit builds from the recipe and passes to SFTTrainer, unchanged.
-_TRAINING_ARGUMENTS = _rules(TRAINER, """
+_TRAINING_ARGUMENTS = _rules(
+    TRAINER,
+    """
     output_dir do_train do_eval do_predict eval_strategy prediction_loss_only per_device_train_batch_size
     per_device_eval_batch_size gradient_accumulation_steps eval_accumulation_steps eval_delay torch_empty_cache_steps
     learning_rate weight_decay adam_beta1 adam_beta2 adam_epsilon max_grad_norm num_train_epochs max_steps
@@ -61,43 +65,68 @@ _TRAINING_ARGUMENTS = _rules(TRAINER, """
     torch_compile_backend torch_compile_mode include_num_input_tokens_seen neftune_noise_alpha optim_target_modules
     batch_eval_metrics eval_on_start use_liger_kernel liger_kernel_config eval_use_gather_object
     average_tokens_across_devices use_cache enable_jit_checkpoint
-""")
+""",
+)
 
 RECIPE_KEYS: dict[str, KeyRule] = {
     **_TRAINING_ARGUMENTS,
-    "resume_from_checkpoint": KeyRule(TRAINER, "passed to trainer.train() as `trl sft` does; `true` resumes from the "
-                                               "last complete checkpoint in output_dir"),
-    "push_to_hub": KeyRule(REFUSED, "the toolkit saves the model to output_dir and uploads nothing; upload it "
-                                    "afterwards (`hf upload REPO OUTPUT_DIR`), or remove push_to_hub"),
+    "resume_from_checkpoint": KeyRule(
+        TRAINER,
+        "passed to trainer.train() as `trl sft` does; `true` resumes from the last complete checkpoint in output_dir",
+    ),
+    "push_to_hub": KeyRule(
+        REFUSED,
+        "the toolkit saves the model to output_dir and uploads nothing; upload it "
+        "afterwards (`hf upload REPO OUTPUT_DIR`), or remove push_to_hub",
+    ),
     # SFTConfig's own fields
     **_rules(TRAINER, "router_aux_loss_coef pad_to_multiple_of loss_type activation_offloading pad_token"),
     **_rules(MODEL, "model_init_kwargs trust_remote_code"),
-    **_rules(DATA, "dataset_text_field dataset_num_proc max_length truncation_mode shuffle_dataset packing "
-                   "packing_strategy completion_only_loss"),
-    "chat_template_path": KeyRule(DATA, "a .jinja file or a bundled template name; the template is saved with the "
-                                        "model"),
+    **_rules(
+        DATA,
+        "dataset_text_field dataset_num_proc max_length truncation_mode shuffle_dataset packing "
+        "packing_strategy completion_only_loss",
+    ),
+    "chat_template_path": KeyRule(
+        DATA, "a .jinja file or a bundled template name; the template is saved with the model"
+    ),
     "assistant_only_loss": KeyRule(DATA, "the assistant mask is built into the labels by the toolkit's preparation"),
     "padding_free": KeyRule(DATA, "also passed to the trainer's collator"),
     "eval_packing": KeyRule(DATA, "packing of the eval split"),
-    "eos_token": KeyRule(DATA, "set on the tokenizer before the data is rendered, as SFTTrainer does; also passed "
-                               "to the trainer"),
-    "dataset_kwargs": KeyRule(DATA, "TRL reads only skip_prepare_dataset from it; the toolkit prepares the data "
-                                    "itself (pre-tokenized rows are taken as they are) and passes "
-                                    "skip_prepare_dataset: true"),
+    "eos_token": KeyRule(
+        DATA, "set on the tokenizer before the data is rendered, as SFTTrainer does; also passed to the trainer"
+    ),
+    "dataset_kwargs": KeyRule(
+        DATA,
+        "TRL reads only skip_prepare_dataset from it; the toolkit prepares the data "
+        "itself (pre-tokenized rows are taken as they are) and passes "
+        "skip_prepare_dataset: true",
+    ),
     # ModelConfig
     **_rules(MODEL, "model_name_or_path model_revision dtype attn_implementation"),
-    **_rules(MODEL, "use_peft lora_r lora_alpha lora_dropout lora_target_modules lora_target_parameters "
-                    "lora_modules_to_save lora_task_type use_rslora use_dora", "through trl.get_peft_config"),
-    **_rules(MODEL, "load_in_8bit load_in_4bit bnb_4bit_quant_type use_bnb_nested_quant bnb_4bit_quant_storage",
-             "through trl.get_quantization_config; needs CUDA and bitsandbytes (pip install 'sft-toolkit[qlora]')"),
+    **_rules(
+        MODEL,
+        "use_peft lora_r lora_alpha lora_dropout lora_target_modules lora_target_parameters "
+        "lora_modules_to_save lora_task_type use_rslora use_dora",
+        "through trl.get_peft_config",
+    ),
+    **_rules(
+        MODEL,
+        "load_in_8bit load_in_4bit bnb_4bit_quant_type use_bnb_nested_quant bnb_4bit_quant_storage",
+        "through trl.get_quantization_config; needs CUDA and bitsandbytes (pip install 'sft-toolkit[qlora]')",
+    ),
     # ScriptArguments and DatasetMixtureConfig
     **_rules(DATASET, "dataset_name dataset_config dataset_train_split dataset_test_split dataset_streaming"),
     **_rules(DATASET, "datasets streaming test_split_size", "a dataset mixture (trl.get_dataset)"),
-    "ignore_bias_buffers": KeyRule(REFUSED, "`trl sft` reads it but never uses it (it is a DDP option of other TRL "
-                                            "scripts); remove it"),
+    "ignore_bias_buffers": KeyRule(
+        REFUSED, "`trl sft` reads it but never uses it (it is a DDP option of other TRL scripts); remove it"
+    ),
     # ToolkitArguments (sft_toolkit/recipe.py)
-    **_rules(TOOLKIT, "mask_guard max_zero_rows max_length_limit role_map train_roles train_turns prepared "
-                      "merge_adapter overwrite_output_dir early_stopping_patience"),
+    **_rules(
+        TOOLKIT,
+        "mask_guard max_zero_rows max_length_limit role_map train_roles train_turns prepared "
+        "merge_adapter overwrite_output_dir early_stopping_patience",
+    ),
 }
 
 
@@ -108,8 +137,10 @@ class Renamed:
 
 
 RENAMED: dict[str, Renamed] = {
-    "warmup_ratio": Renamed("warmup_steps", "transformers 5 removed warmup_ratio; a warmup_steps value below 1 is "
-                                            "the same fraction of the training steps"),
+    "warmup_ratio": Renamed(
+        "warmup_steps",
+        "transformers 5 removed warmup_ratio; a warmup_steps value below 1 is the same fraction of the training steps",
+    ),
     "torch_dtype": Renamed("dtype", "TRL's ModelConfig and transformers 5 call it dtype"),
     "evaluation_strategy": Renamed("eval_strategy", "transformers renamed it"),
     "max_seq_length": Renamed("max_length", "TRL's SFTConfig renamed it"),

@@ -128,8 +128,14 @@ class Document:
         return bool(self.first_pos)
 
     def to_json(self) -> dict:
-        return {"row": self.row, "start": self.start, "end": self.end, "trainable": self.trainable,
-                "first_pos": self.first_pos, "context_cut": self.context_cut}
+        return {
+            "row": self.row,
+            "start": self.start,
+            "end": self.end,
+            "trainable": self.trainable,
+            "first_pos": self.first_pos,
+            "context_cut": self.context_cut,
+        }
 
     def describe(self, number: int) -> str:
         row = "row ?" if self.row is None else f"row {self.row}"
@@ -145,8 +151,12 @@ class SequenceSummary:
     documents: list[Document]
 
     def to_json(self) -> dict:
-        return {"index": self.index, "length": self.length, "trainable": self.trainable,
-                "documents": [d.to_json() for d in self.documents]}
+        return {
+            "index": self.index,
+            "length": self.length,
+            "trainable": self.trainable,
+            "documents": [d.to_json() for d in self.documents],
+        }
 
 
 @dataclass(frozen=True)
@@ -189,7 +199,7 @@ def prepared_location(path: str) -> Path | None:
 
 def _is_tokenized(folder: Path) -> bool:
     info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
-    return {"input_ids", "labels"} <= set((info.get("features") or {}))
+    return {"input_ids", "labels"} <= set(info.get("features") or {})
 
 
 def load_prepared(path: str) -> Prepared:
@@ -197,8 +207,10 @@ def load_prepared(path: str) -> Prepared:
 
     folder = prepared_location(path)
     if folder is None:
-        raise InputError(f"{path}: not a prepared dataset (expected manifest.json and dataset/, or a save_to_disk "
-                         "folder with input_ids and labels)")
+        raise InputError(
+            f"{path}: not a prepared dataset (expected manifest.json and dataset/, or a save_to_disk "
+            "folder with input_ids and labels)"
+        )
     manifest_file = Path(path) / "manifest.json"
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else {}
@@ -209,8 +221,9 @@ def load_prepared(path: str) -> Prepared:
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     missing = {"input_ids", "labels"} - set(dataset.column_names)
     if missing:
-        raise InputError(f"{folder}: a prepared dataset needs columns input_ids and labels; missing "
-                         f"{', '.join(sorted(missing))}")
+        raise InputError(
+            f"{folder}: a prepared dataset needs columns input_ids and labels; missing {', '.join(sorted(missing))}"
+        )
     return Prepared(dataset, manifest if isinstance(manifest, dict) else {})
 
 
@@ -225,9 +238,16 @@ def documents(labels, src_rows=None, src_pos=None, seq_lengths=None) -> list[Doc
         starts |= {int(b) for b in np.flatnonzero(rows[1:] != rows[:-1]) + 1}
     trained = np.asarray(labels) != -100
     bounds = sorted(starts) + [n]
-    return [Document(row=None if rows is None else int(rows[a]), start=a, end=b, trainable=int(trained[a:b].sum()),
-                     first_pos=None if src_pos is None else int(src_pos[a]))
-            for a, b in zip(bounds, bounds[1:])]
+    return [
+        Document(
+            row=None if rows is None else int(rows[a]),
+            start=a,
+            end=b,
+            trainable=int(trained[a:b].sum()),
+            first_pos=None if src_pos is None else int(src_pos[a]),
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def summaries(dataset) -> list[SequenceSummary]:
@@ -237,11 +257,16 @@ def summaries(dataset) -> list[SequenceSummary]:
     for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=1000):
         flat = {c: _values_and_offsets(table[c]) for c in columns}
         for i in range(table.num_rows):
-            part = {c: values[offsets[i]:offsets[i + 1]] for c, (values, offsets) in flat.items()}
+            part = {c: values[offsets[i] : offsets[i + 1]] for c, (values, offsets) in flat.items()}
             labels = part["labels"]
-            out.append(SequenceSummary(len(out), len(labels), int((labels != -100).sum()),
-                                       documents(labels, part.get("src_rows"), part.get("src_pos"),
-                                                 part.get("seq_lengths"))))
+            out.append(
+                SequenceSummary(
+                    len(out),
+                    len(labels),
+                    int((labels != -100).sum()),
+                    documents(labels, part.get("src_rows"), part.get("src_pos"), part.get("seq_lengths")),
+                )
+            )
     return out
 
 
@@ -259,7 +284,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
     texts, i = [], 0
     while i < len(ids):
-        text, j = decode(ids[i:i + 1]), i + 1
+        text, j = decode(ids[i : i + 1]), i + 1
         if "\ufffd" in text:
             for k in range(i + 2, min(i + 5, len(ids)) + 1):
                 joined = decode(ids[i:k])
@@ -275,27 +300,40 @@ def packed_tokens(example: dict, texts: list[str], docs: list[Document]) -> list
     rows, pos = example.get("src_rows"), example.get("src_pos")
     cut = [False] * len(texts)
     for doc in docs:
-        cut[doc.start:doc.end] = [doc.context_cut] * (doc.end - doc.start)
-    return [PackedToken(int(t), text, label != -100, None if rows is None else int(rows[i]),
-                        None if pos is None else int(pos[i]), cut[i])
-            for i, (t, text, label) in enumerate(zip(example["input_ids"], texts, example["labels"]))]
+        cut[doc.start : doc.end] = [doc.context_cut] * (doc.end - doc.start)
+    return [
+        PackedToken(
+            int(t),
+            text,
+            label != -100,
+            None if rows is None else int(rows[i]),
+            None if pos is None else int(pos[i]),
+            cut[i],
+        )
+        for i, (t, text, label) in enumerate(zip(example["input_ids"], texts, example["labels"]))
+    ]
 
 
 def sequence_header(summary: SequenceSummary, total: int) -> str:
-    return (f"sequence {summary.index} of {total}: {summary.length} tokens, {summary.trainable} trained, "
-            f"{len(summary.documents)} document{'s' if len(summary.documents) != 1 else ''}")
+    return (
+        f"sequence {summary.index} of {total}: {summary.length} tokens, {summary.trainable} trained, "
+        f"{len(summary.documents)} document{'s' if len(summary.documents) != 1 else ''}"
+    )
 
 
 def overview_lines(all_sequences: list[SequenceSummary], limit: int = 50) -> list[str]:
     """A table of sequences: tokens, trained tokens, and which rows each holds (✂: context cut)."""
     zero = [s.index for s in all_sequences if s.trainable == 0]
-    lines = [f"{len(all_sequences)} sequences, {sum(s.length for s in all_sequences)} tokens, "
-             f"{sum(s.trainable for s in all_sequences)} trained; {len(zero)} with nothing to train"
-             + (f" ({', '.join(map(str, zero[:20]))}{', …' if len(zero) > 20 else ''})" if zero else ""),
-             f"{'seq':>5} {'tokens':>7} {'trained':>8}  documents (row: trained tokens, ✂ context cut)"]
+    lines = [
+        f"{len(all_sequences)} sequences, {sum(s.length for s in all_sequences)} tokens, "
+        f"{sum(s.trainable for s in all_sequences)} trained; {len(zero)} with nothing to train"
+        + (f" ({', '.join(map(str, zero[:20]))}{', …' if len(zero) > 20 else ''})" if zero else ""),
+        f"{'seq':>5} {'tokens':>7} {'trained':>8}  documents (row: trained tokens, ✂ context cut)",
+    ]
     for s in all_sequences[:limit]:
-        docs = " · ".join(f"row {'?' if d.row is None else d.row}{' ✂' if d.context_cut else ''}: {d.trainable}"
-                          for d in s.documents)
+        docs = " · ".join(
+            f"row {'?' if d.row is None else d.row}{' ✂' if d.context_cut else ''}: {d.trainable}" for d in s.documents
+        )
         lines.append(f"{s.index:>5} {s.length:>7} {s.trainable:>8}  {docs}")
     if len(all_sequences) > limit:
         lines.append(f"… {len(all_sequences) - limit} more (--format json lists all; --sequence N shows one)")
@@ -307,7 +345,7 @@ def packed_plain(summary: SequenceSummary, tokens: list[PackedToken], total: int
     parts = [sequence_header(summary, total)]
     for number, doc in enumerate(summary.documents, start=1):
         parts.append(f"── {doc.describe(number)} ──")
-        parts.append(to_plain(tokens[doc.start:doc.end]))
+        parts.append(to_plain(tokens[doc.start : doc.end]))
     return "\n".join(parts)
 
 
@@ -315,25 +353,36 @@ def packed_rich(summary: SequenceSummary, tokens: list[PackedToken], total: int)
     out = Text(sequence_header(summary, total) + "\n", style="bold")
     for number, doc in enumerate(summary.documents, start=1):
         out.append(f"── {doc.describe(number)} ──\n", style="bold #f0a050" if doc.context_cut else "bold")
-        out.append_text(to_rich(tokens[doc.start:doc.end]))
+        out.append_text(to_rich(tokens[doc.start : doc.end]))
         out.append("\n")
     return out
 
 
-def packed_html(summary: SequenceSummary, tokens: list[PackedToken], total: int, title: str,
-                all_sequences: list[SequenceSummary] | None = None) -> str:
+def packed_html(
+    summary: SequenceSummary,
+    tokens: list[PackedToken],
+    total: int,
+    title: str,
+    all_sequences: list[SequenceSummary] | None = None,
+) -> str:
     body = []
     for number, doc in enumerate(summary.documents, start=1):
         cls = ' class="cut"' if doc.context_cut else ""
         body.append(f"<h2{cls}>{html.escape(doc.describe(number))}</h2><pre>")
-        for n, token in enumerate(tokens[doc.start:doc.end]):
+        for n, token in enumerate(tokens[doc.start : doc.end]):
             cls = ("t" if token.trained else "u") + str(n % 2)
-            where = f"id {token.id} · row {token.row} · position {token.pos}" + (" · context cut" if token.context_cut else "")
+            where = f"id {token.id} · row {token.row} · position {token.pos}" + (
+                " · context cut" if token.context_cut else ""
+            )
             body.append(f'<span class="{cls}" title="{where}">{html.escape(visible(token.text))}</span>')
         body.append("</pre>")
     if all_sequences:
-        rows = "".join(f"<tr><td>{s.index}</td><td>{s.length}</td><td>{s.trainable}</td><td>{len(s.documents)}</td></tr>"
-                       for s in all_sequences[:500])
-        body.append(f"<h2>All sequences</h2><table><tr><th>seq</th><th>tokens</th><th>trained</th><th>documents</th>"
-                    f"</tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{s.index}</td><td>{s.length}</td><td>{s.trainable}</td><td>{len(s.documents)}</td></tr>"
+            for s in all_sequences[:500]
+        )
+        body.append(
+            f"<h2>All sequences</h2><table><tr><th>seq</th><th>tokens</th><th>trained</th><th>documents</th>"
+            f"</tr>{rows}</table>"
+        )
     return _page(title, sequence_header(summary, total), "".join(body))

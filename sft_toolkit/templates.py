@@ -52,18 +52,14 @@ def load_template(spec: str) -> Template:
             return _from_tokenizer_config(path)
         return Template(name=path.stem, source=_read_text(path), origin=str(path))
     known = ", ".join(bundled_names())
-    raise InputError(
-        f"{spec}: no such file or directory, and not a bundled template name (bundled: {known})"
-    )
+    raise InputError(f"{spec}: no such file or directory, and not a bundled template name (bundled: {known})")
 
 
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(
-            f"{path}: not UTF-8 text (byte {err.start}): save the template as UTF-8"
-        ) from None
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}): save the template as UTF-8") from None
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
 
@@ -92,5 +88,7 @@ def _from_tokenizer_config(config: Path, name: str | None = None) -> Template:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if not isinstance(template, str):
-        raise InputError(f"{config}: field 'chat_template' is missing or not a string; this tokenizer has no chat template")
+        raise InputError(
+            f"{config}: field 'chat_template' is missing or not a string; this tokenizer has no chat template"
+        )
     return Template(name=name or config.parent.name, source=template, origin=str(config))

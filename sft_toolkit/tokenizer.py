@@ -18,7 +18,7 @@ def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code:
         from . import offline_tokenizers
 
         try:
-            return offline_tokenizers.load(spec[len(OFFLINE_PREFIX):])
+            return offline_tokenizers.load(spec[len(OFFLINE_PREFIX) :])
         except (KeyError, ValueError, ImportError) as err:
             raise InputError(f"--tokenizer {spec}: {err}") from None
     from transformers import AutoTokenizer

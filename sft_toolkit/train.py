@@ -35,15 +35,17 @@ from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
 from .problems import InputError
 
-
 # Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.
 ISOLATION_TOLERANCE = 1e-3
 HALF_PRECISION_TOLERANCE = 5e-2  # bf16/fp16 kernels reorder sums differently for different lengths
 
 
 def isolation_tolerance(model) -> float:
-    return HALF_PRECISION_TOLERANCE if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) \
+    return (
+        HALF_PRECISION_TOLERANCE
+        if next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
         else ISOLATION_TOLERANCE
+    )
 
 
 class GuardStop(RuntimeError):
@@ -66,8 +68,9 @@ def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tupl
     return report, dataset, notes
 
 
-def guard_splits(recipe, world_size: int = 1, *,
-                 keep_provenance: bool = False) -> tuple[Report, object, object, list[str]]:
+def guard_splits(
+    recipe, world_size: int = 1, *, keep_provenance: bool = False
+) -> tuple[Report, object, object, list[str]]:
     """Decide before loading the model. Returns the report, the datasets to train and evaluate on (None when
     eval_strategy is "no"), and what was changed. The eval split's problems count like the train split's.
 
@@ -94,36 +97,54 @@ def guard_splits(recipe, world_size: int = 1, *,
         rows = f" Rows with nothing to train: {_shown_rows(report)}." if report.zero_mask_rows else ""
         if report.eval is not None and report.eval.zero_mask_rows:
             rows += f" Eval split rows with nothing to evaluate: {_shown_rows(report.eval)}."
-        raise GuardStop("mask guard (reject): " + "; ".join(problems) + "." + rows
-                        + " Fix the data or recipe, or set mask_guard: repair.")
+        raise GuardStop(
+            "mask guard (reject): "
+            + "; ".join(problems)
+            + "."
+            + rows
+            + " Fix the data or recipe, or set mask_guard: repair."
+        )
     if policy == "warn":
         return report, dataset, eval_dataset, marker_notes + [f"warning: {p}" for p in problems]
     notes = marker_notes
     sft = recipe.sft
     limit = recipe.toolkit.max_length_limit
-    if report.truncated_assistant_tokens and sft.max_length is not None and not (
-            sft.packing and sft.packing_strategy != "bfd"):
+    if (
+        report.truncated_assistant_tokens
+        and sft.max_length is not None
+        and not (sft.packing and sft.packing_strategy != "bfd")
+    ):
         needed = report.max_length_to_keep_all
         if limit is not None and needed <= limit:
             before, sft.max_length = report, needed
-            report, dataset, eval_dataset = check_splits(recipe, world_size=world_size,
-                                                         keep_provenance=keep_provenance)
-            notes.append(f"max_length {before.settings['max_length']} -> {needed} (max_length_limit {limit}): "
-                         f"assistant tokens lost to truncation {before.truncated_assistant_tokens} -> "
-                         f"{report.truncated_assistant_tokens}, zero-trainable rows {len(before.zero_mask_rows)} -> "
-                         f"{len(report.zero_mask_rows)}")
+            report, dataset, eval_dataset = check_splits(
+                recipe, world_size=world_size, keep_provenance=keep_provenance
+            )
+            notes.append(
+                f"max_length {before.settings['max_length']} -> {needed} (max_length_limit {limit}): "
+                f"assistant tokens lost to truncation {before.truncated_assistant_tokens} -> "
+                f"{report.truncated_assistant_tokens}, zero-trainable rows {len(before.zero_mask_rows)} -> "
+                f"{len(report.zero_mask_rows)}"
+            )
         else:
-            notes.append(f"kept max_length {sft.max_length}: keeping every assistant token needs {needed} "
-                         f"(max_length_limit {limit}); {report.truncated_assistant_tokens} assistant tokens are cut")
-    if sft.packing and sft.packing_strategy != "bfd" and (report.orphaned_assistant_tokens
-                                                          or report.zero_trainable_sequences):
+            notes.append(
+                f"kept max_length {sft.max_length}: keeping every assistant token needs {needed} "
+                f"(max_length_limit {limit}); {report.truncated_assistant_tokens} assistant tokens are cut"
+            )
+    if (
+        sft.packing
+        and sft.packing_strategy != "bfd"
+        and (report.orphaned_assistant_tokens or report.zero_trainable_sequences)
+    ):
         before = report
         sft.packing_strategy = "bfd"
         report, dataset, eval_dataset = check_splits(recipe, world_size=world_size, keep_provenance=keep_provenance)
-        notes.append(f"packing_strategy {before.settings['packing_strategy']} -> bfd: assistant tokens trained "
-                     f"without context {before.orphaned_assistant_tokens} -> {report.orphaned_assistant_tokens}, "
-                     f"zero-trainable sequences {before.zero_trainable_sequences} -> "
-                     f"{report.zero_trainable_sequences} of {report.sequences}")
+        notes.append(
+            f"packing_strategy {before.settings['packing_strategy']} -> bfd: assistant tokens trained "
+            f"without context {before.orphaned_assistant_tokens} -> {report.orphaned_assistant_tokens}, "
+            f"zero-trainable sequences {before.zero_trainable_sequences} -> "
+            f"{report.zero_trainable_sequences} of {report.sequences}"
+        )
     zero = _zero_sequences(dataset)
     if zero:
         dataset = drop_zero_trainable(dataset)
@@ -131,8 +152,9 @@ def guard_splits(recipe, world_size: int = 1, *,
         # the report describes what is trained from here on (the note keeps what was dropped)
         report.sequences, report.zero_trainable_sequences = len(dataset), 0
     if report.zero_mask_rows:
-        notes.append(f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: "
-                     f"{_shown_rows(report)}")
+        notes.append(
+            f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: {_shown_rows(report)}"
+        )
     if report.eval is not None:
         zero = _zero_sequences(eval_dataset)
         if zero:  # an eval batch with no label gives a NaN loss
@@ -140,20 +162,26 @@ def guard_splits(recipe, world_size: int = 1, *,
             notes.append(f"eval split: dropped {zero} of {report.eval.sequences} sequences with zero trainable tokens")
             report.eval.sequences, report.eval.zero_trainable_sequences = len(eval_dataset), 0
         if report.eval.zero_mask_rows:
-            notes.append(f"eval split: {len(report.eval.zero_mask_rows)} rows have nothing to evaluate: "
-                         f"{_shown_rows(report.eval)}")
+            notes.append(
+                f"eval split: {len(report.eval.zero_mask_rows)} rows have nothing to evaluate: "
+                f"{_shown_rows(report.eval)}"
+            )
     if report.coverage_problem_rows:  # nothing to repair in the data: the template decides what is trained
-        shown = ", ".join(f"{r['index']} ({r['reason']}, message {r['message']})"
-                          for r in report.coverage_problem_rows[:10])
-        notes.append(f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
-                     f"which is not their assistant text alone: {shown}; lint the template")
+        shown = ", ".join(
+            f"{r['index']} ({r['reason']}, message {r['message']})" for r in report.coverage_problem_rows[:10]
+        )
+        notes.append(
+            f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
+            f"which is not their assistant text alone: {shown}; lint the template"
+        )
     return report, dataset, eval_dataset, notes
 
 
 def _shown_rows(report: Report, limit: int = 10) -> str:
     more = len(report.zero_mask_rows) - limit
-    return ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:limit]) + \
-        (f" and {more} more" if more > 0 else "")
+    return ", ".join(f"{r['index']} ({r['reason']})" for r in report.zero_mask_rows[:limit]) + (
+        f" and {more} more" if more > 0 else ""
+    )
 
 
 def _ensure_markers(recipe) -> list[str]:
@@ -171,22 +199,30 @@ def _ensure_markers(recipe) -> list[str]:
     if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
         return []
     where = recipe.sft.chat_template_path or recipe.model.model_name_or_path
-    fix = (f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja, "
-           "or set mask_guard: repair to add verified markers automatically")
+    fix = (
+        f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja, "
+        "or set mask_guard: repair to add verified markers automatically"
+    )
     policy = recipe.toolkit.mask_guard
     if policy == "warn":
-        return [f"warning: the chat template of {where} has no {{% generation %}} markers, so nothing is trained; {fix}"]
+        return [
+            f"warning: the chat template of {where} has no {{% generation %}} markers, so nothing is trained; {fix}"
+        ]
     if policy == "reject":
-        raise GuardStop(f"mask guard (reject): the chat template of {where} has no {{% generation %}} markers, so "
-                        f"assistant_only_loss would train on nothing; {fix}.")
+        raise GuardStop(
+            f"mask guard (reject): the chat template of {where} has no {{% generation %}} markers, so "
+            f"assistant_only_loss would train on nothing; {fix}."
+        )
     try:
         result = add_markers(tokenizer.chat_template, tokenizer=tokenizer)
     except (RenderLimit, InputError) as err:  # a runaway or failing template is unusable input: exit 2
         raise InputError(f"the chat template of {where}: {err}") from None
     except MarkerError as err:
-        raise GuardStop(f"mask guard (repair): the chat template of {where} has no {{% generation %}} markers and "
-                        f"they could not be added automatically ({err}); place them by hand and check with "
-                        "`sft-toolkit lint`.") from None
+        raise GuardStop(
+            f"mask guard (repair): the chat template of {where} has no {{% generation %}} markers and "
+            f"they could not be added automatically ({err}); place them by hand and check with "
+            "`sft-toolkit lint`."
+        ) from None
     path = Path(recipe.sft.output_dir) / "training_chat_template.jinja"
     path.parent.mkdir(parents=True, exist_ok=True)
     # Every rank writes the same text; a rename makes each write whole, so no rank reads a half-written file.
@@ -194,8 +230,10 @@ def _ensure_markers(recipe) -> list[str]:
     staged.write_text(result.source, encoding="utf-8")
     os.replace(staged, path)
     recipe.sft.chat_template_path = str(path)
-    return [f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
-            f"byte-identically on the probe corpus and passes lint); training with {path}"]
+    return [
+        f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
+        f"byte-identically on the probe corpus and passes lint); training with {path}"
+    ]
 
 
 def _zero_sequences(dataset) -> int:
@@ -227,8 +265,8 @@ def packing_isolation(trainer, *, use_cache: bool = False) -> float:
             keep = {"input_ids", "attention_mask", "position_ids"}
             run = {k: v.to(model.device) for k, v in packed.items() if k in keep}
             solo = {k: v.to(model.device) for k, v in alone.items() if k in keep}
-            packed_logits = model(**run, use_cache=use_cache).logits[0, len(first):len(first) + len(second)]
-            alone_logits = model(**solo, use_cache=use_cache).logits[0, :len(second)]
+            packed_logits = model(**run, use_cache=use_cache).logits[0, len(first) : len(first) + len(second)]
+            alone_logits = model(**solo, use_cache=use_cache).logits[0, : len(second)]
     finally:
         model.train(was_training)
     return float((packed_logits.float() - alone_logits.float()).abs().max())
@@ -255,8 +293,15 @@ def last_complete_checkpoint(output_dir: str, log=print) -> str | None:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     folder = Path(output_dir)
-    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()] if folder.is_dir() else []
+    found = (
+        [
+            (int(p.name.rsplit("-", 1)[1]), p)
+            for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+            if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()
+        ]
+        if folder.is_dir()
+        else []
+    )
     for _, path in sorted(found, reverse=True):
         try:
             json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -346,12 +391,17 @@ def guarded_trainer_class():
             if samples and empty:
                 mine = self.accelerator.process_index in empty
                 shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
-                here = (f"; rank {self.accelerator.process_index}'s batch holds dataset rows {shown}"
-                        if mine and rows else "")
-                raise GuardStop(f"step {self.state.global_step + 1}: zero trainable tokens on rank(s) "
-                                f"{', '.join(map(str, empty))} of {len(counts)} (tokens per rank: {counts}){here}; "
-                                "the step would spend compute on nothing. Run `sft-toolkit check-data` on this "
-                                "recipe to see why those rows train nothing, or use mask_guard: repair.")
+                here = (
+                    f"; rank {self.accelerator.process_index}'s batch holds dataset rows {shown}"
+                    if mine and rows
+                    else ""
+                )
+                raise GuardStop(
+                    f"step {self.state.global_step + 1}: zero trainable tokens on rank(s) "
+                    f"{', '.join(map(str, empty))} of {len(counts)} (tokens per rank: {counts}){here}; "
+                    "the step would spend compute on nothing. Run `sft-toolkit check-data` on this "
+                    "recipe to see why those rows train nothing, or use mask_guard: repair."
+                )
             self._trainable_since_log += sum(counts)
             return samples, num_items
 
@@ -370,15 +420,18 @@ def guarded_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs.pop(SOURCE_ROWS, None)  # (evaluation batches don't pass through get_batch_samples)
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
             loss = result[0] if return_outputs else result
             if model.training:
                 bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
                 if float(self.accelerator.reduce(bad, "sum")) > 0:
-                    raise GuardStop(f"step {self.state.global_step + 1}: non-finite loss ({loss.item()}) on "
-                                    f"{int(self.accelerator.reduce(bad, 'sum'))} rank(s); stopped before the "
-                                    "optimizer step. Lower the learning rate or check the data.")
+                    raise GuardStop(
+                        f"step {self.state.global_step + 1}: non-finite loss ({loss.item()}) on "
+                        f"{int(self.accelerator.reduce(bad, 'sum'))} rank(s); stopped before the "
+                        "optimizer step. Lower the learning rate or check the data."
+                    )
             return result
 
     return GuardedSFTTrainer
@@ -389,8 +442,9 @@ SOURCE_ROWS = "source_rows"
 
 def trainable_token_logs(log_history: list[dict], since_last_log: int) -> dict:
     """`trainable_tokens` (since the previous training log) and `trainable_tokens_total` (the run so far)."""
-    before = next((entry["trainable_tokens_total"] for entry in reversed(log_history)
-                   if "trainable_tokens_total" in entry), 0)
+    before = next(
+        (entry["trainable_tokens_total"] for entry in reversed(log_history) if "trainable_tokens_total" in entry), 0
+    )
     return {"trainable_tokens": since_last_log, "trainable_tokens_total": before + since_last_log}
 
 
@@ -414,9 +468,13 @@ def prepared_trainer_args(recipe):
     truncated or packed exactly as TRL would) and a tokenizer that already carries the template."""
     sft, model_args = recipe.sft, recipe.model
     # As TRL's own `trl sft` script does: the model's loading options come from ModelConfig.
-    sft.model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": sft.trust_remote_code,
-                             "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
-                             **(sft.model_init_kwargs or {})}
+    sft.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": sft.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(sft.model_init_kwargs or {}),
+    }
     # The template is already on the tokenizer (bundled names resolved); TRL would look a name up on the hub.
     sft.chat_template_path = None
     sft.dataset_kwargs = {**(sft.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -448,8 +506,10 @@ def quantization_config(recipe):
         return None
     missing = quantization_missing()
     if missing:
-        raise InputError(f"{recipe.source}: {key}: quantized loading needs {' and '.join(missing)}; run on a CUDA "
-                         f"machine with bitsandbytes, or remove {key} to train in {model.dtype}")
+        raise InputError(
+            f"{recipe.source}: {key}: quantized loading needs {' and '.join(missing)}; run on a CUDA "
+            f"machine with bitsandbytes, or remove {key} to train in {model.dtype}"
+        )
     return get_quantization_config(model)
 
 
@@ -471,10 +531,12 @@ def check_backend(recipe) -> None:
         return
     running = recipe.sft.distributed_state.distributed_type  # sets up the process group, as the trainer would
     if running in (DistributedType.MULTI_CPU, DistributedType.NO):
-        raise InputError(f"{recipe.source}: accelerate's config asks for FSDP, but this run is "
-                         f"{running.value} (use_cpu: {recipe.sft.use_cpu}): accelerate shards only on accelerator "
-                         "devices, so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
-                         "or run FSDP on GPUs")
+        raise InputError(
+            f"{recipe.source}: accelerate's config asks for FSDP, but this run is "
+            f"{running.value} (use_cpu: {recipe.sft.use_cpu}): accelerate shards only on accelerator "
+            "devices, so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
+            "or run FSDP on GPUs"
+        )
 
 
 def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
@@ -497,8 +559,10 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         report, dataset, checked = load_prepared(recipe, world_size)
         eval_dataset = None  # the recipe refuses eval_strategy with prepared: (it holds the train split only)
         notes += checked
-        log(f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
-            f"{len(dataset)} sequences re-checked; not re-tokenized")
+        log(
+            f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
+            f"{len(dataset)} sequences re-checked; not re-tokenized"
+        )
     else:
         # Once per job, not once per rank: the main process tokenizes and accounts first, the other ranks wait,
         # then find every step in the datasets cache (TRL prepares its datasets the same way). A guard stop on
@@ -513,8 +577,10 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     if earlier and int(os.environ.get("RANK", "0")) == 0:  # overwrite_output_dir: the earlier run's checkpoints
         for path in earlier:
             remove_checkpoint(path)
-        log(f"overwrite_output_dir: removed the earlier run's {', '.join(p.name for p in earlier)} from "
-            f"{recipe.sft.output_dir}")
+        log(
+            f"overwrite_output_dir: removed the earlier run's {', '.join(p.name for p in earlier)} from "
+            f"{recipe.sft.output_dir}"
+        )
     tokenizer = load_tokenizer_for(recipe)
     # Plain-text data needs no template, and a base model may have none.
     template = training_template(tokenizer, recipe.sft) if tokenizer.chat_template else None
@@ -536,10 +602,12 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     if trainer.padding_free:
         leak = packing_isolation(trainer)
         if leak > isolation_tolerance(trainer.model):
-            message = (f"packed sequences attend to each other under attn_implementation="
-                       f"{trainer.model.config._attn_implementation!r} (logits differ by {leak:.3g} when a sequence is "
-                       "packed after another); set packing: false and padding_free: false, or use an attention "
-                       "implementation that reads position_ids (flash_attention_2, sdpa)")
+            message = (
+                f"packed sequences attend to each other under attn_implementation="
+                f"{trainer.model.config._attn_implementation!r} (logits differ by {leak:.3g} when a sequence is "
+                "packed after another); set packing: false and padding_free: false, or use an attention "
+                "implementation that reads position_ids (flash_attention_2, sdpa)"
+            )
             if recipe.toolkit.mask_guard != "warn":
                 raise GuardStop(f"mask guard: {message}")
             log(f"mask guard (warn): warning: {message}")
@@ -568,5 +636,6 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
         metrics["best_metric"] = trainer.state.best_metric
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-    return Outcome(report=report, repairs=notes, metrics=metrics, output_dir=sft.output_dir,
-                   history=[h["loss"] for h in history])
+    return Outcome(
+        report=report, repairs=notes, metrics=metrics, output_dir=sft.output_dir, history=[h["loss"] for h in history]
+    )

@@ -37,8 +37,13 @@ def write_recipe(tmp_path, rows, **keys) -> str:
     """A recipe file over `rows` written as .jsonl: the real Qwen vocabulary, chatml, assistant-only loss."""
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {"model_name_or_path": str(offline_tokenizers.cached("qwen2")), "dataset_name": str(data),
-              "chat_template_path": "chatml", "assistant_only_loss": True, **keys}
+    recipe = {
+        "model_name_or_path": str(offline_tokenizers.cached("qwen2")),
+        "dataset_name": str(data),
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        **keys,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 import trl
 
 from sft_toolkit.lint import _check_probe, lint
-from sft_toolkit.turns import end_of_turn, locate_turns, usable_probe
 from sft_toolkit.markers import MarkerError, add_markers, strip_markers
 from sft_toolkit.masks import TemplateRaised, render, tokenize
 from sft_toolkit.probes import PROBES, WEATHER_TOOL, Probe, generated_conversations
 from sft_toolkit.problems import InputError
+from sft_toolkit.turns import end_of_turn, locate_turns, usable_probe
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 DEV_SET = sorted(p.stem for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.endswith("_training"))
@@ -35,7 +35,7 @@ REFUSED = {"diffusion_gemma"}
 CONVERTS = set(DEV_SET) - REFUSED
 
 
-@lru_cache(maxsize=None)
+@cache
 def converted(name: str):
     source = (TRL_TEMPLATES / f"{name}.jinja").read_text()
     try:
@@ -80,7 +80,8 @@ def test_converted_template_renders_like_the_original_and_passes_lint(name):
     marked = converted(name).source
     for probe, messages, prompt in cases(original):
         assert rendered(marked, probe, messages, prompt) == rendered(original, probe, messages, prompt), (
-            f"{name}: {probe.name} ({len(messages)} messages, add_generation_prompt={prompt})")
+            f"{name}: {probe.name} ({len(messages)} messages, add_generation_prompt={prompt})"
+        )
     result = lint(marked, name, reference=original)
     assert result.ok, [f.message for f in result.findings if f.severity == "error"]
 
@@ -107,8 +108,12 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
         # TRL's variant may render other text from some point on (qwen3's <think> on every turn, glm4's role
         # tag after the last turn): compare the tokens before it, as long as both tokenize them alike.
         same = 0
-        while (same < min(len(a.ids), len(b.ids)) and a.ids[same] == b.ids[same]
-               and a.offsets[same] == b.offsets[same] and a.text[:a.offsets[same][1]] == b.text[:b.offsets[same][1]]):
+        while (
+            same < min(len(a.ids), len(b.ids))
+            and a.ids[same] == b.ids[same]
+            and a.offsets[same] == b.offsets[same]
+            and a.text[: a.offsets[same][1]] == b.text[: b.offsets[same][1]]
+        ):
             same += 1
         if not any(a.mask[:same]) and not any(b.mask[:same]):
             continue  # no assistant turn before the texts part
@@ -118,8 +123,8 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
         turns, _ = locate_turns(original, probe, full, eot, {})
         inside = [False] * len(a.text)
         for turn in turns:
-            end = len(a.text[:turn.region[1]].rstrip())
-            inside[turn.region[0]:end] = [True] * (end - turn.region[0])
+            end = len(a.text[: turn.region[1]].rstrip())
+            inside[turn.region[0] : end] = [True] * (end - turn.region[0])
         for i, (x, y) in enumerate(zip(a.mask[:same], b.mask[:same])):
             if x == y:
                 continue
@@ -127,7 +132,8 @@ def test_mask_equals_trl_training_template_except_what_lint_forbids(name, qwen_t
             token = a.text[start:stop]
             assert y == 1 and x == 0, f"{name}/{probe.name}: we train {token!r}, TRL doesn't"
             assert token.isspace() or not any(inside[start:stop]), (
-                f"{name}/{probe.name}: TRL trains assistant output {token!r} that we leave out")
+                f"{name}/{probe.name}: TRL trains assistant output {token!r} that we leave out"
+            )
     assert compared, f"{name}: TRL's training variant never renders the original's text"
 
 
@@ -163,8 +169,10 @@ CONVERSATION = [
 
 def test_plain_text_template_gets_role_conditioned_markers():
     """Text between tags, one line for every role: the assistant's copy is marked, content plus end-of-turn."""
-    source = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}" \
-             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    source = (
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
     marked = add_markers(source).source
     assert "".join(trained_turns(marked, CONVERSATION)) == "Hello!<|end|>See you.<|end|>"
     assert render(marked, CONVERSATION).text == render(source, CONVERSATION).text
@@ -172,14 +180,16 @@ def test_plain_text_template_gets_role_conditioned_markers():
 
 def test_whitespace_control_survives_markers():
     """`{{-`/`-}}`, indentation and newlines around the tags render as before."""
-    source = ("{%- for message in messages %}\n"
-              "    {%- if message.role == 'assistant' %}\n"
-              "        {{- '<start>model\\n' + message.content + '<stop>\\n' }}\n"
-              "    {%- else %}\n"
-              "        {{- '<start>' + message.role + '\\n' + message.content + '<stop>\\n' }}\n"
-              "    {%- endif %}\n"
-              "{%- endfor %}\n"
-              "{%- if add_generation_prompt %}{{- '<start>model\\n' }}{%- endif %}\n")
+    source = (
+        "{%- for message in messages %}\n"
+        "    {%- if message.role == 'assistant' %}\n"
+        "        {{- '<start>model\\n' + message.content + '<stop>\\n' }}\n"
+        "    {%- else %}\n"
+        "        {{- '<start>' + message.role + '\\n' + message.content + '<stop>\\n' }}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}{{- '<start>model\\n' }}{%- endif %}\n"
+    )
     marked = add_markers(source).source
     assert render(marked, CONVERSATION).text == render(source, CONVERSATION).text
     assert trained_turns(marked, CONVERSATION) == ["Hello!<stop>", "See you.<stop>"]
@@ -188,16 +198,20 @@ def test_whitespace_control_survives_markers():
 def test_turn_assembled_in_a_variable_is_split_after_its_role_header():
     """Llama 3.0 builds each turn in `set content = header + text + eot` and prints it whole: the print is
     split where the role header ends, found in the printed text itself."""
-    source = ("{% for m in messages %}{% set text = '<' + m.role + '>\n' + m.content + '</s>' %}\n"
-              "{{ text }}{% endfor %}{% if add_generation_prompt %}<assistant>\n{% endif %}")
+    source = (
+        "{% for m in messages %}{% set text = '<' + m.role + '>\n' + m.content + '</s>' %}\n"
+        "{{ text }}{% endfor %}{% if add_generation_prompt %}<assistant>\n{% endif %}"
+    )
     marked = add_markers(source).source
     assert "text.find('<assistant>\\n') + 12" in marked
     assert render(marked, CONVERSATION).text == render(source, CONVERSATION).text
     assert trained_turns(marked, CONVERSATION) == ["Hello!</s>", "See you.</s>"]
 
 
-UNSPLITTABLE = ("{% for m in messages %}{% set text = '<' + m.role + '>' + m.content + '</s>\\n[' + m.role + ']' %}\n"
-                "{{ text }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+UNSPLITTABLE = (
+    "{% for m in messages %}{% set text = '<' + m.role + '>' + m.content + '</s>\\n[' + m.role + ']' %}\n"
+    "{{ text }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_variable_with_untrained_text_after_the_turn_is_refused_with_its_line():
@@ -213,8 +227,9 @@ def test_already_marked_template_is_returned_unchanged():
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sft_toolkit", "add-markers", *args], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "sft_toolkit", "add-markers", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_cli_writes_a_template_that_lint_accepts_or_writes_nothing(tmp_path):
@@ -248,18 +263,23 @@ HARMONY_LIKE = (
     "{{ '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|return|>' }}"
     "{%- else %}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|start|>assistant' }}{%- endif %}")
+    "{%- if add_generation_prompt %}{{ '<|start|>assistant' }}{%- endif %}"
+)
 
 
 def test_headers_the_model_writes_inside_its_turn_are_trained_and_the_prompts_is_not():
     marked = add_markers(HARMONY_LIKE).source
-    reasoning = [{"role": "user", "content": "Is 91 prime?"},
-                 {"role": "assistant", "reasoning_content": "91 = 7 * 13.", "content": "No."}]
+    reasoning = [
+        {"role": "user", "content": "Is 91 prime?"},
+        {"role": "assistant", "reasoning_content": "91 = 7 * 13.", "content": "No."},
+    ]
     plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     for messages in (reasoning, plain, CONVERSATION):
         assert render(marked, messages).text == render(HARMONY_LIKE, messages).text
     assert trained_turns(marked, reasoning) == [
-        "<|channel|>analysis<|message|>91 = 7 * 13.<|end|>", "<|start|>assistant<|channel|>final<|message|>No.<|return|>"]
+        "<|channel|>analysis<|message|>91 = 7 * 13.<|end|>",
+        "<|start|>assistant<|channel|>final<|message|>No.<|return|>",
+    ]
     assert trained_turns(marked, plain) == ["<|channel|>final<|message|>Hello.<|return|>"]
     assert lint(marked, "harmony").ok
 
@@ -282,8 +302,11 @@ def test_converted_template_is_right_on_conversations_the_probes_do_not_contain(
             continue  # the original refuses this conversation (e.g. no tool role)
         ours = render(marked, probe.messages, tools=probe.tools)
         assert ours.text == expected.text
-        problems = [f"{rule} {message} {example or ''}" for rule, severity, message, _, example
-                    in _check_probe(original, probe, ours, eot, {}) if severity == "error" and rule != "R004"]
+        problems = [
+            f"{rule} {message} {example or ''}"
+            for rule, severity, message, _, example in _check_probe(original, probe, ours, eot, {})
+            if severity == "error" and rule != "R004"
+        ]
         assert not problems, (messages, problems)
         checked += 1
     assert checked >= 3, f"{name} rendered only {checked} of {len(HELD_OUT)} conversations"
@@ -295,5 +318,6 @@ def test_glm4_without_an_end_of_turn_converts_with_its_r003_allowance_and_reason
     marked = converted("glm4moe").source
     assert "sft-toolkit: allow R003 (inherited from the original template: it writes nothing after" in marked
     findings = [f for f in lint(marked, "glm4moe").findings if f.rule == "R003"]
-    assert findings and all(f.severity == "info" and "next message's role tag ends the turn" in f.message
-                            for f in findings)
+    assert findings and all(
+        f.severity == "info" and "next message's role tag ends the turn" in f.message for f in findings
+    )

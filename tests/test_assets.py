@@ -137,7 +137,9 @@ def test_model_loads_and_gives_vocab_sized_logits(built, tokenizer):
 def test_build_is_idempotent_and_cli_prints_paths(built, capsys):
     root = built["model"].parent
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    spec = importlib.util.spec_from_file_location("build_quickstart_assets", ROOT / "scripts" / "build_quickstart_assets.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_quickstart_assets", ROOT / "scripts" / "build_quickstart_assets.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main([str(root)]) == 0

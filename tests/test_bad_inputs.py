@@ -22,8 +22,12 @@ import yaml
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 DOC = Path(__file__).parents[1] / "docs" / "bad_inputs.md"
-BASE_RECIPE = {"model_name_or_path": "tokenizer", "chat_template_path": "chatml", "assistant_only_loss": True,
-               "max_length": 256}
+BASE_RECIPE = {
+    "model_name_or_path": "tokenizer",
+    "chat_template_path": "chatml",
+    "assistant_only_loss": True,
+    "max_length": 256,
+}
 
 
 def load_cases() -> list[dict]:
@@ -70,8 +74,9 @@ def run_case(case: dict, workdir: Path) -> tuple[int, str, str]:
         args = [recipe.name, *args]
     argv = [case["command"], *args]
     if case.get("subprocess"):
-        proc = subprocess.run([sys.executable, "-m", "sft_toolkit", *argv], cwd=workdir, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "sft_toolkit", *argv], cwd=workdir, capture_output=True, text=True, timeout=300
+        )
         return proc.returncode, proc.stdout, proc.stderr
     from sft_toolkit import masks
     from sft_toolkit.cli import main
@@ -123,7 +128,9 @@ def test_bad_input_gets_a_clear_message_and_its_exit_code(case, workdir):
     assert not setup_intact(case, workdir), "the user's files changed"
     line = seen_line(case, stdout, stderr)
     assert line is not None, f"{case['says']!r} not in:\n{stdout[-2000:]}\n{stderr[-2000:]}"
-    assert doc_rows().get(case["id"]) == table_row(case, line), "docs/bad_inputs.md is stale: python tests/test_bad_inputs.py"
+    assert doc_rows().get(case["id"]) == table_row(case, line), (
+        "docs/bad_inputs.md is stale: python tests/test_bad_inputs.py"
+    )
 
 
 def test_doc_table_lists_exactly_the_corpus():

@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import write_recipe
 
 from sft_toolkit import offline_tokenizers
 from sft_toolkit.check_data import check_data
 from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import build_recipe
-
-from conftest import write_recipe
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "templates"
 
@@ -24,8 +23,6 @@ def qa(q: str, a: str) -> dict:
 
 
 GOOD_ROWS = [qa(f"What is {i} + 1?", f"{i} + 1 = {i + 1}.") for i in range(10)]
-
-
 
 
 def run(path: str) -> dict:
@@ -82,8 +79,11 @@ def test_bfd_split_orphans_assistant_tokens_and_wastes_sequences(tmp_path):
 
 def test_zero_trainable_steps_are_counted(tmp_path):
     rows = [qa("Long prompt. " * 60, "ok")] * 4 + GOOD_ROWS[:4]
-    report = run(write_recipe(tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd",
-                       per_device_train_batch_size=2))
+    report = run(
+        write_recipe(
+            tmp_path, rows, max_length=64, packing=True, packing_strategy="bfd", per_device_train_batch_size=2
+        )
+    )
     assert report["zero_trainable_sequences"] == 4
     assert report["zero_trainable_steps"] >= 1
 
@@ -110,8 +110,9 @@ def test_packing_without_max_length_is_rejected():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "sft_toolkit", "check-data", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sft_toolkit", "check-data", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_exit_codes_json_and_report(tmp_path):
@@ -121,9 +122,16 @@ def test_cli_exit_codes_json_and_report(tmp_path):
     proc = cli(recipe, "--format", "json", "--report", str(tmp_path / "report.json"))
     assert proc.returncode == 1, proc.stderr
     data = json.loads(proc.stdout)
-    for key, kind in {"ok": bool, "rows": int, "zero_mask_rows": list, "trainable_tokens": int, "dropped_rows": int,
-                      "truncated_assistant_tokens": int, "orphaned_assistant_tokens": int,
-                      "zero_trainable_sequences": int}.items():
+    for key, kind in {
+        "ok": bool,
+        "rows": int,
+        "zero_mask_rows": list,
+        "trainable_tokens": int,
+        "dropped_rows": int,
+        "truncated_assistant_tokens": int,
+        "orphaned_assistant_tokens": int,
+        "zero_trainable_sequences": int,
+    }.items():
         assert isinstance(data[key], kind), key
     assert data["zero_mask_rows"] == [{"index": 5, "reason": "no_assistant_turn"}]
     assert json.loads((tmp_path / "report.json").read_text()) == data
@@ -135,16 +143,30 @@ def test_cli_bad_input_exits_two_without_traceback(tmp_path):
     data = tmp_path / "broken.jsonl"
     data.write_text(json.dumps(GOOD_ROWS[0]) + "\n{not json\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(offline_tokenizers.cached("qwen2")),
-                                      "dataset_name": str(data), "chat_template_path": "chatml"}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(offline_tokenizers.cached("qwen2")),
+                "dataset_name": str(data),
+                "chat_template_path": "chatml",
+            }
+        )
+    )
     proc = cli(str(recipe))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{data}:2: not valid JSON" in proc.stderr
 
 
 def test_sharegpt_rows_are_converted_like_sfttrainer_does(tmp_path):
-    rows = [{"conversations": [{"from": "human", "value": f"What is {i} + 1?"},
-                               {"from": "gpt", "value": f"{i} + 1 = {i + 1}."}]} for i in range(5)]
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"What is {i} + 1?"},
+                {"from": "gpt", "value": f"{i} + 1 = {i + 1}."},
+            ]
+        }
+        for i in range(5)
+    ]
     sharegpt = run(write_recipe(tmp_path, rows))
     chatml = run(write_recipe(tmp_path, GOOD_ROWS[:5]))
     assert sharegpt["ok"] and sharegpt["trainable_tokens"] == chatml["trainable_tokens"] > 0
@@ -161,8 +183,12 @@ def test_sharegpt_role_map_is_a_recipe_option(tmp_path):
 # ------------------------------------------------------------------------------------------ content coverage
 
 TRL_TEMPLATES = __import__("pathlib").Path(__import__("trl").__file__).parent / "chat_templates"
-TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."},
-             {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "That is 8."}]
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "It is 5."},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "That is 8."},
+]
 
 
 def as_parts(messages: list[dict]) -> list[dict]:
@@ -218,8 +244,9 @@ def test_text_parts_are_joined_for_a_template_that_needs_strings(tmp_path):
 def test_cli_reports_coverage_problems_in_json_and_markdown(tmp_path):
     from sft_toolkit.cli import main
 
-    recipe = write_recipe(tmp_path, [{"messages": TWO_TURNS}],
-                          chat_template_path=str(FIXTURES / "R002_user_in_mask.jinja"))
+    recipe = write_recipe(
+        tmp_path, [{"messages": TWO_TURNS}], chat_template_path=str(FIXTURES / "R002_user_in_mask.jinja")
+    )
     assert main(["check-data", recipe, "--format", "json", "--report", str(tmp_path / "report.json")]) == 1
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
@@ -233,7 +260,8 @@ THINKING_SWITCH = (
     "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}{% generation %}"
     "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
     "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else %}{{ m.content + '<|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def test_each_rows_chat_template_kwargs_reach_the_template_also_under_per_message_control(tmp_path):
@@ -241,16 +269,20 @@ def test_each_rows_chat_template_kwargs_reach_the_template_also_under_per_messag
     template.write_text(THINKING_SWITCH)
     off = [dict(m) for m in TWO_TURNS]
     off[1]["train"] = False
-    rows = [{"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": True}},
-            {"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": False}},
-            {"messages": off, "chat_template_kwargs": {"enable_thinking": True}},
-            {"messages": off, "chat_template_kwargs": {"enable_thinking": False}}]
+    rows = [
+        {"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": True}},
+        {"messages": TWO_TURNS, "chat_template_kwargs": {"enable_thinking": False}},
+        {"messages": off, "chat_template_kwargs": {"enable_thinking": True}},
+        {"messages": off, "chat_template_kwargs": {"enable_thinking": False}},
+    ]
     from sft_toolkit.recipe import load_recipe
 
     report, final = check_data(load_recipe(write_recipe(tmp_path, rows, chat_template_path=str(template))))
     assert report.ok, report.problems()
     tokenizer = offline_tokenizers.load("qwen2")
-    trained = [tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
-               for ids, labels in zip(final["input_ids"], final["labels"])]
+    trained = [
+        tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+        for ids, labels in zip(final["input_ids"], final["labels"])
+    ]
     assert [text.count("<think>") for text in trained] == [0, 2, 0, 1]
     assert "It is 5." not in trained[3] and "That is 8." in trained[3]

@@ -21,11 +21,15 @@ def conversations() -> list[dict]:
     rows = []
     for i in range(24):
         user = f"Question {i}: what is {i} times {i + 3}?" + (" Please explain every step." * (i % 5) * 6)
-        turns = [{"role": "user", "content": user},
-                 {"role": "assistant", "content": f"{i} x {i + 3} = {i * (i + 3)}." + " Indeed." * (i % 3) * 10}]
+        turns = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": f"{i} x {i + 3} = {i * (i + 3)}." + " Indeed." * (i % 3) * 10},
+        ]
         if i % 4 == 0:
-            turns += [{"role": "user", "content": "And doubled?"},
-                      {"role": "assistant", "content": f"Doubled it is {2 * i * (i + 3)}."}]
+            turns += [
+                {"role": "user", "content": "And doubled?"},
+                {"role": "assistant", "content": f"Doubled it is {2 * i * (i + 3)}."},
+            ]
         if i % 6 == 1:
             turns.insert(0, {"role": "system", "content": "You are a patient maths tutor."})
         rows.append({"messages": turns})
@@ -39,8 +43,16 @@ def setup(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations()))
     tokenizer_dir = offline_tokenizers.cached("qwen2")
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151_936,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     return folder, data, tokenizer_dir, model
 
 
@@ -57,8 +69,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_labels_equal_sfttrainer(setup, case):
     folder, data, tokenizer_dir, model = setup
-    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(data), "assistant_only_loss": True,
-            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), **case}
+    keys = {
+        "model_name_or_path": str(tokenizer_dir),
+        "dataset_name": str(data),
+        "assistant_only_loss": True,
+        "chat_template_path": str(bundled_path("chatml")),
+        "output_dir": str(folder / "out"),
+        **case,
+    }
     recipe = build_recipe(keys)
     report, ours = check_data(recipe)
 
@@ -115,14 +133,20 @@ def test_prompt_completion_labels_equal_sfttrainer(setup, case):
     case = dict(case)
     data = folder / f"pc_{case.pop('conversational')}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in prompt_completions("True" in data.name)))
-    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(data),
-            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), **case}
+    keys = {
+        "model_name_or_path": str(tokenizer_dir),
+        "dataset_name": str(data),
+        "chat_template_path": str(bundled_path("chatml")),
+        "output_dir": str(folder / "out"),
+        **case,
+    }
     report, ours = check_data(build_recipe(keys))
 
     trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
     args = SFTConfig(**trainer_args, use_cpu=True, report_to="none")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=load_rows(str(data)),
-                         processing_class=offline_tokenizers.load("qwen2"))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=load_rows(str(data)), processing_class=offline_tokenizers.load("qwen2")
+    )
     theirs = trainer.train_dataset
 
     assert ours["input_ids"] == theirs["input_ids"]
@@ -144,16 +168,28 @@ def test_eval_split_equals_sfttrainer_eval_dataset_with_its_own_packing(setup):
     rows = data.read_text().splitlines()
     (split / "train.jsonl").write_text("\n".join(rows[:16]) + "\n")
     (split / "test.jsonl").write_text("\n".join(rows[16:]) + "\n")
-    keys = {"model_name_or_path": str(tokenizer_dir), "dataset_name": str(split), "assistant_only_loss": True,
-            "chat_template_path": str(bundled_path("chatml")), "output_dir": str(folder / "out"), "packing": True,
-            "max_length": 128, "eval_packing": False, "eval_strategy": "steps", "eval_steps": 10}
+    keys = {
+        "model_name_or_path": str(tokenizer_dir),
+        "dataset_name": str(split),
+        "assistant_only_loss": True,
+        "chat_template_path": str(bundled_path("chatml")),
+        "output_dir": str(folder / "out"),
+        "packing": True,
+        "max_length": 128,
+        "eval_packing": False,
+        "eval_strategy": "steps",
+        "eval_steps": 10,
+    }
     report, _, ours = check_splits(build_recipe(keys))
 
     trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
-    trainer = SFTTrainer(model=model, args=SFTConfig(**trainer_args, use_cpu=True, report_to="none"),
-                         train_dataset=load_rows(str(split / "train.jsonl")),
-                         eval_dataset=load_rows(str(split / "test.jsonl")),
-                         processing_class=offline_tokenizers.load("qwen2"))
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**trainer_args, use_cpu=True, report_to="none"),
+        train_dataset=load_rows(str(split / "train.jsonl")),
+        eval_dataset=load_rows(str(split / "test.jsonl")),
+        processing_class=offline_tokenizers.load("qwen2"),
+    )
     theirs = trainer.eval_dataset
     assert "seq_lengths" not in theirs.column_names  # not packed
     assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]

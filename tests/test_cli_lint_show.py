@@ -15,13 +15,15 @@ FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sft_toolkit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sft_toolkit", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_lint_json_schema_and_exit_codes():
-    proc = cli("lint", str(FIXTURES / "good_chatml.jinja"), str(FIXTURES / "S005_eot_after_block.jinja"),
-               "--format", "json")
+    proc = cli(
+        "lint", str(FIXTURES / "good_chatml.jinja"), str(FIXTURES / "S005_eot_after_block.jinja"), "--format", "json"
+    )
     assert proc.returncode == 1, proc.stderr
     data = json.loads(proc.stdout)
     good, bad = data["results"]
@@ -30,7 +32,9 @@ def test_lint_json_schema_and_exit_codes():
     for finding in bad["findings"]:
         assert set(finding) >= {"rule", "severity", "message", "line"}
         assert finding["severity"] in ("error", "warning", "info")
-    assert {"rule": "S005", "severity": "error"}.items() <= next(f for f in bad["findings"] if f["rule"] == "S005").items()
+    assert {"rule": "S005", "severity": "error"}.items() <= next(
+        f for f in bad["findings"] if f["rule"] == "S005"
+    ).items()
 
 
 def test_lint_clean_template_exits_zero():
@@ -55,7 +59,9 @@ def test_lint_non_utf8_template_exits_two(tmp_path):
 
 
 def test_lint_reads_tokenizer_config(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (FIXTURES / "S002_no_markers.jinja").read_text()}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": (FIXTURES / "S002_no_markers.jinja").read_text()})
+    )
     proc = cli("lint", str(tmp_path), "--format", "json")
     assert proc.returncode == 1
     assert [f["rule"] for f in json.loads(proc.stdout)["results"][0]["findings"]] == ["S002"]
@@ -63,10 +69,20 @@ def test_lint_reads_tokenizer_config(tmp_path):
 
 def test_show_plain_marks_the_trained_span(tmp_path):
     conversation = tmp_path / "c.json"
-    conversation.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]))
+    conversation.write_text(
+        json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    )
     html = tmp_path / "mask.html"
-    proc = cli("show", str(conversation), "--template", str(FIXTURES / "R002_header_in_mask.jinja"),
-               "--format", "plain", "--html", str(html))
+    proc = cli(
+        "show",
+        str(conversation),
+        "--template",
+        str(FIXTURES / "R002_header_in_mask.jinja"),
+        "--format",
+        "plain",
+        "--html",
+        str(html),
+    )
     assert proc.returncode == 0, proc.stderr
     # The off-by-one is visible: the header's newline sits inside the trained brackets.
     assert "<|im_start|>assistant⟦↵\nHello!<|im_end|>⟧" in proc.stdout
@@ -90,7 +106,8 @@ THINKING_SWITCH = (
     "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}{% generation %}"
     "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
     "{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- else %}{{ m.content + '<|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def test_show_renders_with_the_rows_chat_template_kwargs_and_matches_check_data(tmp_path, capsys):
@@ -101,19 +118,31 @@ def test_show_renders_with_the_rows_chat_template_kwargs_and_matches_check_data(
     from sft_toolkit.cli import main
     from sft_toolkit.recipe import build_recipe
 
-    row = {"messages": [{"role": "user", "content": "Is 91 prime?"}, {"role": "assistant", "content": "No, 7 x 13."}],
-           "chat_template_kwargs": {"enable_thinking": False}}
+    row = {
+        "messages": [{"role": "user", "content": "Is 91 prime?"}, {"role": "assistant", "content": "No, 7 x 13."}],
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(row) + "\n")
     tokenizer = str(offline_tokenizers.cached("qwen2"))
     template = tmp_path / "thinking.jinja"
     template.write_text(THINKING_SWITCH)
     template = str(template)
-    _, trained = check_data(build_recipe({"model_name_or_path": tokenizer, "dataset_name": str(data),
-                                          "chat_template_path": template, "assistant_only_loss": True}))
+    _, trained = check_data(
+        build_recipe(
+            {
+                "model_name_or_path": tokenizer,
+                "dataset_name": str(data),
+                "chat_template_path": template,
+                "assistant_only_loss": True,
+            }
+        )
+    )
     labels = trained["labels"][0]
-    assert main(["show", str(data), "--row", "0", "--template", template, "--tokenizer", tokenizer,
-                 "--format", "json"]) == 0
+    assert (
+        main(["show", str(data), "--row", "0", "--template", template, "--tokenizer", tokenizer, "--format", "json"])
+        == 0
+    )
     tokens = json.loads(capsys.readouterr().out)["tokens"]
     assert [t["id"] for t in tokens] == trained["input_ids"][0]
     assert [t["trained"] for t in tokens] == [label != -100 for label in labels]
@@ -124,11 +153,14 @@ def test_show_template_refusing_the_conversation_exits_two_naming_row_and_messag
     from sft_toolkit.cli import main
 
     template = tmp_path / "strict.jinja"
-    template.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system prompts, "
-                        "please') }}{% endif %}{{ m.content }}{% endfor %}")
+    template.write_text(
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system prompts, "
+        "please') }}{% endif %}{{ m.content }}{% endfor %}"
+    )
     data = tmp_path / "rows.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]})
-                    + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}) + "\n"
+    )
     assert main(["show", str(data), "--row", "0", "--template", str(template)]) == 2
     err = capsys.readouterr().err
     assert "row 0" in err and "no system prompts, please" in err and "Traceback" not in err

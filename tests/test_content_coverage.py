@@ -18,8 +18,9 @@ from sft_toolkit.tokenizer import load_tokenizer
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 TRAINING_TEMPLATES = sorted(TRL_TEMPLATES.glob("*_training.jinja"))
 TOKENIZER = Path(__file__).parent / "bad_inputs" / "tokenizer"
-SFT = types.SimpleNamespace(assistant_only_loss=True, dataset_num_proc=None, chat_template_path="trl",
-                            dataset_text_field="text")
+SFT = types.SimpleNamespace(
+    assistant_only_loss=True, dataset_num_proc=None, chat_template_path="trl", dataset_text_field="text"
+)
 
 # Every text unique and long enough not to occur in any template's markup.
 CONVERSATION = [
@@ -46,8 +47,16 @@ def tokenizer():
 def check_data_rows(tokenizer, template: str, rows: list[list[dict]]) -> list[dict]:
     """What check-data computes for each row: its zero-mask reason and its coverage problem."""
     tokenized = preprocess.tokenize(Dataset.from_list([{"messages": r} for r in rows]), tokenizer, template, SFT)
-    return [{"reason": r["reason"], "coverage": r["coverage_reason"], "message": r["coverage_message"],
-             "labels": r["labels"], "input_ids": r["input_ids"]} for r in tokenized]
+    return [
+        {
+            "reason": r["reason"],
+            "coverage": r["coverage_reason"],
+            "message": r["coverage_message"],
+            "labels": r["labels"],
+            "input_ids": r["input_ids"],
+        }
+        for r in tokenized
+    ]
 
 
 def text_of(content) -> str:
@@ -62,8 +71,9 @@ def independent_check(template: str, messages: list[dict], variables: dict) -> t
     first = None
     for shape in (messages, joined):
         try:
-            texts, spans = render_jinja_template(conversations=[shape], chat_template=template,
-                                                 return_assistant_tokens_mask=True, **variables)
+            texts, spans = render_jinja_template(
+                conversations=[shape], chat_template=template, return_assistant_tokens_mask=True, **variables
+            )
         except Exception:  # noqa: BLE001 - any failure: this shape can't be trained
             continue
         text, trained = texts[0], set()
@@ -100,8 +110,9 @@ def test_coverage_agrees_with_an_independent_character_check(tokenizer, path):
             if found["coverage"]:
                 assert found["message"] == first
             if passes:  # never only markup: the assistant's texts are among the trained tokens
-                trained = tokenizer.decode([t for t, label in zip(found["input_ids"], found["labels"])
-                                            if label != -100])
+                trained = tokenizer.decode(
+                    [t for t, label in zip(found["input_ids"], found["labels"]) if label != -100]
+                )
                 assert all(text_of(m["content"]) in trained for m in row if m["role"] == "assistant")
 
 
@@ -111,8 +122,9 @@ def test_vision_templates_train_content_parts_as_transformers_masks_them(tokeniz
     template = (TRL_TEMPLATES / f"{name}.jinja").read_text()
     rows = [as_parts(r) for r in ROWS]
     for row, found in zip(rows, check_data_rows(tokenizer, template, rows)):
-        expected = tokenizer.apply_chat_template(row, chat_template=template, tokenize=True, return_dict=True,
-                                                 return_assistant_tokens_mask=True)
+        expected = tokenizer.apply_chat_template(
+            row, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert found["input_ids"] == list(expected["input_ids"])
         assert [label != -100 for label in found["labels"]] == [bool(m) for m in expected["assistant_masks"]]
         assert not found["coverage"] and not found["reason"]
@@ -128,6 +140,7 @@ def test_string_content_on_a_parts_template_is_caught_as_markup_only(tokenizer, 
 
 # ------------------------------------------------------------------------- what a message's text is, in a render
 
+
 def problems_of(template: str, messages: list[dict], tools=None, trained=None):
     from sft_toolkit.coverage import coverage_problems
     from sft_toolkit.masks import render
@@ -137,20 +150,30 @@ def problems_of(template: str, messages: list[dict], tools=None, trained=None):
 
 
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Reykjavik"}}}
-TOOL_ROUND = [{"role": "user", "content": "Weather in Reykjavik?"},
-              {"role": "assistant", "content": "Let me look that up.", "tool_calls": [CALL]},
-              {"role": "tool", "content": '{"temperature_c": -3}'},
-              {"role": "assistant", "content": "It is -3 degrees in Reykjavik."}]
+TOOL_ROUND = [
+    {"role": "user", "content": "Weather in Reykjavik?"},
+    {"role": "assistant", "content": "Let me look that up.", "tool_calls": [CALL]},
+    {"role": "tool", "content": '{"temperature_c": -3}'},
+    {"role": "assistant", "content": "It is -3 degrees in Reykjavik."},
+]
 
 
 def calls_template(calls_trained: bool, content_beside_calls: bool = True) -> str:
-    calls = ("{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' + c.function.arguments | tojson"
-             " + '</call>' }}{%- endfor %}")
+    calls = (
+        "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + ' ' + c.function.arguments | tojson"
+        " + '</call>' }}{%- endfor %}"
+    )
     content = "{{ m.content }}" if content_beside_calls else "{% if not m.tool_calls %}{{ m.content }}{% endif %}"
-    body = (f"{{% generation %}}{content}{calls}{{{{ '<|im_end|>' }}}}{{% endgeneration %}}" if calls_trained else
-            f"{{% generation %}}{content}{{% endgeneration %}}{calls}{{{{ '<|im_end|>' }}}}")
-    return ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}" + body +
-            "{%- else %}{{ m.content + '<|im_end|>' }}{%- endif %}{{ '\\n' }}{%- endfor %}")
+    body = (
+        f"{{% generation %}}{content}{calls}{{{{ '<|im_end|>' }}}}{{% endgeneration %}}"
+        if calls_trained
+        else f"{{% generation %}}{content}{{% endgeneration %}}{calls}{{{{ '<|im_end|>' }}}}"
+    )
+    return (
+        "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
+        + body
+        + "{%- else %}{{ m.content + '<|im_end|>' }}{%- endif %}{{ '\\n' }}{%- endfor %}"
+    )
 
 
 def test_tool_calls_are_assistant_text_that_must_be_trained():
@@ -162,27 +185,37 @@ def test_a_text_the_template_drops_is_not_a_failure_but_a_row_trained_only_on_ma
     """llama 3.1 writes a turn's tool calls without its content: that text is not in the render, so the check
     can't fault the mask for it. A row where no assistant text shows at all trains only markup."""
     assert problems_of(calls_template(calls_trained=True, content_beside_calls=False), TOOL_ROUND) == []
-    markup_only = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
-                   "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{%- else %}{{ m.content + '<|im_end|>' }}"
-                   "{%- endif %}{{ '\\n' }}{%- endfor %}")
+    markup_only = (
+        "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
+        "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{%- else %}{{ m.content + '<|im_end|>' }}"
+        "{%- endif %}{{ '\\n' }}{%- endfor %}"
+    )
     assert problems_of(markup_only, TOOL_ROUND[:1] + [{"role": "assistant", "content": "Hello."}]) == [
-        ("assistant_content_untrained", 1)]
+        ("assistant_content_untrained", 1)
+    ]
 
 
 def test_text_found_trimmed_json_escaped_and_after_reasoning_the_template_drops():
-    template = ("{%- for m in messages %}{{ '<|' + m.role + '|>' }}{%- if m.role == 'assistant' %}{% generation %}"
-                "{{ (m.content.split('</think>')[-1] | trim | tojson)[1:-1] }}{{ '<|end|>' }}{% endgeneration %}"
-                "{%- else %}{{ m.content | trim }}{%- endif %}{%- endfor %}")
-    messages = [{"role": "user", "content": "  Quote me \"this\"  \n"},
-                {"role": "assistant", "content": "<think>drop me</think>\nHe said \"yes\"\non two lines. "}]
+    template = (
+        "{%- for m in messages %}{{ '<|' + m.role + '|>' }}{%- if m.role == 'assistant' %}{% generation %}"
+        "{{ (m.content.split('</think>')[-1] | trim | tojson)[1:-1] }}{{ '<|end|>' }}{% endgeneration %}"
+        "{%- else %}{{ m.content | trim }}{%- endif %}{%- endfor %}"
+    )
+    messages = [
+        {"role": "user", "content": '  Quote me "this"  \n'},
+        {"role": "assistant", "content": '<think>drop me</think>\nHe said "yes"\non two lines. '},
+    ]
     assert problems_of(template, messages) == []
 
 
 def test_a_switched_off_turn_is_exempt_and_user_text_quoted_by_the_answer_is_not_blamed():
     template = calls_template(calls_trained=True)
     assert problems_of(template, TOOL_ROUND, trained={3}) == []
-    echo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say: be brief."},
-            {"role": "assistant", "content": "Be brief."}]
+    echo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say: be brief."},
+        {"role": "assistant", "content": "Be brief."},
+    ]
     no_system = template.replace("{%- for m in messages %}", "{%- for m in messages if m.role != 'system' %}")
     assert problems_of(no_system, echo) == []
 

@@ -36,16 +36,27 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 
 def card(configs: dict[str, dict[str, str]]) -> str:
     """A dataset card whose `configs:` map each config name to {split: file}."""
-    entries = [{"config_name": name, "data_files": [{"split": s, "path": f} for s, f in files.items()]}
-               for name, files in configs.items()]
+    entries = [
+        {"config_name": name, "data_files": [{"split": s, "path": f} for s, f in files.items()]}
+        for name, files in configs.items()
+    ]
     return "---\n" + yaml.safe_dump({"configs": entries}, sort_keys=False) + "---\n"
 
 
 def check(tmp_path: Path, **keys) -> tuple[int, dict | None, str]:
     """Exit code, JSON report (None unless the check ran) and stderr of `check-data --format json`."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(TOKENIZER), "chat_template_path": "chatml",
-                                      "assistant_only_loss": True, "max_length": 256, **keys}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(TOKENIZER),
+                "chat_template_path": "chatml",
+                "assistant_only_loss": True,
+                "max_length": 256,
+                **keys,
+            }
+        )
+    )
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["check-data", str(recipe), "--format", "json"])
@@ -59,8 +70,14 @@ def multi_config(tmp_path) -> Path:
     write_jsonl(folder / "maths" / "train.jsonl", rows(6))
     write_jsonl(folder / "maths" / "test.jsonl", rows(3, start=100))
     write_jsonl(folder / "greetings" / "train.jsonl", [qa("Hello!", "Hi, how can I help?")] * 4)
-    (folder / "README.md").write_text(card({"maths": {"train": "maths/train.jsonl", "test": "maths/test.jsonl"},
-                                            "greetings": {"train": "greetings/train.jsonl"}}))
+    (folder / "README.md").write_text(
+        card(
+            {
+                "maths": {"train": "maths/train.jsonl", "test": "maths/test.jsonl"},
+                "greetings": {"train": "greetings/train.jsonl"},
+            }
+        )
+    )
     return folder
 
 
@@ -83,8 +100,7 @@ def test_an_unknown_config_is_named_with_those_that_exist(tmp_path, multi_config
 
 
 def test_eval_split_is_accounted_with_the_same_keys_as_train(tmp_path, multi_config):
-    code, report, _ = check(tmp_path, dataset_name=str(multi_config), dataset_config="maths",
-                            eval_strategy="epoch")
+    code, report, _ = check(tmp_path, dataset_name=str(multi_config), dataset_config="maths", eval_strategy="epoch")
     assert code == 0 and report["ok"]
     assert report["eval"]["rows"] == 3 and report["eval"]["trainable_tokens"] > 0
     assert set(report["eval"]) == set(report)  # the same keys as the top level
@@ -101,13 +117,13 @@ def test_a_zero_mask_eval_row_fails_the_gate_with_its_index_in_the_eval_split(tm
     code, report, _ = check(tmp_path, dataset_name=str(folder), eval_strategy="steps", eval_steps=5)
     assert code == 1 and not report["ok"]
     assert report["zero_mask_rows"] == [] and report["eval"]["zero_mask_rows"] == [
-        {"index": 2, "reason": "empty_assistant_content"}]
+        {"index": 2, "reason": "empty_assistant_content"}
+    ]
     assert any(p.startswith("eval split: 1 rows end with zero trainable tokens") for p in report["problems"])
 
 
 def test_a_missing_eval_split_names_it_and_the_splits_that_exist(tmp_path, multi_config):
-    code, _, err = check(tmp_path, dataset_name=str(multi_config), dataset_config="greetings",
-                         eval_strategy="epoch")
+    code, _, err = check(tmp_path, dataset_name=str(multi_config), dataset_config="greetings", eval_strategy="epoch")
     assert code == 2
     assert "dataset_test_split: no split 'test' (its splits: train)" in err and "eval_strategy: no" in err
     data = write_jsonl(tmp_path / "one.jsonl", rows(3))
@@ -120,15 +136,16 @@ def test_a_save_to_disk_folder_gives_its_splits(tmp_path):
 
     saved = tmp_path / "saved"
     DatasetDict({"train": Dataset.from_list(rows(5)), "validation": Dataset.from_list(rows(2))}).save_to_disk(saved)
-    code, report, _ = check(tmp_path, dataset_name=str(saved), eval_strategy="epoch",
-                            dataset_test_split="validation")
+    code, report, _ = check(tmp_path, dataset_name=str(saved), eval_strategy="epoch", dataset_test_split="validation")
     assert code == 0 and (report["rows"], report["eval"]["rows"]) == (5, 2)
 
 
 def test_a_mixture_loads_each_source_with_its_columns_and_reports_rows_per_source(tmp_path, multi_config):
     extra = write_jsonl(tmp_path / "extra.jsonl", [{**qa("Hi", "Hello."), "source": "web"}] * 3)
-    mixture = [{"path": str(multi_config), "name": "maths", "split": "train"},
-               {"path": str(extra), "columns": ["messages"]}]
+    mixture = [
+        {"path": str(multi_config), "name": "maths", "split": "train"},
+        {"path": str(extra), "columns": ["messages"]},
+    ]
     code, report, err = check(tmp_path, datasets=mixture, dataset_name="ignored/by-trl")
     assert code == 0 and report["rows"] == 9
     assert [(s["rows"], s["zero_mask_rows"]) for s in report["sources"]] == [(6, 0), (3, 0)]
@@ -170,8 +187,13 @@ def test_streaming_is_refused_by_name(tmp_path, key):
 
 
 def prompt_completion_rows() -> list[dict]:
-    conversational = [{"prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
-                       "completion": [{"role": "assistant", "content": f"{i} + 2 = {i + 2}."}]} for i in range(5)]
+    conversational = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} + 2?"}],
+            "completion": [{"role": "assistant", "content": f"{i} + 2 = {i + 2}."}],
+        }
+        for i in range(5)
+    ]
     conversational[3]["completion"] = [{"role": "assistant", "content": ""}]
     return conversational
 
@@ -190,8 +212,9 @@ def test_plain_prompt_completion_trains_the_completion_and_flags_an_empty_one(tm
     code, report, _ = check(tmp_path, dataset_name=str(data), assistant_only_loss=False)
     assert code == 1 and report["zero_mask_rows"] == [{"index": 1, "reason": "empty_completion"}]
     # completion_only_loss (TRL's default for these rows): only the completion and its eos train
-    code, everything, _ = check(tmp_path, dataset_name=str(data), assistant_only_loss=False,
-                                completion_only_loss=False)
+    code, everything, _ = check(
+        tmp_path, dataset_name=str(data), assistant_only_loss=False, completion_only_loss=False
+    )
     assert everything["trainable_tokens"] == everything["tokens"] > report["trainable_tokens"]
     code, _, err = check(tmp_path, dataset_name=str(data))
     assert code == 2 and "prompt/completion rows of plain text with assistant_only_loss: true" in err

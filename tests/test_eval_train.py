@@ -39,11 +39,27 @@ def small_dataset(assets, folder: Path, train_rows: int = 16, eval_rows: int = 8
 
 
 def recipe_keys(assets, tmp_path, data: Path, **keys) -> dict:
-    return {"model_name_or_path": str(assets["model"]), "dataset_name": str(data), "dataset_config": "all",
-            "chat_template_path": "chatml", "assistant_only_loss": True, "output_dir": str(tmp_path / "run"),
-            "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3,
-            "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "bf16": False, "seed": 0,
-            "dataloader_num_workers": 0, "eval_strategy": "steps", "eval_steps": 2, "max_steps": 4, **keys}
+    return {
+        "model_name_or_path": str(assets["model"]),
+        "dataset_name": str(data),
+        "dataset_config": "all",
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "bf16": False,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "max_steps": 4,
+        **keys,
+    }
 
 
 def test_handbook_recipe_runs_end_to_end_with_only_model_and_data_paths_changed(assets, tmp_path):
@@ -52,12 +68,24 @@ def test_handbook_recipe_runs_end_to_end_with_only_model_and_data_paths_changed(
     out = io.StringIO()
     verbosity = transformers.logging.get_verbosity()  # the recipe's log_level: info holds for the whole process
     with contextlib.redirect_stdout(out):
-        code = main(["train", str(recipe), "--model_name_or_path", str(assets["model"]), "--dataset_name", str(data),
-                     # a handful of rows and steps: one epoch, written under the test's folder
-                     "--num_train_epochs", "1", "--output_dir", str(tmp_path / "run")])
+        code = main(
+            [
+                "train",
+                str(recipe),
+                "--model_name_or_path",
+                str(assets["model"]),
+                "--dataset_name",
+                str(data),
+                # a handful of rows and steps: one epoch, written under the test's folder
+                "--num_train_epochs",
+                "1",
+                "--output_dir",
+                str(tmp_path / "run"),
+            ]
+        )
     transformers.logging.set_verbosity(verbosity)
     assert code == 0, out.getvalue()[-2000:]
-    printed = json.loads(out.getvalue()[out.getvalue().index("{\n"):])
+    printed = json.loads(out.getvalue()[out.getvalue().index("{\n") :])
     assert printed["eval"]["rows"] == 8 and printed["eval"]["zero_mask_rows"] == []
     assert printed["eval_loss"] > 0  # evaluated at the end of the epoch (eval_strategy: epoch)
     assert (tmp_path / "run" / "model.safetensors").exists()
@@ -80,8 +108,11 @@ def test_a_zero_mask_eval_row_stops_the_run_before_the_model_loads(assets, tmp_p
                 message["content"] = ""
 
     data = small_dataset(assets, tmp_path / "data", edit_eval=empty_answer)
-    with pytest.raises(GuardStop, match=r"eval split: 1 rows end with zero trainable tokens.*Eval split rows with "
-                                        r"nothing to evaluate: 5 \(empty_assistant_content\)"):
+    with pytest.raises(
+        GuardStop,
+        match=r"eval split: 1 rows end with zero trainable tokens.*Eval split rows with "
+        r"nothing to evaluate: 5 \(empty_assistant_content\)",
+    ):
         train(build_recipe(recipe_keys(assets, tmp_path, data)), log=lambda _: None)
     assert not (tmp_path / "run").exists()
 
@@ -89,9 +120,19 @@ def test_a_zero_mask_eval_row_stops_the_run_before_the_model_loads(assets, tmp_p
 def test_early_stopping_and_the_best_checkpoint_loaded_at_the_end(assets, tmp_path):
     # learning_rate 0: the eval loss never improves on the first evaluation, so patience 1 stops at the second.
     data = small_dataset(assets, tmp_path / "data")
-    keys = recipe_keys(assets, tmp_path, data, learning_rate=0.0, eval_steps=1, save_strategy="steps", save_steps=1,
-                       max_steps=6, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-                       early_stopping_patience=1)
+    keys = recipe_keys(
+        assets,
+        tmp_path,
+        data,
+        learning_rate=0.0,
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        max_steps=6,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        early_stopping_patience=1,
+    )
     outcome = train(build_recipe(keys), log=lambda _: None)
     assert len(outcome.history) == 2  # two logged steps of six: stopped early
     best = Path(outcome.metrics["best_model_checkpoint"])

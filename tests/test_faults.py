@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import launch_two
 
 from sft_toolkit.assets import build_quickstart_assets
 from sft_toolkit.train import FAIL_AT_ENV, STAGING, last_complete_checkpoint
-
-from test_train import launch_two
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +28,26 @@ def write_recipe(assets, tmp_path: Path, **keys) -> Path:
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(Path(assets["train"]).read_text().splitlines()[:64]) + "\n")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": str(assets["model"]), "dataset_name": str(data), "chat_template_path": "chatml",
-        "assistant_only_loss": True, "max_length": 128, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
-        "logging_steps": 1, "output_dir": str(tmp_path / "run"), "use_cpu": True, "bf16": False, "seed": 0,
-        "dataloader_num_workers": 0, **keys}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(assets["model"]),
+                "dataset_name": str(data),
+                "chat_template_path": "chatml",
+                "assistant_only_loss": True,
+                "max_length": 128,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "output_dir": str(tmp_path / "run"),
+                "use_cpu": True,
+                "bf16": False,
+                "seed": 0,
+                "dataloader_num_workers": 0,
+                **keys,
+            }
+        )
+    )
     return recipe
 
 
@@ -50,8 +64,12 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     # left visible must be complete, because saves are written aside and renamed into place.
     recipe = write_recipe(assets, tmp_path, max_steps=500, save_strategy="steps", save_steps=1, save_total_limit=3)
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        train_cmd(recipe),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoint-3").is_dir():
@@ -62,8 +80,9 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     visible = sorted(run.glob("checkpoint-*"), key=step_of)
-    assert visible and all(json.loads((c / "trainer_state.json").read_text())["global_step"] == step_of(c)
-                           for c in visible)
+    assert visible and all(
+        json.loads((c / "trainer_state.json").read_text())["global_step"] == step_of(c) for c in visible
+    )
     last_good = step_of(visible[-1])
     # What a plain transformers save killed half-way leaves (weights started, no trainer_state.json), and what
     # our own save leaves when killed: resume must take neither.
@@ -72,9 +91,13 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     (torn / "model.safetensors").write_bytes(b"\0" * 100)
     (run / STAGING / f"checkpoint-{last_good + 50}").mkdir(parents=True, exist_ok=True)
 
-    resumed = subprocess.run(train_cmd(recipe, "--resume_from_checkpoint", "true", "--max_steps", str(last_good + 2),
-                                       "--save_steps", "1"),
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(
+        train_cmd(recipe, "--resume_from_checkpoint", "true", "--max_steps", str(last_good + 2), "--save_steps", "1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert f"{torn} is incomplete" in resumed.stdout
     assert f"resume: from {run / f'checkpoint-{last_good}'}" in resumed.stdout
@@ -84,7 +107,7 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     assert [h["step"] for h in final["log_history"] if "loss" in h] == list(range(1, last_good + 3))
     assert (run / "model.safetensors").is_file()
     # train ends with check-data's accounting: all 64 rows in, none dropped or cut.
-    summary = json.loads(resumed.stdout[resumed.stdout.rindex('{\n  "output_dir"'):])
+    summary = json.loads(resumed.stdout[resumed.stdout.rindex('{\n  "output_dir"') :])
     assert summary["rows"] == 64 and summary["dropped_rows"] == 0 and summary["truncated_assistant_tokens"] == 0
 
 
@@ -133,5 +156,5 @@ def test_one_rank_raising_ends_every_rank_with_the_cause(assets, tmp_path, monke
     proc = launch_two(recipe)  # its timeout is the "no rank left hanging" assertion
     assert proc.returncode != 0 and '"output_dir"' not in proc.stdout
     # The launcher's summary names the failing rank and its exception (torch's `record` on the train command).
-    summary = proc.stderr[proc.stderr.index("Root Cause"):]
+    summary = proc.stderr[proc.stderr.index("Root Cause") :]
     assert "rank      : 1" in summary and "RuntimeError: injected failure on rank 1" in summary, proc.stderr[-3000:]

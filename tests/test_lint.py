@@ -97,8 +97,9 @@ def test_trl_qwen2_5_training_template_trains_the_header_newline():
 
 
 def test_trl_qwen3_training_is_not_byte_identical_to_qwen3():
-    found = rules((TRL_TEMPLATES / "qwen3_training.jinja").read_text(),
-                  reference=(TRL_TEMPLATES / "qwen3.jinja").read_text())
+    found = rules(
+        (TRL_TEMPLATES / "qwen3_training.jinja").read_text(), reference=(TRL_TEMPLATES / "qwen3.jinja").read_text()
+    )
     assert "R005" in found
 
 
@@ -131,37 +132,57 @@ def test_allow_pragma_keeps_the_finding_visible_as_info():
     assert finding.severity == "info" and "by design" in finding.message
 
 
-@pytest.mark.parametrize("test, severity", [
-    ("message.role == 'tool'", "error"),          # selects tool turns: would train tool text
-    ("message.role != 'tool'", "warning"),        # selects every role but tool: not an S004 error
-    ("not message.role == 'tool'", "warning"),
-    ("message.role == 'tool' or message.tool_calls", "warning"),  # not only about the role
-])
+@pytest.mark.parametrize(
+    "test, severity",
+    [
+        ("message.role == 'tool'", "error"),  # selects tool turns: would train tool text
+        ("message.role != 'tool'", "warning"),  # selects every role but tool: not an S004 error
+        ("not message.role == 'tool'", "warning"),
+        ("message.role == 'tool' or message.tool_calls", "warning"),  # not only about the role
+    ],
+)
 def test_s004_reads_negated_and_mixed_role_conditions(test, severity):
-    source = ("{% for message in messages %}{% if " + test + " %}{% generation %}{{ message.content }}"
-              "{% endgeneration %}{% else %}{{ message.content }}{% endif %}{% endfor %}")
+    source = (
+        "{% for message in messages %}{% if " + test + " %}{% generation %}{{ message.content }}"
+        "{% endgeneration %}{% else %}{{ message.content }}{% endif %}{% endfor %}"
+    )
     s004 = [f for f in lint(source, "t").findings if f.rule == "S004"]
     assert [f.severity for f in s004] == [severity]
 
 
 def _chatml_with_prefill(assistant: str) -> str:
     """ChatML whose generation prompt pre-fills an empty think block, as qwen3.5's no-think template does."""
-    return ("{%- for m in messages %}{%- if m.role == 'assistant' %}" + assistant +
-            "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
-            "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+    return (
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+        + assistant
+        + "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    )
 
 
-@pytest.mark.parametrize("assistant,ok", [
-    # the pre-filled think block trained, as TRL's training templates do
-    ("{{ '<|im_start|>assistant\\n' }}{% generation %}{{ '<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>' }}"
-     "{% endgeneration %}{{ '\\n' }}", True),
-    # or left to the prompt
-    ("{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% generation %}{{ m.content + '<|im_end|>' }}"
-     "{% endgeneration %}{{ '\\n' }}", True),
-    # the role header's newline is still the prompt's, not the assistant's
-    ("{{ '<|im_start|>assistant' }}{% generation %}{{ '\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>' }}"
-     "{% endgeneration %}{{ '\\n' }}", False),
-])
+@pytest.mark.parametrize(
+    "assistant,ok",
+    [
+        # the pre-filled think block trained, as TRL's training templates do
+        (
+            "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ '<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>' }}"
+            "{% endgeneration %}{{ '\\n' }}",
+            True,
+        ),
+        # or left to the prompt
+        (
+            "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% generation %}{{ m.content + '<|im_end|>' }}"
+            "{% endgeneration %}{{ '\\n' }}",
+            True,
+        ),
+        # the role header's newline is still the prompt's, not the assistant's
+        (
+            "{{ '<|im_start|>assistant' }}{% generation %}{{ '\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>' }}"
+            "{% endgeneration %}{{ '\\n' }}",
+            False,
+        ),
+    ],
+)
 def test_prefill_after_the_role_header_may_be_trained_or_not(assistant, ok):
     found = rules(_chatml_with_prefill(assistant))
     assert ("R002" not in found) == ok, found.get("R002")
@@ -172,33 +193,38 @@ def test_prefill_after_the_role_header_may_be_trained_or_not(assistant, ok):
 def _inline_tool_responses(tool_block: str) -> str:
     """A gemma4-like format: tool responses are written inside the model's turn, which ends with <end> only
     after its final answer; a turn that only calls tools has no end-of-turn text of its own."""
-    return ("{%- for m in messages %}"
-            "{%- if m.role == 'user' %}{{ '<user>' + m.content + '<end>\\n' }}"
-            "{%- elif m.role == 'assistant' %}"
-            "{%- if not (loop.previtem and loop.previtem.role == 'tool') %}{{ '<model>' }}{% endif %}"
-            "{%- generation %}{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
-            "{%- if not m.tool_calls %}{{ m.content + '<end>' }}{% endif %}{%- endgeneration %}"
-            "{%- if not m.tool_calls %}{{ '\\n' }}{% endif %}"
-            "{%- elif m.role == 'tool' %}" + tool_block + "{%- endif %}{%- endfor %}"
-            "{%- if add_generation_prompt and messages[-1].role != 'tool' %}{{ '<model>' }}{% endif %}")
+    return (
+        "{%- for m in messages %}"
+        "{%- if m.role == 'user' %}{{ '<user>' + m.content + '<end>\\n' }}"
+        "{%- elif m.role == 'assistant' %}"
+        "{%- if not (loop.previtem and loop.previtem.role == 'tool') %}{{ '<model>' }}{% endif %}"
+        "{%- generation %}{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
+        "{%- if not m.tool_calls %}{{ m.content + '<end>' }}{% endif %}{%- endgeneration %}"
+        "{%- if not m.tool_calls %}{{ '\\n' }}{% endif %}"
+        "{%- elif m.role == 'tool' %}" + tool_block + "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt and messages[-1].role != 'tool' %}{{ '<model>' }}{% endif %}"
+    )
 
 
 def test_tool_response_inside_the_model_turn_is_not_assistant_output():
     """The turn that calls a tool ends before the tool's answer, even though its end-of-turn text comes later."""
     good = rules(_inline_tool_responses("{{ '<response>' + m.content + '</response>' }}"))
     assert not {"R001", "R002", "R003"} & set(good), good
-    bad = rules(_inline_tool_responses("{% generation %}{{ '<response>' + m.content + '</response>' }}"
-                                       "{% endgeneration %}"))
+    bad = rules(
+        _inline_tool_responses("{% generation %}{{ '<response>' + m.content + '</response>' }}{% endgeneration %}")
+    )
     assert "R002" in bad and "temperature_c" in bad["R002"][0].message
 
 
-GLM_LIKE = ("{%- for m in messages %}"
-            "{%- if m.role == 'user' %}{{ '<|user|>\\n' + m.content }}"
-            "{%- elif m.role == 'assistant' %}{{ '<|assistant|>' }}{% generation %}{{ '\\n' + m.content }}"
-            "{%- for c in m.tool_calls or [] %}{{ '<tool_call>' + c.function.name + '</tool_call>' }}{% endfor %}"
-            "{% endgeneration %}"
-            "{%- elif m.role == 'tool' %}{{ '<|observation|>\\n' + m.content }}{%- endif %}{%- endfor %}"
-            "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+GLM_LIKE = (
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{{ '<|user|>\\n' + m.content }}"
+    "{%- elif m.role == 'assistant' %}{{ '<|assistant|>' }}{% generation %}{{ '\\n' + m.content }}"
+    "{%- for c in m.tool_calls or [] %}{{ '<tool_call>' + c.function.name + '</tool_call>' }}{% endfor %}"
+    "{% endgeneration %}"
+    "{%- elif m.role == 'tool' %}{{ '<|observation|>\\n' + m.content }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 
 
 def test_template_without_end_of_turn_text_is_an_error_and_its_tool_calls_may_be_trained():
@@ -224,44 +250,52 @@ def test_end_of_turn_skipped_after_the_last_turn_is_still_required_on_the_others
     """A template that writes <|im_end|> after every message but the conversation's last: the end-of-turn is
     found where a user message follows, and leaving it untrained there is R003 (not the no-end-of-turn
     warning)."""
-    source = ("{%- for m in messages -%}{{ '<|im_start|>' + m.role + '\\n' }}"
-              "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
-              "{%- else %}{{ m.content }}{%- endif %}"
-              "{%- if not (loop.last and m.role == 'assistant') %}{{ '<|im_end|>\\n' }}{% endif %}{%- endfor -%}"
-              "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    source = (
+        "{%- for m in messages -%}{{ '<|im_start|>' + m.role + '\\n' }}"
+        "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+        "{%- else %}{{ m.content }}{%- endif %}"
+        "{%- if not (loop.last and m.role == 'assistant') %}{{ '<|im_end|>\\n' }}{% endif %}{%- endfor -%}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     found = rules(source)
     assert [f.severity for f in found["R003"]] == ["error"] and "'<|im_end|>'" in found["R003"][0].message
 
 
 def test_tool_result_printed_with_tojson_is_not_part_of_the_turn_before_it():
     """The next message's text is also found JSON-escaped, so a turn can't reach over a tool result."""
-    source = ("{%- for m in messages -%}"
-              "{%- if m.role == 'assistant' %}{{ '<|assistant|>\\n' }}{% generation %}"
-              "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
-              "{{ m.content }}{% endgeneration %}"
-              "{%- elif m.role == 'tool' %}{% generation %}{{ '<|tool|>\\n' + m.content | tojson }}{% endgeneration %}"
-              "{%- else %}{{ '<|' + m.role + '|>\\n' + m.content }}{%- endif %}{%- endfor -%}"
-              "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    source = (
+        "{%- for m in messages -%}"
+        "{%- if m.role == 'assistant' %}{{ '<|assistant|>\\n' }}{% generation %}"
+        "{%- for c in m.tool_calls or [] %}{{ '<call>' + c.function.name + '</call>' }}{% endfor %}"
+        "{{ m.content }}{% endgeneration %}"
+        "{%- elif m.role == 'tool' %}{% generation %}{{ '<|tool|>\\n' + m.content | tojson }}{% endgeneration %}"
+        "{%- else %}{{ '<|' + m.role + '|>\\n' + m.content }}{%- endif %}{%- endfor -%}"
+        "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    )
     found = rules(source)
     assert "R002" in found and "temperature_c" in found["R002"][0].message
 
 
 # A template that leaves assistant turns unmarked when the caller switches thinking off.
-SWITCHED = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
-            "{%- if enable_thinking is defined and enable_thinking is false %}{{ m.content + '<|im_end|>' }}"
-            "{%- else %}{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{%- endif %}{{ '\\n' }}"
-            "{%- else %}{{ m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
-            "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+SWITCHED = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' %}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ m.content + '<|im_end|>' }}"
+    "{%- else %}{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{%- endif %}{{ '\\n' }}"
+    "{%- else %}{{ m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def test_switches_are_the_boolean_variables_a_template_reads_from_its_context():
     from sft_toolkit.lint import template_switches
 
-    source = ("{%- set keep = keep | default(false) %}{%- set mode = 'x' %}"
-              "{%- if not tools_in_user_message is defined %}{%- set tools_in_user_message = true %}{%- endif %}"
-              "{%- for m in messages %}{% if m.role == 'assistant' and enable_thinking == false %}x{% endif %}"
-              "{% if keep and tools_in_user_message %}{{ date_string }}{% endif %}{% endfor %}"
-              "{% if custom_tools %}{% for t in custom_tools %}{{ t }}{% endfor %}{% endif %}{% if mode %}{% endif %}")
+    source = (
+        "{%- set keep = keep | default(false) %}{%- set mode = 'x' %}"
+        "{%- if not tools_in_user_message is defined %}{%- set tools_in_user_message = true %}{%- endif %}"
+        "{%- for m in messages %}{% if m.role == 'assistant' and enable_thinking == false %}x{% endif %}"
+        "{% if keep and tools_in_user_message %}{{ date_string }}{% endif %}{% endfor %}"
+        "{% if custom_tools %}{% for t in custom_tools %}{{ t }}{% endfor %}{% endif %}{% if mode %}{% endif %}"
+    )
     assert template_switches(source) == ["keep", "tools_in_user_message", "enable_thinking"]
     assert template_switches((TRL_TEMPLATES / "qwen3.jinja").read_text()) == ["enable_thinking"]
 
@@ -278,8 +312,9 @@ def test_lint_kwargs_render_every_probe_with_them(tmp_path, capsys):
 
     path = tmp_path / "switched.jinja"
     path.write_text(SWITCHED)
-    (finding,) = [f for f in lint(SWITCHED, "t", template_kwargs={"enable_thinking": False}).findings
-                  if f.rule == "R001"]
+    (finding,) = [
+        f for f in lint(SWITCHED, "t", template_kwargs={"enable_thinking": False}).findings if f.rule == "R001"
+    ]
     assert "with enable_thinking" not in finding.message  # every probe rendered with it: no other setting
     assert lint(GOOD, "t", template_kwargs={"enable_thinking": False}).ok
     assert main(["lint", str(path), "--kwargs", '{"enable_thinking": false}', "--format", "json"]) == 1

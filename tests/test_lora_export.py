@@ -27,12 +27,28 @@ def assets(tmp_path_factory):
 
 
 def lora_keys(assets, run_dir: Path, **keys) -> dict:
-    return {"model_name_or_path": str(assets["model"]), "dataset_name": str(assets["eval"]),
-            "chat_template_path": "chatml", "assistant_only_loss": True, "output_dir": str(run_dir),
-            "max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": ACCUMULATION,
-            "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "bf16": False,
-            "seed": 0, "dataloader_num_workers": 0, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
-            "merge_adapter": True, **keys}
+    return {
+        "model_name_or_path": str(assets["model"]),
+        "dataset_name": str(assets["eval"]),
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "output_dir": str(run_dir),
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": ACCUMULATION,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "bf16": False,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "merge_adapter": True,
+        **keys,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +88,20 @@ def test_each_logged_step_carries_its_trainable_tokens_and_the_running_total(lor
     logs = [entry for entry in lora_run["trainer"].state.log_history if "loss" in entry]
     assert len(logs) == STEPS
     # The dataloader may fetch one batch ahead; the first STEPS * ACCUMULATION micro-batches are the trained ones.
-    counted = [int((labels != -100).sum()) for labels in lora_run["batches"][:STEPS * ACCUMULATION]]
-    per_step = [sum(counted[i * ACCUMULATION:(i + 1) * ACCUMULATION]) for i in range(STEPS)]
+    counted = [int((labels != -100).sum()) for labels in lora_run["batches"][: STEPS * ACCUMULATION]]
+    per_step = [sum(counted[i * ACCUMULATION : (i + 1) * ACCUMULATION]) for i in range(STEPS)]
     assert all(n > 0 for n in per_step)
     assert [entry["trainable_tokens"] for entry in logs] == per_step
-    running = [sum(per_step[:i + 1]) for i in range(STEPS)]
+    running = [sum(per_step[: i + 1]) for i in range(STEPS)]
     assert [entry["trainable_tokens_total"] for entry in logs] == running
 
 
 def test_a_resumed_run_continues_the_total_from_the_log_history():
-    history = [{"loss": 1.0, "trainable_tokens": 40, "trainable_tokens_total": 40}, {"eval_loss": 2.0},
-               {"loss": 0.9, "trainable_tokens": 35, "trainable_tokens_total": 75}]
+    history = [
+        {"loss": 1.0, "trainable_tokens": 40, "trainable_tokens_total": 40},
+        {"eval_loss": 2.0},
+        {"loss": 0.9, "trainable_tokens": 35, "trainable_tokens_total": 75},
+    ]
     assert train_module.trainable_token_logs(history, 30) == {"trainable_tokens": 30, "trainable_tokens_total": 105}
     assert train_module.trainable_token_logs([], 12) == {"trainable_tokens": 12, "trainable_tokens_total": 12}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
@@ -42,17 +42,24 @@ DEV_SET = sorted(p.stem for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.end
 
 HEADER = "{{- '<|im_start|>assistant\\n' }}"
 CONTENT = "{%- if message.content %}{{- message.content }}{%- endif %}"
-CALLS = ("{%- for call in message.tool_calls or [] %}"
-         "{{- '<tool_call>' + call.function.name + ' ' + call.function.arguments | tojson + '</tool_call>' }}"
-         "{%- endfor %}")
+CALLS = (
+    "{%- for call in message.tool_calls or [] %}"
+    "{{- '<tool_call>' + call.function.name + ' ' + call.function.arguments | tojson + '</tool_call>' }}"
+    "{%- endfor %}"
+)
 END = "{{- '<|im_end|>' }}"
 OTHERS = "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
 
 
 def chat_template(assistant: str, others: str = OTHERS) -> str:
-    return ("{%- for message in messages %}{%- if message.role == 'assistant' %}" + assistant
-            + "{%- else %}" + others + "{%- endif %}{%- endfor %}"
-            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    return (
+        "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+        + assistant
+        + "{%- else %}"
+        + others
+        + "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
 
 
 ORIGINAL = chat_template(HEADER + CONTENT + CALLS + END + "{{- '\\n' }}")
@@ -60,24 +67,44 @@ RIGHT = chat_template(HEADER + "{%- generation %}" + CONTENT + CALLS + END + "{%
 
 WRONG = {
     "block one character short": (
-        chat_template(HEADER + "{%- generation %}" + CONTENT + CALLS
-                      + "{{- '<|im_end|' }}{%- endgeneration %}{{- '>\\n' }}"),
-        Refusal.OUTPUT_UNTRAINED, "'>'"),
+        chat_template(
+            HEADER + "{%- generation %}" + CONTENT + CALLS + "{{- '<|im_end|' }}{%- endgeneration %}{{- '>\\n' }}"
+        ),
+        Refusal.OUTPUT_UNTRAINED,
+        "'>'",
+    ),
     "block around user text": (
-        chat_template(HEADER + "{%- generation %}" + CONTENT + CALLS + END + "{%- endgeneration %}{{- '\\n' }}",
-                      "{%- generation %}" + OTHERS + "{%- endgeneration %}"),
-        Refusal.TRAINED_OUTSIDE, "What is 2 + 3?"),
+        chat_template(
+            HEADER + "{%- generation %}" + CONTENT + CALLS + END + "{%- endgeneration %}{{- '\\n' }}",
+            "{%- generation %}" + OTHERS + "{%- endgeneration %}",
+        ),
+        Refusal.TRAINED_OUTSIDE,
+        "What is 2 + 3?",
+    ),
     "end-of-turn left out": (
-        chat_template(HEADER + "{%- generation %}" + CONTENT + CALLS + "{%- endgeneration %}" + END
-                      + "{{- '\\n' }}"),
-        Refusal.OUTPUT_UNTRAINED, "'<|im_end|>'"),
+        chat_template(HEADER + "{%- generation %}" + CONTENT + CALLS + "{%- endgeneration %}" + END + "{{- '\\n' }}"),
+        Refusal.OUTPUT_UNTRAINED,
+        "'<|im_end|>'",
+    ),
     "render one byte different": (
         chat_template(HEADER + "{%- generation %}" + CONTENT + CALLS + END + "{%- endgeneration %}{{- '\\r' }}"),
-        Refusal.RENDER_DIFFERS, "\\r"),
+        Refusal.RENDER_DIFFERS,
+        "\\r",
+    ),
     "tool calls outside the block": (
-        chat_template(HEADER + "{%- generation %}" + CONTENT + "{%- endgeneration %}" + CALLS
-                      + "{%- generation %}" + END + "{%- endgeneration %}{{- '\\n' }}"),
-        Refusal.OUTPUT_UNTRAINED, "<tool_call>"),
+        chat_template(
+            HEADER
+            + "{%- generation %}"
+            + CONTENT
+            + "{%- endgeneration %}"
+            + CALLS
+            + "{%- generation %}"
+            + END
+            + "{%- endgeneration %}{{- '\\n' }}"
+        ),
+        Refusal.OUTPUT_UNTRAINED,
+        "<tool_call>",
+    ),
 }
 
 
@@ -98,8 +125,10 @@ def test_add_markers_places_the_markers_the_right_placement_has():
     converted = add_markers(ORIGINAL).source
     assert verify_placement(ORIGINAL, converted) == []
     for probe in TOOL_SHAPE_PROBES:
-        ours, right = render(converted, probe.messages, tools=probe.tools), render(RIGHT, probe.messages,
-                                                                                    tools=probe.tools)
+        ours, right = (
+            render(converted, probe.messages, tools=probe.tools),
+            render(RIGHT, probe.messages, tools=probe.tools),
+        )
         assert (ours.text, ours.trained_chars()) == (right.text, right.trained_chars()), probe.name
 
 
@@ -142,7 +171,7 @@ def test_verify_placement_says_why_it_cannot_check_an_original():
 # ---------------------------------------------------------------------------- 3. the independent check
 
 
-@lru_cache(maxsize=None)
+@cache
 def converted(name: str) -> str | None:
     try:
         return add_markers((TRL_TEMPLATES / f"{name}.jinja").read_text()).source
@@ -154,9 +183,18 @@ def with_string_arguments(messages: list[dict]) -> list[dict]:
     def string(arguments):
         return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
-    return [{**m, "tool_calls": [{**call, "function": {**call["function"],
-                                                       "arguments": string(call["function"]["arguments"])}}
-                                 for call in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
+    return [
+        {
+            **m,
+            "tool_calls": [
+                {**call, "function": {**call["function"], "arguments": string(call["function"]["arguments"])}}
+                for call in m["tool_calls"]
+            ],
+        }
+        if m.get("tool_calls")
+        else m
+        for m in messages
+    ]
 
 
 def with_null_content(messages: list[dict]) -> list[dict]:
@@ -172,13 +210,20 @@ def conversations() -> list[tuple[str, list[dict], bool]]:
     for k, messages in enumerate(generated_conversations(16, seed=7)):
         out.append((f"generated-{k}", canonical_messages(messages), False))
         if any(m.get("tool_calls") for m in messages):
-            out += [(f"generated-{k}-string-arguments", with_string_arguments(messages), False),
-                    (f"generated-{k}-null-content", with_null_content(messages), True),
-                    (f"generated-{k}-null-content-string-arguments",
-                     with_null_content(with_string_arguments(messages)), True)]
+            out += [
+                (f"generated-{k}-string-arguments", with_string_arguments(messages), False),
+                (f"generated-{k}-null-content", with_null_content(messages), True),
+                (
+                    f"generated-{k}-null-content-string-arguments",
+                    with_null_content(with_string_arguments(messages)),
+                    True,
+                ),
+            ]
     for probe in TOOL_SHAPE_PROBES:
-        out += [(probe.name, canonical_messages(probe.messages), probe.keep_none),
-                (f"{probe.name}-string-arguments", with_string_arguments(probe.messages), probe.keep_none)]
+        out += [
+            (probe.name, canonical_messages(probe.messages), probe.keep_none),
+            (f"{probe.name}-string-arguments", with_string_arguments(probe.messages), probe.keep_none),
+        ]
     return out
 
 
@@ -187,9 +232,14 @@ def render_as(template: str, messages: list[dict], keep_none: bool) -> tuple[str
     dropped first unless `keep_none` (as `apply_chat_template` drops them)."""
     if not keep_none:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    texts, spans = render_jinja_template(conversations=[messages], tools=[WEATHER_TOOL], chat_template=template,
-                                         return_assistant_tokens_mask=bool(MARKER.search(template)), bos_token="<s>",
-                                         eos_token="</s>")
+    texts, spans = render_jinja_template(
+        conversations=[messages],
+        tools=[WEATHER_TOOL],
+        chat_template=template,
+        return_assistant_tokens_mask=bool(MARKER.search(template)),
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     trained = [False] * len(texts[0])
     for start, end in spans[0] if spans else []:
         trained[start:end] = [True] * (end - start)
@@ -197,8 +247,10 @@ def render_as(template: str, messages: list[dict], keep_none: bool) -> tuple[str
 
 
 def as_text_parts(messages: list[dict]) -> list[dict]:
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
-            for m in messages]
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in messages
+    ]
 
 
 def text_of(content) -> str:
@@ -223,9 +275,9 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
     problems, cursor = [], 0
 
     def check(i: int, what: str, at: int, length: int, want: bool) -> None:
-        if any(flag != want for flag in trained[at:at + length]):
+        if any(flag != want for flag in trained[at : at + length]):
             state = "not fully trained" if want else "trained"
-            problems.append(f"message {i} ({messages[i]['role']}) {what} {text[at:at + length]!r} {state}")
+            problems.append(f"message {i} ({messages[i]['role']}) {what} {text[at : at + length]!r} {state}")
 
     for i, message in enumerate(messages):
         content = text_of(message.get("content"))
@@ -234,15 +286,18 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
                 check(i, "text", at, len(content), want=False)
                 cursor = at + len(content) if message["role"] != "system" else cursor
             continue
-        following = next((text_of(m.get("content")) for m in messages[i + 1:] if m["role"] != "assistant"), "")
+        following = next((text_of(m.get("content")) for m in messages[i + 1 :] if m["role"] != "assistant"), "")
         stop = shown_at(text, following, cursor) if following else -1
         stop = stop if stop >= 0 else len(text)
         end, position = cursor, cursor
         for call in message.get("tool_calls") or []:
             arguments = call["function"]["arguments"]
             arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-            values = [at_value for value in map(str, arguments.values())
-                      if (at_value := (text.find(value, position, stop), value))[0] >= 0]
+            values = [
+                at_value
+                for value in map(str, arguments.values())
+                if (at_value := (text.find(value, position, stop), value))[0] >= 0
+            ]
             if not values:
                 continue  # the template doesn't print this call
             name = call["function"]["name"]
@@ -254,7 +309,7 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
         if content and (at := text.find(content, cursor)) >= 0:
             check(i, "content", at, len(content), want=True)
             end = max(end, at + len(content))
-            rest = text[at + len(content):]
+            rest = text[at + len(content) :]
             if i == len(messages) - 1 and rest.strip() and not message.get("tool_calls"):
                 eot_at = at + len(content) + len(rest) - len(rest.lstrip())
                 check(i, "end-of-turn", eot_at, 1, want=True)
@@ -288,6 +343,6 @@ def test_converted_template_passes_the_independent_check(name):
 
 def test_the_hand_placement_example_in_templates_readme_is_right():
     readme = (Path(__file__).resolve().parents[1] / "templates" / "README.md").read_text()
-    section = readme[readme.index("## When add-markers refuses a template"):]
+    section = readme[readme.index("## When add-markers refuses a template") :]
     original, by_hand = re.findall(r"```jinja\n(.*?)```", section, flags=re.S)[:2]
     assert verify_placement(original, by_hand) == []

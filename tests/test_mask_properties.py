@@ -12,15 +12,27 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sft_toolkit.lint import _check_probe
-from sft_toolkit.turns import end_of_turn
 from sft_toolkit.masks import TemplateRaised, render
 from sft_toolkit.probes import PROBES, Probe
 from sft_toolkit.templates import bundled_names, load_template
+from sft_toolkit.turns import end_of_turn
 
 # Letters, digits, punctuation, spaces, newlines and some non-ASCII; no control tokens (a user who writes
 # '<|im_end|>' into a message is another problem: transformers' sanitize_control_tokens).
-TEXT = st.text(alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "Zs"), include_characters="\n\u00e9\u2615",
-                                      exclude_characters="<>[]{}|%#"), min_size=1, max_size=40).map(str.strip).filter(bool)
+TEXT = (
+    st.text(
+        alphabet=st.characters(
+            codec="utf-8",
+            categories=("L", "N", "P", "Zs"),
+            include_characters="\n\u00e9\u2615",
+            exclude_characters="<>[]{}|%#",
+        ),
+        min_size=1,
+        max_size=40,
+    )
+    .map(str.strip)
+    .filter(bool)
+)
 
 
 @st.composite
@@ -41,9 +53,15 @@ def conversations(draw):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(messages=conversations())
 # Found by hypothesis: a one-letter answer also occurs inside Mistral's `[/INST]` markup.
-@example(messages=[{"role": "system", "content": "0"}, {"role": "user", "content": "2"},
-                   {"role": "assistant", "content": "N"}, {"role": "user", "content": "1"},
-                   {"role": "assistant", "content": "3"}])
+@example(
+    messages=[
+        {"role": "system", "content": "0"},
+        {"role": "user", "content": "2"},
+        {"role": "assistant", "content": "N"},
+        {"role": "user", "content": "1"},
+        {"role": "assistant", "content": "3"},
+    ]
+)
 def test_bundled_template_trains_exactly_the_assistant_output(name, messages):
     source = load_template(name).source
     probe = Probe("generated", messages)
@@ -52,6 +70,9 @@ def test_bundled_template_trains_exactly_the_assistant_output(name, messages):
     except TemplateRaised:
         return  # the template refuses this conversation (e.g. Gemma 1/2 and a system message)
     eot = end_of_turn(source, PROBES[0], {})
-    problems = [(rule, msg) for rule, _, msg, _, _ in _check_probe(source, probe, full, eot, {})
-                if rule in ("R001", "R002", "R003")]
+    problems = [
+        (rule, msg)
+        for rule, _, msg, _, _ in _check_probe(source, probe, full, eot, {})
+        if rule in ("R001", "R002", "R003")
+    ]
     assert problems == []

@@ -10,33 +10,37 @@ import json
 import re
 
 import pytest
+from conftest import write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_mask_properties import TEXT
 
 from sft_toolkit import offline_tokenizers, preprocess
 from sft_toolkit.check_data import REASON_HELP, check_data
 from sft_toolkit.lint import _check_probe
-from sft_toolkit.turns import end_of_turn
 from sft_toolkit.masks import Rendered, TemplateRaised, render
 from sft_toolkit.policy import MappingError, TurnPolicy, kept_spans, policy_from, selected, strip_control
 from sft_toolkit.probes import CONTROL_PROBES, PROBES, Probe
 from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import build_recipe, load_recipe
 from sft_toolkit.templates import bundled_names, load_template
-
-from conftest import write_recipe
-from test_mask_properties import TEXT
+from sft_toolkit.turns import end_of_turn
 
 TOOL_CALL = next(p for p in PROBES if p.name == "tool-call")
 MULTI_TURN = next(p for p in PROBES if p.name == "multi-turn")
 
 # (bundled template, offline tokenizer, end-of-turn text) for the families whose tokenizers we have.
-FAMILIES = [("chatml", "qwen2", "<|im_end|>"), ("llama3", "llama3", "<|eot_id|>"),
-            ("mistral", "mistral_tekken", "</s>")]
+FAMILIES = [
+    ("chatml", "qwen2", "<|im_end|>"),
+    ("llama3", "llama3", "<|eot_id|>"),
+    ("mistral", "mistral_tekken", "</s>"),
+]
 
 
-def trained_spans(tokenizer, template: str, messages, tools=None, policy=TurnPolicy()) -> list[str]:
-    out = preprocess._tokenize_row({"messages": messages, "tools": tools}, 0, tokenizer, template, True, policy=policy)
+def trained_spans(tokenizer, template: str, messages, tools=None, policy: TurnPolicy | None = None) -> list[str]:
+    out = preprocess._tokenize_row(
+        {"messages": messages, "tools": tools}, 0, tokenizer, template, True, policy=policy or TurnPolicy()
+    )
     assert out["problem"] == ""
     runs, current = [], []
     for token, label in zip(out["input_ids"] + [None], out["labels"] + [-100]):
@@ -69,7 +73,9 @@ def test_train_false_switches_off_exactly_that_turn(family):
     template, tokenizer, eot = family
     messages = flagged(MULTI_TURN.messages, _1={"train": False})
     assert trained_spans(tokenizer, template, messages) == [
-        f"{MULTI_TURN.messages[3]['content']}{eot}", f"{MULTI_TURN.messages[5]['content']}{eot}"]
+        f"{MULTI_TURN.messages[3]['content']}{eot}",
+        f"{MULTI_TURN.messages[5]['content']}{eot}",
+    ]
 
 
 def test_weight_is_an_alias_of_train(family):
@@ -100,23 +106,33 @@ def test_tool_calls_vs_answers(name, tokenizer):
     everything = trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools)
     call, answer = everything  # the template's own output for the two assistant turns, nothing of the tool result
     assert "get_weather" in call and "Paris" in answer and "temperature_c" not in "".join(everything)
-    assert trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools, TurnPolicy(roles=("answers",))) == [answer]
-    assert trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools, TurnPolicy(roles=("tool_calls",))) == [call]
-    assert trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools,
-                         TurnPolicy(roles=("answers", "tool_calls"))) == everything
+    assert trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools, TurnPolicy(roles=("answers",))) == [
+        answer
+    ]
+    assert trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools, TurnPolicy(roles=("tool_calls",))) == [
+        call
+    ]
+    assert (
+        trained_spans(tok, template, TOOL_CALL.messages, TOOL_CALL.tools, TurnPolicy(roles=("answers", "tool_calls")))
+        == everything
+    )
 
 
 def test_old_reasoning_dropped_by_the_template_still_maps(qwen_tokenizer):
     """Qwen3 drops the reasoning of earlier turns; train_turns: last trains the final answer with its thinking."""
     probe = next(p for p in PROBES if p.name == "reasoning-multi-turn")
-    spans = trained_spans(qwen_tokenizer, load_template("qwen3").source, probe.messages, policy=TurnPolicy(turns="last"))
+    spans = trained_spans(
+        qwen_tokenizer, load_template("qwen3").source, probe.messages, policy=TurnPolicy(turns="last")
+    )
     assert spans == ["<think>\n99 = 9 * 11.\n</think>\n\nNo, 99 = 9 × 11.<|im_end|>"]
 
 
 def test_without_control_the_mask_is_the_templates(family):
     """All flags true, or none: labels identical to TRL's own (no re-rendering path taken or needed)."""
     template, tokenizer, _ = family
-    plain = preprocess._tokenize_row({"messages": MULTI_TURN.messages}, 0, tokenizer, template, True, policy=TurnPolicy())
+    plain = preprocess._tokenize_row(
+        {"messages": MULTI_TURN.messages}, 0, tokenizer, template, True, policy=TurnPolicy()
+    )
     all_on = flagged(MULTI_TURN.messages, _1={"train": True}, _3={"weight": 1}, _5={"train": True})
     on = preprocess._tokenize_row({"messages": all_on}, 0, tokenizer, template, True, policy=TurnPolicy())
     assert on["labels"] == plain["labels"] and on["input_ids"] == plain["input_ids"]
@@ -137,12 +153,12 @@ def test_control_fields_never_change_the_rendered_text(name):
 # ------------------------------------------------------------------------------ check-data and recipes
 
 
-
-
 def test_check_data_names_rows_with_every_turn_switched_off(tmp_path):
-    rows = [{"messages": MULTI_TURN.messages}, {"messages": flagged(MULTI_TURN.messages, _1={"train": False},
-                                                                    _3={"train": False}, _5={"weight": 0})},
-            {"messages": TOOL_CALL.messages, "tools": json.dumps(TOOL_CALL.tools)}]
+    rows = [
+        {"messages": MULTI_TURN.messages},
+        {"messages": flagged(MULTI_TURN.messages, _1={"train": False}, _3={"train": False}, _5={"weight": 0})},
+        {"messages": TOOL_CALL.messages, "tools": json.dumps(TOOL_CALL.tools)},
+    ]
     report, dataset = check_data(load_recipe(write_recipe(tmp_path, rows)))
     assert report.zero_mask_rows == [{"index": 1, "reason": "all_turns_switched_off"}]
     assert not report.ok and REASON_HELP["all_turns_switched_off"]
@@ -154,8 +170,10 @@ def test_check_data_names_rows_with_every_turn_switched_off(tmp_path):
 
 
 def test_a_marked_message_the_template_does_not_train_is_an_error(tmp_path):
-    rows = [{"messages": MULTI_TURN.messages},
-            {"messages": flagged(TOOL_CALL.messages, _2={"train": True}), "tools": json.dumps(TOOL_CALL.tools)}]
+    rows = [
+        {"messages": MULTI_TURN.messages},
+        {"messages": flagged(TOOL_CALL.messages, _2={"train": True}), "tools": json.dumps(TOOL_CALL.tools)},
+    ]
     with pytest.raises(InputError, match=r"row 1: messages\[2\] \(role 'tool'\) is marked to train"):
         check_data(load_recipe(write_recipe(tmp_path, rows)))
 
@@ -171,11 +189,13 @@ def test_template_without_one_block_per_turn_is_refused_naming_the_row(tmp_path)
 
 
 # Two blocks per assistant turn (content, then the end-of-turn), as add-markers often writes them.
-TWO_BLOCKS = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}"
-              "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
-              "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-              "{%- else %}{{ m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
-              "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TWO_BLOCKS = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}"
+    "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+    "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else %}{{ m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def test_several_blocks_of_one_turn_are_switched_off_together():
@@ -185,12 +205,15 @@ def test_several_blocks_of_one_turn_are_switched_off_together():
     assert kept == [m["content"] + "<|im_end|>" for m in MULTI_TURN.messages[3::2]]
 
 
-@pytest.mark.parametrize("keys,message", [
-    ({"train_roles": ["tool"]}, "tool results are input, never trained"),
-    ({"train_roles": ["assistent"]}, "is not one of assistant, answers, tool_calls"),
-    ({"train_turns": "first"}, "is not one of all, last"),
-    ({"train_turns": "last", "assistant_only_loss": False}, "needs assistant_only_loss: true"),
-])
+@pytest.mark.parametrize(
+    "keys,message",
+    [
+        ({"train_roles": ["tool"]}, "tool results are input, never trained"),
+        ({"train_roles": ["assistent"]}, "is not one of assistant, answers, tool_calls"),
+        ({"train_turns": "first"}, "is not one of all, last"),
+        ({"train_turns": "last", "assistant_only_loss": False}, "needs assistant_only_loss: true"),
+    ],
+)
 def test_bad_policy_keys_are_input_errors(keys, message):
     base = {"model_name_or_path": "m", "dataset_name": "d.jsonl", "assistant_only_loss": True}
     with pytest.raises(InputError, match=message):
@@ -263,8 +286,10 @@ def test_show_draws_a_conversation_as_training_sees_it(tmp_path, capsys):
 
     conversation = tmp_path / "c.json"
     conversation.write_text(json.dumps(flagged(MULTI_TURN.messages, _1={"train": False})))
-    assert main(["show", str(conversation), "--template", "chatml", "--tokenizer", "offline:qwen2",
-                 "--format", "plain"]) == 0
+    assert (
+        main(["show", str(conversation), "--template", "chatml", "--tokenizer", "offline:qwen2", "--format", "plain"])
+        == 0
+    )
     runs = re.findall(r"⟦(.*?)⟧", capsys.readouterr().out, flags=re.S)
     assert [run.replace("│", "") for run in runs] == [f"{MULTI_TURN.messages[i]['content']}<|im_end|>" for i in (3, 5)]
 
@@ -272,12 +297,18 @@ def test_show_draws_a_conversation_as_training_sees_it(tmp_path, capsys):
 def test_assistant_messages_in_a_row_are_not_guessed_apart():
     """A template that skips an empty assistant message: the neighbour's end-of-turn block must not be taken
     for the empty message's, or switching the neighbour off would still train its end-of-turn."""
-    skips_empty = ("{%- for m in messages -%}{%- if m.role != 'assistant' -%}"
-                   "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
-                   "{%- elif m.content -%}{{ '<|im_start|>assistant\\n' }}{% generation %}{{ m.content }}{% endgeneration %}"
-                   "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- endif -%}{%- endfor -%}")
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A bad answer.", "train": False},
-                {"role": "assistant", "content": "", "train": True}, {"role": "user", "content": "Ok"},
-                {"role": "assistant", "content": "Good."}]
+    skips_empty = (
+        "{%- for m in messages -%}{%- if m.role != 'assistant' -%}"
+        "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+        "{%- elif m.content -%}{{ '<|im_start|>assistant\\n' }}{% generation %}{{ m.content }}{% endgeneration %}"
+        "{% generation %}{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{%- endif -%}{%- endfor -%}"
+    )
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "A bad answer.", "train": False},
+        {"role": "assistant", "content": "", "train": True},
+        {"role": "user", "content": "Ok"},
+        {"role": "assistant", "content": "Good."},
+    ]
     with pytest.raises(MappingError, match="4 generation block"):
         kept_spans(messages, render(skips_empty, strip_control(messages)), TurnPolicy())

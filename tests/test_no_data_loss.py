@@ -65,9 +65,18 @@ def home(tmp_path) -> Path:
 
 
 def write_recipe(folder: Path, name: str = "recipe.yaml", **keys) -> str:
-    recipe = {"model_name_or_path": "model", "dataset_name": "data/train.jsonl", "chat_template_path": "chatml",
-              "assistant_only_loss": True, "max_length": 256, "output_dir": "run", "max_steps": 2,
-              "save_strategy": "steps", "save_steps": 1, **keys}
+    recipe = {
+        "model_name_or_path": "model",
+        "dataset_name": "data/train.jsonl",
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "max_length": 256,
+        "output_dir": "run",
+        "max_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        **keys,
+    }
     (folder / name).write_text(yaml.safe_dump(recipe))
     return name
 
@@ -113,8 +122,9 @@ def test_a_manifest_copied_from_a_real_prepare_does_not_either(home):
 def test_a_users_file_inside_a_prepared_folder_keeps_it(home):
     prepare_into(home, "out")
     (home / "out" / "dataset" / "my_notes.txt").write_text("mine")
-    refused(home, ["prepare", "recipe.yaml", "-o", "out"],
-            "holds dataset/my_notes.txt, which the toolkit did not write")
+    refused(
+        home, ["prepare", "recipe.yaml", "-o", "out"], "holds dataset/my_notes.txt, which the toolkit did not write"
+    )
 
 
 def test_a_prepared_file_changed_by_hand_is_not_replaced(home):
@@ -136,10 +146,15 @@ def test_prepare_keeps_a_dataset_saved_inside_its_output(home):
     refused(home, ["prepare", "again.yaml", "-o", "out"], "out: contains the input dataset_name (out/dataset)")
 
 
-@pytest.mark.parametrize(("target", "says"), [("recipe.yaml", "exists and is a file"),
-                                              ("model", "is the input model_name_or_path"),
-                                              ("data", "contains the input dataset_name"),
-                                              ("model/sub", "lies inside the input model_name_or_path")])
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("recipe.yaml", "exists and is a file"),
+        ("model", "is the input model_name_or_path"),
+        ("data", "contains the input dataset_name"),
+        ("model/sub", "lies inside the input model_name_or_path"),
+    ],
+)
 def test_prepare_never_writes_over_an_input_or_a_file(home, target, says):
     refused(home, ["prepare", "recipe.yaml", "-o", target], says)
 
@@ -149,8 +164,11 @@ def test_prepare_replaces_its_own_folder_and_leaves_nothing_beside_it(home):
     first = (home / "out" / "manifest.json").read_text()
     write_recipe(home, max_length=512)
     prepare_into(home, "out")
-    assert json.loads((home / "out" / "manifest.json").read_text())["recipe"]["max_length"] == 512 != \
-        json.loads(first)["recipe"]["max_length"]
+    assert (
+        json.loads((home / "out" / "manifest.json").read_text())["recipe"]["max_length"]
+        == 512
+        != json.loads(first)["recipe"]["max_length"]
+    )
     assert outputs.ownership_problem(home / "out", "prepared dataset") is None
     assert sorted(p.name for p in home.iterdir() if p.name.startswith(".")) == []  # no staging folder left
 
@@ -196,14 +214,20 @@ def fake_checkpoint(folder: Path, step: int | None, *, state_step: int | None = 
     return path
 
 
-@pytest.mark.parametrize(("keys", "says"), [
-    ({"output_dir": "model"}, "output_dir: model: is the input model_name_or_path"),
-    ({"output_dir": "model/run"}, "output_dir: model/run: lies inside the input model_name_or_path"),
-    ({"output_dir": ".", "model_name_or_path": "model"}, "output_dir: .: contains the input model_name_or_path"),
-    ({"output_dir": "prepared/run", "prepared": "prepared"},
-     "output_dir: prepared/run: lies inside the input prepared"),
-    ({"output_dir": "recipe.yaml"}, "output_dir: recipe.yaml: is a file"),
-], ids=["model", "inside_model", "holds_model", "inside_prepared", "a_file"])
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        ({"output_dir": "model"}, "output_dir: model: is the input model_name_or_path"),
+        ({"output_dir": "model/run"}, "output_dir: model/run: lies inside the input model_name_or_path"),
+        ({"output_dir": ".", "model_name_or_path": "model"}, "output_dir: .: contains the input model_name_or_path"),
+        (
+            {"output_dir": "prepared/run", "prepared": "prepared"},
+            "output_dir: prepared/run: lies inside the input prepared",
+        ),
+        ({"output_dir": "recipe.yaml"}, "output_dir: recipe.yaml: is a file"),
+    ],
+    ids=["model", "inside_model", "holds_model", "inside_prepared", "a_file"],
+)
 def test_train_refuses_an_output_dir_that_is_an_input_or_a_file(home, no_training, keys, says):
     (home / "prepared").mkdir()
     write_recipe(home, **keys)
@@ -249,8 +273,18 @@ def test_overwrite_output_dir_deletes_only_proven_checkpoints(home, tiny_model):
     torn = fake_checkpoint(home / "run", 9)  # no trainer_state.json
     (home / "run" / "notes.md").write_text("my notes on this run")
     kept = {p: tree(p) for p in (mislabelled, torn)}
-    write_recipe(home, model_name_or_path=str(tiny_model), overwrite_output_dir=True, max_steps=2, save_steps=1,
-                 save_total_limit=1, per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to="none")
+    write_recipe(
+        home,
+        model_name_or_path=str(tiny_model),
+        overwrite_output_dir=True,
+        max_steps=2,
+        save_steps=1,
+        save_total_limit=1,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+    )
     earlier_weights = (earlier / "model.safetensors").read_bytes()
     code, err = run(["train", "recipe.yaml"], home)
     assert code == 0, err
@@ -281,19 +315,34 @@ def test_rotation_and_replacement_touch_only_proven_checkpoints(tmp_path):
 # --- output files --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "says"), [
-    (["add-markers", "chatml", "-o", "data"], "data: is a directory; give a file path (e.g. data/training.jinja)"),
-    (["add-markers", "mine.jinja", "-o", "mine.jinja"], "mine.jinja: is the input INPUT"),
-    (["add-markers", "chatml", "-o", "conversation.json/x.jinja"], "conversation.json is a file, not a folder"),
-    (["check-data", "recipe.yaml", "--report", "data"], "data: is a directory"),
-    (["check-data", "recipe.yaml", "--report", "recipe.yaml"], "recipe.yaml: is the input recipe file"),
-    (["check-data", "recipe.yaml", "--report", "data/train.jsonl"], "data/train.jsonl: is the input dataset_name"),
-    (["check-data", "recipe.yaml", "--report", "model/tokenizer.json"], "is part of the input model_name_or_path"),
-    (["show", "conversation.json", "--template", "chatml", "--html", "data"], "data: is a directory"),
-    (["show", "conversation.json", "--template", "chatml", "--html", "conversation.json"],
-     "is the input CONVERSATION"),
-], ids=["markers_dir", "markers_over_input", "markers_under_file", "report_dir", "report_over_recipe",
-        "report_over_data", "report_in_model", "html_dir", "html_over_input"])
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["add-markers", "chatml", "-o", "data"], "data: is a directory; give a file path (e.g. data/training.jinja)"),
+        (["add-markers", "mine.jinja", "-o", "mine.jinja"], "mine.jinja: is the input INPUT"),
+        (["add-markers", "chatml", "-o", "conversation.json/x.jinja"], "conversation.json is a file, not a folder"),
+        (["check-data", "recipe.yaml", "--report", "data"], "data: is a directory"),
+        (["check-data", "recipe.yaml", "--report", "recipe.yaml"], "recipe.yaml: is the input recipe file"),
+        (["check-data", "recipe.yaml", "--report", "data/train.jsonl"], "data/train.jsonl: is the input dataset_name"),
+        (["check-data", "recipe.yaml", "--report", "model/tokenizer.json"], "is part of the input model_name_or_path"),
+        (["show", "conversation.json", "--template", "chatml", "--html", "data"], "data: is a directory"),
+        (
+            ["show", "conversation.json", "--template", "chatml", "--html", "conversation.json"],
+            "is the input CONVERSATION",
+        ),
+    ],
+    ids=[
+        "markers_dir",
+        "markers_over_input",
+        "markers_under_file",
+        "report_dir",
+        "report_over_recipe",
+        "report_over_data",
+        "report_in_model",
+        "html_dir",
+        "html_over_input",
+    ],
+)
 def test_output_files_are_never_written_over_inputs_or_folders(home, argv, says):
     (home / "mine.jinja").write_text(_bundled("chatml"))
     refused(home, argv, says)
@@ -316,8 +365,9 @@ def test_a_missing_output_folder_is_created_and_the_file_written_whole(home):
 
 
 def test_prepare_never_replaces_the_folder_it_runs_in(home):
-    write_recipe(home, "absolute.yaml", model_name_or_path=str(home / "model"),
-                 dataset_name=str(home / "data" / "train.jsonl"))
+    write_recipe(
+        home, "absolute.yaml", model_name_or_path=str(home / "model"), dataset_name=str(home / "data" / "train.jsonl")
+    )
     (home / "empty").mkdir()  # empty, so ownership allows it; renaming the working directory away does not
     before = tree(home)
     code, err = run(["prepare", str(home / "absolute.yaml"), "-o", "."], home / "empty")

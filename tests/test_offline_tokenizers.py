@@ -132,12 +132,25 @@ def test_llama3_special_tokens(llama3_tokenizer):
     tok = llama3_tokenizer
     assert len(tok) == 128256
     assert (tok.bos_token_id, tok.eos_token_id) == (128000, 128009)
-    expected = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|start_header_id|>": 128006,
-                "<|end_header_id|>": 128007, "<|eot_id|>": 128009, "<|reserved_special_token_250|>": 128255}
+    expected = {
+        "<|begin_of_text|>": 128000,
+        "<|end_of_text|>": 128001,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eot_id|>": 128009,
+        "<|reserved_special_token_250|>": 128255,
+    }
     for content, token_id in expected.items():
         assert ids(tok, content) == [token_id], content
         assert tok.added_tokens_decoder[token_id].special
-    assert ids(tok, "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>") == [128006, 882, 128007, 271, 13347, 128009]
+    assert ids(tok, "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>") == [
+        128006,
+        882,
+        128007,
+        271,
+        13347,
+        128009,
+    ]
     assert tok("Hello world").input_ids == [128000, 9906, 1917]  # the hub tokenizer prepends BOS
 
 
@@ -157,8 +170,16 @@ def test_mistral_tekken_special_tokens(mistral_tokenizer):
     tok = mistral_tokenizer
     assert len(tok) == 131072
     assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id) == ("<s>", 1, "</s>", 2)
-    for content, token_id in {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[TOOL_CALLS]": 9,
-                              "[SYSTEM_PROMPT]": 17, "<SPECIAL_999>": 999}.items():
+    for content, token_id in {
+        "<unk>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        "[INST]": 3,
+        "[/INST]": 4,
+        "[TOOL_CALLS]": 9,
+        "[SYSTEM_PROMPT]": 17,
+        "<SPECIAL_999>": 999,
+    }.items():
         assert tok.convert_tokens_to_ids(content) == token_id, content
         assert tok.added_tokens_decoder[token_id].special, content
     assert {1, 2, 3, 4} <= set(tok.all_special_ids)

@@ -37,8 +37,15 @@ def quiet(_):
 
 
 def test_prepare_then_train_gives_the_raw_runs_labels_and_first_loss(assets, tmp_path):
-    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, packing=True,
-                       shuffle_dataset=True, max_steps=2)
+    keys = recipe_keys(
+        assets,
+        tmp_path,
+        rows_with_long_prompts(assets, 0),
+        max_length=128,
+        packing=True,
+        shuffle_dataset=True,
+        max_steps=2,
+    )
     _, raw_data, _ = guard(build_recipe(keys))
     prepare(build_recipe(keys), tmp_path / "prepared")
     saved = datasets.load_from_disk(str(tmp_path / "prepared" / "dataset"))
@@ -49,15 +56,20 @@ def test_prepare_then_train_gives_the_raw_runs_labels_and_first_loss(assets, tmp
 
     from_raw = train(build_recipe(keys), log=quiet)
     said = []
-    from_prepared = train(build_recipe({**keys, "prepared": str(tmp_path / "prepared"),
-                                        "output_dir": str(tmp_path / "run2")}), log=said.append)
+    from_prepared = train(
+        build_recipe({**keys, "prepared": str(tmp_path / "prepared"), "output_dir": str(tmp_path / "run2")}),
+        log=said.append,
+    )
     assert any("not re-tokenized" in s for s in said)
     assert from_prepared.history[0] == pytest.approx(from_raw.history[0], rel=1e-6)
     assert from_prepared.report.trainable_tokens == from_raw.report.trainable_tokens
 
 
-@pytest.mark.parametrize("case", [{"packing": True, "packing_strategy": "bfd"},
-                                  {"packing": False, "truncation_mode": "keep_end"}], ids=["bfd", "keep_end"])
+@pytest.mark.parametrize(
+    "case",
+    [{"packing": True, "packing_strategy": "bfd"}, {"packing": False, "truncation_mode": "keep_end"}],
+    ids=["bfd", "keep_end"],
+)
 def test_every_saved_token_points_to_its_source_row_and_position(assets, tmp_path, case):
     rows = rows_with_long_prompts(assets, 2)[-8:]
     keys = recipe_keys(assets, tmp_path, rows, max_length=64, mask_guard="warn", **case)
@@ -93,13 +105,18 @@ def other_tokenizer(tmp_path, assets) -> str:
 
 MISMATCHES = {
     "max_length": (lambda tmp, assets: {"max_length": 256}, "max_length: recipe 256, prepared 128"),
-    "packing_strategy": (lambda tmp, assets: {"packing_strategy": "wrapped"}, "packing_strategy: recipe 'wrapped', prepared 'bfd'"),
+    "packing_strategy": (
+        lambda tmp, assets: {"packing_strategy": "wrapped"},
+        "packing_strategy: recipe 'wrapped', prepared 'bfd'",
+    ),
     "packing": (lambda tmp, assets: {"packing": False}, "packing: recipe False, prepared True"),
     "mask_guard": (lambda tmp, assets: {"mask_guard": "warn"}, "mask_guard: recipe 'warn', prepared 'reject'"),
     "template": (lambda tmp, assets: {"chat_template_path": other_template(tmp)}, "chat template: recipe sha256"),
     "tokenizer": (lambda tmp, assets: {"model_name_or_path": other_tokenizer(tmp, assets)}, "tokenizer: recipe "),
-    "dataset_config": (lambda tmp, assets: {"dataset_config": "all"},
-                       "dataset_config: recipe 'all', prepared '(not set)'"),
+    "dataset_config": (
+        lambda tmp, assets: {"dataset_config": "all"},
+        "dataset_config: recipe 'all', prepared '(not set)'",
+    ),
 }
 
 
@@ -130,19 +147,29 @@ def test_a_prepared_dataset_edited_after_prepare_is_rejected(prepared, tmp_path)
 def pretokenized(tmp_path, assets, columns: dict, **keys) -> dict:
     """A user's own tokenized dataset (ids below the tiny tokenizer's 512, which loads in milliseconds)."""
     datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "tokens"))
-    return {"model_name_or_path": str(assets["model"]), "dataset_name": str(tmp_path / "tokens"),
-            "assistant_only_loss": True, "max_length": 8, "output_dir": str(tmp_path / "run"), **keys}
+    return {
+        "model_name_or_path": str(assets["model"]),
+        "dataset_name": str(tmp_path / "tokens"),
+        "assistant_only_loss": True,
+        "max_length": 8,
+        "output_dir": str(tmp_path / "run"),
+        **keys,
+    }
 
 
-ROWS = {"input_ids": [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35], [41, 42] * 6],
-        "assistant_masks": [[0, 0, 1, 1], [0, 1, 1], [0, 0, 0, 0, 0], [0] * 10 + [1, 1]]}
+ROWS = {
+    "input_ids": [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35], [41, 42] * 6],
+    "assistant_masks": [[0, 0, 1, 1], [0, 1, 1], [0, 0, 0, 0, 0], [0] * 10 + [1, 1]],
+}
 
 
 def test_a_pretokenized_zero_mask_row_is_rejected_with_the_row_named(assets, tmp_path, capsys):
     keys = pretokenized(tmp_path, assets, ROWS)
     report, _ = check_data(build_recipe(keys))
-    assert report.zero_mask_rows == [{"index": 2, "reason": "mask_marks_nothing"},
-                                     {"index": 3, "reason": "all_assistant_tokens_past_max_length"}]
+    assert report.zero_mask_rows == [
+        {"index": 2, "reason": "mask_marks_nothing"},
+        {"index": 3, "reason": "all_assistant_tokens_past_max_length"},
+    ]
     assert report.truncated_assistant_tokens == 2 and report.max_length_to_keep_all == 12  # lengths vs max_length
     with pytest.raises(GuardStop, match=r"Rows with nothing to train: 2 \(mask_marks_nothing\), 3 "):
         guard(build_recipe(keys))
@@ -164,8 +191,12 @@ def test_pretokenized_rows_are_labelled_packed_and_refused_as_trl_would_not(asse
     assert report.ok and report.sequences == len(ours) < 3  # packed
     # The same labels and packing as SFTTrainer's own preparation of the same pre-tokenized dataset.
     args = SFTConfig(output_dir=str(tmp_path / "trl"), packing=True, max_length=12, use_cpu=True, report_to="none")
-    theirs = SFTTrainer(model=str(assets["model"]), args=args, train_dataset=datasets.load_from_disk(keys["dataset_name"]),
-                        processing_class=_tokenizer(assets)).train_dataset
+    theirs = SFTTrainer(
+        model=str(assets["model"]),
+        args=args,
+        train_dataset=datasets.load_from_disk(keys["dataset_name"]),
+        processing_class=_tokenizer(assets),
+    ).train_dataset
     assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
 
     no_mask = pretokenized(tmp_path / "a", assets, {"input_ids": ROWS["input_ids"]})
@@ -174,7 +205,9 @@ def test_pretokenized_rows_are_labelled_packed_and_refused_as_trl_would_not(asse
     report, data = check_data(build_recipe({**no_mask, "assistant_only_loss": False, "max_length": None}))
     assert data["labels"] == data["input_ids"]  # continued pretraining on tokens: every token trains
 
-    bad = pretokenized(tmp_path / "b", assets, {"input_ids": [[1, 2, 3], [4, 5, 6]], "labels": [[-100, 2, 3], [-100, 9, 6]]})
+    bad = pretokenized(
+        tmp_path / "b", assets, {"input_ids": [[1, 2, 3], [4, 5, 6]], "labels": [[-100, 2, 3], [-100, 9, 6]]}
+    )
     with pytest.raises(InputError, match=r"row 1: labels\[1\] is 9 but input_ids\[1\] is 5"):
         check_data(build_recipe(bad))
 
@@ -224,14 +257,23 @@ def test_two_phase_recipes_base_lm_then_assistant_only_sft(assets, tmp_path):
     spec.loader.exec_module(make_corpus)
     corpus = make_corpus.write_corpus(tmp_path / "corpus.jsonl", rows=200)
 
-    base = {**read_yaml(str(ROOT / "recipes" / "two_phase" / "1_base.yaml")), "model_name_or_path": str(assets["model"]),
-            "dataset_name": str(corpus), "output_dir": str(tmp_path / "base"), "max_steps": 2}
+    base = {
+        **read_yaml(str(ROOT / "recipes" / "two_phase" / "1_base.yaml")),
+        "model_name_or_path": str(assets["model"]),
+        "dataset_name": str(corpus),
+        "output_dir": str(tmp_path / "base"),
+        "max_steps": 2,
+    }
     first = train(build_recipe(base), log=quiet)
     assert first.report.trainable_tokens == first.report.tokens  # plain text: every token trains
 
-    sft = {**read_yaml(str(ROOT / "recipes" / "two_phase" / "2_sft.yaml")), "model_name_or_path": str(tmp_path / "base"),
-           "dataset_name": recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0))["dataset_name"],
-           "output_dir": str(tmp_path / "sft"), "max_steps": 2}
+    sft = {
+        **read_yaml(str(ROOT / "recipes" / "two_phase" / "2_sft.yaml")),
+        "model_name_or_path": str(tmp_path / "base"),
+        "dataset_name": recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0))["dataset_name"],
+        "output_dir": str(tmp_path / "sft"),
+        "max_steps": 2,
+    }
     prepare(build_recipe(sft), tmp_path / "sft-data")
     second = train(build_recipe({**sft, "prepared": str(tmp_path / "sft-data")}), log=quiet)
     assert 0 < second.report.trainable_tokens < second.report.tokens  # assistant tokens only
@@ -244,12 +286,15 @@ def test_plain_text_rows_are_tokenized_as_trl_tokenizes_them(assets, tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"{i} km = {i * 1000} m. " * (1 + i % 7)}) + "\n" for i in range(30)))
     keys = {"model_name_or_path": str(assets["model"]), "dataset_name": str(data), "packing": True, "max_length": 32}
-    with pytest.raises(InputError, match="plain 'text'.* continued pretraining on the text, set assistant_only_loss: false"):
+    with pytest.raises(
+        InputError, match="plain 'text'.* continued pretraining on the text, set assistant_only_loss: false"
+    ):
         check_data(build_recipe({**keys, "assistant_only_loss": True}))
     report, ours = check_data(build_recipe({**keys, "assistant_only_loss": False}))
     args = SFTConfig(output_dir=str(tmp_path / "trl"), packing=True, max_length=32, use_cpu=True, report_to="none")
-    theirs = SFTTrainer(model=str(assets["model"]), args=args, train_dataset=load_rows(str(data)),
-                        processing_class=_tokenizer(assets)).train_dataset
+    theirs = SFTTrainer(
+        model=str(assets["model"]), args=args, train_dataset=load_rows(str(data)), processing_class=_tokenizer(assets)
+    ).train_dataset
     assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
     assert report.trainable_tokens == sum(len(ids) for ids in ours["input_ids"])
 
@@ -270,8 +315,9 @@ def test_prepare_again_into_the_same_directory_replaces_it_and_refuses_foreign_o
 
 
 def test_repairs_made_at_prepare_time_are_applied_when_training_from_it(assets, tmp_path):
-    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 2), max_length=64, mask_guard="repair",
-                       max_length_limit=2048)
+    keys = recipe_keys(
+        assets, tmp_path, rows_with_long_prompts(assets, 2), max_length=64, mask_guard="repair", max_length_limit=2048
+    )
     result = prepare(build_recipe(keys), tmp_path / "prepared")
     raised = result.manifest["applied"]["max_length"]
     assert raised > 64 and result.manifest["recipe"]["max_length"] == 64
@@ -284,11 +330,18 @@ def test_repairs_made_at_prepare_time_are_applied_when_training_from_it(assets, 
 
 def test_template_without_markers_repaired_at_prepare_is_repaired_alike_at_train(assets, tmp_path):
     source = bundled_path("chatml").read_text()
-    source = source[source.index("-#}") + 3:]  # the header comment, which names the markers
+    source = source[source.index("-#}") + 3 :]  # the header comment, which names the markers
     plain = tmp_path / "chatml_plain.jinja"
     plain.write_text(re.sub(r"\{%-? *(end)?generation *-?%\}", "", source))  # an inference template
-    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, max_steps=1,
-                       chat_template_path=str(plain), mask_guard="repair")
+    keys = recipe_keys(
+        assets,
+        tmp_path,
+        rows_with_long_prompts(assets, 0),
+        max_length=128,
+        max_steps=1,
+        chat_template_path=str(plain),
+        mask_guard="repair",
+    )
     result = prepare(build_recipe(keys), tmp_path / "prepared")
     assert any("added {% generation %} markers" in n for n in result.notes)
     said = []
@@ -297,7 +350,11 @@ def test_template_without_markers_repaired_at_prepare_is_repaired_alike_at_train
 
 
 def test_pretokenized_rows_need_no_template_markers(assets, tmp_path):
-    keys = pretokenized(tmp_path, assets, {k: v[:2] for k, v in ROWS.items()},
-                        chat_template_path=str(ROOT / "tests" / "fixtures" / "templates" / "S002_no_markers.jinja"))
+    keys = pretokenized(
+        tmp_path,
+        assets,
+        {k: v[:2] for k, v in ROWS.items()},
+        chat_template_path=str(ROOT / "tests" / "fixtures" / "templates" / "S002_no_markers.jinja"),
+    )
     report, _, notes = guard(build_recipe(keys))  # reject would stop a conversation dataset here
     assert report.ok and notes == []

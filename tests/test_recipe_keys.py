@@ -40,12 +40,31 @@ def all_fields() -> dict[str, tuple[type, dataclasses.Field]]:
 
 def base_keys(tmp_path) -> dict:
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
-                                                     {"role": "assistant", "content": f"{i + 1}."}]}) + "\n"
-                            for i in range(4)))
-    return {"model_name_or_path": str(TOKENIZER), "chat_template_path": "chatml", "assistant_only_loss": True,
-            "dataset_name": str(data), "max_length": 128, "output_dir": str(tmp_path / "run"), "use_cpu": True,
-            "bf16": False, "report_to": "none"}
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} + 1?"},
+                        {"role": "assistant", "content": f"{i + 1}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    return {
+        "model_name_or_path": str(TOKENIZER),
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "dataset_name": str(data),
+        "max_length": 128,
+        "output_dir": str(tmp_path / "run"),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+    }
 
 
 def test_every_field_of_the_installed_trl_has_a_decision():
@@ -70,8 +89,9 @@ default. Numbers are also checked against a range per key (`VALUE_RANGES` in sft
 
 
 def test_doc_lists_every_key_as_decided():
-    assert DOC.read_text(encoding="utf-8") == HEADER + markdown_table(owners()), \
+    assert DOC.read_text(encoding="utf-8") == HEADER + markdown_table(owners()), (
         "docs/recipe_keys.md is stale: python tests/test_recipe_keys.py"
+    )
 
 
 def test_refused_keys_are_refused_at_load_with_their_reason(tmp_path):
@@ -89,7 +109,9 @@ def test_refused_keys_are_refused_at_load_with_their_reason(tmp_path):
 
 def test_a_refused_key_is_exit_2_on_the_command_line(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in {**base_keys(tmp_path), "push_to_hub": True}.items()))
+    recipe.write_text(
+        "".join(f"{k}: {json.dumps(v)}\n" for k, v in {**base_keys(tmp_path), "push_to_hub": True}.items())
+    )
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["check-data", str(recipe)]) == 2
@@ -109,6 +131,7 @@ def test_renamed_keys_say_the_new_spelling(old, tmp_path):
 
 
 # ---- what the trainer receives, compared with `trl sft` ----------------------------------------------------------
+
 
 class TrainerReached(Exception):
     """Raised by the stand-in trainer once it has the arguments it was built with."""
@@ -147,12 +170,30 @@ def through_toolkit(keys: dict, monkeypatch) -> dict:
 
 
 NON_DEFAULT = {  # keys that reach the model loading or the trainer, set away from their defaults
-    "model_revision": "main", "trust_remote_code": True, "attn_implementation": "eager", "dtype": "bfloat16",
-    "model_init_kwargs": {"low_cpu_mem_usage": True}, "use_peft": True, "lora_r": 4, "lora_alpha": 8,
-    "lora_dropout": 0.1, "lora_target_modules": ["q_proj", "v_proj"], "use_rslora": True,
-    "learning_rate": 3e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "gradient_accumulation_steps": 2,
-    "per_device_train_batch_size": 3, "max_steps": 7, "logging_steps": 2, "seed": 5, "weight_decay": 0.01,
-    "gradient_checkpointing": True, "save_strategy": "no", "loss_type": "dft", "eos_token": "<|im_end|>",
+    "model_revision": "main",
+    "trust_remote_code": True,
+    "attn_implementation": "eager",
+    "dtype": "bfloat16",
+    "model_init_kwargs": {"low_cpu_mem_usage": True},
+    "use_peft": True,
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.1,
+    "lora_target_modules": ["q_proj", "v_proj"],
+    "use_rslora": True,
+    "learning_rate": 3e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.1,
+    "gradient_accumulation_steps": 2,
+    "per_device_train_batch_size": 3,
+    "max_steps": 7,
+    "logging_steps": 2,
+    "seed": 5,
+    "weight_decay": 0.01,
+    "gradient_checkpointing": True,
+    "save_strategy": "no",
+    "loss_type": "dft",
+    "eos_token": "<|im_end|>",
 }
 
 
@@ -161,20 +202,32 @@ def compare_with_trl_sft(keys: dict, monkeypatch) -> tuple[dict, dict]:
     ours = through_toolkit(keys, monkeypatch)
     assert ours["model"] == theirs["model"]
     assert ours["peft_config"] == theirs["peft_config"]
-    differing = {f.name for f in dataclasses.fields(theirs["args"])
-                 if getattr(ours["args"], f.name) != getattr(theirs["args"], f.name)}
+    differing = {
+        f.name
+        for f in dataclasses.fields(theirs["args"])
+        if getattr(ours["args"], f.name) != getattr(theirs["args"], f.name)
+    }
     # Only what the toolkit applies itself (its data preparation) may reach the trainer changed.
     assert {key: RECIPE_KEYS[key].handling for key in differing} == {
-        key: Handling.DATA_PREPARATION for key in differing}
+        key: Handling.DATA_PREPARATION for key in differing
+    }
     assert differing <= {"chat_template_path", "dataset_kwargs", "assistant_only_loss"}
     return ours, theirs
 
 
 def test_model_and_trainer_keys_reach_the_trainer_as_trl_sft_passes_them(tmp_path, monkeypatch):
     ours, theirs = compare_with_trl_sft({**base_keys(tmp_path), **NON_DEFAULT}, monkeypatch)
-    assert ours["args"].model_init_kwargs == theirs["args"].model_init_kwargs == {
-        "revision": "main", "trust_remote_code": True, "attn_implementation": "eager", "dtype": "bfloat16",
-        "low_cpu_mem_usage": True}
+    assert (
+        ours["args"].model_init_kwargs
+        == theirs["args"].model_init_kwargs
+        == {
+            "revision": "main",
+            "trust_remote_code": True,
+            "attn_implementation": "eager",
+            "dtype": "bfloat16",
+            "low_cpu_mem_usage": True,
+        }
+    )
     assert ours["quantization_config"] is theirs["quantization_config"] is None
     assert ours["peft_config"].r == 4 and ours["peft_config"].use_rslora
     for key, value in NON_DEFAULT.items():
@@ -186,8 +239,15 @@ def test_model_and_trainer_keys_reach_the_trainer_as_trl_sft_passes_them(tmp_pat
 def test_quantization_config_is_trl_sfts(bits, tmp_path, monkeypatch):
     """Built without a GPU (the config object needs none); the toolkit's check for CUDA/bitsandbytes is lifted."""
     monkeypatch.setattr(train_module, "quantization_missing", lambda: [])
-    keys = {**base_keys(tmp_path), "use_peft": True, bits: True, "dtype": "bfloat16", "bnb_4bit_quant_type": "fp4",
-            "use_bnb_nested_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
+    keys = {
+        **base_keys(tmp_path),
+        "use_peft": True,
+        bits: True,
+        "dtype": "bfloat16",
+        "bnb_4bit_quant_type": "fp4",
+        "use_bnb_nested_quant": True,
+        "bnb_4bit_quant_storage": "bfloat16",
+    }
     ours, theirs = compare_with_trl_sft(keys, monkeypatch)
     assert ours["quantization_config"].to_dict() == theirs["quantization_config"].to_dict()
     built = ours["quantization_config"]
@@ -217,6 +277,7 @@ def test_quantization_without_lora_is_refused_at_load(tmp_path):
 
 
 # ---- values ---------------------------------------------------------------------------------------------------
+
 
 def numeric_fields() -> dict[str, set]:
     out = {}
@@ -266,8 +327,9 @@ def test_toolkit_keys_are_type_checked(field, tmp_path):
     assert isinstance(field.type, str)
     annotation = typing.get_type_hints(ToolkitArguments)[field.name]
     accepted = set(typing.get_args(annotation)) or {annotation}
-    wrong = next(v for v in (3.5, {"a": 1}, 7) if type(v) not in accepted and not (
-        isinstance(v, int) and float in accepted))
+    wrong = next(
+        v for v in (3.5, {"a": 1}, 7) if type(v) not in accepted and not (isinstance(v, int) and float in accepted)
+    )
     with pytest.raises(InputError, match=f": {field.name}: (expected|.* is not one of)"):
         build_recipe({**base_keys(tmp_path), field.name: wrong})
 

@@ -30,8 +30,12 @@ from sft_toolkit.probes import PROBES
 from sft_toolkit.templates import bundled_names, load_template
 
 CORPUS = Path(__file__).parent / "bad_inputs"
-BASE_RECIPE = {"model_name_or_path": "tokenizer", "assistant_only_loss": True, "max_length": 256,
-               "dataset_name": "data/sharegpt.jsonl"}
+BASE_RECIPE = {
+    "model_name_or_path": "tokenizer",
+    "assistant_only_loss": True,
+    "max_length": 256,
+    "dataset_name": "data/sharegpt.jsonl",
+}
 SECONDS = 1.0  # the render time budget in these tests
 MEMORY = 128 << 20  # the render memory budget in these tests (bytes)
 SLACK_SECONDS = 20.0  # loading the tokenizer and the dataset, on a loaded 2-core machine
@@ -59,8 +63,9 @@ def run_cli(command: str, template: str, workdir: Path, **recipe) -> tuple[int, 
     elif command == "show":
         argv = [command, "conversation.json", "--template", path]
     else:
-        (workdir / f"{template}.yaml").write_text(yaml.safe_dump({**BASE_RECIPE, "chat_template_path": path,
-                                                                   **recipe}))
+        (workdir / f"{template}.yaml").write_text(
+            yaml.safe_dump({**BASE_RECIPE, "chat_template_path": path, **recipe})
+        )
         argv = [command, f"{template}.yaml"]
     out = io.StringIO()
     start = time.monotonic()
@@ -71,16 +76,20 @@ def run_cli(command: str, template: str, workdir: Path, **recipe) -> tuple[int, 
 
 # template, command, exit code, what the one line says, the template line it names
 CASES = [
-    *[(t, c, 2, says, 2) for t, says in [
-        ("big_string", "would build a repeated string of 1,000,000,000 characters"),
-        ("huge_string", "would build a repeated string of 10,000,000,000 characters"),
-        ("huge_range", "passes 1,000,000,000 to `range`"),
-        ("list_repetition", "would build a repeated list of 1,000,000,000 items"),
-        ("doubling_concat", "would build a string of joined parts (`~`)"),
-        ("power_overflow", "would compute a number of about 40,000,000,000 bits"),
-        ("format_width", "would build a formatted string of 1,000,000,012 characters"),
-        ("many_strings", f"used more than {MEMORY >> 20} MiB of memory"),
-    ] for c in ("lint", "add-markers", "check-data", "show")],
+    *[
+        (t, c, 2, says, 2)
+        for t, says in [
+            ("big_string", "would build a repeated string of 1,000,000,000 characters"),
+            ("huge_string", "would build a repeated string of 10,000,000,000 characters"),
+            ("huge_range", "passes 1,000,000,000 to `range`"),
+            ("list_repetition", "would build a repeated list of 1,000,000,000 items"),
+            ("doubling_concat", "would build a string of joined parts (`~`)"),
+            ("power_overflow", "would compute a number of about 40,000,000,000 bits"),
+            ("format_width", "would build a formatted string of 1,000,000,012 characters"),
+            ("many_strings", f"used more than {MEMORY >> 20} MiB of memory"),
+        ]
+        for c in ("lint", "add-markers", "check-data", "show")
+    ],
     ("zero_division", "lint", 1, "R007 template failed to render: ZeroDivisionError: division by zero", 2),
     ("zero_division", "add-markers", 2, "fails to render every probe conversation", 2),
     ("zero_division", "check-data", 1, "row 0: template_error: ZeroDivisionError: division by zero", 2),
@@ -88,21 +97,23 @@ CASES = [
     ("loops_when_traced", "add-markers", 2, f"the chat template ran longer than {SECONDS:g} s", 2),
     ("fails_when_traced", "add-markers", 2, "failed while traced on probe single-turn: IndexError", 2),
     ("recursion_when_traced", "add-markers", 2, "RecursionError: a macro or loop calls itself without end", 2),
-    *[(t, "train", 2, says, 2) for t, says in [
-        ("loops_when_traced", f"the chat template ran longer than {SECONDS:g} s"),
-        ("fails_when_traced", "failed while traced on probe single-turn: IndexError"),
-        ("recursion_when_traced", "RecursionError"),
-        ("big_string", "would build a repeated string of 1,000,000,000 characters"),
-    ]],
+    *[
+        (t, "train", 2, says, 2)
+        for t, says in [
+            ("loops_when_traced", f"the chat template ran longer than {SECONDS:g} s"),
+            ("fails_when_traced", "failed while traced on probe single-turn: IndexError"),
+            ("recursion_when_traced", "RecursionError"),
+            ("big_string", "would build a repeated string of 1,000,000,000 characters"),
+        ]
+    ],
 ]
 
 
-@pytest.mark.parametrize("template,command,exit_code,says,line", CASES,
-                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_hostile_template_ends_in_one_line_naming_its_template_line(corpus, template, command, exit_code, says,
-                                                                     line):
-    code, output, seconds = run_cli(command, template, corpus, mask_guard="repair",
-                                    output_dir=str(corpus / "runs" / template))
+@pytest.mark.parametrize("template,command,exit_code,says,line", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_hostile_template_ends_in_one_line_naming_its_template_line(corpus, template, command, exit_code, says, line):
+    code, output, seconds = run_cli(
+        command, template, corpus, mask_guard="repair", output_dir=str(corpus / "runs" / template)
+    )
     assert "Traceback" not in output, output[-3000:]
     assert code == exit_code, output[-3000:]
     shown = [row for row in output.splitlines() if says in row]
@@ -139,12 +150,15 @@ def _peak_growth(command: str, template: str, workdir: Path) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
-@pytest.mark.parametrize("template,command,bound", [
-    ("big_string", "lint", 32 << 20),  # refused before a byte of it is allocated (lint reached 4 GB)
-    ("huge_string", "add-markers", 32 << 20),
-    ("doubling_concat", "lint", 32 << 20),
-    ("many_strings", "lint", MEMORY + (64 << 20)),  # each string within the size limit: the memory budget stops it
-])
+@pytest.mark.parametrize(
+    "template,command,bound",
+    [
+        ("big_string", "lint", 32 << 20),  # refused before a byte of it is allocated (lint reached 4 GB)
+        ("huge_string", "add-markers", 32 << 20),
+        ("doubling_concat", "lint", 32 << 20),
+        ("many_strings", "lint", MEMORY + (64 << 20)),  # each string within the size limit: the memory budget stops it
+    ],
+)
 def test_hostile_template_memory_stays_under_the_stated_limit(corpus, template, command, bound):
     code, grown = _peak_growth(command, template, corpus)
     assert code == 2
@@ -192,12 +206,27 @@ def test_sandbox_refuses_a_giant_before_building_it_and_names_the_line(expressio
 
 
 HONEST = [
-    "{{ '-' * 80 }}", "{{ 3 * 'ab' }}", "{{ 2 ** 10 }}", "{{ 7 * 6 }}", "{{ [1, 2] + [3] }}", "{{ 'a' ~ 1 ~ none }}",
-    "{{ messages | tojson }}", "{{ messages | tojson(indent=2) }}", "{{ '%-10s|%5.2f' % ('x', 3.14159) }}",
-    "{{ '{:>5}|{}'.format(3, 'y') }}", "{{ 'a-b-c' | replace('-', ', ') }}", "{{ 'x' | center(9) }}",
-    "{{ messages | map(attribute='role') | join(', ') }}", "{{ ', '.join(['a', 'b']) }}", "{{ messages }}",
-    "{{ 'line\\nline' | indent('> ', first=true) }}", "{{ range(3) | list }}", "{{ 'abc'.ljust(6, '.') }}",
-    "{{ ('text ' * 3) | wordwrap(4) }}", "{{ [[1], [2]] | sum(start=[]) }}", "{{ (1, 2) | string }}",
+    "{{ '-' * 80 }}",
+    "{{ 3 * 'ab' }}",
+    "{{ 2 ** 10 }}",
+    "{{ 7 * 6 }}",
+    "{{ [1, 2] + [3] }}",
+    "{{ 'a' ~ 1 ~ none }}",
+    "{{ messages | tojson }}",
+    "{{ messages | tojson(indent=2) }}",
+    "{{ '%-10s|%5.2f' % ('x', 3.14159) }}",
+    "{{ '{:>5}|{}'.format(3, 'y') }}",
+    "{{ 'a-b-c' | replace('-', ', ') }}",
+    "{{ 'x' | center(9) }}",
+    "{{ messages | map(attribute='role') | join(', ') }}",
+    "{{ ', '.join(['a', 'b']) }}",
+    "{{ messages }}",
+    "{{ 'line\\nline' | indent('> ', first=true) }}",
+    "{{ range(3) | list }}",
+    "{{ 'abc'.ljust(6, '.') }}",
+    "{{ ('text ' * 3) | wordwrap(4) }}",
+    "{{ [[1], [2]] | sum(start=[]) }}",
+    "{{ (1, 2) | string }}",
     "{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s + m.content %}{% endfor %}{{ ns.s }}",
 ]
 
@@ -223,10 +252,16 @@ def _renders(sources: list[str]) -> list:
         for probe in PROBES:
             for prompt in (False, True):
                 try:
-                    out.append(render_jinja_template(
-                        conversations=[probe.messages], tools=probe.tools, chat_template=source,
-                        return_assistant_tokens_mask="generation" in source, add_generation_prompt=prompt,
-                        **{**masks.DEFAULT_SPECIAL_TOKENS, **probe.template_kwargs}))
+                    out.append(
+                        render_jinja_template(
+                            conversations=[probe.messages],
+                            tools=probe.tools,
+                            chat_template=source,
+                            return_assistant_tokens_mask="generation" in source,
+                            add_generation_prompt=prompt,
+                            **{**masks.DEFAULT_SPECIAL_TOKENS, **probe.template_kwargs},
+                        )
+                    )
                 except Exception as err:  # noqa: BLE001 - the same error either way
                     out.append(f"{type(err).__name__}: {err}")
     return out
@@ -260,15 +295,22 @@ def test_transformers_apply_chat_template_is_bounded_too(corpus):
 
 
 def _write_rows(path: Path, sizes: list[int]) -> None:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": ("An answer. " * (size // 11 + 1))[:size]}]}
-            for i, size in enumerate(sizes)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": ("An answer. " * (size // 11 + 1))[:size]},
+            ]
+        }
+        for i, size in enumerate(sizes)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def _check_data(workdir: Path, dataset: str, *extra: str, **recipe) -> tuple[int, str]:
-    (workdir / "rows.yaml").write_text(yaml.safe_dump({**BASE_RECIPE, "chat_template_path": "chatml",
-                                                       "dataset_name": dataset, **recipe}))
+    (workdir / "rows.yaml").write_text(
+        yaml.safe_dump({**BASE_RECIPE, "chat_template_path": "chatml", "dataset_name": dataset, **recipe})
+    )
     out, err = io.StringIO(), io.StringIO()  # stdout: the report; stderr: progress bars, errors
     with contextlib.chdir(workdir), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["check-data", "rows.yaml", *extra])

@@ -48,8 +48,15 @@ def logged_trainable_tokens(stdout: str) -> list[int]:
 
 def test_two_ranks_log_every_steps_trainable_tokens_over_both_ranks(assets, tmp_path):
     steps = 4
-    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, max_steps=steps,
-                       per_device_train_batch_size=1, train_sampling_strategy="sequential")
+    keys = recipe_keys(
+        assets,
+        tmp_path,
+        rows_with_long_prompts(assets, 0),
+        max_length=128,
+        max_steps=steps,
+        per_device_train_batch_size=1,
+        train_sampling_strategy="sequential",
+    )
     _, dataset, _ = guard(build_recipe(keys))
     trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
     # step k trains sequence 2(k-1) on rank 0 and 2(k-1)+1 on rank 1
@@ -65,8 +72,17 @@ def test_exactly_one_empty_rank_stops_both_ranks_at_that_step(assets, tmp_path):
     good = rows_with_long_prompts(assets, 0)[:12]
     long_prompt = rows_with_long_prompts(assets, 1)[-1]  # truncated to max_length: nothing left to train
     rows = good[:5] + [long_prompt] + good[5:]
-    keys = recipe_keys(assets, tmp_path, rows, max_length=64, packing=True, mask_guard="warn",
-                       per_device_train_batch_size=1, max_steps=20, train_sampling_strategy="sequential")
+    keys = recipe_keys(
+        assets,
+        tmp_path,
+        rows,
+        max_length=64,
+        packing=True,
+        mask_guard="warn",
+        per_device_train_batch_size=1,
+        max_steps=20,
+        train_sampling_strategy="sequential",
+    )
     _, dataset, _ = guard(build_recipe(keys))  # what every rank trains on, in the order it trains
     trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
     step, counts = first_step_with_an_empty_rank(trainable)
@@ -78,8 +94,9 @@ def test_exactly_one_empty_rank_stops_both_ranks_at_that_step(assets, tmp_path):
     proc = launch_two(recipe)  # its timeout is the "no rank left hanging" assertion
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
-    stops = re.findall(r"stopped by the mask guard: step (\d+): zero trainable tokens on rank\(s\) ([\d, ]+) of 2",
-                       proc.stdout)
+    stops = re.findall(
+        r"stopped by the mask guard: step (\d+): zero trainable tokens on rank\(s\) ([\d, ]+) of 2", proc.stdout
+    )
     assert len(stops) == WORLD_SIZE, output[-3000:]  # every rank stopped ...
     assert {int(stopped_step) for stopped_step, _ in stops} == {step}  # ... at that very step ...
     assert {ranks.strip() for _, ranks in stops} == {str(empty_rank)}  # ... naming the empty rank alone
@@ -95,12 +112,38 @@ def launch_nodes(recipe: Path, env: dict | None = None) -> list[subprocess.Compl
     port = free_port()
     launchers = []
     for machine_rank in range(2):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_NODE_CONFIG),
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
-               "--module", "sft_toolkit", "train", str(recipe)]
-        launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}))
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(MULTI_NODE_CONFIG),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            "--module",
+            "sft_toolkit",
+            "train",
+            str(recipe),
+        ]
+        launchers.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            )
+        )
     finished = []
     for launcher in launchers:
         stdout, stderr = launcher.communicate(timeout=NODE_FAILURE_SECONDS)  # the "no node left hanging" assertion
@@ -114,12 +157,11 @@ def test_two_nodes_train_and_a_failure_on_one_ends_the_other_with_the_cause(asse
     recipe.write_text(yaml.safe_dump(keys))
     main_node, other_node = launch_nodes(recipe)
     assert main_node.returncode == 0 and other_node.returncode == 0, main_node.stderr[-3000:]
-    summary = json.loads(main_node.stdout[main_node.stdout.index("{\n"):])
+    summary = json.loads(main_node.stdout[main_node.stdout.index("{\n") :])
     assert summary["trainable_tokens"] > 0 and summary["last_loss"] < summary["first_loss"]
 
     (tmp_path / "failing").mkdir()
-    keys = recipe_keys(assets, tmp_path / "failing", rows_with_long_prompts(assets, 0), max_length=128,
-                       max_steps=200)
+    keys = recipe_keys(assets, tmp_path / "failing", rows_with_long_prompts(assets, 0), max_length=128, max_steps=200)
     recipe.write_text(yaml.safe_dump(keys))
     started = time.monotonic()
     main_node, other_node = launch_nodes(recipe, env={FAIL_AT_ENV: "1:3"})  # global rank 1 is node 1's process
@@ -127,7 +169,7 @@ def test_two_nodes_train_and_a_failure_on_one_ends_the_other_with_the_cause(asse
     assert main_node.returncode != 0 and other_node.returncode != 0
     assert '"output_dir"' not in main_node.stdout  # node 0 did not finish as if nothing happened
     # Node 1's launcher names its rank and the exception; node 0's names the peer that went away.
-    cause = other_node.stderr[other_node.stderr.index("Root Cause"):]
+    cause = other_node.stderr[other_node.stderr.index("Root Cause") :]
     assert "rank      : 1" in cause and "RuntimeError: injected failure on rank 1" in cause, other_node.stderr[-3000:]
     assert "Connection closed by peer" in main_node.stderr, main_node.stderr[-3000:]
 
@@ -140,9 +182,24 @@ def test_the_main_process_prepares_the_data_and_the_other_rank_loads_it(assets, 
     counts = tmp_path / "counts"
     counts.mkdir()
     entry = Path(__file__).parent / "helpers" / "count_tokenized_rows.py"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()), str(entry), str(recipe)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(counts), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(entry),
+        str(recipe),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "COUNT_DIR": str(counts),
+        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenized = {path.stem: int(path.read_text()) for path in counts.iterdir()}
@@ -154,9 +211,23 @@ def test_an_fsdp_launch_on_cpu_is_refused_instead_of_running_as_ddp(assets, tmp_
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128)))
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(free_port()), "--module", "sft_toolkit", "train",
-           str(recipe)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "--module",
+        "sft_toolkit",
+        "train",
+        str(recipe),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert proc.stderr.count("accelerate's config asks for FSDP, but this run is MULTI_CPU") == 2, proc.stderr[-3000:]

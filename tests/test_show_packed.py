@@ -26,17 +26,30 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "show_packed_two_conversations.
 
 ROWS = [
     {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]},
-    {"messages": [{"role": "user", "content": "Hi!"},
-                  {"role": "assistant", "content": "Hello! How can I help?", "train": False},
-                  {"role": "user", "content": "3 kg in grams?"}, {"role": "assistant", "content": "3000 g."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello! How can I help?", "train": False},
+            {"role": "user", "content": "3 kg in grams?"},
+            {"role": "assistant", "content": "3000 g."},
+        ]
+    },
 ]
 
 
 def prepare(folder: Path, rows, *, max_length: int, strategy: str, manifest: bool = True) -> Path:
-    sft = SFTConfig(output_dir=str(folder / "out"), max_length=max_length, packing=True, packing_strategy=strategy,
-                    assistant_only_loss=True, use_cpu=True, report_to="none")
-    tokenized = preprocess.tokenize(Dataset.from_list(rows), offline_tokenizers.load("qwen2"),
-                                    load_template("chatml").source, sft)
+    sft = SFTConfig(
+        output_dir=str(folder / "out"),
+        max_length=max_length,
+        packing=True,
+        packing_strategy=strategy,
+        assistant_only_loss=True,
+        use_cpu=True,
+        report_to="none",
+    )
+    tokenized = preprocess.tokenize(
+        Dataset.from_list(rows), offline_tokenizers.load("qwen2"), load_template("chatml").source, sft
+    )
     packed = preprocess.pack(tokenized, sft)
     if manifest:
         packed.save_to_disk(str(folder / "dataset"))
@@ -64,8 +77,12 @@ def test_snapshot_of_a_packed_sequence_with_two_conversations(two_conversations)
     then row 0: bfd packs the longer first), row 1's switched-off greeting untrained, each answer and its
     <|im_end|> trained, the newline after it not. To regenerate after an intended change:
     SFT_TOOLKIT_UPDATE_SNAPSHOTS=1 pytest tests/test_show_packed.py, then review the diff."""
-    proc = subprocess.run([sys.executable, "-m", "sft_toolkit", "show", str(two_conversations), "--sequence", "0",
-                           "--format", "plain"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sft_toolkit", "show", str(two_conversations), "--sequence", "0", "--format", "plain"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     if os.environ.get("SFT_TOOLKIT_UPDATE_SNAPSHOTS"):
         SNAPSHOT.write_text(proc.stdout, encoding="utf-8")
@@ -93,8 +110,12 @@ def test_json_tokens_agree_with_the_dataset(two_conversations, capsys):
 
 def test_cut_context_is_marked(tmp_path, capsys):
     """bfd_split cuts a long conversation: the piece packed elsewhere starts mid-row, with its context cut."""
-    long = {"messages": [{"role": "user", "content": "Tell me about kilometres. " * 6},
-                         {"role": "assistant", "content": "A kilometre is 1000 metres. " * 6}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "Tell me about kilometres. " * 6},
+            {"role": "assistant", "content": "A kilometre is 1000 metres. " * 6},
+        ]
+    }
     folder = prepare(tmp_path, [long, ROWS[0]], max_length=64, strategy="bfd_split")
     code, out, _ = show(capsys, folder, "--format", "json")
     assert code == 0
@@ -103,7 +124,7 @@ def test_cut_context_is_marked(tmp_path, capsys):
     assert cut and all(d["row"] == 0 and d["first_pos"] > 0 for _, d in cut)
     index, doc = cut[0]
     code, out, _ = show(capsys, folder, "--sequence", index, "--format", "json")
-    tokens = json.loads(out)["tokens"][doc["start"]:doc["end"]]
+    tokens = json.loads(out)["tokens"][doc["start"] : doc["end"]]
     assert all(t["context_cut"] for t in tokens) and tokens[0]["pos"] == doc["first_pos"]
     code, out, _ = show(capsys, folder)
     assert "row 0 ✂" in out and f"{len(overview['per_sequence'])} sequences" in out

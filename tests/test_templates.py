@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import trl
@@ -74,7 +74,8 @@ def qwen3_trained(messages: list[dict], kwargs: dict) -> list[str]:
     queries = [
         i
         for i, m in enumerate(messages)
-        if m["role"] == "user" and not (m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))
+        if m["role"] == "user"
+        and not (m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))
     ]
     last_query = queries[-1] if queries else len(messages) - 1
     out = []
@@ -147,12 +148,14 @@ def mistral_trained(messages: list[dict], kwargs: dict) -> list[str]:
 
 def _render_text(source: str, messages, add_generation_prompt, tools, kwargs) -> str:
     try:
-        return render(source, messages, add_generation_prompt=add_generation_prompt, tools=tools, template_kwargs=kwargs).text
+        return render(
+            source, messages, add_generation_prompt=add_generation_prompt, tools=tools, template_kwargs=kwargs
+        ).text
     except TemplateRaised:
         return REJECTED
 
 
-@lru_cache(maxsize=None)
+@cache
 def _trl_source(stem: str) -> str:
     return (TRL_TEMPLATES / f"{stem}.jinja").read_text(encoding="utf-8")
 
@@ -217,7 +220,12 @@ LLAMA_BUILTIN_TOOL = Probe(
         {"role": "user", "content": "How tall is the Eiffel Tower?"},
         {
             "role": "assistant",
-            "tool_calls": [{"type": "function", "function": {"name": "brave_search", "arguments": {"query": "Eiffel Tower height"}}}],
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "brave_search", "arguments": {"query": "Eiffel Tower height"}},
+                }
+            ],
         },
         {"role": "ipython", "content": "330 metres"},
         {"role": "assistant", "content": "It is 330 metres tall."},
@@ -267,7 +275,10 @@ CASE_IDS = [f"{f.name}-{p.name}" for f, p in CASES]
 
 # Whole conversations the originals refuse; ours must refuse exactly these too (checked below).
 REJECTED_PROBES = {
-    ("llama3", "tool-call-system"): "two tool calls in one turn: 'This model only supports single tool-calls at once!'",
+    (
+        "llama3",
+        "tool-call-system",
+    ): "two tool calls in one turn: 'This model only supports single tool-calls at once!'",
     ("llama3_2", "tool-call-system"): "two tool calls in one turn",
     ("gemma", "tool-call"): "a tool message breaks the strict user/assistant alternation",
     ("gemma", "tool-call-system"): "a tool message breaks the strict user/assistant alternation",
@@ -316,7 +327,9 @@ def training_problems(family: Family, source: str, probe: Probe) -> list[str]:
     problems = []
     for messages, agp in _renders(probe):
         try:
-            rendered = render(source, messages, add_generation_prompt=agp, tools=probe.tools, template_kwargs=probe.template_kwargs)
+            rendered = render(
+                source, messages, add_generation_prompt=agp, tools=probe.tools, template_kwargs=probe.template_kwargs
+            )
         except TemplateRaised:
             continue  # refusals are the identity check's business
         trained = [rendered.text[s:e] for s, e in rendered.spans]
@@ -365,7 +378,11 @@ def test_every_bundled_template_is_tested_and_says_what_it_reproduces():
         assert source.startswith("{#-"), family.name
         header = source[: source.index("-#}")]
         assert family.name + ":" in header and "generation" in header, family.name
-        assert (family.reference in header) if family.reference == "mistral-common" else (f"trl/chat_templates/{family.reference}.jinja" in header)
+        assert (
+            (family.reference in header)
+            if family.reference == "mistral-common"
+            else (f"trl/chat_templates/{family.reference}.jinja" in header)
+        )
         assert source.count("{%- generation %}") == source.count("{%- endgeneration %}") >= 1
 
 
@@ -409,8 +426,11 @@ BROKEN = {
     # The tool-call turn not marked: only the turn after the tool result would be trained.
     "llama3_2": (
         [
-            ("        {%- generation %}\n            {{- '{\"name\": \"'", "            {{- '{\"name\": \"'"),
-            ("        {%- endgeneration %}\n    {%- elif message.role == \"tool\"", "    {%- elif message.role == \"tool\""),
+            ('        {%- generation %}\n            {{- \'{"name": "\'', '            {{- \'{"name": "\''),
+            (
+                '        {%- endgeneration %}\n    {%- elif message.role == "tool"',
+                '    {%- elif message.role == "tool"',
+            ),
         ],
         "tool-call",
         training_problems,
@@ -439,7 +459,12 @@ BROKEN = {
     ),
     # The trailing eos_token trained (we decided it is not part of any turn).
     "phi3": (
-        [("{%- else %}\n    {{- eos_token }}", "{%- else %}\n    {%- generation %}{{- eos_token }}{%- endgeneration %}")],
+        [
+            (
+                "{%- else %}\n    {{- eos_token }}",
+                "{%- else %}\n    {%- generation %}{{- eos_token }}{%- endgeneration %}",
+            )
+        ],
         "single-turn",
         training_problems,
     ),

@@ -25,31 +25,56 @@ def assets(tmp_path_factory):
 
 def rows_with_long_prompts(assets, n_long: int = 6) -> list[dict]:
     rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:40]]
-    long = {"messages": [{"role": "user", "content": "Convert 3 km to m. " * 40},
-                         {"role": "assistant", "content": "3 km = 3000 m."}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "Convert 3 km to m. " * 40},
+            {"role": "assistant", "content": "3 km = 3000 m."},
+        ]
+    }
     return rows + [long] * n_long
 
 
 def recipe_keys(assets, tmp_path, rows, **keys) -> dict:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"model_name_or_path": str(assets["model"]), "dataset_name": str(data), "chat_template_path": "chatml",
-            "assistant_only_loss": True, "output_dir": str(tmp_path / "run"), "max_steps": 4,
-            "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
-            "use_cpu": True, "bf16": False, "seed": 0, "dataloader_num_workers": 0, **keys}
+    return {
+        "model_name_or_path": str(assets["model"]),
+        "dataset_name": str(data),
+        "chat_template_path": "chatml",
+        "assistant_only_loss": True,
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "bf16": False,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        **keys,
+    }
 
 
 def test_wrapped_packing_seed_failure_is_rejected_before_loading_the_model(assets, tmp_path):
-    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets), max_length=64, packing=True,
-                       packing_strategy="wrapped")
+    keys = recipe_keys(
+        assets, tmp_path, rows_with_long_prompts(assets), max_length=64, packing=True, packing_strategy="wrapped"
+    )
     with pytest.raises(GuardStop, match="mask guard \\(reject\\).*trained without the conversation"):
         train(build_recipe(keys), log=lambda _: None)
     assert not (tmp_path / "run").exists()  # nothing was trained or saved
 
 
 def test_repair_switches_to_bfd_drops_empty_sequences_and_trains_every_step(assets, tmp_path):
-    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets), max_length=64, packing=True,
-                       packing_strategy="wrapped", mask_guard="repair")
+    keys = recipe_keys(
+        assets,
+        tmp_path,
+        rows_with_long_prompts(assets),
+        max_length=64,
+        packing=True,
+        packing_strategy="wrapped",
+        mask_guard="repair",
+    )
     said = []
     outcome = train(build_recipe(keys), log=said.append)
     assert any("packing_strategy wrapped -> bfd" in s for s in said)
@@ -60,10 +85,17 @@ def test_repair_switches_to_bfd_drops_empty_sequences_and_trains_every_step(asse
 
 def test_zero_trainable_step_stops_training(assets, tmp_path):
     # warn lets the zero-trainable sequences through; the in-training guard must catch the step.
-    rows = [{"messages": [{"role": "user", "content": "Convert 3 km to m. " * 40},
-                          {"role": "assistant", "content": "3 km = 3000 m."}]}] * 4
-    keys = recipe_keys(assets, tmp_path, rows, max_length=64, packing=True, mask_guard="warn",
-                       per_device_train_batch_size=1)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Convert 3 km to m. " * 40},
+                {"role": "assistant", "content": "3 km = 3000 m."},
+            ]
+        }
+    ] * 4
+    keys = recipe_keys(
+        assets, tmp_path, rows, max_length=64, packing=True, mask_guard="warn", per_device_train_batch_size=1
+    )
     with pytest.raises(GuardStop, match="step 1: zero trainable tokens on rank\\(s\\) 0") as stop:
         train(build_recipe(keys), log=lambda _: None)
     # the message names the dataset rows in the empty batch (every row here is one of 0..3)
@@ -71,8 +103,8 @@ def test_zero_trainable_step_stops_training(assets, tmp_path):
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(assets, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     broken = tmp_path / "nan-model"
     model = AutoModelForCausalLM.from_pretrained(assets["model"])
@@ -94,16 +126,29 @@ def free_port() -> int:
 
 
 def launch_two(recipe: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()), "--module", "sft_toolkit", "train", str(recipe)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--module",
+        "sft_toolkit",
+        "train",
+        str(recipe),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128,
-                                               max_steps=3)))
+    good.write_text(
+        yaml.safe_dump(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, max_steps=3))
+    )
     proc = launch_two(good)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert '"trainable_tokens"' in proc.stdout
@@ -112,8 +157,20 @@ def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp
     bad_dir.mkdir()
     rows = rows_with_long_prompts(assets, 6)[:8] + rows_with_long_prompts(assets, 6)[40:]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(recipe_keys(assets, bad_dir, rows, max_length=64, packing=True, mask_guard="warn",
-                                              per_device_train_batch_size=1, max_steps=50)))
+    bad.write_text(
+        yaml.safe_dump(
+            recipe_keys(
+                assets,
+                bad_dir,
+                rows,
+                max_length=64,
+                packing=True,
+                mask_guard="warn",
+                per_device_train_batch_size=1,
+                max_steps=50,
+            )
+        )
+    )
     proc = launch_two(bad)  # the timeout above is the "no rank left hanging" assertion
     assert proc.returncode != 0
     steps = re.findall(r"stopped by the mask guard: step (\d+): zero trainable tokens", proc.stdout)
@@ -123,15 +180,21 @@ def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp
 
 
 def test_packing_isolation_probe_tells_isolated_from_leaking(assets, tmp_path):
-    from sft_toolkit.preprocess import load_tokenizer_for
-    from sft_toolkit.train import ISOLATION_TOLERANCE, guarded_trainer_class, packing_isolation, prepared_trainer_args
     from datasets import Dataset
 
-    recipe = build_recipe(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128,
-                                      packing=True))
+    from sft_toolkit.preprocess import load_tokenizer_for
+    from sft_toolkit.train import ISOLATION_TOLERANCE, guarded_trainer_class, packing_isolation, prepared_trainer_args
+
+    recipe = build_recipe(
+        recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128, packing=True)
+    )
     dataset = Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]], "seq_lengths": [[3]]})
-    trainer = guarded_trainer_class()(model=str(assets["model"]), args=prepared_trainer_args(recipe), train_dataset=dataset,
-                                      processing_class=load_tokenizer_for(recipe))
+    trainer = guarded_trainer_class()(
+        model=str(assets["model"]),
+        args=prepared_trainer_args(recipe),
+        train_dataset=dataset,
+        processing_class=load_tokenizer_for(recipe),
+    )
     assert trainer.padding_free
     # The forward compute_loss makes (no cache) keeps packed sequences apart ...
     assert packing_isolation(trainer) <= ISOLATION_TOLERANCE
@@ -142,12 +205,23 @@ def test_packing_isolation_probe_tells_isolated_from_leaking(assets, tmp_path):
 def test_resume_from_checkpoint_gives_the_same_loss_curve(assets, tmp_path):
     rows = rows_with_long_prompts(assets, 0)
     (tmp_path / "a").mkdir()
-    first = recipe_keys(assets, tmp_path / "a", rows, max_length=128, max_steps=4, save_strategy="steps",
-                        save_steps=2, output_dir=str(tmp_path / "a" / "run"))
+    first = recipe_keys(
+        assets,
+        tmp_path / "a",
+        rows,
+        max_length=128,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        output_dir=str(tmp_path / "a" / "run"),
+    )
     whole = train(build_recipe(first), log=lambda _: None)
     (tmp_path / "b").mkdir()
-    second = {**first, "output_dir": str(tmp_path / "b" / "run"),
-              "resume_from_checkpoint": str(tmp_path / "a" / "run" / "checkpoint-2")}
+    second = {
+        **first,
+        "output_dir": str(tmp_path / "b" / "run"),
+        "resume_from_checkpoint": str(tmp_path / "a" / "run" / "checkpoint-2"),
+    }
     resumed = train(build_recipe(second), log=lambda _: None)
     assert resumed.metrics["last_loss"] == pytest.approx(whole.metrics["last_loss"], rel=1e-4)
     # The resumed run carries steps 1-2 from the checkpoint state and computes steps 3-4 itself.
@@ -175,8 +249,9 @@ def unmarked_template(tmp_path) -> Path:
 
     source = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
     path = tmp_path / "custom_qwen.jinja"
-    path.write_text(source.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-                                   "You convert units."))
+    path.write_text(
+        source.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "You convert units.")
+    )
     return path
 
 
@@ -191,8 +266,9 @@ def test_repair_adds_verified_markers_and_trains_with_them(assets, tmp_path):
     from trl.chat_template_utils import has_generation_markers
 
     rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:8]]
-    keys = recipe_keys(assets, tmp_path, rows, chat_template_path=str(unmarked_template(tmp_path)),
-                       mask_guard="repair", max_steps=2)
+    keys = recipe_keys(
+        assets, tmp_path, rows, chat_template_path=str(unmarked_template(tmp_path)), mask_guard="repair", max_steps=2
+    )
     said = []
     outcome = train(build_recipe(keys), log=said.append)
     assert any("added {% generation %} markers" in s for s in said)

@@ -18,8 +18,10 @@ from sft_toolkit.assets import arithmetic_conversations
 def write_corpus(path: Path, rows: int = 2000, seed: int = 2) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    texts = [" ".join(m["content"] for m in row["messages"] if m["role"] != "system")
-             for row in arithmetic_conversations(rows, seed)]
+    texts = [
+        " ".join(m["content"] for m in row["messages"] if m["role"] != "system")
+        for row in arithmetic_conversations(rows, seed)
+    ]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return path
 

@@ -14,8 +14,16 @@ from ..masks import RenderLimit
 from ..problems import InputError
 from . import add_markers, check_data, lint, merge, prepare, quickstart, show, train
 
-COMMANDS = {"lint": lint, "add-markers": add_markers, "show": show, "check-data": check_data, "prepare": prepare,
-            "train": train, "quickstart": quickstart, "merge": merge}
+COMMANDS = {
+    "lint": lint,
+    "add-markers": add_markers,
+    "show": show,
+    "check-data": check_data,
+    "prepare": prepare,
+    "train": train,
+    "quickstart": quickstart,
+    "merge": merge,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,25 +11,38 @@ import json
 import sys
 
 from ..markers import MarkerError, add_markers
-from ..outputs import check_output_file, existing_inputs, write_file
 from ..masks import RenderLimit
+from ..outputs import check_output_file, existing_inputs, write_file
 from ..problems import InputError
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("add-markers", help="add verified {%% generation %%} markers to a chat template",
-                       description="Rewrite an inference chat template so that exactly the assistant's output "
-                                   "and end-of-turn are inside {% generation %} blocks, verified byte-identical "
-                                   "to the input on the probe corpus and clean under lint.")
-    p.add_argument("input", metavar="INPUT",
-                   help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name")
+    p = sub.add_parser(
+        "add-markers",
+        help="add verified {%% generation %%} markers to a chat template",
+        description="Rewrite an inference chat template so that exactly the assistant's output "
+        "and end-of-turn are inside {% generation %} blocks, verified byte-identical "
+        "to the input on the probe corpus and clean under lint.",
+    )
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name",
+    )
     p.add_argument("-o", "--output", help="where to write the training template (default: stdout)")
-    p.add_argument("--tokenizer", help="tokenizer directory, hub id or offline:NAME: its special tokens are used "
-                                        "when rendering, and lint adds token-level checks")
-    p.add_argument("--format", choices=("text", "json"), default="text",
-                   help="text: the template (stdout) or a summary (with -o); json: one report object")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer directory, hub id or offline:NAME: its special tokens are used "
+        "when rendering, and lint adds token-level checks",
+    )
+    p.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text: the template (stdout) or a summary (with -o); json: one report object",
+    )
 
 
 def run(args) -> int:
@@ -49,15 +62,22 @@ def run(args) -> int:
             print(json.dumps(report, indent=2))
         else:
             where = f"{template.origin}:{err.line}" if err.line else template.origin
-            print(f"sft-toolkit add-markers: {where}: could not add verified markers: {err.args[0]}. "
-                  "Nothing was written; place the markers by hand (see templates/README.md) and check with "
-                  "`sft-toolkit lint`.", file=sys.stderr)
+            print(
+                f"sft-toolkit add-markers: {where}: could not add verified markers: {err.args[0]}. "
+                "Nothing was written; place the markers by hand (see templates/README.md) and check with "
+                "`sft-toolkit lint`.",
+                file=sys.stderr,
+            )
         return 1
     if args.output:
         write_file(args.output, result.source, inputs)
-    report.update(ok=True, generation_blocks=result.blocks, role_conditions=result.role_conditions,
-                  whitespace_left_untrained=result.relaxed_whitespace,
-                  already_marked=result.blocks == 0 and result.source == template.source)
+    report.update(
+        ok=True,
+        generation_blocks=result.blocks,
+        role_conditions=result.role_conditions,
+        whitespace_left_untrained=result.relaxed_whitespace,
+        already_marked=result.blocks == 0 and result.source == template.source,
+    )
     if args.format == "json":
         if not args.output:
             report["template"] = result.source
@@ -65,10 +85,19 @@ def run(args) -> int:
         return 0
     if not args.output:
         sys.stdout.write(result.source)
-    summary = ("already has markers that pass lint; unchanged" if report["already_marked"] else
-               f"{result.blocks} generation block(s), {result.role_conditions} role condition(s)"
-               + ("; some whitespace inside assistant turns stays untrained (the template's code shares it with "
-                  "the role header)" if result.relaxed_whitespace else ""))
-    print(f"{template.origin}: verified ({summary}){' -> ' + args.output if args.output else ''}",
-          file=sys.stderr if not args.output else sys.stdout)
+    summary = (
+        "already has markers that pass lint; unchanged"
+        if report["already_marked"]
+        else f"{result.blocks} generation block(s), {result.role_conditions} role condition(s)"
+        + (
+            "; some whitespace inside assistant turns stays untrained (the template's code shares it with "
+            "the role header)"
+            if result.relaxed_whitespace
+            else ""
+        )
+    )
+    print(
+        f"{template.origin}: verified ({summary}){' -> ' + args.output if args.output else ''}",
+        file=sys.stderr if not args.output else sys.stdout,
+    )
     return 0

@@ -18,9 +18,11 @@ from ._common import print_data_report
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("check-data", help="fail when any example would train on zero tokens",
-                       description="Run the trainer's preprocessing on a recipe's dataset and account for every "
-                                   "trainable token.")
+    p = sub.add_parser(
+        "check-data",
+        help="fail when any example would train on zero tokens",
+        description="Run the trainer's preprocessing on a recipe's dataset and account for every trainable token.",
+    )
     p.add_argument("recipe", help="recipe YAML (TRL's argument names plus the toolkit's keys)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--report", metavar="FILE", help="write the JSON report to FILE and a Markdown report beside it")

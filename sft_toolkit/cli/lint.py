@@ -16,15 +16,26 @@ COLORS = {ERROR: "red", WARNING: "yellow", INFO: "cyan"}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("lint", help="check chat templates for assistant-only training",
-                       description="Static (Jinja AST) and rendered checks of chat templates' generation markers.")
-    p.add_argument("templates", nargs="+", metavar="TEMPLATE",
-                   help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name")
+    p = sub.add_parser(
+        "lint",
+        help="check chat templates for assistant-only training",
+        description="Static (Jinja AST) and rendered checks of chat templates' generation markers.",
+    )
+    p.add_argument(
+        "templates",
+        nargs="+",
+        metavar="TEMPLATE",
+        help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name",
+    )
     p.add_argument("--tokenizer", help="tokenizer directory, hub id or offline:NAME, for token-level checks")
     p.add_argument("--reference", help="the original inference template: any byte difference is an error")
-    p.add_argument("--kwargs", metavar="JSON", help="template variables every probe renders with, as a dataset's "
-                   "chat_template_kwargs gives them (e.g. '{\"enable_thinking\": false}'); the template's own "
-                   "boolean switches are also probed both ways")
+    p.add_argument(
+        "--kwargs",
+        metavar="JSON",
+        help="template variables every probe renders with, as a dataset's "
+        "chat_template_kwargs gives them (e.g. '{\"enable_thinking\": false}'); the template's own "
+        "boolean switches are also probed both ways",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 
@@ -36,8 +47,15 @@ def run(args) -> int:
     for spec in args.templates:
         template = load_template(spec)
         try:
-            results.append(lint(template.source, template.origin, tokenizer=tokenizer, reference=reference,
-                                template_kwargs=template_kwargs))
+            results.append(
+                lint(
+                    template.source,
+                    template.origin,
+                    tokenizer=tokenizer,
+                    reference=reference,
+                    template_kwargs=template_kwargs,
+                )
+            )
         except RenderLimit as err:  # a runaway template: stop at the first probe instead of running every one
             raise InputError(f"{template.origin}: {err}") from None
     if args.format == "json":
@@ -53,8 +71,9 @@ def _kwargs(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise InputError(f"--kwargs: not valid JSON ({err.msg}); give an object, e.g. '{{\"enable_thinking\": "
-                         "false}'") from None
+        raise InputError(
+            f"--kwargs: not valid JSON ({err.msg}); give an object, e.g. '{{\"enable_thinking\": false}}'"
+        ) from None
     if not isinstance(value, dict):
         raise InputError(f"--kwargs: must be a JSON object of template variables, got {type(value).__name__}")
     return value

@@ -12,13 +12,19 @@ from ..merge import merge_run
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("merge", help="merge a LoRA run's adapter into its base model and save it",
-                       description="Load the base model, merge the run's LoRA adapter into it and save the model "
-                                   "with the run's tokenizer and chat template into a new or empty directory.")
+    p = sub.add_parser(
+        "merge",
+        help="merge a LoRA run's adapter into its base model and save it",
+        description="Load the base model, merge the run's LoRA adapter into it and save the model "
+        "with the run's tokenizer and chat template into a new or empty directory.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train output_dir (or checkpoint-N) holding a LoRA adapter")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="new or empty directory for the merged model")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the base model's own code (as the recipe's trust_remote_code: true did for training)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the base model's own code (as the recipe's trust_remote_code: true did for training)",
+    )
 
 
 def run(args) -> int:

@@ -18,11 +18,16 @@ from .train import parse_overrides
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize, mask and pack once under the mask guard; save for train --prepared",
-                       description="Run train's preprocessing and mask guard once and save the dataset with a "
-                                   "manifest that train --prepared checks.")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize, mask and pack once under the mask guard; save for train --prepared",
+        description="Run train's preprocessing and mask guard once and save the dataset with a "
+        "manifest that train --prepared checks.",
+    )
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="where to save (DIR/dataset, DIR/manifest.json)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="DIR", help="where to save (DIR/dataset, DIR/manifest.json)"
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--world-size", type=int, default=1, help="number of training processes, for step accounting")
     p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
@@ -46,6 +51,8 @@ def run(args) -> int:
     for note in result.notes:
         print(f"  mask guard ({recipe.toolkit.mask_guard}): {note}")
     summary = result.manifest["dataset"]
-    print(f"saved {summary['sequences']} sequences ({summary['trainable_tokens']} trainable of {summary['tokens']} "
-          f"tokens) to {result.path}; train with: sft-toolkit train {args.recipe} --prepared {result.path}")
+    print(
+        f"saved {summary['sequences']} sequences ({summary['trainable_tokens']} trainable of {summary['tokens']} "
+        f"tokens) to {result.path}; train with: sft-toolkit train {args.recipe} --prepared {result.path}"
+    )
     return 0

@@ -38,8 +38,10 @@ def run(args) -> int:
         return 1
 
     report, _ = check_data(recipe)
-    print(f"3/4 check-data: {'PASS' if report.ok else 'FAIL'} — {report.rows} rows, {report.sequences} "
-          f"{'packed ' if recipe.sft.packing else ''}sequences, {report.trainable_tokens} trainable of {report.tokens} tokens")
+    print(
+        f"3/4 check-data: {'PASS' if report.ok else 'FAIL'} — {report.rows} rows, {report.sequences} "
+        f"{'packed ' if recipe.sft.packing else ''}sequences, {report.trainable_tokens} trainable of {report.tokens} tokens"
+    )
     if not report.ok:
         print("\n".join(report.problems()))
         return 1
@@ -50,8 +52,10 @@ def run(args) -> int:
         print(f"stopped by the mask guard: {stop}")
         return 1
     m = outcome.metrics
-    print(f"4/4 trained {m.get('global_step', recipe.sft.max_steps)} steps in {m.get('train_runtime', 0):.0f} s: "
-          f"loss {m.get('first_loss', float('nan')):.3f} → {m.get('last_loss', float('nan')):.3f}, "
-          f"assistant-token accuracy {m.get('first_accuracy', float('nan')):.3f} → "
-          f"{m.get('last_accuracy', float('nan')):.3f}; model saved to {outcome.output_dir}")
+    print(
+        f"4/4 trained {m.get('global_step', recipe.sft.max_steps)} steps in {m.get('train_runtime', 0):.0f} s: "
+        f"loss {m.get('first_loss', float('nan')):.3f} → {m.get('last_loss', float('nan')):.3f}, "
+        f"assistant-token accuracy {m.get('first_accuracy', float('nan')):.3f} → "
+        f"{m.get('last_accuracy', float('nan')):.3f}; model saved to {outcome.output_dir}"
+    )
     return 0

@@ -8,31 +8,47 @@ from dataclasses import replace
 
 from rich.console import Console
 
-from ..data import read_conversation, read_template_kwargs
 from .. import policy as control
+from .. import show
+from ..data import read_conversation, read_template_kwargs
 from ..masks import DEFAULT_SPECIAL_TOKENS, Rendered, RenderLimit, TemplateRaised, render, tokenize
 from ..outputs import check_output_file, existing_inputs, write_file
 from ..preprocess import canonical_messages, messages_for_template, row_problem
 from ..problems import InputError
-from .. import show
 from ..show import char_views, to_html, to_plain, to_rich, token_views
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("show", help="show which tokens of a conversation are trained",
-                       description="Render a conversation and colour every token by whether it is trained.")
-    p.add_argument("conversation", help="a .json file with one conversation, a dataset (file, directory, hub id), "
-                   "or a prepared dataset directory (`prepare -o DIR`, or a save_to_disk folder with input_ids/labels)")
+    p = sub.add_parser(
+        "show",
+        help="show which tokens of a conversation are trained",
+        description="Render a conversation and colour every token by whether it is trained.",
+    )
+    p.add_argument(
+        "conversation",
+        help="a .json file with one conversation, a dataset (file, directory, hub id), "
+        "or a prepared dataset directory (`prepare -o DIR`, or a save_to_disk folder with input_ids/labels)",
+    )
     p.add_argument("--row", type=int, help="row of the dataset to show (default 0)")
-    p.add_argument("--sequence", type=int, help="prepared dataset: the (packed) sequence to show token by token; "
-                   "without it, a table of every sequence's trained tokens and source rows")
+    p.add_argument(
+        "--sequence",
+        type=int,
+        help="prepared dataset: the (packed) sequence to show token by token; "
+        "without it, a table of every sequence's trained tokens and source rows",
+    )
     p.add_argument("--template", help="template (file, tokenizer dir, bundled name); default: the tokenizer's own")
-    p.add_argument("--tokenizer", help="tokenizer directory, hub id or offline:NAME (without it: characters, not tokens)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer directory, hub id or offline:NAME (without it: characters, not tokens)"
+    )
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page")
-    p.add_argument("--format", choices=("text", "plain", "json"), default="text",
-                   help="text: coloured; plain: ⟦trained⟧ markers and │ token breaks; json: one object per token")
+    p.add_argument(
+        "--format",
+        choices=("text", "plain", "json"),
+        default="text",
+        help="text: coloured; plain: ⟦trained⟧ markers and │ token breaks; json: one object per token",
+    )
 
 
 def run(args) -> int:
@@ -41,8 +57,10 @@ def run(args) -> int:
     if show.is_prepared(args.conversation):
         return run_prepared(args)
     if args.sequence is not None:
-        raise InputError(f"{args.conversation}: --sequence applies to a prepared dataset directory; use --row for a "
-                         "dataset of conversations")
+        raise InputError(
+            f"{args.conversation}: --sequence applies to a prepared dataset directory; use --row for a "
+            "dataset of conversations"
+        )
     messages, tools = read_conversation(args.conversation, args.row)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if args.template:
@@ -61,9 +79,12 @@ def run(args) -> int:
     template_kwargs = read_template_kwargs(args.conversation, args.row)
     variables = {**(tokenizer.special_tokens_map if tokenizer is not None else {}), **template_kwargs}
     where = f"{args.conversation}{'' if args.row is None else f' row {args.row}'}"
-    messages = messages_for_template(source, canonical_messages(messages), tools=tools,
-                                     template_kwargs=variables if tokenizer is not None else
-                                     {**DEFAULT_SPECIAL_TOKENS, **template_kwargs})
+    messages = messages_for_template(
+        source,
+        canonical_messages(messages),
+        tools=tools,
+        template_kwargs=variables if tokenizer is not None else {**DEFAULT_SPECIAL_TOKENS, **template_kwargs},
+    )
     controlled, plain = control.has_flags(messages), control.strip_control(messages)
     try:
         if tokenizer is not None:
@@ -105,32 +126,45 @@ def run_prepared(args) -> int:
 
     Without --sequence: the table of all sequences (and, with --html, a page for sequence 0)."""
     if args.row is not None or args.template:
-        raise InputError(f"{args.conversation}: a prepared dataset is already tokenized; --row and --template don't "
-                         "apply (use --sequence N)")
+        raise InputError(
+            f"{args.conversation}: a prepared dataset is already tokenized; --row and --template don't "
+            "apply (use --sequence N)"
+        )
     prepared = show.load_prepared(args.conversation)
     sequences = show.summaries(prepared.dataset)
     if args.sequence is None:
         if args.format == "json":
-            print(json.dumps({"sequences": len(sequences), "tokens": sum(s.length for s in sequences),
-                              "trainable": sum(s.trainable for s in sequences),
-                              "zero_trainable_sequences": sum(s.trainable == 0 for s in sequences),
-                              "per_sequence": [s.to_json() for s in sequences]}))
+            print(
+                json.dumps(
+                    {
+                        "sequences": len(sequences),
+                        "tokens": sum(s.length for s in sequences),
+                        "trainable": sum(s.trainable for s in sequences),
+                        "zero_trainable_sequences": sum(s.trainable == 0 for s in sequences),
+                        "per_sequence": [s.to_json() for s in sequences],
+                    }
+                )
+            )
         else:
             print("\n".join(show.overview_lines(sequences)))
         if not args.html or not sequences:
             return 0
     index = args.sequence or 0
     if not 0 <= index < len(sequences):
-        raise InputError(f"{args.conversation}: --sequence {index} is out of range (the dataset has "
-                         f"{len(sequences)} sequences)")
+        raise InputError(
+            f"{args.conversation}: --sequence {index} is out of range (the dataset has {len(sequences)} sequences)"
+        )
     name = args.tokenizer or prepared.tokenizer_name
     if not name:
         raise InputError(f"{args.conversation}: no manifest.json naming the tokenizer; pass --tokenizer")
     try:
         tokenizer = load_tokenizer(name)
     except InputError as err:
-        raise InputError(f"{err} (named by {args.conversation}/manifest.json; --tokenizer overrides it)"
-                         if not args.tokenizer else str(err)) from None
+        raise InputError(
+            f"{err} (named by {args.conversation}/manifest.json; --tokenizer overrides it)"
+            if not args.tokenizer
+            else str(err)
+        ) from None
     summary, example = sequences[index], prepared.dataset[index]
     tokens = show.packed_tokens(example, show.token_texts(tokenizer, example["input_ids"]), summary.documents)
     if args.html:
@@ -139,9 +173,19 @@ def run_prepared(args) -> int:
     if args.sequence is None:
         return 0
     if args.format == "json":
-        print(json.dumps({"sequence": index, "sequences": len(sequences), "length": summary.length,
-                          "trainable": summary.trainable, "documents": [d.to_json() for d in summary.documents],
-                          "tokens": [t.__dict__ for t in tokens]}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "sequence": index,
+                    "sequences": len(sequences),
+                    "length": summary.length,
+                    "trainable": summary.trainable,
+                    "documents": [d.to_json() for d in summary.documents],
+                    "tokens": [t.__dict__ for t in tokens],
+                },
+                ensure_ascii=False,
+            )
+        )
     elif args.format == "plain":
         print(show.packed_plain(summary, tokens, len(sequences)))
     else:
@@ -150,5 +194,6 @@ def run_prepared(args) -> int:
 
 
 def _inputs(args) -> list:
-    return existing_inputs([("CONVERSATION", args.conversation), ("--template", args.template),
-                            ("--tokenizer", args.tokenizer)])
+    return existing_inputs(
+        [("CONVERSATION", args.conversation), ("--template", args.template), ("--tokenizer", args.tokenizer)]
+    )

@@ -16,18 +16,32 @@ from ..problems import InputError
 from ..recipe import load_recipe
 from ..train import GuardStop, train
 
-
-ACCOUNTING = ("rows", "trainable_tokens", "trainable_tokens_before", "zero_mask_rows", "dropped_rows",
-              "truncated_assistant_tokens", "orphaned_assistant_tokens", "sequences", "zero_trainable_sequences")
+ACCOUNTING = (
+    "rows",
+    "trainable_tokens",
+    "trainable_tokens_before",
+    "zero_mask_rows",
+    "dropped_rows",
+    "truncated_assistant_tokens",
+    "orphaned_assistant_tokens",
+    "sequences",
+    "zero_trainable_sequences",
+)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train with TRL's SFTTrainer on a recipe, guarded",
-                       description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.")
+    p = sub.add_parser(
+        "train",
+        help="train with TRL's SFTTrainer on a recipe, guarded",
+        description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.",
+    )
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
-    p.add_argument("--prepared", metavar="DIR", help="train from a dataset `sft-toolkit prepare` saved (checked "
-                                                      "against the recipe; not re-tokenized)")
+    p.add_argument(
+        "--prepared",
+        metavar="DIR",
+        help="train from a dataset `sft-toolkit prepare` saved (checked against the recipe; not re-tokenized)",
+    )
     p.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
 
 
@@ -91,8 +105,12 @@ def _run(args) -> int:
         accounting = {k: report[k] for k in ACCOUNTING}
         if report["eval"] is not None:
             accounting["eval"] = {k: report["eval"][k] for k in ACCOUNTING}
-        print(json.dumps({"output_dir": outcome.output_dir, **accounting, "repairs": outcome.repairs,
-                          **outcome.metrics}, indent=2))
+        print(
+            json.dumps(
+                {"output_dir": outcome.output_dir, **accounting, "repairs": outcome.repairs, **outcome.metrics},
+                indent=2,
+            )
+        )
     _leave_process_group()
     return 0
 

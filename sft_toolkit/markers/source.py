@@ -82,7 +82,7 @@ class Template:
             )
 
     @classmethod
-    def parse(cls, source: str) -> "Template":
+    def parse(cls, source: str) -> Template:
         env = _environment()
         try:
             tree = env.parse(source)

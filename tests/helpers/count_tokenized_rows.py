@@ -22,6 +22,7 @@ def counting_tokenize_row(*args, **kwargs):
 
 
 preprocess._tokenize_row = counting_tokenize_row
-atexit.register(lambda: (Path(os.environ["COUNT_DIR"]) / f"rank-{os.environ.get('RANK', '0')}.txt")
-                .write_text(str(tokenized[0])))
+atexit.register(
+    lambda: (Path(os.environ["COUNT_DIR"]) / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(str(tokenized[0]))
+)
 sys.exit(main(["train", *sys.argv[1:]]))
