@@ -1,10 +1,10 @@
 """Where the toolkit writes: the one place that decides whether a path may be created, replaced or deleted.
 
-Every output is somebody's folder first. Checking an output directory by the *names* it holds
-(`manifest.json`, `dataset/`, `checkpoint-N`) lost users' files: a folder holding `dataset/my_raw_data.jsonl`,
-a hand-copied manifest, a `-o` through a symbolic link, a recipe whose `dataset_name` is `DIR/dataset`, an
-`output_dir` that is the base model's own folder. So the toolkit replaces or deletes only what it can prove
-it wrote, and refuses everything else with an `InputError` that names the path and the way out:
+Every output is somebody's folder first. The *names* a directory holds (`manifest.json`, `dataset/`,
+`checkpoint-N`) prove nothing: a folder holding `dataset/my_raw_data.jsonl`, a hand-copied manifest, a `-o`
+through a symbolic link, a recipe whose `dataset_name` is `DIR/dataset`, an `output_dir` that is the base
+model's own folder all look alike by name. So the toolkit replaces or deletes only what it can prove it
+wrote, and refuses everything else with an `InputError` that names the path and the way out:
 
 - A directory the toolkit fills as a whole (`prepare -o DIR`) carries an ownership record, `OWNER_FILE`,
   written last, that lists every file it wrote with its size and content hash. DIR is replaced only when it
