@@ -519,7 +519,14 @@ BoundedSandbox.code_generator_class = _BoundedCodeGenerator
 
 
 def install() -> None:
-    """Make transformers compile chat templates in `BoundedSandbox` (its compiler names the class it builds)."""
+    """Make transformers compile chat templates in `BoundedSandbox` (its compiler names the class it builds).
+
+    Why a patch: TRL tokenizes through transformers' `apply_chat_template`, which offers no hook for the
+    environment, and an untrusted template must be bounded there too, not only in the toolkit's own renders.
+    The subclass only adds checks before work is done; tests/test_render_bounds.py proves every bundled
+    template renders the same text and spans as under transformers' own class. It is process-wide: anything
+    else that renders a chat template in this process is bounded as well.
+    """
     from transformers.utils import chat_template_utils
 
     if chat_template_utils.ImmutableSandboxedEnvironment is not BoundedSandbox:
