@@ -318,6 +318,24 @@ def text_chars(value) -> int:
     return 0
 
 
+def row_record(index: int, problem: str | None = None) -> dict:
+    """One tokenized row as every tokenizing path returns it, before tokenizing: no tokens yet.
+
+    input_ids / labels: what the trainer gets; src_row: the row's index in its dataset; n_trainable / span: its
+    trainable tokens and the positions they spread over; reason: why it trains nothing (a zero-mask reason);
+    problem: why it can't be used at all (bad input, named by the caller).
+    """
+    return {
+        "input_ids": [],
+        "labels": [],
+        "src_row": index,
+        "n_trainable": 0,
+        "span": 0,
+        "reason": "",
+        "problem": problem or "",
+    }
+
+
 def _too_large(chars: int, limit: int) -> str:
     return f"{ROW_TOO_LARGE}: {chars:,} characters of text (limit {limit:,})"
 
@@ -342,17 +360,7 @@ def _tokenize_row(
     from trl.data_utils import _tokenize
 
     problem = row_problem(example)
-    out = {
-        "input_ids": [],
-        "labels": [],
-        "src_row": index,
-        "n_trainable": 0,
-        "span": 0,
-        "reason": "",
-        "problem": problem or "",
-        "coverage_reason": "",
-        "coverage_message": -1,
-    }
+    out = {**row_record(index, problem), "coverage_reason": "", "coverage_message": -1}
     if problem:
         return out
     tools = example.get("tools")
@@ -621,15 +629,7 @@ def _prompt_completion_row(
     from trl.data_utils import _tokenize, common_prefix_length
 
     prompt, completion = example.get("prompt"), example.get("completion")
-    out = {
-        "input_ids": [],
-        "labels": [],
-        "src_row": index,
-        "n_trainable": 0,
-        "span": 0,
-        "reason": "",
-        "problem": _prompt_completion_problem(prompt, completion, policy),
-    }
+    out = row_record(index, _prompt_completion_problem(prompt, completion, policy))
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -726,15 +726,7 @@ def _text_row(example, index, tokenizer, field, eos, code_salt=None, max_row_cha
     from trl.data_utils import _tokenize
 
     text = example[field]
-    out = {
-        "input_ids": [],
-        "labels": [],
-        "src_row": index,
-        "n_trainable": 0,
-        "span": 0,
-        "reason": "",
-        "problem": "" if isinstance(text, str) else f"field {field!r} must be a string",
-    }
+    out = row_record(index, "" if isinstance(text, str) else f"field {field!r} must be a string")
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -779,15 +771,7 @@ def from_tokens(dataset, sft):
 def _tokens_row(example, index, label_from, code_salt=None):
     """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token)."""
     ids = example["input_ids"]
-    out = {
-        "input_ids": [],
-        "labels": [],
-        "src_row": index,
-        "n_trainable": 0,
-        "span": 0,
-        "reason": "",
-        "problem": _tokens_problem(example, label_from),
-    }
+    out = row_record(index, _tokens_problem(example, label_from))
     if out["problem"]:
         return out
     ids = list(ids)
