@@ -19,6 +19,7 @@ import jinja2
 
 from . import coverage
 from . import policy as control
+from .data import sharegpt_to_chatml
 from .masks import RenderLimit, TemplateRaised, render, template_error_text
 from .probes import text_of
 from .problems import InputError
@@ -803,33 +804,20 @@ def _tokens_problem(example, label_from) -> str:
     return ""
 
 
-# ShareGPT's role names. TRL's `maybe_convert_to_chatml` renames the keys but keeps these values, and
-# chat templates then skip 'human' turns and never train 'gpt' ones (TRL aborts on the first such row);
-# so we also map the names. A recipe's `role_map` replaces this table.
-SHAREGPT_ROLES = {
-    "human": "user",
-    "gpt": "assistant",
-    "bot": "assistant",
-    "observation": "tool",
-    "function_call": "assistant",
-}
-
-
 def to_chatml(dataset, sft, role_map: dict | None = None):
-    """ShareGPT rows (`conversations` of {from, value}) become `messages` with ChatML role names."""
-    from trl.data_utils import is_conversational_from_value, maybe_convert_to_chatml
+    """ShareGPT rows (`conversations` of {from, value}) become `messages` with ChatML role names
+    (`data.sharegpt_to_chatml`, the converter `show` uses on one row too)."""
+    from trl.data_utils import is_conversational_from_value
 
     first = next(iter(dataset), None) if "conversations" in dataset.column_names else None
     if first is None or not is_conversational_from_value(first):
         return dataset
-    roles = SHAREGPT_ROLES if role_map is None else role_map
-
-    def convert(example):
-        example = maybe_convert_to_chatml(example)
-        example["messages"] = [{**m, "role": roles.get(m.get("role"), m.get("role"))} for m in example["messages"]]
-        return example
-
-    return dataset.map(convert, remove_columns="conversations", **_map_kwargs(dataset, sft, "Converting to ChatML"))
+    return dataset.map(
+        sharegpt_to_chatml,
+        fn_kwargs={"role_map": role_map},
+        remove_columns="conversations",
+        **_map_kwargs(dataset, sft, "Converting to ChatML"),
+    )
 
 
 def _no_messages_hint(columns: list[str], sft) -> str:

@@ -164,3 +164,17 @@ def test_show_template_refusing_the_conversation_exits_two_naming_row_and_messag
     assert main(["show", str(data), "--row", "0", "--template", str(template)]) == 2
     err = capsys.readouterr().err
     assert "row 0" in err and "no system prompts, please" in err and "Traceback" not in err
+
+
+def test_show_reads_a_sharegpt_row_as_check_data_does(tmp_path, capsys):
+    """ShareGPT rows ({from, value}) go through the same converter in `show` as in check-data and train:
+    `human` becomes the user turn and `gpt` the trained assistant turn."""
+    data = tmp_path / "sharegpt.jsonl"
+    row = {"conversations": [{"from": "human", "value": "What is 2 + 1?"}, {"from": "gpt", "value": "3."}]}
+    data.write_text(json.dumps(row) + "\n")
+    assert main(["show", str(data), "--row", "0", "--template", "chatml", "--format", "json"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    text = "".join(token["text"] for token in tokens)
+    trained = "".join(token["text"] for token in tokens if token["trained"])
+    assert "<|im_start|>user\nWhat is 2 + 1?" in text
+    assert trained.startswith("3.<|im_end|>")
