@@ -286,3 +286,16 @@ def test_each_rows_chat_template_kwargs_reach_the_template_also_under_per_messag
     ]
     assert [text.count("<think>") for text in trained] == [0, 2, 0, 1]
     assert "It is 5." not in trained[3] and "That is 8." in trained[3]
+
+
+def test_check_data_takes_the_recipe_overrides_train_takes(tmp_path):
+    """`check-data RECIPE --max_length 8` gates the run `train RECIPE --max_length 8` would start."""
+    from sft_toolkit.cli import main
+
+    row = {
+        "messages": [{"role": "user", "content": "Convert 3 km to m."}, {"role": "assistant", "content": "3000 m."}]
+    }
+    recipe = write_recipe(tmp_path, [row])
+    assert main(["check-data", recipe, "--format", "json"]) == 0
+    assert main(["check-data", recipe, "--format", "json", "--max_length", "8"]) == 1  # the answer is cut away
+    assert main(["check-data", recipe, "--max_lenght", "8"]) == 2  # a misspelt key is bad input, named

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' deprecation notices about its own defaults are not the user's business here.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|trl\.")
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command not in ("train", "prepare"):
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("train", "prepare"):
+    if getattr(COMMANDS[args.command], "TAKES_OVERRIDES", False):  # --KEY VALUE: recipe keys, read by the command
         args.overrides = list(args.overrides) + extra
+    elif extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command].run(args)
     except (InputError, RenderLimit) as err:  # a runaway template is unusable input too

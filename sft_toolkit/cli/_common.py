@@ -1,12 +1,39 @@
-"""Printing the cli commands share: check-data's report, which `prepare` prints too for what it saved."""
+"""What the cli commands share: `--KEY VALUE` recipe overrides, and check-data's report, which `prepare` prints
+too for what it saved."""
 
 from __future__ import annotations
 
+import yaml
 from rich.console import Console
 
 from ..check_data import reason_help
+from ..problems import InputError
 
 SHOW_ROWS = 20
+
+
+def add_overrides_argument(parser) -> None:
+    """A command that reads a recipe takes `--KEY VALUE` overrides of its keys; the dispatcher passes it the
+    arguments its parser doesn't know (`TAKES_OVERRIDES` in the command's module)."""
+    parser.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out, key = {}, None
+    for item in items:
+        if item.startswith("--"):
+            if key is not None:
+                out[key] = True
+            key, _, value = item[2:].partition("=")
+            if value:
+                out[key], key = yaml.safe_load(value), None
+        elif key is not None:
+            out[key], key = yaml.safe_load(item), None
+        else:
+            raise InputError(f"unexpected argument {item!r}: overrides are --key value pairs")
+    if key is not None:
+        out[key] = True
+    return out
 
 
 def print_data_report(report, title: str) -> None:

@@ -1,4 +1,4 @@
-"""`sft-toolkit check-data RECIPE.yaml [--format text|json] [--report FILE] [--max-zero-rows N]`
+"""`sft-toolkit check-data RECIPE.yaml [--format text|json] [--report FILE] [--max-zero-rows N] [--KEY VALUE ...]`
 
 The CI gate: exit 0 when the dataset is fit to train, 1 when any row, packed sequence or step would
 train on nothing (or assistant tokens would be trained without their context), or any row's mask misses the
@@ -14,7 +14,7 @@ from pathlib import Path
 from ..check_data import check_data, to_markdown
 from ..outputs import check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
-from ._common import print_data_report
+from ._common import add_overrides_argument, parse_overrides, print_data_report
 
 
 def add_parser(sub) -> None:
@@ -28,10 +28,16 @@ def add_parser(sub) -> None:
     p.add_argument("--report", metavar="FILE", help="write the JSON report to FILE and a Markdown report beside it")
     p.add_argument("--max-zero-rows", type=int, help="rows allowed to end with zero trainable tokens (default 0)")
     p.add_argument("--world-size", type=int, default=1, help="number of training processes, for step accounting")
+    add_overrides_argument(p)  # the same overrides train takes: the gate checks what that run would train
+
+
+TAKES_OVERRIDES = True
 
 
 def run(args) -> int:
-    overrides = {} if args.max_zero_rows is None else {"max_zero_rows": args.max_zero_rows}
+    overrides = parse_overrides(args.overrides)
+    if args.max_zero_rows is not None:
+        overrides["max_zero_rows"] = args.max_zero_rows
     recipe = load_recipe(args.recipe, overrides)
     inputs = recipe_inputs(recipe)
     reports = _report_paths(args.report) if args.report else ()

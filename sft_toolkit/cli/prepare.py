@@ -13,8 +13,7 @@ import json
 from ..prepare import prepare
 from ..recipe import load_recipe
 from ..train import GuardStop
-from ._common import print_data_report
-from .train import parse_overrides
+from ._common import add_overrides_argument, parse_overrides, print_data_report
 
 
 def add_parser(sub) -> None:
@@ -31,7 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--world-size", type=int, default=1, help="number of training processes, for step accounting")
     p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
-    p.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
+    add_overrides_argument(p)
+
+
+TAKES_OVERRIDES = True
 
 
 def run(args) -> int:

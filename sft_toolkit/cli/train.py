@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 
-import yaml
-
 from ..masks import RenderLimit
 from ..problems import InputError
 from ..recipe import load_recipe
 from ..train import GuardStop, train
+from ._common import add_overrides_argument, parse_overrides
 
 ACCOUNTING = (
     "rows",
@@ -42,25 +41,10 @@ def add_parser(sub) -> None:
         metavar="DIR",
         help="train from a dataset `sft-toolkit prepare` saved (checked against the recipe; not re-tokenized)",
     )
-    p.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
+    add_overrides_argument(p)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    out, key = {}, None
-    for item in items:
-        if item.startswith("--"):
-            if key is not None:
-                out[key] = True
-            key, _, value = item[2:].partition("=")
-            if value:
-                out[key], key = yaml.safe_load(value), None
-        elif key is not None:
-            out[key], key = yaml.safe_load(item), None
-        else:
-            raise InputError(f"unexpected argument {item!r}: overrides are --key value pairs")
-    if key is not None:
-        out[key] = True
-    return out
+TAKES_OVERRIDES = True
 
 
 def run(args) -> int:
