@@ -182,25 +182,8 @@ def test_the_main_process_prepares_the_data_and_the_other_rank_loads_it(assets, 
     counts = tmp_path / "counts"
     counts.mkdir()
     entry = Path(__file__).parent / "helpers" / "count_tokenized_rows.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        str(entry),
-        str(recipe),
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "COUNT_DIR": str(counts),
-        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
-    }
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    env = {"COUNT_DIR": str(counts), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    proc = launch_two(recipe, entry=(str(entry),), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenized = {path.stem: int(path.read_text()) for path in counts.iterdir()}
     assert tokenized == {"rank-0": len(rows), "rank-1": 0}  # once per job: rank 1 found rank 0's work cached
@@ -211,24 +194,7 @@ def test_an_fsdp_launch_on_cpu_is_refused_instead_of_running_as_ddp(assets, tmp_
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0), max_length=128)))
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "--module",
-        "sft_toolkit",
-        "train",
-        str(recipe),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch_two(recipe, launcher=("--config_file", str(config), "--mixed_precision", "no"))
     assert proc.returncode != 0
     assert proc.stderr.count("accelerate's config asks for FSDP, but this run is MULTI_CPU") == 2, proc.stderr[-3000:]
     # each rank says it in one line (the launcher then reports the exit code 2 of its processes)

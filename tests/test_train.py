@@ -125,23 +125,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(recipe: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "--module",
-        "sft_toolkit",
-        "train",
-        str(recipe),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+def launch_two(
+    recipe: Path,
+    *,
+    launcher: tuple[str, ...] = ("--multi_gpu",),
+    entry: tuple[str, ...] = ("--module", "sft_toolkit", "train"),
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    """Two processes under `accelerate launch` (DDP on gloo by default): `launcher` holds the launcher's own
+    options (a `--config_file`, ...), `entry` what it starts, given the recipe; `env` is added to the environment."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+           "--main_process_port", str(free_port()), *entry, str(recipe)]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=environment)
 
 
 def test_two_processes_train_then_stop_together_on_a_zero_token_rank(assets, tmp_path):
