@@ -118,6 +118,14 @@ def test_a_wrong_placement_is_refused_with_its_reason(case):
     assert shown in findings[0].message  # the message shows the text that is wrong
 
 
+@pytest.mark.parametrize("case", sorted(WRONG))
+def test_the_independent_check_sees_each_wrong_placement_too(case):
+    marked, _, shown = WRONG[case]
+    problems, checked = check_conversion(ORIGINAL, marked)
+    assert checked > 0 and problems, f"{case}: the independent check accepted it"
+    assert check_conversion(ORIGINAL, RIGHT) == ([], checked)
+
+
 def test_add_markers_places_the_markers_the_right_placement_has():
     converted = add_markers(ORIGINAL).source
     assert verify_placement(ORIGINAL, converted) == []
@@ -224,8 +232,12 @@ def test_converted_template_passes_the_independent_check(name):
     assert checked >= 5, f"{name}: only {checked} conversations rendered"  # gemma refuses tool and system roles
 
 
-def test_the_hand_placement_example_in_templates_readme_is_right():
+def test_the_hand_placement_examples_in_templates_readme_are_right():
+    """Every original / hand-marked pair of jinja blocks in templates/README.md's section on refusals."""
     readme = (Path(__file__).resolve().parents[1] / "templates" / "README.md").read_text()
     section = readme[readme.index("## When add-markers refuses a template") :]
-    original, by_hand = re.findall(r"```jinja\n(.*?)```", section, flags=re.S)[:2]
-    assert verify_placement(original, by_hand) == []
+    blocks = re.findall(r"```jinja\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 8
+    for original, by_hand in zip(blocks[::2], blocks[1::2]):
+        assert "{% generation %}" not in original and "{% generation %}" in by_hand
+        assert verify_placement(original, by_hand) == [], by_hand

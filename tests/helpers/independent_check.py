@@ -260,8 +260,8 @@ def shown_at(text: str, piece: str, start: int, stop: int | None = None) -> int:
 def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> list[str]:
     """Walk the messages through the text in order, each looked for after the one before. An assistant
     message's content and reasoning must be trained where they are printed before the next message's text;
-    each tool call's argument values, and its name before them, likewise; the first character after the last
-    answer that isn't whitespace (its end-of-turn). Other messages' text must not be trained."""
+    each tool call's argument values, and its name before them, likewise; what the text shows after the last
+    answer up to the next whitespace (its end-of-turn, `<|im_end|>`). Other messages' text must not be trained."""
     problems, cursor = [], 0
 
     def check(i: int, what: str, at: int, length: int, want: bool) -> None:
@@ -303,7 +303,7 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
             rest = text[at + len(content) :]
             if i == len(messages) - 1 and rest.strip() and not message.get("tool_calls"):
                 eot_at = at + len(content) + len(rest) - len(rest.lstrip())
-                check(i, "end-of-turn", eot_at, 1, want=True)
+                check(i, "end-of-turn", eot_at, len(rest.split()[0]), want=True)
         cursor = end
     return problems
 
