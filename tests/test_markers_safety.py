@@ -3,14 +3,18 @@
 1. `verify_placement` (the check add-markers runs before it writes anything) is handed hand-made wrong
    placements of markers in a small tool-calling template (a block one character short, a block around
    user text, an end-of-turn left out, a render one byte different, tool calls left outside the block)
-   and must refuse each with its reason; the right placement must pass.
+   and must refuse each with its reason; the right placement must pass. The independent check (3) sees
+   each of them too.
 2. The tool-call shapes real datasets write are in the verification set: a template that prints tool
    calls only for `content: None` (a fixture written for this test, the DeepSeek-R1 pattern) gets its
-   tool calls trained, and the template add-markers writes from the old probe set alone is refused.
-3. An independent check, written here apart from add-markers' and lint's code: every template of the
-   dev set that add-markers converts renders byte-identically to the original on generated conversations
-   and every tool-call shape, trains every character of each assistant message's content, tool-call
-   names and arguments and the end-of-turn after the last answer, and no user, system or tool text.
+   tool calls trained, and the template add-markers writes from the old probe set alone is refused; so
+   do templates whose tool-call code only Mistral-style call ids or calls without tool definitions reach.
+   A template that reads `continue_final_message` converts without a traceback.
+3. The independent check (`tests/helpers/independent_check.py`, written apart from add-markers' and
+   lint's code): every template of the dev set that add-markers converts renders byte-identically to the
+   original on its conversations, trains every character of each assistant message's content, reasoning,
+   tool-call names and arguments and the end-of-turn after the last answer, and no user, system or tool
+   text. tests/test_markers_corpus.py runs it over real templates nobody here wrote.
 """
 
 from __future__ import annotations
