@@ -116,10 +116,11 @@ def guard(recipe: Recipe, world_size: int = 1, *, keep_provenance: bool = False)
     )
 
 
-def _repair(checked: Guarded, notes: list[str], *, world_size: int, keep_provenance: bool) -> Guarded:
+def _repair(checked: Guarded, said: list[str], *, world_size: int, keep_provenance: bool) -> Guarded:
     """mask_guard: repair, on a checked run with problems (see `guard`): each change makes a new recipe or
-    report, checked again where the data changes; `notes` (what was said so far) gets each change's effect."""
+    report, checked again where the data changes, and is said with its effect after `said` (the notes so far)."""
     report, dataset, eval_dataset, recipe = checked.report, checked.dataset, checked.eval_dataset, checked.recipe
+    notes = list(said)
     max_length = packing_strategy = None
     limit = recipe.toolkit.max_length_limit
     sft = recipe.sft
