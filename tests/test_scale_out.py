@@ -57,7 +57,7 @@ def test_two_ranks_log_every_steps_trainable_tokens_over_both_ranks(assets, tmp_
         per_device_train_batch_size=1,
         train_sampling_strategy="sequential",
     )
-    _, dataset, _ = guard(build_recipe(keys))
+    dataset = guard(build_recipe(keys)).dataset
     trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
     # step k trains sequence 2(k-1) on rank 0 and 2(k-1)+1 on rank 1
     expected = [trainable[2 * step] + trainable[2 * step + 1] for step in range(steps)]
@@ -83,7 +83,7 @@ def test_exactly_one_empty_rank_stops_both_ranks_at_that_step(assets, tmp_path):
         max_steps=20,
         train_sampling_strategy="sequential",
     )
-    _, dataset, _ = guard(build_recipe(keys))  # what every rank trains on, in the order it trains
+    dataset = guard(build_recipe(keys)).dataset  # what every rank trains on, in the order it trains
     trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
     step, counts = first_step_with_an_empty_rank(trainable)
     assert counts.count(0) == 1, f"the test needs exactly one empty rank at step {step}, got {counts}"
