@@ -285,7 +285,16 @@ class Suite:
                "--num_processes", str(self.args.gpus), "--main_process_port", str(free_port()), *launcher,
                "--module", "sft_toolkit", "train", str(recipe)]  # fmt: skip
         environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**environment, **(env or {})})
+        # A launch may run past the budget by a minute at most, so the suite ends under gpu_suite.sh's timeout.
+        limit = max(60.0, self.args.budget_s + 60 - (time.monotonic() - self.started))
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=limit, env={**environment, **(env or {})}
+            )
+        except subprocess.TimeoutExpired as err:
+            out = err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or ""
+            error = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
+            proc = subprocess.CompletedProcess(cmd, 124, out, error + f"\n(stopped after {limit:.0f} s)")
         (self.folder / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         return proc
 
@@ -443,7 +452,8 @@ def attempt(part, *args) -> dict:
         return failed(err)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, save=lambda results: None) -> dict:
+    """Every part in turn; `save` gets the results after each one, so a run stopped early keeps what it measured."""
     folder = Path(tempfile.mkdtemp(prefix="gpu_suite-"))
     suite = Suite(args, folder)
     import accelerate
@@ -470,6 +480,7 @@ def run(args: argparse.Namespace) -> dict:
             "warmup_steps": args.warmup,
             "dtype": "bfloat16" if suite.cuda else "float32",
         },
+        "complete": False,  # True once every part has run (or said why not)
         "throughput": {},
         "packing_isolation": {},
     }
@@ -486,14 +497,17 @@ def run(args: argparse.Namespace) -> dict:
             continue
         keys = suite.keys(attn_implementation=attn, **extra)
         results["throughput"][label] = suite.over_budget() or attempt(suite.throughput, keys)
+        save(results)
     for attn in ("eager", "sdpa", flash or "flash varlen"):
         if attn == "flash varlen":
             results["packing_isolation"][attn] = skipped(flash_note)
         else:
             results["packing_isolation"][attn] = suite.over_budget() or attempt(suite.isolation, attn)
+        save(results)
     for part in ("fsdp2", "deepspeed_zero3", "qlora"):
         results[part] = suite.over_budget() or attempt(getattr(suite, part))
-    results["wall_s"] = time.monotonic() - suite.started
+        save(results)
+    results["wall_s"], results["complete"] = time.monotonic() - suite.started, True
     shutil.rmtree(folder, ignore_errors=True)
     return results
 
@@ -569,7 +583,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--gpus", type=int, default=max(torch.cuda.device_count(), 1), help="processes for FSDP2")
-    parser.add_argument("--budget-s", type=float, default=420, help="parts that would start after this are skipped")
+    parser.add_argument("--budget-s", type=float, default=360, help="parts that would start after this are skipped")
     parser.add_argument("--command", help="the command to record (gpu_suite.sh passes its own)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -583,9 +597,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def save(results: dict) -> None:
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    results = run(args, save)
+    save(results)
     (args.out / "results.md").write_text(markdown(results))
     print(markdown(results))
     print(f"# written: {args.out / 'results.json'}, {args.out / 'results.md'}")
