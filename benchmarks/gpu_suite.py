@@ -158,7 +158,9 @@ class Suite:
             self.datasets[shape] = dataset.remove_columns([c for c in ("src_pos",) if c in dataset.column_names])
         return self.datasets[shape]
 
-    def trainer(self, keys: dict, guarded: bool, callbacks=()):
+    def trainer(self, keys: dict, guarded: bool, callbacks=(), count_from: int | None = None):
+        """TRL's plain SFTTrainer or the guarded one on the prepared dataset; with `count_from`, it also counts
+        the tokens of every micro-batch it trains from that step on (see `counting`)."""
         from trl import SFTTrainer
 
         from sft_toolkit.preprocess import load_tokenizer_for
@@ -166,6 +168,8 @@ class Suite:
         recipe = build_recipe(keys)
         dataset = self.dataset(keys)
         cls = guarded_trainer_class() if guarded else SFTTrainer
+        if count_from is not None:
+            cls = counting(cls, count_from)
         return cls(
             model=keys["model_name_or_path"],
             args=prepared_trainer_args(recipe),
@@ -179,21 +183,12 @@ class Suite:
     def run_once(self, keys: dict, guarded: bool, steps: int | None = None) -> dict:
         warmup, steps = self.args.warmup, steps or self.args.steps
         clock = WallClock(warmup)
-        trainer = self.trainer({**keys, "max_steps": warmup + steps}, guarded, [clock])
-        real = padded = trainable = 0
-        per_step = trainer.args.gradient_accumulation_steps
-        for i, batch in enumerate(trainer.get_train_dataloader()):  # the batches this run trains on (same seed)
-            if i >= (warmup + steps) * per_step:
-                break
-            if i >= warmup * per_step:
-                mask = batch.get("attention_mask")
-                real += int(mask.sum()) if mask is not None else int((batch["position_ids"] >= 0).sum())
-                padded += batch["input_ids"].numel()
-                trainable += int((batch["labels"] != -100).sum())
+        trainer = self.trainer({**keys, "max_steps": warmup + steps}, guarded, [clock], count_from=warmup)
         trainer.train()
         if clock.start is None or clock.end is None or clock.steps != steps:
             raise RuntimeError(f"timed {clock.steps} of {steps} steps (the dataset may be too small)")
         seconds = clock.end - clock.start
+        real, padded, trainable = (int(count) for count in trainer.counted)
         del trainer
         if self.cuda:
             torch.cuda.empty_cache()
@@ -413,6 +408,25 @@ class Suite:
         return result
 
 
+def counting(cls, count_from: int):
+    """`cls` that counts, in the batches it trains on after optimizer step `count_from`, the real (not padding)
+    tokens, the tokens including padding and the trainable ones. The sums stay on the device until read, so
+    counting adds no synchronization to the timed steps."""
+
+    class Counting(cls):
+        counted = (0, 0, 0)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self.state.global_step >= count_from:
+                mask = inputs.get("attention_mask")
+                real = mask.sum() if mask is not None else (inputs["position_ids"] >= 0).sum()
+                batch = (real, inputs["input_ids"].numel(), (inputs["labels"][..., 1:] != -100).sum())
+                self.counted = tuple(total + value for total, value in zip(self.counted, batch))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return Counting
+
+
 RESUME_TOLERANCE = 1e-2  # bf16 losses of the same steps; a resume that loses state differs by far more
 
 
@@ -567,8 +581,38 @@ def markdown(results: dict) -> str:
 
 
 def _summary(part: dict) -> str:
-    """One line for a measured launched/QLoRA part (the JSON holds every number)."""
-    return json.dumps({k: v for k, v in part.items() if k != "status"}, default=str)[:1500].replace("|", "\\|")
+    """One cell for a measured launched or QLoRA part (results.json holds every number)."""
+    if "first_loss" in part:  # QLoRA
+        return (
+            f"{part['steps']} steps, loss {part['first_loss']:.3f} → {part['last_loss']:.3f}, "
+            f"{part['seconds']:.0f} s, peak GPU memory {part['peak_gpu_memory_gib']:.1f} GiB"
+        )
+    cells = [f"{part['processes']} processes"]
+    for name, value in part.items():
+        if not isinstance(value, dict):
+            continue
+        if value["status"] != MEASURED:
+            cells.append(f"{name}: {_status(value)}")
+        elif "losses" in value:
+            resume = value["resume"]
+            resumed = (
+                f"resume from checkpoint-3: max loss difference {resume['max_loss_difference_steps_4_to_6']:.2g} "
+                f"({'reproduces' if resume['reproduces'] else 'DIFFERS'})"
+                if resume["status"] == MEASURED
+                else f"resume: {_status(resume)}"
+            )
+            cells.append(
+                f"{name}: loss {value['losses'][0]:.3f} → {value['losses'][-1]:.3f} "
+                f"({'falls' if value['loss_falls'] else 'DOES NOT FALL'}), {', '.join(value['checkpoints'])}"
+                f"{', STAGING LEFT' if value['staging_left'] else ', no staging left'}, {resumed}, "
+                f"from_pretrained {value['from_pretrained']}"
+            )
+        else:  # guard stop
+            cells.append(
+                f"{name}: exit {value['exit_code']}, {value['ranks_stopped']} of {part['processes']} ranks stopped at "
+                f"step {', '.join(value['steps_stopped_at']) or '-'} (expected {value['expected_step']})"
+            )
+    return "; ".join(cells).replace("|", "\\|")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
