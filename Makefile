@@ -21,7 +21,7 @@ test: setup
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
-# Tests marked slow: extra to CI, e.g. the GPU suite at its full step counts (on CPU with the tiny model without a GPU).
+# Tests marked slow: extra to CI, e.g. the GPU suite with repeated runs (its full sizes on a CUDA machine).
 test-slow: setup
 	$(PY) -m pytest -m slow
 
