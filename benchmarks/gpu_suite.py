@@ -154,7 +154,7 @@ class Suite:
         """train's own preparation (provenance kept, as `train` keeps it), once per data-shaping setting."""
         shape = (keys.get("packing", False), keys.get("packing_strategy"))
         if shape not in self.datasets:
-            _, dataset, _ = guard(build_recipe(keys), keep_provenance=True)
+            dataset = guard(build_recipe(keys), keep_provenance=True).dataset
             self.datasets[shape] = dataset.remove_columns([c for c in ("src_pos",) if c in dataset.column_names])
         return self.datasets[shape]
 
@@ -363,7 +363,7 @@ class Suite:
             packing_strategy="bfd",
             train_sampling_strategy="sequential",
         )
-        _, dataset, _ = guard(build_recipe(keys))  # every rank's sequences, in the order it trains them
+        dataset = guard(build_recipe(keys)).dataset  # every rank's sequences, in the order it trains them
         trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
         world = self.args.gpus
         step = next(
