@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: setup quickstart test fmt
+.PHONY: setup quickstart test test-slow fmt
 setup: $(VENV)/.installed
 
 quickstart: setup
@@ -20,6 +20,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# Tests marked slow: extra to CI, e.g. the GPU suite with repeated runs (its full sizes on a CUDA machine).
+test-slow: setup
+	$(PY) -m pytest -m slow
 
 fmt: setup
 	$(VENV)/bin/ruff check --fix .

@@ -560,8 +560,11 @@ def _callbacks(recipe) -> list:
 
 def check_backend(recipe) -> None:
     """InputError when accelerate's config asks for a backend this run would not use. accelerate applies an
-    FSDP config only on accelerator devices (its `AcceleratorState`): with `use_cpu` the same launch runs as
-    DDP on gloo, every rank holding the whole model, without a word."""
+    FSDP config only on accelerator devices: in accelerate 1.15, `AcceleratorState.__init__`
+    (accelerate/state.py:986-1013) turns DistributedType into FSDP only from MULTI_GPU, MULTI_NPU, MULTI_XPU and
+    the other accelerator types, never from MULTI_CPU, so with `use_cpu` the same launch runs as DDP on gloo, every
+    rank holding the whole model, without a word. torch's own `fully_shard` does train on CPU with gloo (two ranks,
+    torch 2.13); the block is accelerate's. benchmarks/gpu_suite.sh runs the FSDP2 launch on GPUs."""
     from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
@@ -571,8 +574,9 @@ def check_backend(recipe) -> None:
         raise InputError(
             f"{recipe.source}: accelerate's config asks for FSDP, but this run is "
             f"{running.value} (use_cpu: {recipe.sft.use_cpu}): accelerate shards only on accelerator "
-            "devices, so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
-            "or run FSDP on GPUs"
+            "devices (accelerate 1.15, accelerate/state.py:986-1013: only an accelerator's MULTI_* type becomes "
+            "FSDP), so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
+            "or run FSDP on GPUs (benchmarks/gpu_suite.sh checks that launch)"
         )
 
 

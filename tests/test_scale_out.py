@@ -197,6 +197,7 @@ def test_an_fsdp_launch_on_cpu_is_refused_instead_of_running_as_ddp(assets, tmp_
     proc = launch_two(recipe, launcher=("--config_file", str(config), "--mixed_precision", "no"))
     assert proc.returncode != 0
     assert proc.stderr.count("accelerate's config asks for FSDP, but this run is MULTI_CPU") == 2, proc.stderr[-3000:]
+    assert "accelerate/state.py:986" in proc.stderr  # the reason names where accelerate decides
     # each rank says it in one line (the launcher then reports the exit code 2 of its processes)
     assert "sft_toolkit/train.py" not in proc.stderr
     assert not (tmp_path / "run").exists()  # refused before training wrote anything
