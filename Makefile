@@ -19,7 +19,7 @@ CORPUS := .cache/template-corpus/downloaded
 $(CORPUS): benchmarks/template_corpus.py | $(VENV)/.installed
 	$(PY) benchmarks/template_corpus.py download
 
-.PHONY: setup quickstart test fmt corpus
+.PHONY: setup quickstart test test-slow fmt corpus
 setup: $(VENV)/.installed
 
 corpus: $(CORPUS)
@@ -31,6 +31,10 @@ test: setup corpus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# Tests marked slow: extra to CI, e.g. the GPU suite with repeated runs (its full sizes on a CUDA machine).
+test-slow: setup
+	$(PY) -m pytest -m slow
 
 fmt: setup
 	$(VENV)/bin/ruff check --fix .

@@ -86,12 +86,12 @@ def measure(side: str, workdir: Path, config: str) -> dict:
     recipe = build_recipe(keys)
     cpu0, start = _cpu_seconds(), time.perf_counter()
     if side == "from raw":
-        _, dataset, _ = guard(recipe)
+        dataset = guard(recipe).dataset
     elif side == "prepare":
         prepare(recipe, prepared_dir)
         dataset = None
     else:
-        _, dataset, _ = load_prepared(recipe)
+        dataset = load_prepared(recipe).dataset
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": peak}

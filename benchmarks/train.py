@@ -82,19 +82,19 @@ def build_model_dir(kind: str, folder: Path) -> Path:
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self.start = warmup, [], None
+    """Each step's seconds from the end of the previous step to the end of this one, so the batch fetch and the
+    guard's per-step count are inside it (transformers calls `get_batch_samples` before `on_step_begin`)."""
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self.last = warmup, [], None
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if state.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self.start)
+        now = time.perf_counter()
+        if state.global_step > self.warmup and self.last is not None:
+            self.times.append(now - self.last)
+        self.last = now
 
 
 def measure(keys: dict, guarded: bool, warmup: int, steps: int) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .formats import conversation
 from .problems import InputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -439,43 +440,18 @@ def read_conversation(source: str, row: int | None = None) -> tuple[list[dict], 
     return _messages_of(rows[index], f"{source} row {index}")
 
 
-# ShareGPT's role names. TRL's `maybe_convert_to_chatml` renames the keys but keeps these values, and
-# chat templates then skip 'human' turns and never train 'gpt' ones (TRL aborts on the first such row);
-# so we also map the names. A recipe's `role_map` replaces this table.
-SHAREGPT_ROLES = {
-    "human": "user",
-    "gpt": "assistant",
-    "bot": "assistant",
-    "observation": "tool",
-    "function_call": "assistant",
-}
-
-
-def sharegpt_to_chatml(example: dict, role_map: dict | None = None) -> dict:
-    """One ShareGPT row (`conversations` of {from, value}) as `messages` of {role, content}: TRL's own
-    `maybe_convert_to_chatml`, then the role names mapped (`role_map`, default `SHAREGPT_ROLES`)."""
-    from trl.data_utils import maybe_convert_to_chatml
-
-    roles = SHAREGPT_ROLES if role_map is None else role_map
-    example = maybe_convert_to_chatml(dict(example))
-    example["messages"] = [{**m, "role": roles.get(m.get("role"), m.get("role"))} for m in example["messages"]]
-    return example
-
-
 def _messages_of(data, where: str) -> tuple[list[dict], list[dict] | None]:
+    """A bare list of messages, or a row read by its format's converter (`formats.conversation`), as check-data
+    and train read it."""
     if isinstance(data, list):
         return data, None
-    if isinstance(data, dict) and "messages" not in data and isinstance(data.get("conversations"), list):
-        from trl.data_utils import is_conversational_from_value
-
-        if is_conversational_from_value(data):
-            data = sharegpt_to_chatml(data)  # as check-data and train convert it
-    if isinstance(data, dict) and isinstance(data.get("messages"), list):
-        tools = data.get("tools")
-        if isinstance(tools, str):
-            tools = json.loads(tools)
-        return data["messages"], tools
-    raise InputError(f"{where}: expected a list of messages or an object with a 'messages' list")
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a list of messages or an object with a 'messages' list")
+    data = conversation(data, where)
+    tools = data.get("tools")
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    return data["messages"], tools
 
 
 def _first_line(err: Exception) -> str:

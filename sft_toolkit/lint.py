@@ -8,12 +8,8 @@ really is, as `turns.locate_turns` (shared with add-markers) finds it: without k
 the template emits from there up to the turn's end-of-turn text is the assistant's output; everything else must
 stay untrained.
 
-Rule codes are stable (other tools match on them):
-  S001 syntax-error             S002 no-generation-block        S003 generation-unbalanced
-  S004 generation-not-assistant S005 eot-outside-generation
-  R001 assistant-turn-untrained R002 trained-outside-assistant  R003 eot-not-trained
-  R004 generation-prompt-mismatch R005 reference-mismatch       R006 mask-inside-token
-  R007 render-failed            R008 message-control          I001 probe-rejected
+The rules (code, layer, severity, what each catches) are defined once, in `rules.RULES`; every finding here is
+built from that registry, and docs/lint.md's rule table is rendered from it.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from . import policy as control
 from .masks import BoundedSandbox, Rendered, TemplateRaised, tokenize
 from .probes import CONTROL_PROBES, TOOL_SHAPE_PROBES, VERIFICATION_PROBES, Probe
 from .problems import ERROR, INFO, WARNING, Finding, InputError
+from .rules import RULES
 from .turns import NO_STOP, Turn, end_of_turn, first_difference, locate_turns, render_probe, usable_probe
 
 ASSISTANT_ROLES = {"assistant", "model", "gpt", "bot"}
@@ -153,22 +150,18 @@ def static_findings(source: str, trained_eot: str | None = None) -> list[Finding
         col = _error_column(source, err)
         if "generation" in err.message:
             return [
-                Finding(
-                    "S003",
-                    ERROR,
+                RULES["S003"].finding(
                     f"unbalanced generation block at {err.lineno}:{col}: {err.message} "
                     "Every {% generation %} needs exactly one {% endgeneration %}.",
                     err.lineno,
                 )
             ]
-        return [Finding("S001", ERROR, f"syntax error at {err.lineno}:{col}: {err.message}", err.lineno)]
+        return [RULES["S001"].finding(f"syntax error at {err.lineno}:{col}: {err.message}", err.lineno)]
 
     blocks = list(tree.find_all(nodes.CallBlock))
     if not blocks:
         return [
-            Finding(
-                "S002",
-                ERROR,
+            RULES["S002"].finding(
                 "no {% generation %} block: assistant_only_loss would train on nothing. "
                 "Wrap each assistant message's output and its end-of-turn token in "
                 "{% generation %}...{% endgeneration %} (or run `sft-toolkit add-markers`).",
@@ -178,9 +171,7 @@ def static_findings(source: str, trained_eot: str | None = None) -> list[Finding
     for block in blocks:
         for inner in block.find_all(nodes.CallBlock):
             findings.append(
-                Finding(
-                    "S003",
-                    ERROR,
+                RULES["S003"].finding(
                     f"generation block at line {inner.lineno} is nested inside the "
                     f"one at line {block.lineno}; transformers records both spans. Remove the inner one.",
                     inner.lineno,
@@ -257,21 +248,18 @@ def _role_finding(block: nodes.CallBlock, conditions) -> list[Finding]:
         if positive and roles & OTHER_ROLES and not roles & ASSISTANT_ROLES:
             role = sorted(roles & OTHER_ROLES)[0]
             return [
-                Finding(
-                    "S004",
-                    ERROR,
+                RULES["S004"].finding(
                     f"generation block at line {block.lineno} sits under a condition on role "
                     f"'{role}': it would train {role} text. Move it into the assistant branch.",
                     block.lineno,
                 )
             ]
     return [
-        Finding(
-            "S004",
-            WARNING,
+        RULES["S004"].finding(
             f"generation block at line {block.lineno} is not inside an `if` on the "
             "assistant role; check it only wraps assistant output.",
             block.lineno,
+            conditional=True,
         )
     ]
 
@@ -294,20 +282,17 @@ def _eot_after_block_findings(tree, trained_eot: str | None = None) -> list[Find
                 )
                 if trained_eot and trained_eot != eot:
                     findings.append(
-                        Finding(
-                            "S005",
-                            WARNING,
+                        RULES["S005"].finding(
                             f"{message}. The template ends a conversation's "
                             f"last turn with {trained_eot!r}, which is trained; leave {eot!r} out only "
                             "if the model never writes it there.",
                             following.lineno,
+                            conditional=True,
                         )
                     )
                 else:
                     findings.append(
-                        Finding(
-                            "S005",
-                            ERROR,
+                        RULES["S005"].finding(
                             f"{message}, so the model never learns to stop. Move it inside the block.",
                             following.lineno,
                         )
@@ -461,15 +446,14 @@ def rendered_findings(
     kwargs = dict(tokenizer.special_tokens_map) if tokenizer is not None else {}
     settings = settings or [{}]
     line = _single_block_line(source)
-    seen: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
-    examples: dict[tuple, str] = {}
+    seen: dict[Finding, list[tuple[str, str]]] = defaultdict(list)
+    examples: dict[Finding, str] = {}
     label = ""
 
-    def add(rule, severity, message, where: str, at_line=line, example: str | None = None):
-        key = (rule, severity, message, at_line)
-        seen[key].append((where, label))
+    def add(finding: Finding, where: str, example: str | None = None):
+        seen[finding].append((where, label))
         if example is not None:
-            examples.setdefault(key, example)
+            examples.setdefault(finding, example)
 
     eot, rendered_any, writes_no_eot = None, False, False
     for setting in settings:
@@ -481,21 +465,20 @@ def rendered_findings(
             try:
                 full = render_probe(source, probe, probe.messages, False, kwargs)
             except TemplateRaised as err:
-                add("I001", INFO, f"the template rejects this probe conversation ({err}); skipped", probe.name, None)
+                add(
+                    RULES["I001"].finding(f"the template rejects this probe conversation ({err}); skipped"), probe.name
+                )
                 continue
             except InputError as err:
                 if shape:  # a shape some datasets write, worth a warning where training gives it
                     if probe.training_shape:
-                        add(
-                            "R007",
-                            WARNING,
+                        message = (
                             f"{err}; rows written this way fail with this template (check-data "
-                            "reports them as template_error)",
-                            probe.name,
-                            None,
+                            "reports them as template_error)"
                         )
+                        add(RULES["R007"].finding(message, conditional=True), probe.name)
                 else:
-                    add("R007", ERROR, f"{err}", probe.name, None)
+                    add(RULES["R007"].finding(f"{err}"), probe.name)
                 continue
             rendered_any = True
             found = end_of_turn(source, probe, kwargs)
@@ -503,35 +486,29 @@ def rendered_findings(
             try:
                 full, off = _apply_control(probe.messages, full)
             except control.MappingError as err:
-                add(
-                    "R008",
-                    WARNING,
+                message = (
                     "per-message training control (train: false, train_roles, train_turns) can't "
-                    f"be used with this template: {err}. Write one {{% generation %}} block per assistant message.",
-                    probe.name,
+                    f"be used with this template: {err}. Write one {{% generation %}} block per assistant message."
                 )
+                add(RULES["R008"].finding(message, line, conditional=True), probe.name)
                 continue
             for rule, severity, message, turn, example in _check_probe(source, probe, full, eot, kwargs, off):
                 add(
-                    rule,
-                    severity,
-                    message,
+                    Finding(rule, severity, message, line),
                     f"{probe.name}#{turn}" if turn is not None else probe.name,
                     example=example,
                 )
             if reference is not None:
                 for message in _reference_diffs(source, reference, probe, kwargs):
-                    add("R005", ERROR, message, probe.name, None)
+                    add(RULES["R005"].finding(message), probe.name)
             if tokenizer is not None and not controls:  # control probes add no new token boundaries
                 for message in _token_boundaries(source, probe, tokenizer):
-                    add("R006", WARNING, message, probe.name)
+                    add(RULES["R006"].finding(message, line), probe.name)
 
     findings = []
     if writes_no_eot and not eot:
         findings.append(
-            Finding(
-                "R003",
-                ERROR,
+            RULES["R003"].finding(
                 f"{NO_STOP} on every probe, so no end-of-turn token is trained and "
                 "the model never learns to stop. If the next message's role tag ends a turn (GLM-4's "
                 "`<|user|>`), emit it inside the assistant's {% generation %} block to train it, or "
@@ -539,15 +516,12 @@ def rendered_findings(
             )
         )
     labels = [setting_label(setting, settings[0]) for setting in settings]
-    for key, where in seen.items():
-        rule, severity, message, at_line = key
-        example = f" e.g. {examples[key]}." if key in examples else ""
-        findings.append(Finding(rule, severity, f"{message}{example} [seen in {_summarize(where, labels)}]", at_line))
+    for finding, where in seen.items():
+        example = f" e.g. {examples[finding]}." if finding in examples else ""
+        findings.append(replace(finding, message=f"{finding.message}{example} [seen in {_summarize(where, labels)}]"))
     if not rendered_any and not any(f.rule == "R007" for f in findings):
         findings.append(
-            Finding(
-                "R007",
-                ERROR,
+            RULES["R007"].finding(
                 "the template rejected every probe conversation; nothing could be "
                 "checked. Does it accept a plain user/assistant exchange?",
             )
@@ -584,35 +558,32 @@ def _single_block_line(source: str) -> int | None:
 def _check_probe(
     source, probe: Probe, full: Rendered, eot, kwargs, off: frozenset[int] = frozenset()
 ) -> list[tuple[str, str, str, int | None, str | None]]:
-    """`off`: assistant messages switched off by per-message control, which must stay untrained."""
+    """`off`: assistant messages switched off by per-message control, which must stay untrained. Each problem is
+    (code, severity, message, turn index or None, example or None)."""
     out = []
     turns, mismatches = locate_turns(source, probe, full, eot, kwargs)
-    out += [("R004", ERROR, m, turn, example) for m, turn, example in mismatches]
+    out += [_problem("R004", m, turn, example) for m, turn, example in mismatches]
     text, trained = full.text, full.trained_chars()
     for turn in turns:
         s, e = turn.region
         if turn.index in off:
             if any(trained[s:e]):
                 out.append(
-                    (
+                    _problem(
                         "R008",
-                        ERROR,
                         "an assistant turn switched off (train: false) is still trained: the "
                         "template's generation blocks are not one per assistant message, in order.",
                         turn.index,
-                        None,
                     )
                 )
             continue
         if not any(trained[s:e]):
             out.append(
-                (
+                _problem(
                     "R001",
-                    ERROR,
                     "an assistant turn has no trained characters, so it is not learned. Is the "
                     "generation block in a branch this turn doesn't take (e.g. only the last turn)?",
                     turn.index,
-                    None,
                 )
             )
             continue
@@ -621,21 +592,18 @@ def _check_probe(
                 continue
             if kind == "eot":
                 out.append(
-                    (
+                    _problem(
                         "R003",
-                        ERROR,
                         f"the end-of-turn {eot!r} after an assistant turn is not trained, so the "
                         "model never learns to stop. Put it inside {% generation %}.",
                         turn.index,
-                        None,
                     )
                 )
             else:
                 untrained = "".join(c for c, t in zip(text[a:b], trained[a:b]) if not t)
                 out.append(
-                    (
+                    _problem(
                         "R001",
-                        ERROR,
                         "an assistant turn's content is only partly trained.",
                         turn.index,
                         f"untrained {untrained[:40]!r}",
@@ -649,9 +617,8 @@ def _check_probe(
     for start, end in _runs([t and not a for t, a in zip(trained, allowed)]):
         what, turn = _describe(text, start, end, turns, probe)
         out.append(
-            (
+            _problem(
                 "R002",
-                ERROR,
                 f"trained text outside assistant output: {what}. Only assistant output and "
                 "its end-of-turn may be inside {% generation %}.",
                 turn,
@@ -659,6 +626,10 @@ def _check_probe(
             )
         )
     return out
+
+
+def _problem(code: str, message: str, turn: int | None, example: str | None = None) -> tuple:
+    return code, RULES[code].severity, message, turn, example
 
 
 def _describe(text: str, start: int, end: int, turns: list[Turn], probe: Probe) -> tuple[str, int | None]:

@@ -16,6 +16,7 @@ from .check_data import Report
 from .outputs import check_output_dir, recipe_inputs
 from .prepared import APPLIED, KIND, build_manifest, rendering_template, save, shaping_keys
 from .problems import InputError
+from .recipe import Recipe
 from .train import guard
 
 
@@ -27,7 +28,7 @@ class Prepared:
     path: Path  # the directory: DIR/dataset, DIR/manifest.json
 
 
-def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
+def prepare(recipe: Recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
     """Run the guard on the recipe's raw dataset and save the result. Raises GuardStop when it refuses."""
     from .preprocess import load_tokenizer_for, renders_conversations
 
@@ -43,11 +44,12 @@ def prepare(recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
         )
     inputs = recipe_inputs(recipe)
     check_output_dir(out_dir, KIND, inputs)  # before any work: a directory that isn't ours is refused at once
-    keys = shaping_keys(recipe)  # as the recipe asks: the guard's repairs change recipe.sft in place
-    report, dataset, notes = guard(recipe, world_size, keep_provenance=True)
-    tokenizer = load_tokenizer_for(recipe)
-    applied = {key: getattr(recipe.sft, key) for key in APPLIED}
-    template = rendering_template(tokenizer, recipe.sft) if renders_conversations(recipe) else None
-    manifest = build_manifest(keys, tokenizer, template, report, notes, applied, dataset)
-    path = save(out_dir, dataset, manifest, inputs)
-    return Prepared(report=report, notes=notes, manifest=manifest, path=path)
+    keys = shaping_keys(recipe)  # as the recipe asks; the guard's repairs are in `guarded.recipe`
+    guarded = guard(recipe, world_size, keep_provenance=True)
+    used, notes = guarded.recipe, list(guarded.repairs.notes)
+    tokenizer = load_tokenizer_for(used)
+    applied = {key: getattr(used.sft, key) for key in APPLIED}
+    template = rendering_template(tokenizer, used.sft) if renders_conversations(used) else None
+    manifest = build_manifest(keys, tokenizer, template, guarded.report, notes, applied, guarded.dataset)
+    path = save(out_dir, guarded.dataset, manifest, inputs)
+    return Prepared(report=guarded.report, notes=notes, manifest=manifest, path=path)

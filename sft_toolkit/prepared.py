@@ -24,8 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .check_data import Report
+from .guarded import Change, Guarded, Repairs
 from .outputs import Input, replace_dir
 from .problems import InputError
+from .recipe import GuardMode, Recipe
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -212,9 +214,11 @@ def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
     return out
 
 
-def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str]]:
-    """The prepared dataset for this recipe, checked; returns (accounting, dataset, notes) like `guard`
-    (notes: the repairs prepare applied, and warnings).
+def load_prepared(recipe: Recipe, world_size: int = 1) -> Guarded:
+    """The prepared dataset for this recipe, checked; returned like `train.guard` returns one: the accounting,
+    the dataset, the recipe with the settings prepare's repairs applied (max_length, packing_strategy; `recipe`
+    itself stays as it is), and those settings as `Repairs` whose notes are the repairs prepare applied and
+    warnings.
 
     Raises InputError naming each difference from the recipe or tokenizer, or what is wrong in the data.
     Every rank of a multi-process run calls this and memory-maps the same files: nothing is re-tokenized.
@@ -237,9 +241,11 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
         dataset = datasets.load_from_disk(str(folder / DATASET))
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"{folder / DATASET}: cannot load the prepared dataset ({err}); run prepare again") from None
-    for key in APPLIED:  # the guard's repairs at prepare time (e.g. a raised max_length) are in force
-        if key in manifest.get("applied", {}):
-            setattr(recipe.sft, key, manifest["applied"][key])
+    # The guard's repairs at prepare time (e.g. a raised max_length) are in force.
+    applied = {key: value for key, value in manifest.get("applied", {}).items() if key in APPLIED}
+    changed = {key: Change(getattr(recipe.sft, key), value) for key, value in applied.items()}
+    changed = {key: change for key, change in changed.items() if change.before != change.after}
+    recipe = recipe.with_sft(**applied)
     stats = recheck(dataset, recipe, manifest, folder)
     report = Report.from_json(manifest["accounting"])
     sft = recipe.sft
@@ -263,7 +269,10 @@ def load_prepared(recipe, world_size: int = 1) -> tuple[Report, object, list[str
     ]
     if stats.zero.any():
         notes.append(f"warning: {int(stats.zero.sum())} sequences have zero trainable tokens (mask_guard warn)")
-    return report, dataset, notes
+    repairs = Repairs(
+        max_length=changed.get("max_length"), packing_strategy=changed.get("packing_strategy"), notes=tuple(notes)
+    )
+    return Guarded(report, dataset, None, recipe, repairs)  # the train split only: no eval split is prepared
 
 
 @dataclass
@@ -327,7 +336,7 @@ def recheck(dataset, recipe, manifest: dict, folder: Path) -> _Stats:
     if max_length is not None and stats.longest > max_length:
         raise InputError(f"{where}: a sequence has {stats.longest} tokens, more than max_length {max_length}")
     zero = np.flatnonzero(stats.zero)
-    if len(zero) and recipe.toolkit.mask_guard != "warn":
+    if len(zero) and recipe.guard_mode is not GuardMode.WARN:
         raise InputError(
             f"{where}: {len(zero)} sequences have zero trainable tokens "
             f"({', '.join(map(str, zero[:SHOWN]))}); run prepare again (with mask_guard: repair to drop them)"

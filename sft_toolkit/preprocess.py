@@ -17,9 +17,9 @@ from pathlib import Path
 
 import jinja2
 
-from . import coverage
+from . import coverage, formats
 from . import policy as control
-from .data import sharegpt_to_chatml
+from .formats import RowFormat
 from .masks import RenderLimit, TemplateRaised, render, template_error_text
 from .probes import text_of
 from .problems import InputError
@@ -493,13 +493,11 @@ def _trainable_and_span(labels: list[int]) -> tuple[int, int]:
     return len(trained_at), (max(trained_at[-1] + 1, len(labels) - trained_at[0]) if trained_at else 0)
 
 
+# Which path a dataset takes is its row format's (`formats.FORMATS`, in TRL's order); these name the questions
+# the trainer's steps ask.
 def is_pretokenized(columns) -> bool:
     """TRL's own test (`is_processed = "input_ids" in column_names`): such rows skip template and tokenization."""
-    return "input_ids" in (columns or ())
-
-
-def needs_template(columns) -> bool:
-    return not is_pretokenized(columns) and ("messages" in (columns or ()) or "conversations" in (columns or ()))
+    return _format_kind(columns) is RowFormat.PRE_TOKENIZED
 
 
 def renders_conversations(recipe) -> bool:
@@ -511,27 +509,28 @@ def renders_conversations(recipe) -> bool:
         first = first_train_row(recipe)
     except Exception:  # noqa: BLE001 - any unreadable dataset: check_data loads it again and names the problem
         return True
-    return first is None or needs_template(list(first)) or is_conversational_prompt(first)
+    return first is None or formats.renders_template(list(first), lambda: first)
 
 
 def is_prompt_completion(columns) -> bool:
     """TRL's prompt-completion rows (`"prompt" in example`), told from plain text and conversations."""
-    return not is_pretokenized(columns) and "prompt" in (columns or ()) and "completion" in (columns or ())
+    return _format_kind(columns) is RowFormat.PROMPT_COMPLETION
 
 
 def is_conversational_prompt(row: dict) -> bool:
     """A prompt-completion row whose prompt is a list of messages (rendered with the chat template)."""
-    return is_prompt_completion(list(row)) and isinstance(row.get("prompt"), list)
+    return is_prompt_completion(list(row)) and formats.renders_template(list(row), lambda: row)
 
 
 def renders_template(dataset) -> bool:
     """Whether the dataset's rows meet the chat template: conversations, and conversational prompt/completion."""
-    if needs_template(dataset.column_names):
-        return True
-    if not is_prompt_completion(dataset.column_names):
-        return False
-    first = next(iter(dataset), None)
-    return first is not None and is_conversational_prompt(first)
+    return formats.renders_template(dataset.column_names, lambda: next(iter(dataset), None))
+
+
+def _format_kind(columns) -> RowFormat | None:
+    """The row format told from the columns alone (the formats that need the first row see none)."""
+    fmt = formats.row_format(columns, lambda: None)
+    return fmt.kind if fmt is not None else None
 
 
 def tokenize(
@@ -805,17 +804,15 @@ def _tokens_problem(example, label_from) -> str:
 
 
 def to_chatml(dataset, sft, role_map: dict | None = None):
-    """ShareGPT rows (`conversations` of {from, value}) become `messages` with ChatML role names
-    (`data.sharegpt_to_chatml`, the converter `show` uses on one row too)."""
-    from trl.data_utils import is_conversational_from_value
-
-    first = next(iter(dataset), None) if "conversations" in dataset.column_names else None
-    if first is None or not is_conversational_from_value(first):
+    """Rows of a conversation format become `messages` through their format's converter (`formats.FORMATS`:
+    ShareGPT's `conversations` of {from, value} get ChatML role names), the converter `show` uses on one row."""
+    fmt = formats.dataset_format(dataset, sft.dataset_text_field)
+    if fmt is None or not fmt.changes_rows:  # rows of another path, or `messages` already
         return dataset
     return dataset.map(
-        sharegpt_to_chatml,
+        fmt.to_messages,
         fn_kwargs={"role_map": role_map},
-        remove_columns="conversations",
+        remove_columns=list(fmt.replaces),
         **_map_kwargs(dataset, sft, "Converting to ChatML"),
     )
 

@@ -11,6 +11,7 @@ silent cut). A key written twice in the file is refused with both line numbers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -19,13 +20,23 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .problems import InputError
 from .recipe_keys import RECIPE_KEYS, Handling, renamed_message
 
-GUARD_POLICIES = ("reject", "repair", "warn")
+if TYPE_CHECKING:
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
+
+
+class GuardMode(enum.StrEnum):
+    """What the mask guard does when the data would train on nothing (`mask_guard`; see `train.guard`)."""
+
+    REJECT = "reject"  # stop before any weights load, with the numbers and the fix
+    REPAIR = "repair"  # make the smallest change that makes the run sound, and say so
+    WARN = "warn"  # go on, saying what is wrong
 
 
 @dataclass
@@ -35,7 +46,7 @@ class ToolkitArguments:
     mask_guard: str = field(
         default="reject",
         metadata={
-            "choices": list(GUARD_POLICIES),
+            "choices": [mode.value for mode in GuardMode],
             "help": "what to do when the data would train on nothing: reject, repair or warn",
         },
     )
@@ -91,19 +102,48 @@ class ToolkitArguments:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    script: object  # trl.ScriptArguments
-    sft: object  # trl.SFTConfig
-    model: object  # trl.ModelConfig
+    """A checked recipe. It is not changed as it flows through a command: a step that changes a setting (the
+    mask guard's repairs) makes a new recipe (`with_sft`) and hands that one on."""
+
+    script: ScriptArguments
+    sft: SFTConfig
+    model: ModelConfig
     toolkit: ToolkitArguments
     source: str
     keys: dict
-    mixture: object = None  # trl.DatasetMixtureConfig: `datasets`, `streaming`, `test_split_size`
+    mixture: DatasetMixtureConfig | None = None  # `datasets`, `streaming`, `test_split_size`
 
     @property
     def tokenizer_name(self) -> str:
         return self.model.model_name_or_path
+
+    @property
+    def guard_mode(self) -> GuardMode:
+        return GuardMode(self.toolkit.mask_guard)
+
+    def with_sft(self, **changes) -> Recipe:
+        """A new recipe whose SFTConfig has `changes`; this one, and its SFTConfig, stay as they are."""
+        return dataclasses.replace(self, sft=with_changes(self.sft, **changes))
+
+
+def with_changes(config, **changes):
+    """A copy of the dataclass `config` with `changes` set; `config` itself stays as it is.
+
+    Not `dataclasses.replace`: that builds the object again through `__post_init__`, and TrainingArguments'
+    (SFTConfig's base) has side effects: it emits its deprecation warnings again, reads and writes accelerate's
+    environment variables, registers a new DeepSpeed config globally, and validates against the environment of
+    that moment. A shallow copy keeps every field as it was built (and the distributed state already set up);
+    only the named fields change. Nested values (dicts, lists) are shared, so a change sets a new one.
+    """
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise TypeError(f"{type(config).__name__} has no field {', '.join(unknown)}")
+    changed = copy.copy(config)
+    for name, value in changes.items():
+        setattr(changed, name, value)
+    return changed
 
 
 def _groups():

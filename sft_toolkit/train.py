@@ -21,19 +21,26 @@ them; `merge_adapter: true` also saves the adapter merged into its base model (s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .check_data import Report, check_splits
+from .guarded import Change, Guarded, Repairs
 from .outputs import check_train_output, checkpoint_step, remove_checkpoint, remove_staging, rotate_checkpoints
 from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
 from .problems import InputError
+from .recipe import GuardMode, Recipe, with_changes
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
 
 # Max |logit difference| tolerated between a sequence alone and packed: float noise, not leakage.
 ISOLATION_TOLERANCE = 1e-3
@@ -55,24 +62,16 @@ class GuardStop(RuntimeError):
 @dataclass
 class Outcome:
     report: Report
-    repairs: list[str]
+    repairs: Repairs
     metrics: dict
     output_dir: str
     history: list[float]  # the logged training losses, in order
 
 
-def guard(recipe, world_size: int = 1, *, keep_provenance: bool = False) -> tuple[Report, object, list[str]]:
-    """Decide before loading the model. Returns the report, the dataset to train on, and what was changed
-    (the eval split, when the recipe evaluates, is checked alike: see `guard_splits`)."""
-    report, dataset, _, notes = guard_splits(recipe, world_size, keep_provenance=keep_provenance)
-    return report, dataset, notes
-
-
-def guard_splits(
-    recipe, world_size: int = 1, *, keep_provenance: bool = False
-) -> tuple[Report, object, object, list[str]]:
-    """Decide before loading the model. Returns the report, the datasets to train and evaluate on (None when
-    eval_strategy is "no"), and what was changed. The eval split's problems count like the train split's.
+def guard(recipe: Recipe, world_size: int = 1, *, keep_provenance: bool = False) -> Guarded:
+    """Decide before loading the model: the datasets to train and evaluate on (eval: None when eval_strategy
+    is "no"), the recipe they were built with, and what was changed. The eval split's problems count like the
+    train split's. `recipe` itself is never changed: a repair makes a new one (`Guarded.recipe`).
 
     First, a chat template without generation markers: reject stops, repair adds verified ones (add-markers),
     warn goes on (see `_ensure_markers`).
@@ -85,15 +84,16 @@ def guard_splits(
     warn: go ahead, saying what is wrong; the in-training guard still stops a step with nothing to train.
     keep_provenance: keep each token's source row and position (src_rows, src_pos) for `prepare` to save.
     """
-    policy = recipe.toolkit.mask_guard
+    guard_mode = recipe.guard_mode
     # Plain-text and pre-tokenized rows never meet the chat template: its markers don't matter for them.
-    marker_notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss and renders_conversations(recipe) else []
+    if recipe.sft.assistant_only_loss and renders_conversations(recipe):
+        recipe, marked = _ensure_markers(recipe)
+    else:
+        marked = Repairs()
     report, dataset, eval_dataset = check_splits(recipe, world_size=world_size, keep_provenance=keep_provenance)
-    marker_notes += [f"warning: {w}" for w in report.warnings]
+    notes = [*marked.notes, *(f"warning: {w}" for w in report.warnings)]
     problems = report.problems()
-    if not problems:
-        return report, dataset, eval_dataset, marker_notes
-    if policy == "reject":
+    if guard_mode is GuardMode.REJECT and problems:
         rows = f" Rows with nothing to train: {_shown_rows(report)}." if report.zero_mask_rows else ""
         if report.eval is not None and report.eval.zero_mask_rows:
             rows += f" Eval split rows with nothing to evaluate: {_shown_rows(report.eval)}."
@@ -104,11 +104,26 @@ def guard_splits(
             + rows
             + " Fix the data or recipe, or set mask_guard: repair."
         )
-    if policy == "warn":
-        return report, dataset, eval_dataset, marker_notes + [f"warning: {p}" for p in problems]
-    notes = marker_notes
-    sft = recipe.sft
+    if guard_mode is GuardMode.WARN or not problems:
+        notes += [f"warning: {p}" for p in problems]
+        repairs = Repairs(chat_template_path=marked.chat_template_path, notes=tuple(notes))
+        return Guarded(report, dataset, eval_dataset, recipe, repairs)
+    return _repair(
+        Guarded(report, dataset, eval_dataset, recipe, Repairs(chat_template_path=marked.chat_template_path)),
+        notes,
+        world_size=world_size,
+        keep_provenance=keep_provenance,
+    )
+
+
+def _repair(checked: Guarded, said: list[str], *, world_size: int, keep_provenance: bool) -> Guarded:
+    """mask_guard: repair, on a checked run with problems (see `guard`): each change makes a new recipe or
+    report, checked again where the data changes, and is said with its effect after `said` (the notes so far)."""
+    report, dataset, eval_dataset, recipe = checked.report, checked.dataset, checked.eval_dataset, checked.recipe
+    notes = list(said)
+    max_length = packing_strategy = None
     limit = recipe.toolkit.max_length_limit
+    sft = recipe.sft
     if (
         report.truncated_assistant_tokens
         and sft.max_length is not None
@@ -116,7 +131,9 @@ def guard_splits(
     ):
         needed = report.max_length_to_keep_all
         if limit is not None and needed <= limit:
-            before, sft.max_length = report, needed
+            before = report
+            max_length = Change(sft.max_length, needed)
+            recipe = recipe.with_sft(max_length=needed)
             report, dataset, eval_dataset = check_splits(
                 recipe, world_size=world_size, keep_provenance=keep_provenance
             )
@@ -131,13 +148,15 @@ def guard_splits(
                 f"kept max_length {sft.max_length}: keeping every assistant token needs {needed} "
                 f"(max_length_limit {limit}); {report.truncated_assistant_tokens} assistant tokens are cut"
             )
+    sft = recipe.sft
     if (
         sft.packing
         and sft.packing_strategy != "bfd"
         and (report.orphaned_assistant_tokens or report.zero_trainable_sequences)
     ):
         before = report
-        sft.packing_strategy = "bfd"
+        packing_strategy = Change(sft.packing_strategy, "bfd")
+        recipe = recipe.with_sft(packing_strategy="bfd")
         report, dataset, eval_dataset = check_splits(recipe, world_size=world_size, keep_provenance=keep_provenance)
         notes.append(
             f"packing_strategy {before.settings['packing_strategy']} -> bfd: assistant tokens trained "
@@ -145,22 +164,26 @@ def guard_splits(
             f"zero-trainable sequences {before.zero_trainable_sequences} -> "
             f"{report.zero_trainable_sequences} of {report.sequences}"
         )
-    zero = _zero_sequences(dataset)
-    if zero:
+    dropped = _zero_sequences(dataset)
+    if dropped:
         dataset = drop_zero_trainable(dataset)
-        notes.append(f"dropped {zero} of {report.sequences} sequences with zero trainable tokens")
+        notes.append(f"dropped {dropped} of {report.sequences} sequences with zero trainable tokens")
         # the report describes what is trained from here on (the note keeps what was dropped)
-        report.sequences, report.zero_trainable_sequences = len(dataset), 0
+        report = dataclasses.replace(report, sequences=len(dataset), zero_trainable_sequences=0)
     if report.zero_mask_rows:
         notes.append(
             f"{len(report.zero_mask_rows)} rows have nothing to train and contribute no loss: {_shown_rows(report)}"
         )
+    dropped_eval = 0
     if report.eval is not None:
-        zero = _zero_sequences(eval_dataset)
-        if zero:  # an eval batch with no label gives a NaN loss
+        dropped_eval = _zero_sequences(eval_dataset)
+        if dropped_eval:  # an eval batch with no label gives a NaN loss
             eval_dataset = drop_zero_trainable(eval_dataset)
-            notes.append(f"eval split: dropped {zero} of {report.eval.sequences} sequences with zero trainable tokens")
-            report.eval.sequences, report.eval.zero_trainable_sequences = len(eval_dataset), 0
+            notes.append(
+                f"eval split: dropped {dropped_eval} of {report.eval.sequences} sequences with zero trainable tokens"
+            )
+            evaluated = dataclasses.replace(report.eval, sequences=len(eval_dataset), zero_trainable_sequences=0)
+            report = dataclasses.replace(report, eval=evaluated)
         if report.eval.zero_mask_rows:
             notes.append(
                 f"eval split: {len(report.eval.zero_mask_rows)} rows have nothing to evaluate: "
@@ -174,7 +197,15 @@ def guard_splits(
             f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
             f"which is not their assistant text alone: {shown}; lint the template"
         )
-    return report, dataset, eval_dataset, notes
+    repairs = dataclasses.replace(
+        checked.repairs,
+        max_length=max_length,
+        packing_strategy=packing_strategy,
+        dropped_sequences=dropped,
+        dropped_eval_sequences=dropped_eval,
+        notes=tuple(notes),
+    )
+    return Guarded(report, dataset, eval_dataset, recipe, repairs)
 
 
 def _shown_rows(report: Report, limit: int = 10) -> str:
@@ -184,31 +215,34 @@ def _shown_rows(report: Report, limit: int = 10) -> str:
     )
 
 
-def _ensure_markers(recipe) -> list[str]:
+def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
     """A chat template without generation markers makes every row train on nothing. reject: stop and say how
     to fix it; repair: add verified markers (`sft-toolkit add-markers`), save them in the output folder and
-    train with them; warn: go on (the in-training guard stops the first empty step)."""
+    train with them; warn: go on (the in-training guard stops the first empty step).
+
+    Returns the recipe to go on with (after a repair, a new one whose chat_template_path is the written
+    template) and what was done and said."""
     from trl.chat_template_utils import has_generation_markers
 
     from .markers import MarkerError, add_markers
     from .masks import RenderLimit
     from .preprocess import load_tokenizer_for, training_template
-    from .problems import InputError
 
     tokenizer = load_tokenizer_for(recipe)
     if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
-        return []
+        return recipe, Repairs()
     where = recipe.sft.chat_template_path or recipe.model.model_name_or_path
     fix = (
         f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja, "
         "or set mask_guard: repair to add verified markers automatically"
     )
-    policy = recipe.toolkit.mask_guard
-    if policy == "warn":
-        return [
+    guard_mode = recipe.guard_mode
+    if guard_mode is GuardMode.WARN:
+        warning = (
             f"warning: the chat template of {where} has no {{% generation %}} markers, so nothing is trained; {fix}"
-        ]
-    if policy == "reject":
+        )
+        return recipe, Repairs(notes=(warning,))
+    if guard_mode is GuardMode.REJECT:
         raise GuardStop(
             f"mask guard (reject): the chat template of {where} has no {{% generation %}} markers, so "
             f"assistant_only_loss would train on nothing; {fix}."
@@ -229,11 +263,11 @@ def _ensure_markers(recipe) -> list[str]:
     staged = path.with_name(f".{path.name}.{os.getpid()}")
     staged.write_text(result.source, encoding="utf-8")
     os.replace(staged, path)
-    recipe.sft.chat_template_path = str(path)
-    return [
+    note = (
         f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
         f"byte-identically on the probe corpus and passes lint); training with {path}"
-    ]
+    )
+    return recipe.with_sft(chat_template_path=str(path)), Repairs(chat_template_path=str(path), notes=(note,))
 
 
 def _zero_sequences(dataset) -> int:
@@ -463,25 +497,28 @@ def _with_source_rows(collate):
     return collate_with_rows
 
 
-def prepared_trainer_args(recipe):
+def prepared_trainer_args(recipe: Recipe) -> SFTConfig:
     """The recipe's SFTConfig, set up for a dataset check_data already prepared (tokenized, labelled,
-    truncated or packed exactly as TRL would) and a tokenizer that already carries the template."""
+    truncated or packed exactly as TRL would) and a tokenizer that already carries the template: a new
+    SFTConfig; the recipe's own stays as it is."""
     sft, model_args = recipe.sft, recipe.model
-    # As TRL's own `trl sft` script does: the model's loading options come from ModelConfig.
-    sft.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": sft.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(sft.model_init_kwargs or {}),
-    }
-    # The template is already on the tokenizer (bundled names resolved); TRL would look a name up on the hub.
-    sft.chat_template_path = None
-    sft.dataset_kwargs = {**(sft.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    # The assistant mask is already in the labels (-100 elsewhere); TRL only checks this flag against a raw
-    # conversational dataset, which the trainer no longer receives.
-    sft.assistant_only_loss = False
-    return sft
+    return with_changes(
+        sft,
+        # As TRL's own `trl sft` script does: the model's loading options come from ModelConfig.
+        model_init_kwargs={
+            "revision": model_args.model_revision,
+            "trust_remote_code": sft.trust_remote_code,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+            **(sft.model_init_kwargs or {}),
+        },
+        # The template is already on the tokenizer (bundled names resolved); TRL would look a name up on the hub.
+        chat_template_path=None,
+        dataset_kwargs={**(sft.dataset_kwargs or {}), "skip_prepare_dataset": True},
+        # The assistant mask is already in the labels (-100 elsewhere); TRL only checks this flag against a raw
+        # conversational dataset, which the trainer no longer receives.
+        assistant_only_loss=False,
+    )
 
 
 def quantization_missing() -> list[str]:
@@ -523,8 +560,11 @@ def _callbacks(recipe) -> list:
 
 def check_backend(recipe) -> None:
     """InputError when accelerate's config asks for a backend this run would not use. accelerate applies an
-    FSDP config only on accelerator devices (its `AcceleratorState`): with `use_cpu` the same launch runs as
-    DDP on gloo, every rank holding the whole model, without a word."""
+    FSDP config only on accelerator devices: in accelerate 1.15, `AcceleratorState.__init__`
+    (accelerate/state.py:986-1013) turns DistributedType into FSDP only from MULTI_GPU, MULTI_NPU, MULTI_XPU and
+    the other accelerator types, never from MULTI_CPU, so with `use_cpu` the same launch runs as DDP on gloo, every
+    rank holding the whole model, without a word. torch's own `fully_shard` does train on CPU with gloo (two ranks,
+    torch 2.13); the block is accelerate's. benchmarks/gpu_suite.sh runs the FSDP2 launch on GPUs."""
     from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
@@ -534,12 +574,13 @@ def check_backend(recipe) -> None:
         raise InputError(
             f"{recipe.source}: accelerate's config asks for FSDP, but this run is "
             f"{running.value} (use_cpu: {recipe.sft.use_cpu}): accelerate shards only on accelerator "
-            "devices, so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
-            "or run FSDP on GPUs"
+            "devices (accelerate 1.15, accelerate/state.py:986-1013: only an accelerator's MULTI_* type becomes "
+            "FSDP), so every rank would hold the whole model. Launch with --multi_gpu (DDP) on CPU, "
+            "or run FSDP on GPUs (benchmarks/gpu_suite.sh checks that launch)"
         )
 
 
-def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
+def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
     """Check, decide, then train with TRL. Raises GuardStop when the guard refuses or stops the run."""
     from trl import get_peft_config
 
@@ -555,23 +596,28 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
     if recipe.toolkit.prepared:  # saved by `sft-toolkit prepare`: checked against the recipe, not re-tokenized
         # The same template repair as from raw data (deterministic), so the template hashes can be compared.
         rendered = read_manifest(recipe.toolkit.prepared)["template"].get("sha256") is not None
-        notes = _ensure_markers(recipe) if recipe.sft.assistant_only_loss and rendered else []
-        report, dataset, checked = load_prepared(recipe, world_size)
-        eval_dataset = None  # the recipe refuses eval_strategy with prepared: (it holds the train split only)
-        notes += checked
+        marked = Repairs()
+        if recipe.sft.assistant_only_loss and rendered:
+            recipe, marked = _ensure_markers(recipe)
+        guarded = load_prepared(recipe, world_size)  # (eval_strategy is refused with prepared: train split only)
+        notes = (*marked.notes, *guarded.repairs.notes)
+        repairs = dataclasses.replace(guarded.repairs, chat_template_path=marked.chat_template_path, notes=notes)
+        guarded = dataclasses.replace(guarded, repairs=repairs)
         log(
             f"prepared dataset {recipe.toolkit.prepared}: manifest matches the recipe, tokenizer and template; "
-            f"{len(dataset)} sequences re-checked; not re-tokenized"
+            f"{len(guarded.dataset)} sequences re-checked; not re-tokenized"
         )
     else:
         # Once per job, not once per rank: the main process tokenizes and accounts first, the other ranks wait,
         # then find every step in the datasets cache (TRL prepares its datasets the same way). A guard stop on
         # the main process releases the others, which reach the same decision from the cache.
         with recipe.sft.main_process_first(desc="dataset preparation"):
-            report, dataset, eval_dataset, notes = guard_splits(recipe, world_size, keep_provenance=True)
-        if "src_pos" in (dataset.column_names or ()):  # only the source rows travel with batches (to name them)
-            dataset = dataset.remove_columns("src_pos")
-    for note in notes:
+            guarded = guard(recipe, world_size, keep_provenance=True)
+        if "src_pos" in (guarded.dataset.column_names or ()):  # only the source rows travel with batches
+            guarded = dataclasses.replace(guarded, dataset=guarded.dataset.remove_columns("src_pos"))
+    # From here on the run uses the recipe the guard decided on (its repairs applied).
+    recipe, report, dataset, eval_dataset = guarded.recipe, guarded.report, guarded.dataset, guarded.eval_dataset
+    for note in guarded.repairs.notes:
         log(f"mask guard ({recipe.toolkit.mask_guard}): {note}")
 
     if earlier and int(os.environ.get("RANK", "0")) == 0:  # overwrite_output_dir: the earlier run's checkpoints
@@ -608,7 +654,7 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
                 "packed after another); set packing: false and padding_free: false, or use an attention "
                 "implementation that reads position_ids (flash_attention_2, sdpa)"
             )
-            if recipe.toolkit.mask_guard != "warn":
+            if recipe.guard_mode is not GuardMode.WARN:
                 raise GuardStop(f"mask guard: {message}")
             log(f"mask guard (warn): warning: {message}")
     resume = sft.resume_from_checkpoint
@@ -637,5 +683,9 @@ def train(recipe, *, world_size: int = 1, log=print) -> Outcome:
         metrics["best_metric"] = trainer.state.best_metric
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     return Outcome(
-        report=report, repairs=notes, metrics=metrics, output_dir=sft.output_dir, history=[h["loss"] for h in history]
+        report=report,
+        repairs=guarded.repairs,
+        metrics=metrics,
+        output_dir=sft.output_dir,
+        history=[h["loss"] for h in history],
     )

@@ -10,6 +10,7 @@ import trl
 
 from sft_toolkit.lint import lint
 from sft_toolkit.probes import VERIFICATION_PROBES
+from sft_toolkit.rules import RULES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
 GOOD = (FIXTURES / "good_chatml.jinja").read_text()
@@ -41,19 +42,39 @@ BROKEN = [
     ("R002_user_in_mask", "R002", "error", 4),
     ("R003_eot_untrained", "R003", "error", 5),
     ("R004_prompt_mismatch", "R004", "error", 4),
+    ("R005_extra_newline", "R005", "error", None),
+    ("R006_eot_inside_token", "R006", "warning", 5),
     ("R007_render_error", "R007", "error", None),
+    ("R008_blocks_not_per_message", "R008", "warning", None),
     ("I001_rejects_system", "I001", "info", None),
 ]
+# What a rule needs besides the template (the fixed template is linted with the same): R005 compares with a
+# reference, R006 reads a vocabulary (Qwen's has one token for '>\n' and one for '<|im_end|>').
+LINT_ARGUMENTS = {
+    "R005": lambda request: {"reference": GOOD},
+    "R006": lambda request: {"tokenizer": request.getfixturevalue("qwen_tokenizer")},
+}
 
 
 @pytest.mark.parametrize("name,rule,severity,line", BROKEN, ids=[b[0] for b in BROKEN])
-def test_broken_template_triggers_rule(name, rule, severity, line):
-    found = rules((FIXTURES / f"{name}.jinja").read_text())
+def test_broken_template_triggers_rule(name, rule, severity, line, request):
+    arguments = LINT_ARGUMENTS[rule](request) if rule in LINT_ARGUMENTS else {}
+    found = rules((FIXTURES / f"{name}.jinja").read_text(), **arguments)
     assert rule in found, f"{rule} not reported; got {sorted(found)}"
     finding = found[rule][0]
     assert finding.severity == severity
     assert finding.line == line
-    assert rule not in rules(GOOD)
+    assert rule not in rules(GOOD, **arguments)
+
+
+def test_every_registered_rule_has_a_broken_fixture():
+    """Adding a rule means adding a fixture `CODE_what.jinja` that breaks it, listed above."""
+    covered = {rule for _, rule, _, _ in BROKEN}
+    assert covered == set(RULES)
+    for name, rule, severity, _ in BROKEN:
+        assert name.startswith(f"{rule}_") and (FIXTURES / f"{name}.jinja").is_file()
+        assert severity in RULES[rule].severities
+    assert {path.stem for path in FIXTURES.glob("[A-Z][0-9][0-9][0-9]_*.jinja")} == {b[0] for b in BROKEN}
 
 
 def test_syntax_error_names_line_and_column():

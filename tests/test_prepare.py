@@ -46,7 +46,7 @@ def test_prepare_then_train_gives_the_raw_runs_labels_and_first_loss(assets, tmp
         shuffle_dataset=True,
         max_steps=2,
     )
-    _, raw_data, _ = guard(build_recipe(keys))
+    raw_data = guard(build_recipe(keys)).dataset
     prepare(build_recipe(keys), tmp_path / "prepared")
     saved = datasets.load_from_disk(str(tmp_path / "prepared" / "dataset"))
     for column in ("input_ids", "labels", "seq_lengths"):
@@ -323,9 +323,9 @@ def test_repairs_made_at_prepare_time_are_applied_when_training_from_it(assets, 
     assert raised > 64 and result.manifest["recipe"]["max_length"] == 64
     assert any("max_length 64 ->" in r for r in result.manifest["repairs"])
     recipe = build_recipe({**keys, "prepared": str(tmp_path / "prepared")})
-    _, data, notes = load_prepared(recipe)  # sequences longer than 64 pass: the repaired max_length is in force
-    assert recipe.sft.max_length == raised and max(len(ids) for ids in data["input_ids"]) > 64
-    assert any(n.startswith("prepare applied: max_length 64 ->") for n in notes)
+    loaded = load_prepared(recipe)  # sequences longer than 64 pass: the repaired max_length is in force
+    assert loaded.recipe.sft.max_length == raised and max(len(ids) for ids in loaded.dataset["input_ids"]) > 64
+    assert any(n.startswith("prepare applied: max_length 64 ->") for n in loaded.repairs.notes)
 
 
 def test_template_without_markers_repaired_at_prepare_is_repaired_alike_at_train(assets, tmp_path):
@@ -356,5 +356,5 @@ def test_pretokenized_rows_need_no_template_markers(assets, tmp_path):
         {k: v[:2] for k, v in ROWS.items()},
         chat_template_path=str(ROOT / "tests" / "fixtures" / "templates" / "S002_no_markers.jinja"),
     )
-    report, _, notes = guard(build_recipe(keys))  # reject would stop a conversation dataset here
-    assert report.ok and notes == []
+    guarded = guard(build_recipe(keys))  # reject would stop a conversation dataset here
+    assert guarded.report.ok and guarded.repairs.notes == ()

@@ -57,7 +57,7 @@ def test_two_ranks_log_every_steps_trainable_tokens_over_both_ranks(assets, tmp_
         per_device_train_batch_size=1,
         train_sampling_strategy="sequential",
     )
-    _, dataset, _ = guard(build_recipe(keys))
+    dataset = guard(build_recipe(keys)).dataset
     trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
     # step k trains sequence 2(k-1) on rank 0 and 2(k-1)+1 on rank 1
     expected = [trainable[2 * step] + trainable[2 * step + 1] for step in range(steps)]
@@ -83,7 +83,7 @@ def test_exactly_one_empty_rank_stops_both_ranks_at_that_step(assets, tmp_path):
         max_steps=20,
         train_sampling_strategy="sequential",
     )
-    _, dataset, _ = guard(build_recipe(keys))  # what every rank trains on, in the order it trains
+    dataset = guard(build_recipe(keys)).dataset  # what every rank trains on, in the order it trains
     trainable = [sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]]
     step, counts = first_step_with_an_empty_rank(trainable)
     assert counts.count(0) == 1, f"the test needs exactly one empty rank at step {step}, got {counts}"
@@ -197,6 +197,7 @@ def test_an_fsdp_launch_on_cpu_is_refused_instead_of_running_as_ddp(assets, tmp_
     proc = launch_two(recipe, launcher=("--config_file", str(config), "--mixed_precision", "no"))
     assert proc.returncode != 0
     assert proc.stderr.count("accelerate's config asks for FSDP, but this run is MULTI_CPU") == 2, proc.stderr[-3000:]
+    assert "accelerate/state.py:986" in proc.stderr  # the reason names where accelerate decides
     # each rank says it in one line (the launcher then reports the exit code 2 of its processes)
     assert "sft_toolkit/train.py" not in proc.stderr
     assert not (tmp_path / "run").exists()  # refused before training wrote anything

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from ..prepare import prepare
-from ..recipe import load_recipe
+from ..recipe import GuardMode, load_recipe
 from ..train import GuardStop
 from ._common import add_overrides_argument, parse_overrides, print_data_report
 
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--world-size", type=int, default=1, help="number of training processes, for step accounting")
-    p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
+    p.add_argument("--mask-guard", choices=[mode.value for mode in GuardMode], help="override the recipe's mask_guard")
     add_overrides_argument(p)
 
 

@@ -11,7 +11,7 @@ import os
 
 from ..masks import RenderLimit
 from ..problems import InputError
-from ..recipe import load_recipe
+from ..recipe import GuardMode, load_recipe
 from ..train import GuardStop, train
 from ._common import add_overrides_argument, parse_overrides
 
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
         description="Check the data, apply the mask guard, then train with TRL's SFTTrainer.",
     )
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--mask-guard", choices=("reject", "repair", "warn"), help="override the recipe's mask_guard")
+    p.add_argument("--mask-guard", choices=[mode.value for mode in GuardMode], help="override the recipe's mask_guard")
     p.add_argument(
         "--prepared",
         metavar="DIR",
@@ -89,9 +89,10 @@ def _run(args) -> int:
         accounting = {k: report[k] for k in ACCOUNTING}
         if report["eval"] is not None:
             accounting["eval"] = {k: report["eval"][k] for k in ACCOUNTING}
+        repairs = list(outcome.repairs.notes)  # what the mask guard changed and said
         print(
             json.dumps(
-                {"output_dir": outcome.output_dir, **accounting, "repairs": outcome.repairs, **outcome.metrics},
+                {"output_dir": outcome.output_dir, **accounting, "repairs": repairs, **outcome.metrics},
                 indent=2,
             )
         )
