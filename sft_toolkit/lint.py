@@ -327,6 +327,9 @@ STANDARD_VARIABLES = {
     "tools",
     "documents",
     "add_generation_prompt",
+    # transformers' own argument (it cuts the text after the final message), never passed to the template:
+    # a template that reads it sees it undefined under TRL.
+    "continue_final_message",
     "raise_exception",
     "strftime_now",
     "bos_token",

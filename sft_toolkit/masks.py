@@ -631,7 +631,10 @@ def render(
         raise
     except Exception as err:  # noqa: BLE001 - whatever the template's code raised (IndexError, OverflowError...)
         raise InputError(f"template failed to render: {template_error_text(err)}") from None
-    return Rendered(text=texts[0], spans=[tuple(s) for s in spans[0]])
+    # With `continue_final_message` transformers cuts the text after the final message but not the spans
+    # (a block that ran past the cut ends beyond the text): only the text that exists can be trained.
+    text = texts[0]
+    return Rendered(text=text, spans=[(start, min(end, len(text))) for start, end in spans[0] if start < len(text)])
 
 
 def tokenize(

@@ -291,6 +291,45 @@ def probe_variants(probe: Probe):
         yield replace(probe, messages=[change(m) for m in probe.messages])
 
 
+def fallback_variants(probe: Probe):
+    """Shapes of a tool-calling probe for a template that renders none of `probe_variants`, so that its
+    tool-call code is still traced and verified, not left unmarked and unchecked: each variant with
+    Mistral-style ids (9 alphanumeric characters on every call, and the same id on the result that
+    answers it; Mistral's templates raise on any other id), then each without the tool definitions (some
+    templates fail on the `tools` they are given, but datasets often carry tool calls without them)."""
+    if not any(m.get("tool_calls") for m in probe.messages):
+        return
+    variants = list(probe_variants(probe))
+    with_ids = [replace(v, messages=_nine_character_ids(v.messages)) for v in variants]
+    yield from with_ids
+    if probe.tools:
+        for variant in [*variants, *with_ids]:
+            yield replace(variant, tools=None)
+
+
+def _nine_character_ids(messages: list[dict]) -> list[dict]:
+    """Every tool call numbered `call00001`, `call00002`, ...; each tool result takes the id of the call it
+    answers (by its own `tool_call_id`, else the next call not yet answered)."""
+    out, ids, waiting = [], {}, []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                new = f"call{len(ids) + 1:05d}"
+                ids[call.get("id") or new] = new
+                waiting.append(new)
+                calls.append({**call, "id": new})
+            out.append({**m, "tool_calls": calls})
+        elif m.get("role") == "tool" and waiting:
+            new = ids.get(m.get("tool_call_id"), waiting[0])
+            if new in waiting:
+                waiting.remove(new)
+            out.append({**m, "tool_call_id": new})
+        else:
+            out.append(m)
+    return out
+
+
 def generated_conversations(count: int, seed: int = 0) -> list[list[dict]]:
     """Conversations the probe corpus doesn't contain, to check a converted template beyond the probes it
     was verified on: random lengths, system prompts, reasoning on answers and on tool calls, text beside

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import policy as control
 from .masks import Rendered, TemplateRaised, render
-from .probes import Probe, probe_variants, text_of
+from .probes import Probe, fallback_variants, probe_variants, text_of
 from .problems import InputError
 
 
@@ -46,17 +46,22 @@ NO_STOP = "the template writes nothing after an assistant message's content"
 def usable_probe(source: str, probe: Probe, kwargs) -> Probe:
     """The probe in the form the template understands. Templates disagree on two shapes: vision-language ones
     want `content` as a list of parts (and may silently render nothing for a string), some want tool-call
-    `arguments` as a JSON string. The variant whose rendering shows the most message texts wins; the probe
-    as written when none renders."""
+    `arguments` as a JSON string. The variant whose rendering shows the most message texts wins. When none
+    renders, a tool-calling probe is tried with Mistral-style call ids and without its tool definitions
+    (`probes.fallback_variants`): a template whose tool-call code only those shapes reach would otherwise
+    have that code neither traced nor verified. The probe as written when nothing renders."""
     best, best_score = probe, -1
-    for variant in probe_variants(probe):
-        try:
-            text = render_probe(source, variant, variant.messages, False, kwargs).text
-        except (TemplateRaised, InputError):
-            continue
-        score = sum(1 for m in variant.messages if (c := text_of(m.get("content"))) and c in text)
-        if score > best_score:
-            best, best_score = variant, score
+    for variants in (probe_variants(probe), fallback_variants(probe)):
+        for variant in variants:
+            try:
+                text = render_probe(source, variant, variant.messages, False, kwargs).text
+            except (TemplateRaised, InputError):
+                continue
+            score = sum(1 for m in variant.messages if (c := text_of(m.get("content"))) and c in text)
+            if score > best_score:
+                best, best_score = variant, score
+        if best_score >= 0:
+            break
     return best
 
 
