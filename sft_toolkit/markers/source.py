@@ -75,6 +75,8 @@ class Template:
         self.exprs: dict[int, list[Piece]] = {}  # id of the first operand -> all operands of that {{ }}
         self._tag_index, self._position = 0, 0
         self.body = self._body(tree.body)
+        while self._tag_index < len(self.tags) and self.tags[self._tag_index].kind == TagKind.COMMENT:
+            self._tag_index += 1  # comments after the last statement (a licence line) emit nothing
         if self._tag_index != len(self.tags):
             raise MarkerError(
                 "the template's tags and jinja2's parse disagree (unsupported construct)",

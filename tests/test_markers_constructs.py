@@ -1,0 +1,50 @@
+"""Constructs of real templates that add-markers converts, each in a small template written for this test.
+
+Every template here reproduces one construct seen in official chat templates (not copied from any): it must
+convert, render byte-identically to the original on every conversation of the independent check in
+`test_markers_safety`, and train exactly each assistant message's output there (content, tool calls, the
+end-of-turn after the last answer) and none of the other messages' text.
+"""
+
+from __future__ import annotations
+
+import jinja2
+from test_markers_safety import as_text_parts, conversations, render_as, wrong_characters
+
+from sft_toolkit.markers import add_markers
+
+
+def assert_converts_right(original: str) -> str:
+    """The converted template, after checking it renders like `original` and trains exactly the assistant's
+    output on every conversation of the independent check the original renders."""
+    marked = add_markers(original).source
+    checked = 0
+    for case, given, keep_none in conversations():
+        for messages in (given, as_text_parts(given)):
+            try:
+                expected, _ = render_as(original, messages, keep_none)
+                break
+            except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError):
+                continue
+        else:
+            continue
+        text, trained = render_as(marked, messages, keep_none)
+        assert text == expected, f"{case}: the converted template renders other text"
+        assert not (problems := wrong_characters(text, trained, messages)), f"{case}: {problems}"
+        checked += 1
+    assert checked >= 10, f"only {checked} conversations rendered"
+    return marked
+
+
+CHATML_LOOP = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_comments_after_the_last_statement_are_skipped():
+    # A licence line after `endfor` (unsloth's templates end this way) is no tag the parse must match.
+    marked = assert_converts_right(CHATML_LOOP + "\n{#- Licensed under the Apache License, Version 2.0 #}")
+    assert marked.endswith("{#- Licensed under the Apache License, Version 2.0 #}")
