@@ -48,3 +48,14 @@ def test_comments_after_the_last_statement_are_skipped():
     # A licence line after `endfor` (unsloth's templates end this way) is no tag the parse must match.
     marked = assert_converts_right(CHATML_LOOP + "\n{#- Licensed under the Apache License, Version 2.0 #}")
     assert marked.endswith("{#- Licensed under the Apache License, Version 2.0 #}")
+
+
+def test_a_plus_chain_with_a_markup_operand_is_traced_whole():
+    # `"..."|safe + value` is Markup: `+` escapes the other operand (the tool's JSON prints as `&#34;`), so the
+    # operands' own texts are not what the expression prints; the chain is kept whole, not split.
+    tools_prompt = (
+        "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- for tool in tools %}"
+        "{{- 'Use the function '|safe + tool.function.name + ':\\n'|safe + tool.function | tojson }}"
+        "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    )
+    assert_converts_right(tools_prompt + CHATML_LOOP)
