@@ -9,9 +9,10 @@ end-of-turn after the last answer) and none of the other messages' text.
 from __future__ import annotations
 
 import jinja2
+import pytest
 from test_markers_safety import as_text_parts, conversations, render_as, wrong_characters
 
-from sft_toolkit.markers import add_markers
+from sft_toolkit.markers import MarkerError, add_markers
 
 
 def assert_converts_right(original: str) -> str:
@@ -59,3 +60,17 @@ def test_a_plus_chain_with_a_markup_operand_is_traced_whole():
         "{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
     )
     assert_converts_right(tools_prompt + CHATML_LOOP)
+
+
+def test_a_refusal_inside_a_statement_names_the_code_that_defeated_it():
+    # The conversation loop sits inside an `if` that starts on line 1 and also prints a BOS: the refusal names
+    # the line inside that can't be marked and why, not the `if` around it (which the role can't condition).
+    source = (
+        "{% if messages %}<s>\n{% for m in messages %}"
+        "{% set text = '<' + m.role + '>' + m.content + '</s>\\n[' + m.role + ']' %}\n"
+        "{{ text }}{% endfor %}{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    with pytest.raises(MarkerError) as err:
+        add_markers(source)
+    assert err.value.line == 3
+    assert "`text`" in str(err.value)

@@ -62,6 +62,7 @@ class Placer:
         self.fors = [s for s in _stmts(template.body) if isinstance(s.node, nodes.For)]
         self.blocks = self.role_conditions = 0
         self.flag_loops: set[int] = set()
+        self.inner_errors: dict[int, MarkerError] = {}  # statements whose inside couldn't be marked: why
 
     def place(self) -> Placement:
         edits = self._body(self.template.body.items, frozenset())
@@ -143,7 +144,10 @@ class Placer:
         for item in items:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
-                edits.append(self._role_condition(item) if not where else self._turn_condition(item))
+                try:
+                    edits.append(self._role_condition(item) if not where else self._turn_condition(item))
+                except MarkerError as err:  # what defeated the code inside says more than the whole statement
+                    raise self.inner_errors.get(id(item), err) from None
                 atoms.append(Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE))
             else:
                 atoms += resolved
@@ -161,9 +165,10 @@ class Placer:
                 return None
             try:
                 inner = [e for body in item.bodies for e in self._body(body.items, where)]
-            except MarkerError:
+            except MarkerError as err:
                 if where:  # statements are conditioned on the role only
                     raise
+                self.inner_errors[id(item)] = err
                 return None
             edits += inner
             return [Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE)]
