@@ -87,8 +87,35 @@ def end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
         if at < 0:
             return None
         tail = text[at + len(content) :].split()
-        return tail[0] if tail else _end_before_user(source, probe, i, content, kwargs)
+        if not tail:
+            return _end_before_user(source, probe, i, content, kwargs)
+        return _written_also_when_continued(source, probe, i, text[: at + len(content)], tail[0], kwargs)
     return None
+
+
+def _written_also_when_continued(source: str, probe: Probe, i: int, before: str, word: str, kwargs) -> str:
+    """`word`, the text after the content up to whitespace, unless the template writes it only when the
+    conversation ends there (command-r's closing system instruction and a role header printed whatever
+    add_generation_prompt says both follow the last message's end-of-turn with no space): then what follows the
+    content also when a next message does (the probe's, or its first user message again), less the start of the
+    generation prompt's role header."""
+    users = [m for m in probe.messages if m.get("role") == "user"]
+    if i + 1 >= len(probe.messages) and not users:
+        return word
+    following = probe.messages[i + 1] if i + 1 < len(probe.messages) else users[0]  # (a user asks again)
+    try:
+        continued = render_probe(source, probe, [*probe.messages[: i + 1], following], False, kwargs).text
+        ended = render_probe(source, probe, probe.messages[: i + 1], False, kwargs).text
+        prompted = render_probe(source, probe, probe.messages[: i + 1], True, kwargs).text
+    except (TemplateRaised, InputError):
+        return word
+    if not continued.startswith(before) or continued.startswith(word, len(before)):
+        return word
+    common = word[: first_difference(word, continued[len(before) :])]
+    common = common[: _markup_start(common, len(common))]
+    header = prompted[len(ended) :] if prompted.startswith(ended) else ""
+    cut = next((k for k in range(len(common), 0, -1) if header.startswith(common[-k:])), 0)
+    return common[: len(common) - cut] or word
 
 
 def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) -> str:
@@ -178,7 +205,12 @@ def locate_turns(
         end = body_end
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
         next_at = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, body_end))), -1)
-        if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
+        ends_in_call = i + 1 == len(probe.messages) and message.get("tool_calls")
+        limit = len(text)
+        if ends_in_call:  # (not when the result changes how the turn itself renders: qwen3 drops its reasoning)
+            end_only = _end_only_start(source, probe, text, kwargs)
+            limit = end_only if end_only > _values_end(text, _call_values(message), start, len(text)) else limit
+        if eot and (eot_at := text.find(eot, body_end, limit)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
         elif (
@@ -192,10 +224,11 @@ def locate_turns(
             stop, last = stop_last
             last = max(last, end)
             tail, end = ((last, stop) if last < stop else None), stop
-        elif gap is None and i + 1 == len(probe.messages) and message.get("tool_calls"):
+        elif gap is None and ends_in_call:
             # The conversation ends in this tool call, with no end-of-turn text: the turn runs to where the
-            # render without the generation prompt ends; what follows its last call value may go either way.
-            stop = _last_turn_end(source, probe, text, start, kwargs)
+            # render without the generation prompt ends, or text written only after the whole conversation
+            # begins; what follows its last call value may go either way.
+            stop = max(start, min(_last_turn_end(source, probe, text, start, kwargs), limit))
             last = max(end, _values_end(text, _call_values(message), start, stop))
             tail, end = ((last, stop) if last < stop else None), max(stop, end)
         while end < len(text) and text[end] in " \t\r\n":
@@ -259,6 +292,24 @@ def _last_turn_end(source: str, probe: Probe, text: str, start: int, kwargs) -> 
     except (TemplateRaised, InputError):
         return start
     return max(start, len(plain.rstrip())) if text.startswith(plain) else start
+
+
+def _end_only_start(source: str, probe: Probe, text: str, kwargs) -> int:
+    """Where text the template writes only after the whole conversation begins in `text`, which ends in a tool
+    call (command-r's closing system instruction): where the render without the generation prompt parts from
+    the render with the call's result after it, when that one ends with the same text; else the end of `text`."""
+    call = (probe.messages[-1].get("tool_calls") or [{}])[-1]
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    result = {"role": "tool", "content": "{}", "name": str(function.get("name")), "tool_call_id": call.get("id", "")}
+    try:
+        plain = render_probe(source, probe, probe.messages, False, kwargs).text
+        continued = render_probe(source, probe, [*probe.messages, result], False, kwargs).text
+    except (TemplateRaised, InputError):
+        return len(text)
+    at = _markup_start(plain, first_difference(plain, continued))
+    # Text written after the whole conversation ends the render with the result too (else the result changed
+    # how the turn itself renders: apriel prints call ids only before a result).
+    return at if at < len(plain) and continued.endswith(plain[at:]) and text.startswith(plain) else len(text)
 
 
 def _values_end(text: str, values: list[str], start: int, stop: int) -> int:

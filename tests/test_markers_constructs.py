@@ -74,3 +74,31 @@ def test_a_refusal_inside_a_statement_names_the_code_that_defeated_it():
         add_markers(source)
     assert err.value.line == 3
     assert "`text`" in str(err.value)
+
+
+# command-r's format: a closing system instruction printed after the conversation, glued to the last turn's
+# end-of-turn; tool calls with no end-of-turn of their own (the next message's header ends them).
+CLOSING_INSTRUCTION = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}{{- '<|START|><|BOT|>Action:' }}"
+    "{%- for call in message.tool_calls %}{{- ' ' + call.function.name + ' ' + call.function.arguments|tojson }}"
+    "{%- endfor %}{{- '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|START|><|BOT|>' + message.content + '<|END|>' }}"
+    "{%- elif message.role == 'tool' %}{{- '<|START|><|SYSTEM|><results>' + message.content + '</results><|END|>' }}"
+    "{%- else %}{{- '<|START|><|' + message.role|upper + '|>' + message.content + '<|END|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{{- '<|START|><|SYSTEM|>Answer the last question.<|END|>' }}"
+    "{%- if add_generation_prompt %}{{- '<|START|><|BOT|>' }}{%- endif %}"
+)
+
+
+def test_text_written_after_the_whole_conversation_is_not_the_last_turns_end():
+    # The end-of-turn is what follows an answer also when the conversation goes on (`<|END|>`, not
+    # `<|END|><|START|><|SYSTEM|>Answer`), and a conversation ending in a tool call ends where the closing
+    # instruction starts: the instruction stays untrained, the answers' `<|END|>` is trained.
+    marked = assert_converts_right(CLOSING_INSTRUCTION)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text, trained = render_as(marked, messages, keep_none=False)
+    trained_text = "".join(c for c, flag in zip(text, trained) if flag)
+    assert trained_text.endswith("Hello<|END|>")
+    assert "Answer the last question" not in trained_text
