@@ -154,6 +154,8 @@ def locate_turns(
                 if text.startswith(prompt[: header[0] + size]):
                     prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
         diverged, given = None, prompt
+        added = prompt[header[0] : header[1]] if prompt is not None and header is not None else ""
+        added = added[: len(added) - len(prefill_text)] if prefill_text and added.endswith(prefill_text) else added
         if prompt is not None and not text.startswith(prompt):
             at = diverged = first_difference(prompt, text)
             mismatches.append(
@@ -182,6 +184,16 @@ def locate_turns(
                 if prefill_text and same > given_end:
                     prefill_at, role_header = given_end, None
                 start = same
+        if diverged is not None and added and added.strip():
+            # Training writes the prompt's whole role header after where the two part (hermes closes a tool
+            # result one way when it is the last message and another when it isn't): the turn starts after it.
+            # (a header after some of the message's own output is one of its later messages': gpt-oss)
+            reasoning = [text_of(message.get(key)) for key in ("reasoning_content", "thinking")]
+            values = [v for v in [content, *reasoning, *_call_values(message)] if v]
+            bound = min((at for value in values if (at := text.find(value, start)) >= 0), default=-1)
+            found = text.find(added, start, bound) if bound >= 0 else -1
+            if found >= 0:
+                start, header, prefill_at = found + len(added), (found, found + len(added)), None
         prefill = None
         if prefill_at is not None and prefill_at < start:
             prefill, start, header = (prefill_at, start), prefill_at, role_header

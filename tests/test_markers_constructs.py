@@ -102,3 +102,44 @@ def test_text_written_after_the_whole_conversation_is_not_the_last_turns_end():
     trained_text = "".join(c for c, flag in zip(text, trained) if flag)
     assert trained_text.endswith("Hello<|END|>")
     assert "Answer the last question" not in trained_text
+
+
+# hermes' tool format: a tool result closes one way when it is the last message (what the generation prompt
+# follows) and another when a message follows it (what training renders), so prompt and training part inside
+# the tool's text; the tool-call turn's header has no newline of its own (each call starts with one).
+TOOL_RESULT_CLOSED_TWO_WAYS = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}{{- '<|im_start|>tool\\n<tool_response>\\n' + message.content }}"
+    "{%- if loop.last %}{{- '\\n</tool_response>' }}{%- else %}{{- '\\n</tool_response>\\n' }}{%- endif %}"
+    "{{- '<|im_end|>' }}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}{{- '<|im_start|>assistant' }}"
+    "{%- for call in message.tool_calls %}"
+    "{{- '\\n<tool_call>\\n' + call.function.name + ' ' + call.function.arguments|tojson + '\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_turn_starts_after_the_prompts_header_when_prompt_and_training_part_before_it():
+    # After a tool result, training writes `\n</tool_response>\n<|im_end|><|im_start|>assistant\n` where the
+    # prompt writes `\n</tool_response><|im_end|><|im_start|>assistant\n`: the turn begins after the header
+    # both write, so the tool's closing markup stays untrained and the tool calls after it are trained.
+    marked = assert_converts_right(TOOL_RESULT_CLOSED_TWO_WAYS)
+    messages = [
+        {"role": "user", "content": "Weather in Oslo and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [weather_call("Oslo")]},
+        {"role": "tool", "content": "4 C"},
+        {"role": "assistant", "content": "", "tool_calls": [weather_call("Rome")]},
+        {"role": "tool", "content": "21 C"},
+        {"role": "assistant", "content": "Cold and warm."},
+    ]
+    text, trained = render_as(marked, messages, keep_none=False)
+    trained_text = "".join(c if flag else "|" for c, flag in zip(text, trained))
+    assert '<tool_call>\nget_weather {"city": "Rome"}\n</tool_call><|im_end|>' in trained_text
+    assert "</tool_response>" not in trained_text
+
+
+def weather_call(city: str) -> dict:
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
