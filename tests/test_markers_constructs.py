@@ -12,7 +12,7 @@ import jinja2
 import pytest
 from test_markers_safety import as_text_parts, conversations, render_as, wrong_characters
 
-from sft_toolkit.markers import MarkerError, add_markers
+from sft_toolkit.markers import MarkerError, add_markers, verify_placement
 
 
 def assert_converts_right(original: str) -> str:
@@ -136,10 +136,61 @@ def test_a_turn_starts_after_the_prompts_header_when_prompt_and_training_part_be
         {"role": "assistant", "content": "Cold and warm."},
     ]
     text, trained = render_as(marked, messages, keep_none=False)
-    trained_text = "".join(c if flag else "|" for c, flag in zip(text, trained))
+    trained_text = "".join(c if flag else "\0" for c, flag in zip(text, trained))
     assert '<tool_call>\nget_weather {"city": "Rome"}\n</tool_call><|im_end|>' in trained_text
     assert "</tool_response>" not in trained_text
 
 
 def weather_call(city: str) -> dict:
     return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+def end_of_turn_in_the_next_pass(turn: str) -> str:
+    """jamba's layout: each pass prints the previous message's `<|eom|>` before its own turn, and the last one
+    is printed after the loop; `turn` prints a message's header and text."""
+    return (
+        "{%- set ns = namespace(count=0) %}{%- set chat = messages %}"
+        "{%- for message in chat %}"
+        "{%- if ns.count > 0 %}{{- '<|eom|>' }}{%- endif %}" + turn + "{%- set ns.count = ns.count + 1 %}"
+        "{%- endfor %}"
+        "{%- if ns.count > 0 %}{{- '<|eom|>' }}{%- endif %}"
+        "{%- if add_generation_prompt %}{{- '<|bom|><|assistant|>' }}{%- endif %}"
+    )
+
+
+def test_an_end_of_turn_printed_in_the_next_messages_pass_is_conditioned_on_the_previous_role():
+    # The same `<|eom|>` ends an assistant's turn and a user's: it is trained where the previous message (in
+    # the loop: `loop.previtem`; after it: the list's last) is the assistant's, and nowhere else.
+    marked = assert_converts_right(
+        end_of_turn_in_the_next_pass("{{- '<|bom|><|' + message.role + '|> ' + message.content }}")
+    )
+    assert "loop.previtem.role == 'assistant'" in marked
+    assert "(chat|last).role == 'assistant'" in marked
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "See you"},
+    ]
+    text, trained = render_as(marked, messages, keep_none=False)
+    runs = "".join(c if flag else "\0" for c, flag in zip(text, trained)).split("\0")
+    assert [run for run in runs if run] == [" Hello<|eom|>", " See you<|eom|>"]
+
+
+def test_a_variable_operand_is_split_after_the_role_header_it_ends_with():
+    # `'<|bom|>' + prefix + content` where `prefix` is `<|assistant|> ` and the prompt writes `<|assistant|>`:
+    # the space is the model's, so the operand is split where the header ends.
+    turn = "{%- set prefix = '<|' + message.role + '|> ' %}{{- '<|bom|>' + prefix + message.content }}"
+    marked = assert_converts_right(end_of_turn_in_the_next_pass(turn))
+    assert "prefix[:prefix.find('<|assistant|>') + 13]" in marked
+
+
+def test_marking_an_end_of_turn_in_the_next_pass_for_every_role_is_refused():
+    # The placement the previous-role condition avoids: `<|eom|>` marked in every pass trains the user's.
+    original = end_of_turn_in_the_next_pass("{{- '<|bom|><|' + message.role + '|> ' + message.content }}")
+    wrong = original.replace(
+        "{%- if ns.count > 0 %}{{- '<|eom|>' }}{%- endif %}",
+        "{%- if ns.count > 0 %}{%- generation %}{{- '<|eom|>' }}{%- endgeneration %}{%- endif %}",
+    )
+    assert wrong != original
+    assert verify_placement(original, wrong)

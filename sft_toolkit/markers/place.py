@@ -11,6 +11,7 @@ from .atoms import ASSIGNMENT, MIXED, RESOLVED_INSIDE, TRAINED_ONLY, Atom, AtomK
 from .boundaries import apply_edits, boundary, edge
 from .errors import MarkerError
 from .label import Label
+from .neighbours import AFTER_ASSISTANT, after_assistant, previous_role_condition
 from .source import Body, Piece, Statement, Template
 from .trace import Trace
 
@@ -40,6 +41,7 @@ _WHERE = {
     "assistant": lambda e: e.role == "assistant",
     "started": lambda e: e.started,
     "fresh": lambda e: not e.started,
+    AFTER_ASSISTANT: after_assistant,
 }
 
 
@@ -250,6 +252,8 @@ class Placer:
         loops = {e.loop for _, e in emissions}
         line = item.line
         if not emissions or None in loops or len(loops) != 1:
+            if neighbour := self._previous_role_condition(item, emissions):
+                return neighbour
             raise MarkerError(
                 "assistant output and other text come from the same code here, outside a "
                 "`for message in messages` loop, so it can't be conditioned on the role",
@@ -261,6 +265,8 @@ class Placer:
             if e.role != "assistant"
             for i in range(e.start, e.end)
         ):
+            if neighbour := self._previous_role_condition(item, emissions):
+                return neighbour
             raise MarkerError("this code trains text of non-assistant messages", line)
         var = self.fors[loops.pop()].loop_var
         start, left_modifier = edge(self.template, item, "left")
@@ -271,6 +277,23 @@ class Placer:
             start,
             end,
             f"{{%{left_modifier} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
+            f"{self.template.source[start:end]}{{%+ endif {right_modifier}%}}",
+        )
+
+    def _previous_role_condition(self, item, emissions) -> tuple[int, int, str] | None:
+        """`{% if <the previous message is the assistant's> %}marked copy{% else %}original{% endif %}` around
+        code that prints a message's end-of-turn in the next message's pass (see `neighbours`)."""
+        condition = previous_role_condition(emissions, self.fors, item, self.template.source)
+        if condition is None:
+            return None
+        start, left_modifier = edge(self.template, item, "left")
+        end, right_modifier = edge(self.template, item, "right")
+        marked = self._copy(item, frozenset({AFTER_ASSISTANT}), start, end)
+        self.role_conditions += 1
+        return (
+            start,
+            end,
+            f"{{%{left_modifier} if {condition} +%}}{marked}{{%+ else +%}}"
             f"{self.template.source[start:end]}{{%+ endif {right_modifier}%}}",
         )
 

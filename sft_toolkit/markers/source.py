@@ -211,6 +211,8 @@ class Template:
         operands = []
         for i, (leaf, s, e) in enumerate(zip(leaves, bounds, ends)):
             piece = self._new(PieceKind.OPERAND, s, e, tag=tag, index=i, count=len(leaves), cuts=cuts)
+            if isinstance(leaf, nodes.Name):
+                piece.variable = leaf.name
             if isinstance(leaf, nodes.Const) and isinstance(leaf.value, str):
                 offsets = _literal_offsets(self.source, s, e, leaf.value)
                 if offsets is not None:
