@@ -115,6 +115,12 @@ def _written_also_when_continued(source: str, probe: Probe, i: int, before: str,
     common = common[: _markup_start(common, len(common))]
     header = prompted[len(ended) :] if prompted.startswith(ended) else ""
     cut = next((k for k in range(len(common), 0, -1) if header.startswith(common[-k:])), 0)
+    if not cut:  # a header printed whatever add_generation_prompt says (command-a): the shortest markup that
+        # starts it, as the role header before this message's content shows it
+        rest = ended[len(before) + len(common) :]
+        token = rest[: rest.find(">") + 1] if rest.startswith("<") else ""
+        starts = [k for k in range(1, len(common)) if common[k] == "<"]
+        cut = next((len(common) - k for k in reversed(starts) if token and common[k:] + token in before), 0)
     return common[: len(common) - cut] or word
 
 

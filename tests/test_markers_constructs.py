@@ -194,3 +194,42 @@ def test_marking_an_end_of_turn_in_the_next_pass_for_every_role_is_refused():
     )
     assert wrong != original
     assert verify_placement(original, wrong)
+
+
+# command-a's layout: the assistant's header is printed after the conversation whatever add_generation_prompt
+# says (the prompt only adds `<|RESPONSE|>`), every end-of-turn is glued to the next header's `<|START|>`, and
+# a tool-call turn ends in `<|END_ACTION|><|END|>`, not the answer's `<|END_RESPONSE|><|END|>`; results of
+# parallel calls share one turn, opened only after the tool-call turn.
+HEADER_PRINTED_ALWAYS = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|START|><|BOT|><|ACTION|>"
+    "{%- for call in message.tool_calls %}{{ call.function.name }} {{ call.function.arguments|tojson }}{% endfor %}"
+    "<|END_ACTION|><|END|>"
+    "{%- elif message.role == 'assistant' %}<|START|><|BOT|><|RESPONSE|>{{ message.content }}<|END_RESPONSE|><|END|>"
+    "{%- elif message.role == 'tool' and loop.previtem.role != 'tool' %}<|START|><|SYSTEM|><|RESULT|>"
+    "{{- message.content }}<|END_RESULT|>"
+    "{%- elif message.role == 'tool' %}<|RESULT|>{{ message.content }}<|END_RESULT|>"
+    "{%- else %}<|START|><|{{ message.role|upper }}|>{{ message.content }}<|END|>"
+    "{%- endif %}"
+    "{%- if message.role == 'tool' and (loop.last or loop.nextitem.role != 'tool') %}<|END|>{%- endif %}"
+    "{%- endfor %}<|START|><|BOT|>{%- if add_generation_prompt %}<|RESPONSE|>{%- endif %}"
+)
+
+
+def test_an_end_of_turn_stops_before_the_header_printed_after_the_conversation():
+    # The answer's end-of-turn is `<|END_RESPONSE|><|END|>`: the `<|START|>` after it begins the header the
+    # template prints after the conversation and before each message, and is never trained (nor in the tool's
+    # code, where a tool-call turn without that end-of-turn ends).
+    marked = assert_converts_right(HEADER_PRINTED_ALWAYS)
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [weather_call("Oslo")]},
+        {"role": "tool", "content": "4 C"},
+        {"role": "assistant", "content": "Cold."},
+    ]
+    text, trained = render_as(marked, messages, keep_none=False)
+    runs = "".join(c if flag else "\0" for c, flag in zip(text, trained)).split("\0")
+    assert [run for run in runs if run] == [
+        '<|ACTION|>get_weather {"city": "Oslo"}<|END_ACTION|><|END|>',
+        "Cold.<|END_RESPONSE|><|END|>",
+    ]

@@ -94,7 +94,7 @@ class Placer:
         """The labels the pieces emit. Pre-filled text (p) follows the rest unless `prefill` asks to see it:
         untrained beside untrained text, trained otherwise (as TRL's training templates train a pre-filled
         `<think>` block)."""
-        signature = {trace.labels[i] for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
+        signature = {_label(trace, e, i) for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
         signature.discard(Label.EITHER)
         if Label.PREFILL in signature and not prefill:
             signature.discard(Label.PREFILL)
@@ -109,7 +109,7 @@ class Placer:
         labels, forced = [Label.EITHER] * len(piece.text), set()
         for trace, e in self._emissions([piece.id], where):
             for k in range(len(piece.text)):
-                label = trace.labels[e.start + k]
+                label = _label(trace, e, e.start + k)
                 if (
                     label == Label.EITHER
                     or labels[k] == label
@@ -345,6 +345,13 @@ class Placer:
                 close()
         close()
         return edits
+
+
+def _label(trace: Trace, emission, i: int) -> str:
+    """The label of output character i, where text that may go either way (a tool-call turn's closing markup)
+    printed by another message's code goes either way untrained: the next message's header is never trained."""
+    label = trace.labels[i]
+    return Label.EITHER if label == Label.PREFILL and emission.role not in (None, "assistant") else label
 
 
 def _stmts(items_or_body):
