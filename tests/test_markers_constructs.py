@@ -233,3 +233,19 @@ def test_an_end_of_turn_stops_before_the_header_printed_after_the_conversation()
         '<|ACTION|>get_weather {"city": "Oslo"}<|END_ACTION|><|END|>',
         "Cold.<|END_RESPONSE|><|END|>",
     ]
+
+
+def test_a_conversation_printed_whole_from_one_variable_is_refused_with_what_to_write():
+    # (Under `shout=true` its output comes from a filter block and can't be traced at all; the refusal names
+    # what defeats the template's defaults, which says more.)
+    source = (
+        "{%- if shout %}{% filter upper %}{{ 'hey' }}{% endfilter %}{% endif %}{%- set ns = namespace(out='') %}{%- for message in messages %}"
+        "{%- set ns.out = ns.out ~ '<|' ~ message.role ~ '|>' ~ message.content ~ '<|end|>' %}"
+        "{%- endfor %}{%- if add_generation_prompt %}{%- set ns.out = ns.out ~ '<|assistant|>' %}{%- endif %}\n"
+        "{{- ns.out }}"
+    )
+    with pytest.raises(MarkerError) as err:
+        add_markers(source)
+    assert err.value.line == 2
+    assert "assembled in `ns.out`" in str(err.value)
+    assert "print each message's text where it is built" in str(err.value)

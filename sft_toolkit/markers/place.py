@@ -12,6 +12,7 @@ from .boundaries import apply_edits, boundary, edge
 from .errors import MarkerError
 from .label import Label
 from .neighbours import AFTER_ASSISTANT, after_assistant, previous_role_condition
+from .refusals import assembled_whole
 from .source import Body, Piece, Statement, Template
 from .trace import Trace
 
@@ -242,7 +243,9 @@ class Placer:
         return None
 
     def _role_condition(self, item) -> tuple[int, int, str]:
-        """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item."""
+        """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item; or, for
+        code that prints a message's end-of-turn in the next message's pass, a condition on the previous
+        message's role (see `neighbours`)."""
         pieces = (
             self._stmt_pieces(item)
             if isinstance(item, Statement)
@@ -251,44 +254,33 @@ class Placer:
         emissions = list(self._emissions(pieces, frozenset()))
         loops = {e.loop for _, e in emissions}
         line = item.line
-        if not emissions or None in loops or len(loops) != 1:
-            if neighbour := self._previous_role_condition(item, emissions):
-                return neighbour
-            raise MarkerError(
-                "assistant output and other text come from the same code here, outside a "
-                "`for message in messages` loop, so it can't be conditioned on the role",
-                line,
+        if (
+            not emissions
+            or None in loops
+            or len(loops) != 1
+            or any(
+                trace.labels[i] == Label.TRAINED
+                for trace, e in emissions
+                if e.role != "assistant"
+                for i in range(e.start, e.end)
             )
-        if any(
-            trace.labels[i] == Label.TRAINED
-            for trace, e in emissions
-            if e.role != "assistant"
-            for i in range(e.start, e.end)
         ):
-            if neighbour := self._previous_role_condition(item, emissions):
-                return neighbour
+            if condition := previous_role_condition(emissions, self.fors, item, self.template.source):
+                return self._conditioned(item, condition, frozenset({AFTER_ASSISTANT}))
+            if not emissions or None in loops or len(loops) != 1:
+                raise assembled_whole(item, self.template.source) or MarkerError(
+                    "assistant output and other text come from the same code here, outside a "
+                    "`for message in messages` loop, so it can't be conditioned on the role",
+                    line,
+                )
             raise MarkerError("this code trains text of non-assistant messages", line)
-        var = self.fors[loops.pop()].loop_var
-        start, left_modifier = edge(self.template, item, "left")
-        end, right_modifier = edge(self.template, item, "right")
-        marked = self._copy(item, _ASSISTANT, start, end)
-        self.role_conditions += 1
-        return (
-            start,
-            end,
-            f"{{%{left_modifier} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
-            f"{self.template.source[start:end]}{{%+ endif {right_modifier}%}}",
-        )
+        return self._conditioned(item, f"{self.fors[loops.pop()].loop_var}.role == 'assistant'", _ASSISTANT)
 
-    def _previous_role_condition(self, item, emissions) -> tuple[int, int, str] | None:
-        """`{% if <the previous message is the assistant's> %}marked copy{% else %}original{% endif %}` around
-        code that prints a message's end-of-turn in the next message's pass (see `neighbours`)."""
-        condition = previous_role_condition(emissions, self.fors, item, self.template.source)
-        if condition is None:
-            return None
+    def _conditioned(self, item, condition: str, where: frozenset) -> tuple[int, int, str]:
+        """`{% if <condition> %}copy marked for the renders `where` selects{% else %}original{% endif %}`."""
         start, left_modifier = edge(self.template, item, "left")
         end, right_modifier = edge(self.template, item, "right")
-        marked = self._copy(item, frozenset({AFTER_ASSISTANT}), start, end)
+        marked = self._copy(item, where, start, end)
         self.role_conditions += 1
         return (
             start,
