@@ -92,8 +92,41 @@ def end_of_turn(source: str, probe: Probe, kwargs) -> str | None:
         if at < 0:
             return None
         tail = text[at + len(content) :].split()
-        return tail[0] if tail else _end_before_user(source, probe, i, content, kwargs)
+        if not tail:
+            return _end_before_user(source, probe, i, content, kwargs)
+        return _written_also_when_continued(source, probe, i, text[: at + len(content)], tail[0], kwargs)
     return None
+
+
+def _written_also_when_continued(source: str, probe: Probe, i: int, before: str, word: str, kwargs) -> str:
+    """`word`, the text after the content up to whitespace, unless the template writes it only when the
+    conversation ends there (command-r's closing system instruction and a role header printed whatever
+    add_generation_prompt says both follow the last message's end-of-turn with no space): then what follows the
+    content also when a next message does (the probe's, or its first user message again), less the start of the
+    generation prompt's role header."""
+    users = [m for m in probe.messages if m.get("role") == "user"]
+    if i + 1 >= len(probe.messages) and not users:
+        return word
+    following = probe.messages[i + 1] if i + 1 < len(probe.messages) else users[0]  # (a user asks again)
+    try:
+        continued = render_probe(source, probe, [*probe.messages[: i + 1], following], False, kwargs).text
+        ended = render_probe(source, probe, probe.messages[: i + 1], False, kwargs).text
+        prompted = render_probe(source, probe, probe.messages[: i + 1], True, kwargs).text
+    except (TemplateRaised, InputError):
+        return word
+    if not continued.startswith(before) or continued.startswith(word, len(before)):
+        return word
+    common = word[: first_difference(word, continued[len(before) :])]
+    common = common[: _markup_start(common, len(common))]
+    header = prompted[len(ended) :] if prompted.startswith(ended) else ""
+    cut = next((k for k in range(len(common), 0, -1) if header.startswith(common[-k:])), 0)
+    if not cut:  # a header printed whatever add_generation_prompt says (command-a): the shortest markup that
+        # starts it, as the role header before this message's content shows it
+        rest = ended[len(before) + len(common) :]
+        token = rest[: rest.find(">") + 1] if rest.startswith("<") else ""
+        starts = [k for k in range(1, len(common)) if common[k] == "<"]
+        cut = next((len(common) - k for k in reversed(starts) if token and common[k:] + token in before), 0)
+    return common[: len(common) - cut] or word
 
 
 def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) -> str:
@@ -132,6 +165,8 @@ def locate_turns(
                 if text.startswith(prompt[: header[0] + size]):
                     prefill_at, role_header = header[0] + size, (header[0], header[0] + size)
         diverged, given = None, prompt
+        added = prompt[header[0] : header[1]] if prompt is not None and header is not None else ""
+        added = added[: len(added) - len(prefill_text)] if prefill_text and added.endswith(prefill_text) else added
         if prompt is not None and not text.startswith(prompt):
             at = diverged = first_difference(prompt, text)
             mismatches.append(
@@ -160,6 +195,16 @@ def locate_turns(
                 if prefill_text and same > given_end:
                     prefill_at, role_header = given_end, None
                 start = same
+        if diverged is not None and added and added.strip():
+            # Training writes the prompt's whole role header after where the two part (hermes closes a tool
+            # result one way when it is the last message and another when it isn't): the turn starts after it.
+            # (a header after some of the message's own output is one of its later messages': gpt-oss)
+            reasoning = [text_of(message.get(key)) for key in ("reasoning_content", "thinking")]
+            values = [v for v in [content, *reasoning, *_call_values(message)] if v]
+            bound = min((at for value in values if (at := text.find(value, start)) >= 0), default=-1)
+            found = text.find(added, start, bound) if bound >= 0 else -1
+            if found >= 0:
+                start, header, prefill_at = found + len(added), (found, found + len(added)), None
         prefill = None
         if prefill_at is not None and prefill_at < start:
             prefill, start, header = (prefill_at, start), prefill_at, role_header
@@ -183,7 +228,12 @@ def locate_turns(
         end = body_end
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
         next_at = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, body_end))), -1)
-        if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
+        ends_in_call = i + 1 == len(probe.messages) and message.get("tool_calls")
+        limit = len(text)
+        if ends_in_call:  # (not when the result changes how the turn itself renders: qwen3 drops its reasoning)
+            end_only = _end_only_start(source, probe, text, kwargs)
+            limit = end_only if end_only > _values_end(text, _call_values(message), start, len(text)) else limit
+        if eot and (eot_at := text.find(eot, body_end, limit)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
         elif (
@@ -197,10 +247,11 @@ def locate_turns(
             stop, last = stop_last
             last = max(last, end)
             tail, end = ((last, stop) if last < stop else None), stop
-        elif gap is None and i + 1 == len(probe.messages) and message.get("tool_calls"):
+        elif gap is None and ends_in_call:
             # The conversation ends in this tool call, with no end-of-turn text: the turn runs to where the
-            # render without the generation prompt ends; what follows its last call value may go either way.
-            stop = _last_turn_end(source, probe, text, start, kwargs)
+            # render without the generation prompt ends, or text written only after the whole conversation
+            # begins; what follows its last call value may go either way.
+            stop = max(start, min(_last_turn_end(source, probe, text, start, kwargs), limit))
             last = max(end, _values_end(text, _call_values(message), start, stop))
             tail, end = ((last, stop) if last < stop else None), max(stop, end)
         while end < len(text) and text[end] in " \t\r\n":
@@ -264,6 +315,24 @@ def _last_turn_end(source: str, probe: Probe, text: str, start: int, kwargs) -> 
     except (TemplateRaised, InputError):
         return start
     return max(start, len(plain.rstrip())) if text.startswith(plain) else start
+
+
+def _end_only_start(source: str, probe: Probe, text: str, kwargs) -> int:
+    """Where text the template writes only after the whole conversation begins in `text`, which ends in a tool
+    call (command-r's closing system instruction): where the render without the generation prompt parts from
+    the render with the call's result after it, when that one ends with the same text; else the end of `text`."""
+    call = (probe.messages[-1].get("tool_calls") or [{}])[-1]
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    result = {"role": "tool", "content": "{}", "name": str(function.get("name")), "tool_call_id": call.get("id", "")}
+    try:
+        plain = render_probe(source, probe, probe.messages, False, kwargs).text
+        continued = render_probe(source, probe, [*probe.messages, result], False, kwargs).text
+    except (TemplateRaised, InputError):
+        return len(text)
+    at = _markup_start(plain, first_difference(plain, continued))
+    # Text written after the whole conversation ends the render with the result too (else the result changed
+    # how the turn itself renders: apriel prints call ids only before a result).
+    return at if at < len(plain) and continued.endswith(plain[at:]) and text.startswith(plain) else len(text)
 
 
 def _values_end(text: str, values: list[str], start: int, stop: int) -> int:

@@ -89,7 +89,13 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
     errors, traced = [], {}
     for tried, defaults_only in attempts:
         if len(tried) not in traced:
-            traced[len(tried)] = trace_all(template, tokenizer, tried)
+            try:
+                traced[len(tried)] = trace_all(template, tokenizer, tried)
+            except MarkerError as err:  # under another setting: why the defaults' markers failed says more
+                if not errors:
+                    raise
+                errors.append(err)
+                continue
         traces, failed = traced[len(tried)]
         if not any(Label.TRAINED in trace.labels for trace in traces):
             raise MarkerError("no probe conversation rendered an assistant turn; is this a chat template?")

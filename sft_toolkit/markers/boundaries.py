@@ -63,6 +63,7 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
     if atom.kind == AtomKind.TAIL and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
         tag, at = item.tag, f"{item.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
         inner = (tag.start + 2 + (1 if tag.left_modifier else 0), tag.end - 2 - (1 if tag.right_modifier else 0))
+        inner = (item.start, item.end) if item.kind == PieceKind.OPERAND else inner  # `a + name + b`: the operand
         return (*inner, f" {item.variable}[:{at}] }}}}{{% {name} %}}{{{{ {item.variable}[{at}:] ")
     if isinstance(item, Statement):
         tag = item.open if left else item.close

@@ -11,6 +11,8 @@ from .atoms import ASSIGNMENT, MIXED, RESOLVED_INSIDE, TRAINED_ONLY, Atom, AtomK
 from .boundaries import apply_edits, boundary, edge
 from .errors import MarkerError
 from .label import Label
+from .neighbours import AFTER_ASSISTANT, after_assistant, previous_role_condition
+from .refusals import assembled_whole
 from .source import Body, Piece, Statement, Template
 from .trace import Trace
 
@@ -40,6 +42,7 @@ _WHERE = {
     "assistant": lambda e: e.role == "assistant",
     "started": lambda e: e.started,
     "fresh": lambda e: not e.started,
+    AFTER_ASSISTANT: after_assistant,
 }
 
 
@@ -62,6 +65,7 @@ class Placer:
         self.fors = [s for s in _stmts(template.body) if isinstance(s.node, nodes.For)]
         self.blocks = self.role_conditions = 0
         self.flag_loops: set[int] = set()
+        self.inner_errors: dict[int, MarkerError] = {}  # statements whose inside couldn't be marked: why
 
     def place(self) -> Placement:
         edits = self._body(self.template.body.items, frozenset())
@@ -91,7 +95,7 @@ class Placer:
         """The labels the pieces emit. Pre-filled text (p) follows the rest unless `prefill` asks to see it:
         untrained beside untrained text, trained otherwise (as TRL's training templates train a pre-filled
         `<think>` block)."""
-        signature = {trace.labels[i] for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
+        signature = {_label(trace, e, i) for trace, e in self._emissions(pieces, where) for i in range(e.start, e.end)}
         signature.discard(Label.EITHER)
         if Label.PREFILL in signature and not prefill:
             signature.discard(Label.PREFILL)
@@ -106,7 +110,7 @@ class Placer:
         labels, forced = [Label.EITHER] * len(piece.text), set()
         for trace, e in self._emissions([piece.id], where):
             for k in range(len(piece.text)):
-                label = trace.labels[e.start + k]
+                label = _label(trace, e, e.start + k)
                 if (
                     label == Label.EITHER
                     or labels[k] == label
@@ -143,7 +147,10 @@ class Placer:
         for item in items:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
-                edits.append(self._role_condition(item) if not where else self._turn_condition(item))
+                try:
+                    edits.append(self._role_condition(item) if not where else self._turn_condition(item))
+                except MarkerError as err:  # what defeated the code inside says more than the whole statement
+                    raise self.inner_errors.get(id(item), err) from None
                 atoms.append(Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE))
             else:
                 atoms += resolved
@@ -161,9 +168,10 @@ class Placer:
                 return None
             try:
                 inner = [e for body in item.bodies for e in self._body(body.items, where)]
-            except MarkerError:
+            except MarkerError as err:
                 if where:  # statements are conditioned on the role only
                     raise
+                self.inner_errors[id(item)] = err
                 return None
             edits += inner
             return [Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE)]
@@ -235,7 +243,9 @@ class Placer:
         return None
 
     def _role_condition(self, item) -> tuple[int, int, str]:
-        """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item."""
+        """`{% if m.role == 'assistant' %}marked copy{% else %}original{% endif %}` around a whole item; or, for
+        code that prints a message's end-of-turn in the next message's pass, a condition on the previous
+        message's role (see `neighbours`)."""
         pieces = (
             self._stmt_pieces(item)
             if isinstance(item, Statement)
@@ -244,28 +254,38 @@ class Placer:
         emissions = list(self._emissions(pieces, frozenset()))
         loops = {e.loop for _, e in emissions}
         line = item.line
-        if not emissions or None in loops or len(loops) != 1:
-            raise MarkerError(
-                "assistant output and other text come from the same code here, outside a "
-                "`for message in messages` loop, so it can't be conditioned on the role",
-                line,
+        if (
+            not emissions
+            or None in loops
+            or len(loops) != 1
+            or any(
+                trace.labels[i] == Label.TRAINED
+                for trace, e in emissions
+                if e.role != "assistant"
+                for i in range(e.start, e.end)
             )
-        if any(
-            trace.labels[i] == Label.TRAINED
-            for trace, e in emissions
-            if e.role != "assistant"
-            for i in range(e.start, e.end)
         ):
+            if condition := previous_role_condition(emissions, self.fors, item, self.template.source):
+                return self._conditioned(item, condition, frozenset({AFTER_ASSISTANT}))
+            if not emissions or None in loops or len(loops) != 1:
+                raise assembled_whole(item, self.template.source) or MarkerError(
+                    "assistant output and other text come from the same code here, outside a "
+                    "`for message in messages` loop, so it can't be conditioned on the role",
+                    line,
+                )
             raise MarkerError("this code trains text of non-assistant messages", line)
-        var = self.fors[loops.pop()].loop_var
+        return self._conditioned(item, f"{self.fors[loops.pop()].loop_var}.role == 'assistant'", _ASSISTANT)
+
+    def _conditioned(self, item, condition: str, where: frozenset) -> tuple[int, int, str]:
+        """`{% if <condition> %}copy marked for the renders `where` selects{% else %}original{% endif %}`."""
         start, left_modifier = edge(self.template, item, "left")
         end, right_modifier = edge(self.template, item, "right")
-        marked = self._copy(item, _ASSISTANT, start, end)
+        marked = self._copy(item, where, start, end)
         self.role_conditions += 1
         return (
             start,
             end,
-            f"{{%{left_modifier} if {var}.role == 'assistant' +%}}{marked}{{%+ else +%}}"
+            f"{{%{left_modifier} if {condition} +%}}{marked}{{%+ else +%}}"
             f"{self.template.source[start:end]}{{%+ endif {right_modifier}%}}",
         )
 
@@ -317,6 +337,13 @@ class Placer:
                 close()
         close()
         return edits
+
+
+def _label(trace: Trace, emission, i: int) -> str:
+    """The label of output character i, where text that may go either way (a tool-call turn's closing markup)
+    printed by another message's code goes either way untrained: the next message's header is never trained."""
+    label = trace.labels[i]
+    return Label.EITHER if label == Label.PREFILL and emission.role not in (None, "assistant") else label
 
 
 def _stmts(items_or_body):

@@ -75,6 +75,8 @@ class Template:
         self.exprs: dict[int, list[Piece]] = {}  # id of the first operand -> all operands of that {{ }}
         self._tag_index, self._position = 0, 0
         self.body = self._body(tree.body)
+        while self._tag_index < len(self.tags) and self.tags[self._tag_index].kind == TagKind.COMMENT:
+            self._tag_index += 1  # comments after the last statement (a licence line) emit nothing
         if self._tag_index != len(self.tags):
             raise MarkerError(
                 "the template's tags and jinja2's parse disagree (unsupported construct)",
@@ -187,8 +189,9 @@ class Template:
         tag = self._next((TagKind.EXPRESSION,))
         leaves = _chain(node)
         cuts = _operators(self.source, tag) if len(leaves) > 1 else []
-        if len(leaves) > 1 and len(cuts) != len(leaves) - 1:
-            leaves, cuts = [node], []  # parentheses or mixed operators: keep the expression whole
+        if len(leaves) > 1 and (len(cuts) != len(leaves) - 1 or _adds_markup(node)):
+            # parentheses or mixed operators, or a `+` that escapes its other operands: keep the expression whole
+            leaves, cuts = [node], []
         if len(leaves) == 1:
             piece = self._new(PieceKind.EXPRESSION, tag.start, tag.end, tag=tag)
             if isinstance(node, nodes.Name):
@@ -208,6 +211,8 @@ class Template:
         operands = []
         for i, (leaf, s, e) in enumerate(zip(leaves, bounds, ends)):
             piece = self._new(PieceKind.OPERAND, s, e, tag=tag, index=i, count=len(leaves), cuts=cuts)
+            if isinstance(leaf, nodes.Name):
+                piece.variable = leaf.name
             if isinstance(leaf, nodes.Const) and isinstance(leaf.value, str):
                 offsets = _literal_offsets(self.source, s, e, leaf.value)
                 if offsets is not None:
@@ -295,6 +300,18 @@ def _chain(node: nodes.Node) -> list[nodes.Node]:
     if isinstance(node, nodes.Concat):
         return [leaf for child in node.nodes for leaf in _chain(child)]
     return [node]
+
+
+# Filters whose value is `Markup`: `+` with a Markup operand escapes the other one (`"'"|safe + name` prints
+# `&#39;` for a quote in `name`), so the operands' own texts don't add up to what the expression prints.
+_MARKUP_FILTERS = {"safe", "escape", "e", "forceescape", "urlize", "xmlattr"}
+
+
+def _adds_markup(node: nodes.Node) -> bool:
+    markup = (nodes.Filter, nodes.MarkSafe, nodes.MarkSafeIfAutoescape)
+    return (isinstance(node, nodes.Add) or any(True for _ in node.find_all(nodes.Add))) and any(
+        not isinstance(found, nodes.Filter) or found.name in _MARKUP_FILTERS for found in node.find_all(markup)
+    )
 
 
 def _operators(source: str, tag: Tag) -> list[tuple[int, int]]:

@@ -28,6 +28,8 @@ class Emission:
     loop: int | None  # id of that for-loop node
     iteration: int | None = None  # which pass through that loop
     started: bool = False  # whether this pass already emitted trained text (before this `{{ }}`)
+    previous_role: str | None = None  # role of the previous pass's message; outside loops, of the last loop's last
+    after_loop: int | None = None  # outside loops: the loop over messages that ended last
 
 
 @dataclass
@@ -168,25 +170,40 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                     first_error = first_error or err
                 continue
             emissions, texts, stack, passes = [], [], [], []
+            last_roles, ended = {}, [(None, None)]  # loop -> role of its latest pass; (loop, role) that ended last
 
             def enter(loop, item):
                 while stack and stack[-1][0] == loop:
                     stack.pop()
                 if isinstance(item, dict) and isinstance(item.get("role"), str):
-                    stack.append((loop, item["role"], len(passes)))
+                    stack.append((loop, item["role"], len(passes), last_roles.get(loop)))
                     passes.append(loop)
+                    last_roles[loop] = item["role"]
                 return ""
 
             def leave(loop):
                 while stack and stack[-1][0] == loop:
                     stack.pop()
+                if loop in last_roles:
+                    ended[0] = (loop, last_roles.pop(loop))
                 return ""
 
             def emit(piece_id, value):
                 emitted = str(value) if value is not None else "None"
-                loop, role, iteration = stack[-1] if stack else (None, None, None)
+                loop, role, iteration, previous = stack[-1] if stack else (None, None, None, ended[0][1])
                 start = emissions[-1].end if emissions else 0
-                emissions.append(Emission(piece_id, start, start + len(emitted), role, loop, iteration))
+                emissions.append(
+                    Emission(
+                        piece_id,
+                        start,
+                        start + len(emitted),
+                        role,
+                        loop,
+                        iteration,
+                        previous_role=previous,
+                        after_loop=None if stack else ended[0][0],
+                    )
+                )
                 texts.append(emitted)
                 return value
 
