@@ -202,6 +202,9 @@ def locate_turns(
             reasoning = [text_of(message.get(key)) for key in ("reasoning_content", "thinking")]
             values = [v for v in [content, *reasoning, *_call_values(message)] if v]
             bound = min((at for value in values if (at := text.find(value, start)) >= 0), default=-1)
+            following = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, start))), -1)
+            if 0 <= following < bound:  # the values found are a later message's: this one shows none of its own
+                bound = -1
             found = text.find(added, start, bound) if bound >= 0 else -1
             if found >= 0:
                 start, header, prefill_at = found + len(added), (found, found + len(added)), None

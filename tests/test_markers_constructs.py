@@ -8,9 +8,8 @@ end-of-turn after the last answer) and none of the other messages' text.
 
 from __future__ import annotations
 
-import jinja2
 import pytest
-from test_markers_safety import as_text_parts, conversations, render_as, wrong_characters
+from helpers.independent_check import check_conversion, render_as
 
 from sft_toolkit.markers import MarkerError, add_markers, verify_placement
 
@@ -19,20 +18,8 @@ def assert_converts_right(original: str) -> str:
     """The converted template, after checking it renders like `original` and trains exactly the assistant's
     output on every conversation of the independent check the original renders."""
     marked = add_markers(original).source
-    checked = 0
-    for case, given, keep_none in conversations():
-        for messages in (given, as_text_parts(given)):
-            try:
-                expected, _ = render_as(original, messages, keep_none)
-                break
-            except (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError):
-                continue
-        else:
-            continue
-        text, trained = render_as(marked, messages, keep_none)
-        assert text == expected, f"{case}: the converted template renders other text"
-        assert not (problems := wrong_characters(text, trained, messages)), f"{case}: {problems}"
-        checked += 1
+    problems, checked = check_conversion(original, marked)
+    assert not problems, problems
     assert checked >= 10, f"only {checked} conversations rendered"
     return marked
 

@@ -13,6 +13,8 @@ and trains no user, system or tool text.
 
 from __future__ import annotations
 
+import enum
+import itertools
 import json
 import random
 import re
@@ -31,7 +33,7 @@ TOOL = {
             "type": "object",
             "properties": {
                 "harbour": {"type": "string", "description": "The harbour's name."},
-                "unit": {"type": "string", "enum": ["metres", "feet"]},
+                "unit": {"type": "string", "description": "Metres or feet.", "enum": ["metres", "feet"]},
             },
             "required": ["harbour"],
         },
@@ -217,14 +219,25 @@ def conversations(generated_count: int = 12, seed: int = 11) -> list[tuple[str, 
     return out
 
 
-def render_as(template: str, messages: list[dict], keep_none: bool, tools: bool = True) -> tuple[str, list[bool]]:
-    """The text and which characters are trained, straight from transformers' renderer; the tool is declared
-    for conversations that call it, unless `tools` is False."""
+class Tools(enum.Enum):
+    """When the conversation declares the tool: templates differ in which they can render."""
+
+    WHEN_CALLED = "when called"  # only in conversations with tool calls (what most datasets do)
+    ALWAYS = "always"  # in every conversation (templates that loop over `tools` unguarded)
+    NEVER = "never"  # in none (templates that fail on any tool definition)
+
+
+def render_as(
+    template: str, messages: list[dict], keep_none: bool, tools: Tools = Tools.WHEN_CALLED
+) -> tuple[str, list[bool]]:
+    """The text and which characters are trained, straight from transformers' renderer, with the tool
+    declared as `tools` says."""
+    declared = tools is Tools.ALWAYS or (tools is Tools.WHEN_CALLED and any(m.get("tool_calls") for m in messages))
     if not keep_none:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     texts, spans = render_jinja_template(
         conversations=[messages],
-        tools=[TOOL] if tools and any(m.get("tool_calls") for m in messages) else None,
+        tools=[TOOL] if declared else None,
         chat_template=template,
         return_assistant_tokens_mask=bool(MARKER.search(template)),
         bos_token="<s>",
@@ -261,7 +274,7 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
     """Walk the messages through the text in order, each looked for after the one before. An assistant
     message's content and reasoning must be trained where they are printed before the next message's text;
     each tool call's argument values, and its name before them, likewise; what the text shows after the last
-    answer up to the next whitespace (its end-of-turn, `<|im_end|>`). Other messages' text must not be trained."""
+    answer up to the next whitespace, or its first special tag (its end-of-turn, `<|im_end|>`). Other messages' text must not be trained."""
     problems, cursor = [], 0
 
     def check(i: int, what: str, at: int, length: int, want: bool) -> None:
@@ -303,9 +316,16 @@ def wrong_characters(text: str, trained: list[bool], messages: list[dict]) -> li
             rest = text[at + len(content) :]
             if i == len(messages) - 1 and rest.strip() and not message.get("tool_calls"):
                 eot_at = at + len(content) + len(rest) - len(rest.lstrip())
-                check(i, "end-of-turn", eot_at, len(rest.split()[0]), want=True)
+                check(i, "end-of-turn", eot_at, len(end_of_turn(rest.split()[0])), want=True)
         cursor = end
     return problems
+
+
+def end_of_turn(word: str) -> str:
+    """The end-of-turn at the start of `word`: its first special tag when it opens with one (`<|im_end|>` of
+    `<|im_end|><|im_start|>system`, where the text glues the next header on), else the whole word."""
+    tag = re.match(r"<[^<>\s]*>|\[[^\[\]\s]*\]", word)
+    return tag.group(0) if tag else word
 
 
 RENDER_FAILURES = (jinja2.TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError)
@@ -319,12 +339,7 @@ def check_conversion(original: str, converted: str, cases=None) -> tuple[list[st
     conversation leaves nothing to compare."""
     problems, checked = [], 0
     for case, given, keep_none in conversations() if cases is None else cases:
-        for messages, tools in (
-            (given, True),
-            (as_text_parts(given), True),
-            (given, False),
-            (as_text_parts(given), False),
-        ):
+        for tools, messages in itertools.product(Tools, (given, as_text_parts(given))):
             try:
                 expected, _ = render_as(original, messages, keep_none, tools)
                 break
