@@ -71,7 +71,8 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
         return (pos, pos, f"{{%{_left_modifier(template, pos, None)} {name} {_right_modifier(template, pos, None)}%}}")
     elif item.kind == PieceKind.OPERAND and (item.index > 0 if left else item.index < item.count - 1):
         op = item.cuts[item.index - 1] if left else item.cuts[item.index]
-        return (op[0], op[1], f" }}}}{{% {name} %}}{{{{ ")
+        before, after = _undefined_guards(template, item, op, left)
+        return (op[0], op[1], f"{before} }}}}{{% {name} %}}{{{{ {after}")
     else:
         tag = item.tag
     width = 2 + (1 if (tag.left_modifier if left else tag.right_modifier) else 0)
@@ -86,6 +87,20 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
         tag.end,
         f"{template.source[tag.end - 2 : tag.end]}{{% {name} {_right_modifier(template, tag.end, tag)}%}}",
     )
+
+
+def _undefined_guards(template: Template, item, op: tuple[int, int], left: bool) -> tuple[str, str]:
+    """What keeps a `+` chain cut in two failing where it failed whole. `'<|im_start|>' + m.role + content`
+    raises when `content` is undefined (a message without the key), but a lone `{{ content }}` prints "":
+    a lone operand that is not a string literal keeps a `+ ''` (`'' +`) on the side of the cut."""
+    if template.source[op[0] : op[1]] != "+":
+        return "", ""
+    operands = template.exprs[item.id - item.index]
+    right = item.index if left else item.index + 1  # the first operand after the cut
+    spaced = template.source[op[0] - 1] == " ", template.source[op[1]] == " "
+    before = ("" if spaced[0] else " ") + "+ ''" if right == 1 and operands[0].text is None else ""
+    after = "'' +" + ("" if spaced[1] else " ") if right == len(operands) - 1 and operands[right].text is None else ""
+    return before, after
 
 
 def _jinja_string(text: str) -> str:
