@@ -119,9 +119,10 @@ def locate_turns(
         if message.get("role") != "assistant":
             continue
         prompt, header = _generation_prompt(source, probe, i, kwargs)
-        prefill_at, role_header, prefill_text = None, None, ""
+        prefill_at, role_header, prefill_text, role_text = None, None, "", ""
         if prompt is not None and header is not None:
             size = _role_header_length(prompt[header[0] :], text, probe)
+            role_text = prompt[header[0] : header[0] + size] if size is not None else prompt[header[0] :]
             if size is not None:
                 prefill_text = prompt[header[0] + size :]
                 if text.startswith(prompt[: header[0] + size]):
@@ -155,6 +156,15 @@ def locate_turns(
                 if prefill_text and same > given_end:
                     prefill_at, role_header = given_end, None
                 start = same
+            closing = _after_last_message(given, probe.messages[i - 1]) if role_text else ""
+            if closing.endswith(role_text + prefill_text):
+                # Training writes the prompt's role header without what the prompt writes before it (an
+                # end-of-turn the template leaves out after some messages): the header is given all the same.
+                wanted = len(role_text + prefill_text)
+                n = next((n for n in range(len(closing), wanted - 1, -1) if text.startswith(closing[-n:], start)), 0)
+                if n:
+                    prefill_at, start = start + n - len(prefill_text), start + n
+                    role_header = header = (prefill_at - len(role_text), prefill_at)
         prefill = None
         if prefill_at is not None and prefill_at < start:
             prefill, start, header = (prefill_at, start), prefill_at, role_header
@@ -175,9 +185,11 @@ def locate_turns(
             calls_end = _values_end(text, _call_values(message), start, shown[0])
             tail, gap = ((calls_end, shown[0]) if calls_end < shown[0] else None), (shown[0], content_at)
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
-        end = body_end
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
         next_at = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, body_end))), -1)
+        if gap is None and message.get("tool_calls"):  # calls printed after the content: the turn ends after them
+            body_end = _calls_end(text, message, body_end, next_at if next_at >= 0 else len(text))
+        end = body_end
         if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
             required.append((eot_at, eot_at + len(eot), "eot"))
             end = eot_at + len(eot)
@@ -259,6 +271,27 @@ def _last_turn_end(source: str, probe: Probe, text: str, start: int, kwargs) -> 
     except (TemplateRaised, InputError):
         return start
     return max(start, len(plain.rstrip())) if text.startswith(plain) else start
+
+
+def _calls_end(text: str, message: dict, start: int, stop: int) -> int:
+    """Where the tool calls end when they are printed whole in text[start:stop], each value in order (a
+    template that prints the calls as a message of their own after the content's end-of-turn; one that
+    prints only the first call); else `start`."""
+    pos = start
+    for call in message.get("tool_calls") or []:
+        at = start
+        for value in _call_values({"tool_calls": [call]}):
+            # as written, or JSON-encoded (a template that runs string arguments through `tojson`)
+            found = [
+                (k, len(form))
+                for form in (value, json.dumps(value)[1:-1])
+                if (k := text.find(form, max(at, pos), stop)) >= 0
+            ]
+            if not found:
+                return pos
+            at = sum(min(found))
+        pos = at
+    return pos
 
 
 def _values_end(text: str, values: list[str], start: int, stop: int) -> int:

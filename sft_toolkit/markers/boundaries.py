@@ -15,6 +15,9 @@ from .errors import MarkerError
 from .source import PieceKind, Statement, Template
 from .tags import Tag, TagKind
 
+# The variable a `{{ expr }}` split at a landmark (a macro's output that begins with the role header) is held in.
+CAPTURE = "sft_toolkit_text"
+
 
 def _lstrip_applies(source: str, pos: int) -> bool:
     k = pos
@@ -61,9 +64,13 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
             return (pos, pos, f"{quote} }}}}{{% {name} %}}{{{{ {quote}")
         return (pos, pos, f"{{%{_left_modifier(template, pos, None)} {name} {_right_modifier(template, pos, None)}%}}")
     if atom.kind == AtomKind.TAIL and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
-        tag, at = item.tag, f"{item.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
+        tag, variable = item.tag, item.variable or CAPTURE
+        at = f"{variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
         inner = (tag.start + 2 + (1 if tag.left_modifier else 0), tag.end - 2 - (1 if tag.right_modifier else 0))
-        return (*inner, f" {item.variable}[:{at}] }}}}{{% {name} %}}{{{{ {item.variable}[{at}:] ")
+        if not item.variable:  # any other `{{ expr }}` is printed from a `set` that runs it once
+            lead = f"{{%{_left_modifier(template, tag.start, tag)} set {CAPTURE} ={template.source[inner[0] : inner[1]]}%}}"
+            return (tag.start, inner[1], f"{lead}{{{{ {CAPTURE}[:{at}] }}}}{{% {name} %}}{{{{ {CAPTURE}[{at}:] ")
+        return (*inner, f" {variable}[:{at}] }}}}{{% {name} %}}{{{{ {variable}[{at}:] ")
     if isinstance(item, Statement):
         tag = item.open if left else item.close
     elif item.kind == PieceKind.DATA:

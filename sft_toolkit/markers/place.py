@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from . import conditions
 from .atoms import ASSIGNMENT, MIXED, RESOLVED_INSIDE, TRAINED_ONLY, Atom, AtomKind
 from .boundaries import apply_edits, boundary, edge
 from .errors import MarkerError
 from .label import Label
-from .source import Body, Piece, Statement, Template
+from .source import Body, Piece, PieceKind, Statement, Template
 from .trace import Trace
 
 # The template is a tree of statement lists. In each list, every emitting piece and statement gets a
@@ -62,14 +63,17 @@ class Placer:
         self.fors = [s for s in _stmts(template.body) if isinstance(s.node, nodes.For)]
         self.blocks = self.role_conditions = 0
         self.flag_loops: set[int] = set()
+        self.loop_conditions: dict[int, set[str]] = {}  # loop -> the `conditions` used in it
 
     def place(self) -> Placement:
         edits = self._body(self.template.body.items, frozenset())
-        for loop in sorted(self.flag_loops):  # a fresh flag at the start of each pass
+        for loop in sorted(self.flag_loops | set(self.loop_conditions)):  # a fresh flag at the start of each pass
             tag = self.fors[loop].open
             width = 2 + (1 if tag.right_modifier else 0)
+            sets = [f"set {FLAG} = namespace(started=false)"] if loop in self.flag_loops else []
+            sets += conditions.loop_start(self.loop_conditions.get(loop, set()))
             edits.append(
-                (tag.end - width, tag.end, f"%}}{{% set {FLAG} = namespace(started=false) {tag.right_modifier}%}}")
+                (tag.end - width, tag.end, "%}" + "%}".join(f"{{% {st} " for st in sets) + f"{tag.right_modifier}%}}")
             )
         source = apply_edits(self.template.source, edits, 0, len(self.template.source))
         if self.flag_loops:  # every generation block in the source is ours
@@ -84,7 +88,7 @@ class Placer:
     def _emissions(self, pieces, where):
         for pid in pieces:
             for trace, e in self.by_piece.get(pid, []):
-                if all(_WHERE[name](e) for name in where):
+                if all(_WHERE[name](e) if name in _WHERE else conditions.holds(name, e) for name in where):
                     yield trace, e
 
     def _signature(self, pieces, where, prefill=False) -> frozenset:
@@ -143,7 +147,7 @@ class Placer:
         for item in items:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
-                edits.append(self._role_condition(item) if not where else self._turn_condition(item))
+                edits.append(self._role_condition(item) if not where else self._split(item, where))
                 atoms.append(Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE))
             else:
                 atoms += resolved
@@ -180,14 +184,16 @@ class Placer:
                 atoms.append(Atom(AtomKind.PIECE, piece, signature))
                 continue
             if labels is None:
-                landmark = self._landmark(piece, where) if piece.variable else None
+                landmark = (
+                    self._landmark(piece, where) if piece.variable or piece.kind == PieceKind.EXPRESSION else None
+                )
                 if landmark:
                     atoms += [
                         Atom(AtomKind.HEAD, piece, frozenset({Label.UNTRAINED}), landmark=landmark),
                         Atom(AtomKind.TAIL, piece, TRAINED_ONLY, landmark=landmark),
                     ]
                     continue
-                if not where or (self.flags and where == _ASSISTANT):
+                if not where or (self.flags and where == _ASSISTANT) or self._conditions(item, where):
                     return None
                 if piece.variable:
                     raise MarkerError(
@@ -288,6 +294,58 @@ class Placer:
             end,
             f"{{%{left_modifier} if {FLAG}.started +%}}{self._copy(item, _STARTED, start, end)}{{%+ else +%}}"
             f"{self._copy(item, _FRESH, start, end)}{{%+ endif {right_modifier}%}}",
+        )
+
+    def _conditions(self, item, where) -> list[str]:
+        """The `conditions` that split the renders of a `{{ }}` (inside the assistant's copy) in two."""
+        if "assistant" not in where or not isinstance(item, Piece):
+            return []
+        emissions = [e for _, e in self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], where)]
+        if len({e.loop for e in emissions}) != 1:
+            return []
+        # Conditions that leave every piece consistent on both sides first, so that one condition does.
+        return sorted(conditions.candidates(emissions, where), key=lambda name: not self._separates(item, where, name))
+
+    def _separates(self, item, where, name: str) -> bool:
+        return all(
+            self._signature([piece.id], side) != MIXED or self._char_labels(piece, side) is not None
+            for side in (where | {name}, where | {conditions.NOT + name})
+            for piece in self.template.exprs.get(item.id, [item])
+            if piece.text is not None or self._signature([piece.id], side) != MIXED
+        )
+
+    def _split(self, item, where) -> tuple[int, int, str]:
+        """A `{{ }}` that prints the model's text in some renders of the assistant's copy and given text in
+        others, duplicated under the first condition that separates them: whether the turn has begun (with
+        `flags`), then the `conditions` on the conversation. Raises the first condition's failure."""
+        errors = []
+        if self.flags and where == _ASSISTANT:
+            try:
+                return self._turn_condition(item)
+            except MarkerError as err:
+                errors.append(err)
+        for name in self._conditions(item, where):
+            try:
+                return self._on_condition(item, where, name)
+            except MarkerError as err:
+                errors.append(err)
+        raise errors[0]
+
+    def _on_condition(self, item, where, name: str) -> tuple[int, int, str]:
+        """`{% if <condition> %}copy marked for it{% else %}copy marked for its negation{% endif %}`."""
+        loop = next(
+            e.loop for _, e in self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], where)
+        )
+        start, left_modifier = edge(self.template, item, "left")
+        end, right_modifier = edge(self.template, item, "right")
+        holds = self._copy(item, where | {name}, start, end)
+        fails = self._copy(item, where | {conditions.NOT + name}, start, end)
+        self.loop_conditions.setdefault(loop, set()).add(name)
+        test = conditions.jinja(name, self.fors[loop].loop_var)
+        return (
+            start,
+            end,
+            f"{{%{left_modifier} if {test} +%}}{holds}{{%+ else +%}}{fails}{{%+ endif {right_modifier}%}}",
         )
 
     def _copy(self, item, where: frozenset, start: int, end: int) -> str:

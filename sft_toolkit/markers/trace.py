@@ -28,6 +28,8 @@ class Emission:
     loop: int | None  # id of that for-loop node
     iteration: int | None = None  # which pass through that loop
     started: bool = False  # whether this pass already emitted trained text (before this `{{ }}`)
+    previous: str | None = None  # role of the message the loop's previous pass was for (`loop.previtem`)
+    has_content: bool = False  # whether that message's `content` is truthy (as jinja tests it)
 
 
 @dataclass
@@ -167,26 +169,32 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                     failed.append(name)  # the original can't render it either (e.g. no tool support): not ours
                     first_error = first_error or err
                 continue
-            emissions, texts, stack, passes = [], [], [], []
+            emissions, texts, stack, passes, previous = [], [], [], [], {}
 
             def enter(loop, item):
                 while stack and stack[-1][0] == loop:
                     stack.pop()
                 if isinstance(item, dict) and isinstance(item.get("role"), str):
-                    stack.append((loop, item["role"], len(passes)))
+                    stack.append((loop, item["role"], len(passes), previous.get(loop), bool(item.get("content"))))
                     passes.append(loop)
+                previous[loop] = item.get("role") if isinstance(item, dict) else None
                 return ""
 
             def leave(loop):
                 while stack and stack[-1][0] == loop:
                     stack.pop()
+                previous.pop(loop, None)
                 return ""
 
             def emit(piece_id, value):
                 emitted = str(value) if value is not None else "None"
-                loop, role, iteration = stack[-1] if stack else (None, None, None)
+                loop, role, iteration, before, content = stack[-1] if stack else (None,) * 5
                 start = emissions[-1].end if emissions else 0
-                emissions.append(Emission(piece_id, start, start + len(emitted), role, loop, iteration))
+                emissions.append(
+                    Emission(
+                        piece_id, start, start + len(emitted), role, loop, iteration, False, before, bool(content)
+                    )
+                )
                 texts.append(emitted)
                 return value
 
