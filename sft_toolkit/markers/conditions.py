@@ -19,6 +19,10 @@ than the assistant's), `content` (the message's `content` is truthy), each also 
 
 from __future__ import annotations
 
+from .atoms import MIXED
+from .boundaries import edge
+from .source import Piece
+
 NOT = "not "
 
 
@@ -64,3 +68,43 @@ def loop_start(names: set[str]) -> list[str]:
 
 def _after(name: str) -> str:
     return f"sft_toolkit_after_{name[len('previous=') :]}"
+
+
+class ConditionSplits:
+    """The `Placer`'s part that duplicates a `{{ }}` under a condition (it owns `_emissions`, `_signature`,
+    `_char_labels`, `_copy`, `template`, `fors` and `loop_conditions`)."""
+
+    def _conditions(self, item, where) -> list[str]:
+        """The `conditions` that split the renders of a `{{ }}` (inside the assistant's copy) in two."""
+        if "assistant" not in where or not isinstance(item, Piece):
+            return []
+        emissions = [e for _, e in self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], where)]
+        if len({e.loop for e in emissions}) != 1:
+            return []
+        # Conditions that leave every piece consistent on both sides first, so that one condition does.
+        return sorted(candidates(emissions, where), key=lambda name: not self._separates(item, where, name))
+
+    def _separates(self, item, where, name: str) -> bool:
+        return all(
+            self._signature([piece.id], side) != MIXED or self._char_labels(piece, side) is not None
+            for side in (where | {name}, where | {NOT + name})
+            for piece in self.template.exprs.get(item.id, [item])
+            if piece.text is not None or self._signature([piece.id], side) != MIXED
+        )
+
+    def _on_condition(self, item, where, name: str) -> tuple[int, int, str]:
+        """`{% if <condition> %}copy marked for it{% else %}copy marked for its negation{% endif %}`."""
+        loop = next(
+            e.loop for _, e in self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], where)
+        )
+        start, left_modifier = edge(self.template, item, "left")
+        end, right_modifier = edge(self.template, item, "right")
+        holds = self._copy(item, where | {name}, start, end)
+        fails = self._copy(item, where | {NOT + name}, start, end)
+        self.loop_conditions.setdefault(loop, set()).add(name)
+        test = jinja(name, self.fors[loop].loop_var)
+        return (
+            start,
+            end,
+            f"{{%{left_modifier} if {test} +%}}{holds}{{%+ else +%}}{fails}{{%+ endif {right_modifier}%}}",
+        )

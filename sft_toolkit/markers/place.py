@@ -44,7 +44,7 @@ _WHERE = {
 }
 
 
-class Placer:
+class Placer(conditions.ConditionSplits):
     """Places the markers. Mixed code is resolved in up to two conditions, each a copy of the code marked for
     the renders it selects (`where`): the message's role, and, with `flags`, whether the assistant's turn
     already wrote trained text in this pass through the loop. The second is for formats whose turn is
@@ -296,24 +296,6 @@ class Placer:
             f"{self._copy(item, _FRESH, start, end)}{{%+ endif {right_modifier}%}}",
         )
 
-    def _conditions(self, item, where) -> list[str]:
-        """The `conditions` that split the renders of a `{{ }}` (inside the assistant's copy) in two."""
-        if "assistant" not in where or not isinstance(item, Piece):
-            return []
-        emissions = [e for _, e in self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], where)]
-        if len({e.loop for e in emissions}) != 1:
-            return []
-        # Conditions that leave every piece consistent on both sides first, so that one condition does.
-        return sorted(conditions.candidates(emissions, where), key=lambda name: not self._separates(item, where, name))
-
-    def _separates(self, item, where, name: str) -> bool:
-        return all(
-            self._signature([piece.id], side) != MIXED or self._char_labels(piece, side) is not None
-            for side in (where | {name}, where | {conditions.NOT + name})
-            for piece in self.template.exprs.get(item.id, [item])
-            if piece.text is not None or self._signature([piece.id], side) != MIXED
-        )
-
     def _split(self, item, where) -> tuple[int, int, str]:
         """A `{{ }}` that prints the model's text in some renders of the assistant's copy and given text in
         others, duplicated under the first condition that separates them: whether the turn has begun (with
@@ -330,23 +312,6 @@ class Placer:
             except MarkerError as err:
                 errors.append(err)
         raise errors[0]
-
-    def _on_condition(self, item, where, name: str) -> tuple[int, int, str]:
-        """`{% if <condition> %}copy marked for it{% else %}copy marked for its negation{% endif %}`."""
-        loop = next(
-            e.loop for _, e in self._emissions([p.id for p in self.template.exprs.get(item.id, [item])], where)
-        )
-        start, left_modifier = edge(self.template, item, "left")
-        end, right_modifier = edge(self.template, item, "right")
-        holds = self._copy(item, where | {name}, start, end)
-        fails = self._copy(item, where | {conditions.NOT + name}, start, end)
-        self.loop_conditions.setdefault(loop, set()).add(name)
-        test = conditions.jinja(name, self.fors[loop].loop_var)
-        return (
-            start,
-            end,
-            f"{{%{left_modifier} if {test} +%}}{holds}{{%+ else +%}}{fails}{{%+ endif {right_modifier}%}}",
-        )
 
     def _copy(self, item, where: frozenset, start: int, end: int) -> str:
         """The item's source marked for the renders `where` selects, to sit inside a condition's branch."""
