@@ -197,7 +197,15 @@ def locate_turns(
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
         next_at = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, body_end))), -1)
-        if gap is None and message.get("tool_calls"):  # calls printed after the content: the turn ends after them
+        values = _call_values(message)
+        if (
+            gap is None
+            and values
+            and values[0] not in text[start:body_end]
+            and (next_at >= 0 or i + 1 == len(probe.messages))
+        ):
+            # calls printed after the content (before the next message's text; not before the content too): the
+            # turn ends after them
             body_end = _calls_end(text, message, body_end, next_at if next_at >= 0 else len(text))
         end = body_end
         if eot and (eot_at := text.find(eot, body_end)) >= 0 and not 0 <= next_at < eot_at:
