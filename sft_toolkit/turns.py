@@ -104,17 +104,7 @@ def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) ->
     except (TemplateRaised, InputError):
         return ""
     at, next_at = text.find(content), text.find(later)
-    between = text[at + len(content) : next_at] if 0 <= at < next_at else ""
-    # Without whitespace between them (`<｜hy_eos｜><｜hy_User｜>`), the end-of-turn is what precedes the user's
-    # header, as the header is written before the first user message.
-    first = next((c for m in probe.messages if m.get("role") == "user" and (c := text_of(m.get("content")))), "")
-    first_at = text.find(first) if first else -1
-    size = next(
-        (k for k in range(len(between), 0, -1) if first_at >= k and text[first_at - k : first_at] == between[-k:]), 0
-    )
-    tail = (
-        between[: len(between) - size].split() if size and between[: len(between) - size].strip() else between.split()
-    )
+    tail = text[at + len(content) : next_at].split() if 0 <= at < next_at else []
     return tail[0] if tail and "user" not in tail[0].lower() else ""
 
 
