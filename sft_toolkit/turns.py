@@ -104,7 +104,18 @@ def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) ->
     except (TemplateRaised, InputError):
         return ""
     at, next_at = text.find(content), text.find(later)
-    tail = text[at + len(content) : next_at].split() if 0 <= at < next_at else []
+    between = text[at + len(content) : next_at] if 0 <= at < next_at else ""
+    # Written without whitespace before the user's header (`<｜hy_eos｜><｜hy_User｜>`), the end-of-turn is the
+    # markup before that header, as the template writes it before the first user message.
+    first = next((c for m in probe.messages if m.get("role") == "user" and (c := text_of(m.get("content")))), "")
+    first_at = text.find(first) if first else -1
+    size = next(
+        (k for k in range(len(between), 0, -1) if k <= first_at and text[first_at - k : first_at] == between[-k:]), 0
+    )
+    split = len(between) - size
+    if 0 < split < len(between) and _markup_start(between, split) != split:  # inside a token: the next one
+        split = max(between.find("<", split), 0)
+    tail = (between[:split] if size and between[:split].strip() else between).split()
     return tail[0] if tail and "user" not in tail[0].lower() else ""
 
 

@@ -13,6 +13,7 @@ placement of the same template must still be refused by verification.
 - a `{{ macro(...) }}` that prints a whole turn, header included, is split after the header (boundaries);
 - tool calls printed as a message of their own after the content's end-of-turn belong to the turn (turns);
 - a role header the prompt gives after an end-of-turn the training text leaves out stays given (turns);
+- an end-of-turn written right before the next user's header, without whitespace, is found (turns);
 - a role header the prompt writes after a user message, written by the message's code after a tool result,
   may stay untrained (label).
 """
@@ -80,6 +81,13 @@ TEMPLATES = {
     "{%- elif message.role == 'tool' -%}<|tool|>{{ message.content }}{% if loop.last %}<|end|>{% endif -%}"
     "{%- elif message.role == 'system' -%}<|system|>{{ message.content }}<|end|>"
     "{%- else -%}<|assistant|>{{ message.content }}" + CALLS + "<|end|>"
+    "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt %}<|assistant|>{% endif -%}",
+    # The end-of-turn is glued to the next user's header, and the last answer (as at inference) has none.
+    "glued-end-of-turn": "{%- for message in messages -%}"
+    "{%- if message.role == 'user' -%}<|user|>{{ message.content }}"
+    "{%- elif message.role == 'tool' -%}<|tool|>{{ message.content }}"
+    "{%- elif message.role == 'system' -%}<|system|>{{ message.content }}"
+    "{%- else -%}<|assistant|>{{ message.content }}" + CALLS + "{% if not loop.last %}<|eos|>{% endif %}"
     "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt %}<|assistant|>{% endif -%}",
     # After tool results the prompt writes nothing; the message's code writes the header all the same.
     "header-after-tool": loop(
@@ -187,3 +195,17 @@ def test_verification_refuses_the_placement_the_condition_avoids(name):
 
 def _call() -> dict:
     return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+
+
+def test_an_end_of_turn_glued_to_the_next_header_is_trained():
+    marked = add_markers(TEMPLATES["glued-end-of-turn"]).source
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
+    text, trained = render_as(marked, messages, keep_none=False)
+    end = text.index("Hello.<|eos|>") + len("Hello.")
+    assert all(trained[end : end + len("<|eos|>")])
+    assert not any(trained[end + len("<|eos|>") : text.index("Bye")])
