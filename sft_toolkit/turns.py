@@ -223,10 +223,11 @@ def locate_turns(
             # (a header after some of the message's own output is one of its later messages': gpt-oss)
             reasoning = [text_of(message.get(key)) for key in ("reasoning_content", "thinking")]
             values = [v for v in [content, *reasoning, *_call_values(message)] if v]
-            bound = min((at for value in values if (at := text.find(value, start)) >= 0), default=-1)
+            # Only values before the next message's text are this message's (a value found there or later, as
+            # the place named in a tool call that an answer repeats, is a later message's).
             following = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, start))), -1)
-            if 0 <= following < bound:  # the values found are a later message's: this one shows none of its own
-                bound = -1
+            stop = following if following >= 0 else len(text)
+            bound = min((at for value in values if (at := text.find(value, start, stop)) >= 0), default=-1)
             found = text.find(added, start, bound) if bound >= 0 else -1
             if found >= 0:
                 start, header, prefill_at = found + len(added), (found, found + len(added)), None
