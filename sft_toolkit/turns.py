@@ -142,7 +142,18 @@ def _end_before_user(source: str, probe: Probe, i: int, content: str, kwargs) ->
     except (TemplateRaised, InputError):
         return ""
     at, next_at = text.find(content), text.find(later)
-    tail = text[at + len(content) : next_at].split() if 0 <= at < next_at else []
+    between = text[at + len(content) : next_at] if 0 <= at < next_at else ""
+    # Written without whitespace before the user's header (`<｜hy_eos｜><｜hy_User｜>`), the end-of-turn is the
+    # markup before that header, as the template writes it before the first user message.
+    first = next((c for m in probe.messages if m.get("role") == "user" and (c := text_of(m.get("content")))), "")
+    first_at = text.find(first) if first else -1
+    size = next(
+        (k for k in range(len(between), 0, -1) if k <= first_at and text[first_at - k : first_at] == between[-k:]), 0
+    )
+    split = len(between) - size
+    if 0 < split < len(between) and _markup_start(between, split) != split:  # inside a token: the next one
+        split = max(between.find("<", split), 0)
+    tail = (between[:split] if size and between[:split].strip() else between).split()
     return tail[0] if tail and "user" not in tail[0].lower() else ""
 
 
@@ -157,9 +168,10 @@ def locate_turns(
         if message.get("role") != "assistant":
             continue
         prompt, header = _generation_prompt(source, probe, i, kwargs)
-        prefill_at, role_header, prefill_text = None, None, ""
+        prefill_at, role_header, prefill_text, role_text = None, None, "", ""
         if prompt is not None and header is not None:
             size = _role_header_length(prompt[header[0] :], text, probe)
+            role_text = prompt[header[0] : header[0] + size] if size is not None else prompt[header[0] :]
             if size is not None:
                 prefill_text = prompt[header[0] + size :]
                 if text.startswith(prompt[: header[0] + size]):
@@ -195,16 +207,27 @@ def locate_turns(
                 if prefill_text and same > given_end:
                     prefill_at, role_header = given_end, None
                 start = same
+            closing = _after_last_message(given, probe.messages[i - 1]) if role_text else ""
+            if closing.endswith(role_text + prefill_text):
+                # Training writes the prompt's role header without what the prompt writes before it (an
+                # end-of-turn the template leaves out after some messages): the header is given all the same.
+                wanted = len(role_text + prefill_text)
+                n = next((n for n in range(len(closing), wanted - 1, -1) if text.startswith(closing[-n:], start)), 0)
+                if n:
+                    prefill_at, start = start + n - len(prefill_text), start + n
+                    role_header = header = (prefill_at - len(role_text), prefill_at)
+                    added = ""  # the header is found: no need to look further
         if diverged is not None and added and added.strip():
             # Training writes the prompt's whole role header after where the two part (hermes closes a tool
             # result one way when it is the last message and another when it isn't): the turn starts after it.
             # (a header after some of the message's own output is one of its later messages': gpt-oss)
             reasoning = [text_of(message.get(key)) for key in ("reasoning_content", "thinking")]
             values = [v for v in [content, *reasoning, *_call_values(message)] if v]
-            bound = min((at for value in values if (at := text.find(value, start)) >= 0), default=-1)
+            # Only values before the next message's text are this message's (a value found there or later, as
+            # the place named in a tool call that an answer repeats, is a later message's).
             following = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, start))), -1)
-            if 0 <= following < bound:  # the values found are a later message's: this one shows none of its own
-                bound = -1
+            stop = following if following >= 0 else len(text)
+            bound = min((at for value in values if (at := text.find(value, start, stop)) >= 0), default=-1)
             found = text.find(added, start, bound) if bound >= 0 else -1
             if found >= 0:
                 start, header, prefill_at = found + len(added), (found, found + len(added)), None
@@ -228,9 +251,19 @@ def locate_turns(
             calls_end = _values_end(text, _call_values(message), start, shown[0])
             tail, gap = ((calls_end, shown[0]) if calls_end < shown[0] else None), (shown[0], content_at)
         required = [(content_at, body_end, "content")] if content_at >= 0 else []
-        end = body_end
         # The end-of-turn must come before the next message's text (the first one the render shows as given).
         next_at = next((shown[0] for m in probe.messages[i + 1 :] if (shown := _shown(text, m, body_end))), -1)
+        values = _call_values(message)
+        if (
+            gap is None
+            and values
+            and values[0] not in text[start:body_end]
+            and (next_at >= 0 or i + 1 == len(probe.messages))
+        ):
+            # calls printed after the content (before the next message's text; not before the content too): the
+            # turn ends after them
+            body_end = _calls_end(text, message, body_end, next_at if next_at >= 0 else len(text))
+        end = body_end
         ends_in_call = i + 1 == len(probe.messages) and message.get("tool_calls")
         limit = len(text)
         if ends_in_call:  # (not when the result changes how the turn itself renders: qwen3 drops its reasoning)
@@ -336,6 +369,27 @@ def _end_only_start(source: str, probe: Probe, text: str, kwargs) -> int:
     # Text written after the whole conversation ends the render with the result too (else the result changed
     # how the turn itself renders: apriel prints call ids only before a result).
     return at if at < len(plain) and continued.endswith(plain[at:]) and text.startswith(plain) else len(text)
+
+
+def _calls_end(text: str, message: dict, start: int, stop: int) -> int:
+    """Where the tool calls end when they are printed whole in text[start:stop], each value in order (a
+    template that prints the calls as a message of their own after the content's end-of-turn; one that
+    prints only the first call); else `start`."""
+    pos = start
+    for call in message.get("tool_calls") or []:
+        at = start
+        for value in _call_values({"tool_calls": [call]}):
+            # as written, or JSON-encoded (a template that runs string arguments through `tojson`)
+            found = [
+                (k, len(form))
+                for form in (value, json.dumps(value)[1:-1])
+                if (k := text.find(form, max(at, pos), stop)) >= 0
+            ]
+            if not found:
+                return pos
+            at = sum(min(found))
+        pos = at
+    return pos
 
 
 def _values_end(text: str, values: list[str], start: int, stop: int) -> int:

@@ -21,7 +21,8 @@ source, and the result must pass the same checks as a hand-written template:
    every role (`'<|start_header_id|>' + role + ... + content`), duplicated under
    `{% if message.role == 'assistant' %}` so only the assistant copy is marked; when the same assistant
    code is the prompt's in one place and the model's in another (a second message header inside one
-   turn), it is duplicated under a flag saying whether the turn has begun (see `Placer`). Whitespace
+   turn), it is duplicated under a flag saying whether the turn has begun (see `Placer`); when the previous
+   message's role or whether the message has text tells the two apart (`conditions`), under that. Whitespace
    control is preserved by moving each tag's `-` to the inserted tag and using `+` where jinja's
    trim_blocks/lstrip_blocks would otherwise eat text.
 4. Verify. The result must render byte-identically to the input on every probe (with and without the
@@ -31,7 +32,7 @@ source, and the result must pass the same checks as a hand-written template:
    `MarkerError` says which construct defeated the placement and on which line.
 
 Modules: `tags` and `source` (the source scanned into tags and emitting pieces, matched to jinja2's AST),
-`trace` (step 1), `label` (2), `place` with `atoms` and `boundaries` (3), `verify` (4), `errors`
+`trace` (step 1), `label` (2), `place` with `atoms`, `boundaries` and `conditions` (3), `verify` (4), `errors`
 (`MarkerError`); this module runs them in turn.
 """
 

@@ -15,6 +15,9 @@ from .errors import MarkerError
 from .source import PieceKind, Statement, Template
 from .tags import Tag, TagKind
 
+# The variable a `{{ expr }}` split at a landmark (a macro's output that begins with the role header) is held in.
+CAPTURE = "sft_toolkit_text"
+
 
 def _lstrip_applies(source: str, pos: int) -> bool:
     k = pos
@@ -61,10 +64,14 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
             return (pos, pos, f"{quote} }}}}{{% {name} %}}{{{{ {quote}")
         return (pos, pos, f"{{%{_left_modifier(template, pos, None)} {name} {_right_modifier(template, pos, None)}%}}")
     if atom.kind == AtomKind.TAIL and left:  # `{{ name }}` -> `{{ name[:k] }}{% generation %}{{ name[k:] }}`
-        tag, at = item.tag, f"{item.variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
+        tag, variable = item.tag, item.variable or CAPTURE
+        at = f"{variable}.find({_jinja_string(atom.landmark)}) + {len(atom.landmark)}"
         inner = (tag.start + 2 + (1 if tag.left_modifier else 0), tag.end - 2 - (1 if tag.right_modifier else 0))
+        if not item.variable:  # any other `{{ expr }}` is printed from a `set` that runs it once
+            lead = f"{{%{_left_modifier(template, tag.start, tag)} set {CAPTURE} ={template.source[inner[0] : inner[1]]}%}}"
+            return (tag.start, inner[1], f"{lead}{{{{ {CAPTURE}[:{at}] }}}}{{% {name} %}}{{{{ {CAPTURE}[{at}:] ")
         inner = (item.start, item.end) if item.kind == PieceKind.OPERAND else inner  # `a + name + b`: the operand
-        return (*inner, f" {item.variable}[:{at}] }}}}{{% {name} %}}{{{{ {item.variable}[{at}:] ")
+        return (*inner, f" {variable}[:{at}] }}}}{{% {name} %}}{{{{ {variable}[{at}:] ")
     if isinstance(item, Statement):
         tag = item.open if left else item.close
     elif item.kind == PieceKind.DATA:
@@ -72,7 +79,8 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
         return (pos, pos, f"{{%{_left_modifier(template, pos, None)} {name} {_right_modifier(template, pos, None)}%}}")
     elif item.kind == PieceKind.OPERAND and (item.index > 0 if left else item.index < item.count - 1):
         op = item.cuts[item.index - 1] if left else item.cuts[item.index]
-        return (op[0], op[1], f" }}}}{{% {name} %}}{{{{ ")
+        before, after = _undefined_guards(template, item, op, left)
+        return (op[0], op[1], f"{before} }}}}{{% {name} %}}{{{{ {after}")
     else:
         tag = item.tag
     width = 2 + (1 if (tag.left_modifier if left else tag.right_modifier) else 0)
@@ -87,6 +95,20 @@ def boundary(template: Template, atom: Atom, side: str, name: str) -> tuple[int,
         tag.end,
         f"{template.source[tag.end - 2 : tag.end]}{{% {name} {_right_modifier(template, tag.end, tag)}%}}",
     )
+
+
+def _undefined_guards(template: Template, item, op: tuple[int, int], left: bool) -> tuple[str, str]:
+    """What keeps a `+` chain cut in two failing where it failed whole. `'<|im_start|>' + m.role + content`
+    raises when `content` is undefined (a message without the key), but a lone `{{ content }}` prints "":
+    a lone operand that is not a string literal keeps a `+ ''` (`'' +`) on the side of the cut."""
+    if template.source[op[0] : op[1]] != "+":
+        return "", ""
+    operands = template.exprs[item.id - item.index]
+    right = item.index if left else item.index + 1  # the first operand after the cut
+    spaced = template.source[op[0] - 1] == " ", template.source[op[1]] == " "
+    before = ("" if spaced[0] else " ") + "+ ''" if right == 1 and operands[0].text is None else ""
+    after = "'' +" + ("" if spaced[1] else " ") if right == len(operands) - 1 and operands[right].text is None else ""
+    return before, after
 
 
 def _jinja_string(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 
 from ..masks import Rendered
@@ -30,6 +31,18 @@ def label_characters(source: str, probe: Probe, rendered: Rendered, eot: str | N
     (the generation prompt's prefill, a tool-call turn's closing markup), UNTRAINED elsewhere."""
     turns, _ = locate_turns(source, probe, rendered, eot, with_special_tokens(kwargs))
     labels = [Label.UNTRAINED] * len(rendered.text)
+    # The role header the generation prompt writes before some turns (after a user message), where a turn
+    # without one (after tool results, where the prompt writes nothing) begins with it: either way, as a
+    # prefill. Left untrained there it keeps the model from learning a header only the template's history
+    # shows mid-turn (TRL's diffusion_gemma variant leaves it so); trained, it is what the model writes.
+    headers = {rendered.text[a:b] for turn in turns if turn.header and (a := turn.header[0]) < (b := turn.header[1])}
+    for k, turn in enumerate(turns):
+        start = turn.region[0]
+        if not (turn.header and turn.header[0] < turn.header[1]) and not turn.prefill:
+            header = max((h for h in headers if h.strip() and rendered.text.startswith(h, start)), key=len, default="")
+            if any(a < start + len(header) for a, _, _ in turn.required):  # never the message's own text
+                header = ""
+            turns[k] = replace(turn, prefill=(start, start + len(header))) if header else turn
     for turn in turns:
         start, end = turn.region
         last = len(rendered.text[:end].rstrip()) if end > start else start

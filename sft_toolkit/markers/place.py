@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 from jinja2 import nodes
 
+from . import conditions
 from .atoms import ASSIGNMENT, MIXED, RESOLVED_INSIDE, TRAINED_ONLY, Atom, AtomKind
 from .boundaries import apply_edits, boundary, edge
 from .errors import MarkerError
 from .label import Label
 from .neighbours import AFTER_ASSISTANT, after_assistant, previous_role_condition
 from .refusals import assembled_whole
-from .source import Body, Piece, Statement, Template
+from .source import Body, Piece, PieceKind, Statement, Template
 from .trace import Trace
 
 # The template is a tree of statement lists. In each list, every emitting piece and statement gets a
@@ -46,7 +47,7 @@ _WHERE = {
 }
 
 
-class Placer:
+class Placer(conditions.ConditionSplits):
     """Places the markers. Mixed code is resolved in up to two conditions, each a copy of the code marked for
     the renders it selects (`where`): the message's role, and, with `flags`, whether the assistant's turn
     already wrote trained text in this pass through the loop. The second is for formats whose turn is
@@ -66,14 +67,17 @@ class Placer:
         self.blocks = self.role_conditions = 0
         self.flag_loops: set[int] = set()
         self.inner_errors: dict[int, MarkerError] = {}  # statements whose inside couldn't be marked: why
+        self.loop_conditions: dict[int, set[str]] = {}  # loop -> the `conditions` used in it
 
     def place(self) -> Placement:
         edits = self._body(self.template.body.items, frozenset())
-        for loop in sorted(self.flag_loops):  # a fresh flag at the start of each pass
+        for loop in sorted(self.flag_loops | set(self.loop_conditions)):  # a fresh flag at the start of each pass
             tag = self.fors[loop].open
             width = 2 + (1 if tag.right_modifier else 0)
+            sets = [f"set {FLAG} = namespace(started=false)"] if loop in self.flag_loops else []
+            sets += conditions.loop_start(self.loop_conditions.get(loop, set()))
             edits.append(
-                (tag.end - width, tag.end, f"%}}{{% set {FLAG} = namespace(started=false) {tag.right_modifier}%}}")
+                (tag.end - width, tag.end, "%}" + "%}".join(f"{{% {st} " for st in sets) + f"{tag.right_modifier}%}}")
             )
         source = apply_edits(self.template.source, edits, 0, len(self.template.source))
         if self.flag_loops:  # every generation block in the source is ours
@@ -88,7 +92,7 @@ class Placer:
     def _emissions(self, pieces, where):
         for pid in pieces:
             for trace, e in self.by_piece.get(pid, []):
-                if all(_WHERE[name](e) for name in where):
+                if all(_WHERE[name](e) if name in _WHERE else conditions.holds(name, e) for name in where):
                     yield trace, e
 
     def _signature(self, pieces, where, prefill=False) -> frozenset:
@@ -148,7 +152,7 @@ class Placer:
             resolved = self._resolve(item, where, edits)
             if resolved is None:
                 try:
-                    edits.append(self._role_condition(item) if not where else self._turn_condition(item))
+                    edits.append(self._role_condition(item) if not where else self._split(item, where))
                 except MarkerError as err:  # what defeated the code inside says more than the whole statement
                     raise self.inner_errors.get(id(item), err) from None
                 atoms.append(Atom(AtomKind.RESOLVED, item, RESOLVED_INSIDE))
@@ -188,14 +192,16 @@ class Placer:
                 atoms.append(Atom(AtomKind.PIECE, piece, signature))
                 continue
             if labels is None:
-                landmark = self._landmark(piece, where) if piece.variable else None
+                landmark = (
+                    self._landmark(piece, where) if piece.variable or piece.kind == PieceKind.EXPRESSION else None
+                )
                 if landmark:
                     atoms += [
                         Atom(AtomKind.HEAD, piece, frozenset({Label.UNTRAINED}), landmark=landmark),
                         Atom(AtomKind.TAIL, piece, TRAINED_ONLY, landmark=landmark),
                     ]
                     continue
-                if not where or (self.flags and where == _ASSISTANT):
+                if not where or (self.flags and where == _ASSISTANT) or self._conditions(item, where):
                     return None
                 if piece.variable:
                     raise MarkerError(
@@ -309,6 +315,23 @@ class Placer:
             f"{{%{left_modifier} if {FLAG}.started +%}}{self._copy(item, _STARTED, start, end)}{{%+ else +%}}"
             f"{self._copy(item, _FRESH, start, end)}{{%+ endif {right_modifier}%}}",
         )
+
+    def _split(self, item, where) -> tuple[int, int, str]:
+        """A `{{ }}` that prints the model's text in some renders of the assistant's copy and given text in
+        others, duplicated under the first condition that separates them: whether the turn has begun (with
+        `flags`), then the `conditions` on the conversation. Raises the first condition's failure."""
+        errors = []
+        if self.flags and where == _ASSISTANT:
+            try:
+                return self._turn_condition(item)
+            except MarkerError as err:
+                errors.append(err)
+        for name in self._conditions(item, where):
+            try:
+                return self._on_condition(item, where, name)
+            except MarkerError as err:
+                errors.append(err)
+        raise errors[0]
 
     def _copy(self, item, where: frozenset, start: int, end: int) -> str:
         """The item's source marked for the renders `where` selects, to sit inside a condition's branch."""

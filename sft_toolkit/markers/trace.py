@@ -30,6 +30,7 @@ class Emission:
     started: bool = False  # whether this pass already emitted trained text (before this `{{ }}`)
     previous_role: str | None = None  # role of the previous pass's message; outside loops, of the last loop's last
     after_loop: int | None = None  # outside loops: the loop over messages that ended last
+    has_content: bool = False  # whether this pass's message has a truthy `content` (as jinja tests it)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                 while stack and stack[-1][0] == loop:
                     stack.pop()
                 if isinstance(item, dict) and isinstance(item.get("role"), str):
-                    stack.append((loop, item["role"], len(passes), last_roles.get(loop)))
+                    stack.append((loop, item["role"], len(passes), last_roles.get(loop), bool(item.get("content"))))
                     passes.append(loop)
                     last_roles[loop] = item["role"]
                 return ""
@@ -190,7 +191,9 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
 
             def emit(piece_id, value):
                 emitted = str(value) if value is not None else "None"
-                loop, role, iteration, previous = stack[-1] if stack else (None, None, None, ended[0][1])
+                loop, role, iteration, previous, content = (
+                    stack[-1] if stack else (None, None, None, ended[0][1], False)
+                )
                 start = emissions[-1].end if emissions else 0
                 emissions.append(
                     Emission(
@@ -202,6 +205,7 @@ def trace_all(template: Template, tokenizer, settings: list[dict]) -> tuple[list
                         iteration,
                         previous_role=previous,
                         after_loop=None if stack else ended[0][0],
+                        has_content=content,
                     )
                 )
                 texts.append(emitted)
