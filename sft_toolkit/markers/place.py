@@ -362,7 +362,7 @@ class Placer(conditions.ConditionSplits):
         return edits
 
 
-def _label(trace: Trace, emission, i: int) -> str:
+def _label(trace: Trace, emission, i: int) -> Label:
     """The label of output character i, where text that may go either way (a tool-call turn's closing markup)
     printed by another message's code goes either way untrained: the next message's header is never trained."""
     label = trace.labels[i]
