@@ -197,7 +197,7 @@ def _account(
     if preprocess.is_pretokenized(raw.column_names):
         report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
     if packing:
-        trained = preprocess.pack(tokenized, sft)
+        trained = preprocess.pack(tokenized, sft, positions=keep_provenance or sft.packing_strategy != "bfd")
         _packed_stats(trained, per_row, report)
         final = trained
     else:
@@ -347,19 +347,21 @@ def _segment_sums(flags: pa.Array, lists: pa.ChunkedArray) -> np.ndarray:
 def _packed_stats(packed, per_row: _Rows, report: Report) -> None:
     after = np.zeros(len(per_row.before), dtype=np.int64)
     orphaned = np.zeros(len(per_row.before), dtype=np.int64)
-    columns = ["labels", "src_rows", "src_pos"] + (["seq_lengths"] if "seq_lengths" in packed.column_names else [])
+    columns = ["labels", *(c for c in ("src_rows", "src_pos", "seq_lengths") if c in packed.column_names)]
     for table in _batches(packed, columns):
         labels = table["labels"]
         trainable = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
         rows = pc.list_flatten(table["src_rows"]).to_numpy(zero_copy_only=False)
-        pos = pc.list_flatten(table["src_pos"]).to_numpy(zero_copy_only=False)
+        # Without src_pos (bfd: every row one whole document), every document starts at its row's start.
+        pos = pc.list_flatten(table["src_pos"]).to_numpy(zero_copy_only=False) if "src_pos" in columns else None
         per_seq = _segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels)
         report.sequences += len(per_seq)
         report.zero_trainable_sequences += int((per_seq == 0).sum())
         np.add.at(after, rows[trainable], 1)
         starts = _document_starts(table, rows)
         segment = np.cumsum(starts) - 1
-        orphan_segment = pos[starts] > 0  # the document starts mid-conversation: its context is elsewhere
+        # the document starts mid-conversation: its context is elsewhere
+        orphan_segment = pos[starts] > 0 if pos is not None else np.zeros(int(starts.sum()), dtype=bool)
         orphan_token = orphan_segment[segment] & trainable
         np.add.at(orphaned, rows[orphan_token], 1)
     per_row.after = after
