@@ -9,6 +9,8 @@ What is measured, per dataset size and configuration (real Qwen2 vocabulary, bun
 
 * check-data: `sft_toolkit.check_data.check_data(recipe)`, end to end (tokenizer load, .jsonl check and
   load, tokenization with accounting, truncation or packing, every accounting pass).
+* prepare: `sft_toolkit.prepare.prepare(recipe, DIR)`, end to end (the guard, here `mask_guard: warn`, with each
+  token's provenance kept, `save_to_disk`, the manifest); `--sides` picks which of the two run beside TRL.
 * TRL: what a user of `SFTTrainer` runs for the same data: load the tokenizer and set the template, load
   the .jsonl with `datasets`, then `SFTTrainer._prepare_dataset`, called directly with a minimal stand-in
   for the trainer (`_tokenizer`, `chat_template`, `completion_only_loss`, set as `SFTTrainer.__init__` does).

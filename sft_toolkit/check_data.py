@@ -197,8 +197,13 @@ def _account(
     if preprocess.is_pretokenized(raw.column_names):
         report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
     if packing:
-        trained = preprocess.pack(tokenized, sft, positions=keep_provenance or sft.packing_strategy != "bfd")
-        _packed_stats(trained, per_row, report)
+        # bfd cuts every row to its first max_length tokens and packs it whole: no token needs its provenance
+        tagged = keep_provenance or sft.packing_strategy != "bfd"
+        trained = preprocess.pack(tokenized, sft, provenance=tagged)
+        if tagged:
+            _packed_stats(trained, per_row, report)
+        else:
+            _bfd_stats(tokenized, trained, sft.max_length, per_row, report)
         final = trained
     else:
         if keep_provenance:
@@ -347,21 +352,19 @@ def _segment_sums(flags: pa.Array, lists: pa.ChunkedArray) -> np.ndarray:
 def _packed_stats(packed, per_row: _Rows, report: Report) -> None:
     after = np.zeros(len(per_row.before), dtype=np.int64)
     orphaned = np.zeros(len(per_row.before), dtype=np.int64)
-    columns = ["labels", *(c for c in ("src_rows", "src_pos", "seq_lengths") if c in packed.column_names)]
+    columns = ["labels", "src_rows", "src_pos"] + (["seq_lengths"] if "seq_lengths" in packed.column_names else [])
     for table in _batches(packed, columns):
         labels = table["labels"]
         trainable = pc.not_equal(pc.list_flatten(labels), -100).to_numpy(zero_copy_only=False)
         rows = pc.list_flatten(table["src_rows"]).to_numpy(zero_copy_only=False)
-        # Without src_pos (bfd: every row one whole document), every document starts at its row's start.
-        pos = pc.list_flatten(table["src_pos"]).to_numpy(zero_copy_only=False) if "src_pos" in columns else None
+        pos = pc.list_flatten(table["src_pos"]).to_numpy(zero_copy_only=False)
         per_seq = _segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels)
         report.sequences += len(per_seq)
         report.zero_trainable_sequences += int((per_seq == 0).sum())
         np.add.at(after, rows[trainable], 1)
         starts = _document_starts(table, rows)
         segment = np.cumsum(starts) - 1
-        # the document starts mid-conversation: its context is elsewhere
-        orphan_segment = pos[starts] > 0 if pos is not None else np.zeros(int(starts.sum()), dtype=bool)
+        orphan_segment = pos[starts] > 0  # the document starts mid-conversation: its context is elsewhere
         orphan_token = orphan_segment[segment] & trainable
         np.add.at(orphaned, rows[orphan_token], 1)
     per_row.after = after
@@ -369,6 +372,24 @@ def _packed_stats(packed, per_row: _Rows, report: Report) -> None:
     report.truncated_assistant_tokens = int((per_row.before - after).sum())
     report.orphaned_assistant_tokens = int(orphaned.sum())
     report.orphaned_rows = [int(r) for r in np.flatnonzero(orphaned)]
+
+
+def _bfd_stats(tokenized, packed, max_length: int, per_row: _Rows, report: Report) -> None:
+    """bfd packing, accounted without provenance columns: TRL's bfd cuts each row to its first `max_length`
+    tokens and packs the cut whole, so a row keeps the trainable tokens of its cut and no document starts
+    mid-row (nothing orphaned); sequences are counted from the packed labels."""
+    after = np.zeros(len(per_row.before), dtype=np.int64)
+    for table in _batches(tokenized, ["src_row", "labels"]):
+        cut = pc.list_slice(table["labels"], 0, max_length)
+        after[table["src_row"].to_numpy()] = _segment_sums(pc.not_equal(pc.list_flatten(cut), -100), cut)
+    for table in _batches(packed, ["labels"]):
+        labels = table["labels"]
+        per_seq = _segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels)
+        report.sequences += len(per_seq)
+        report.zero_trainable_sequences += int((per_seq == 0).sum())
+    per_row.after = after
+    report.trainable_tokens = int(after.sum())
+    report.truncated_assistant_tokens = int((per_row.before - after).sum())
 
 
 def _document_starts(table: pa.Table, rows: np.ndarray) -> np.ndarray:

@@ -1053,34 +1053,31 @@ def _any_trained_arrow(batch) -> list[bool]:
     return (trained[offsets[1:] - offsets[0]] > trained[offsets[:-1] - offsets[0]]).tolist()
 
 
-def pack(tokenized, sft, *, positions: bool = True):
-    """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from.
-
-    `positions: False` leaves src_pos out: for `packing_strategy: bfd`, which truncates every row into one
-    whole document, so no document starts mid-row and nothing needs a token's position (check-data's
-    accounting; `prepare` keeps it, for `show`)."""
+def pack(tokenized, sft, *, provenance: bool = True):
+    """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from
+    (`provenance: False`: input_ids and labels only, exactly TRL's columns)."""
     from trl.data_utils import pack_dataset
 
-    columns = ["input_ids", "labels", *(PROVENANCE if positions else PROVENANCE[:1])]
-    tagged = add_provenance(tokenized.select_columns(["input_ids", "labels", "src_row"]), sft, positions=positions)
-    packable = tagged.select_columns(columns)
+    packable = tokenized.select_columns(["input_ids", "labels", "src_row"] if provenance else ["input_ids", "labels"])
+    if provenance:
+        packable = add_provenance(packable, sft).select_columns(["input_ids", "labels", *PROVENANCE])
     if sft.shuffle_dataset:
         packable = packable.shuffle(seed=sft.seed)
     return pack_dataset(packable, sft.max_length, sft.packing_strategy, _map_kwargs(tokenized, sft, "Packing"))
 
 
-def add_provenance(tokenized, sft, *, positions: bool = True):
+def add_provenance(tokenized, sft):
     """src_rows / src_pos: each token's source row and its position in that row's tokenization (int32: two
     more columns as long as input_ids). On an Arrow dataset they are built from input_ids' list offsets in
     numpy, a batch at a time, without turning a single token into a Python object (the per-row map this
     replaces cost 20-25 s at 100k rows)."""
     from datasets import Dataset, List, Value
 
-    kwargs = {**_map_kwargs(tokenized, sft, "Tagging tokens"), "fn_kwargs": {"positions": positions}}
+    kwargs = _map_kwargs(tokenized, sft, "Tagging tokens")
     if not isinstance(tokenized, Dataset):
         return tokenized.map(_provenance, **kwargs)
     features = tokenized.features.copy()
-    features.update({c: List(Value("int32")) for c in (PROVENANCE if positions else PROVENANCE[:1])})
+    features.update({c: List(Value("int32")) for c in PROVENANCE})
     return (
         tokenized.with_format("arrow")
         .map(_provenance_arrow, batched=True, features=features, **kwargs)
@@ -1088,12 +1085,12 @@ def add_provenance(tokenized, sft, *, positions: bool = True):
     )
 
 
-def _provenance(example, positions=True):
+def _provenance(example):
     n = len(example["input_ids"])
-    return {"src_rows": [example["src_row"]] * n, **({"src_pos": list(range(n))} if positions else {})}
+    return {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
 
 
-def _provenance_arrow(batch, positions=True):
+def _provenance_arrow(batch):
     import numpy as np
     import pyarrow as pa
 
@@ -1102,14 +1099,13 @@ def _provenance_arrow(batch, positions=True):
     offsets -= offsets[0]  # a sliced batch's offsets don't start at 0
     lengths = np.diff(offsets)
     rows = np.repeat(batch["src_row"].to_numpy(), lengths).astype(np.int32)
-    pos = (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)).astype(np.int32) if positions else None
+    pos = (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)).astype(np.int32)
     list_offsets = pa.array(offsets, type=pa.int32())
     for name in PROVENANCE:
         if name in batch.column_names:
             batch = batch.drop_columns([name])
-    batch = batch.append_column("src_rows", pa.ListArray.from_arrays(list_offsets, pa.array(rows)))
-    return (
-        batch.append_column("src_pos", pa.ListArray.from_arrays(list_offsets, pa.array(pos))) if positions else batch
+    return batch.append_column("src_rows", pa.ListArray.from_arrays(list_offsets, pa.array(rows))).append_column(
+        "src_pos", pa.ListArray.from_arrays(list_offsets, pa.array(pos))
     )
 
 
