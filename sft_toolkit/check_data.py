@@ -197,8 +197,16 @@ def _account(
     if preprocess.is_pretokenized(raw.column_names):
         report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
     if packing:
-        trained = preprocess.pack(tokenized, sft)
-        _packed_stats(trained, per_row, report)
+        # bfd cuts every row to its first max_length tokens and packs it whole: no token needs its provenance
+        tagged = keep_provenance or sft.packing_strategy != "bfd"
+        if not tagged:
+            _bfd_rows(tokenized, sft.max_length, per_row, report)
+        trained = preprocess.pack(tokenized, sft, provenance=tagged)
+        del tokenized  # its memory-mapped pages, read by packing, go before the packed ones are read
+        if tagged:
+            _packed_stats(trained, per_row, report)
+        else:
+            _bfd_sequences(trained, report)
         final = trained
     else:
         if keep_provenance:
@@ -367,6 +375,28 @@ def _packed_stats(packed, per_row: _Rows, report: Report) -> None:
     report.truncated_assistant_tokens = int((per_row.before - after).sum())
     report.orphaned_assistant_tokens = int(orphaned.sum())
     report.orphaned_rows = [int(r) for r in np.flatnonzero(orphaned)]
+
+
+def _bfd_rows(tokenized, max_length: int, per_row: _Rows, report: Report) -> None:
+    """bfd packing, accounted without provenance columns: TRL's bfd cuts each row to its first `max_length`
+    tokens and packs the cut whole, so a row keeps the trainable tokens of its cut and no document starts
+    mid-row (nothing orphaned)."""
+    after = np.zeros(len(per_row.before), dtype=np.int64)
+    for table in _batches(tokenized, ["src_row", "labels"]):
+        cut = pc.list_slice(table["labels"], 0, max_length)
+        after[table["src_row"].to_numpy()] = _segment_sums(pc.not_equal(pc.list_flatten(cut), -100), cut)
+    per_row.after = after
+    report.trainable_tokens = int(after.sum())
+    report.truncated_assistant_tokens = int((per_row.before - after).sum())
+
+
+def _bfd_sequences(packed, report: Report) -> None:
+    """The packed sequences, and those with nothing to train, counted from the packed labels."""
+    for table in _batches(packed, ["labels"]):
+        labels = table["labels"]
+        per_seq = _segment_sums(pc.not_equal(pc.list_flatten(labels), -100), labels)
+        report.sequences += len(per_seq)
+        report.zero_trainable_sequences += int((per_seq == 0).sum())
 
 
 def _document_starts(table: pa.Table, rows: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import jinja2
+import numpy as np
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -670,3 +671,35 @@ def tokenize(
         offsets=[tuple(o) for o in out["offset_mapping"]],
         spans=rendered.spans,
     )
+
+
+def assistant_mask(offsets, spans) -> np.ndarray:
+    """Which tokens `apply_chat_template(return_assistant_tokens_mask=True)` marks, from their character offsets
+    and the render's generation spans: transformers' own rule, for a tokenization done elsewhere (a batch call).
+
+    transformers walks the tokens in order with a pointer into the spans: the pointer skips every span that ends
+    at or before the token's start, and the token is marked when it ends after the start of the span the pointer
+    is at (so a token straddling a span's edge is marked). With span ends and token starts both in order (every
+    render and fast tokenizer here), the pointer is the first span ending after the token's start, which numpy
+    finds for all tokens at once; otherwise the loop below repeats transformers' own, step for step.
+    """
+    token = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    if not len(bounds) or not len(token):
+        return np.zeros(len(token), dtype=bool)
+    if np.all(bounds[1:, 1] >= bounds[:-1, 1]) and np.all(token[1:, 0] >= token[:-1, 0]):
+        at = np.searchsorted(bounds[:, 1], token[:, 0], side="right")
+        inside = at < len(bounds)
+        mask = np.zeros(len(token), dtype=bool)
+        mask[inside] = token[inside, 1] > bounds[at[inside], 0]
+        return mask
+    mask = np.zeros(len(token), dtype=bool)
+    span_idx = 0
+    for token_id, (token_start, token_end) in enumerate(token.tolist()):
+        while span_idx < len(bounds) and token_start >= bounds[span_idx][1]:
+            span_idx += 1
+        if span_idx == len(bounds):
+            break
+        if token_end > bounds[span_idx][0]:
+            mask[token_id] = True
+    return mask

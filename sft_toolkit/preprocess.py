@@ -7,11 +7,16 @@ names no row. We need the opposite: per-row reasons, and counts of what truncati
 So we drive TRL's own pieces (`trl.data_utils._tokenize`, its template selection, `pack_dataset`) in
 the same order with the same arguments, and carry two extra columns through packing: the source row
 and position of every token. `tests/test_check_data_matches_trl.py` proves the result is what the
-trainer sees, token for token.
+trainer sees, token for token. Chat rows go through the same steps a batch at a time where the tokenizer
+allows it (`_tokenize_rows`: one tokenizer call per batch, masks by transformers' rule from the offsets),
+because per row, Python around the tokenizer (transformers' token-by-token mask loop, a second render for
+content coverage) costs about as much as the tokenizer itself; the tests hold that path to TRL's too.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -20,7 +25,7 @@ import jinja2
 from . import coverage, formats
 from . import policy as control
 from .formats import RowFormat
-from .masks import RenderLimit, TemplateRaised, render, template_error_text
+from .masks import RenderLimit, TemplateRaised, assistant_mask, normalize_messages, render, template_error_text
 from .probes import text_of
 from .problems import InputError
 from .templates import bundled_names, load_template
@@ -431,6 +436,129 @@ def _tokenize_row(
     return out
 
 
+# The columns every chat row comes out with (`_tokenize_row`), in this order.
+CHAT_COLUMNS = (*row_record(0), "coverage_reason", "coverage_message")
+
+
+def _tokenize_rows(
+    batch,
+    indices,
+    tokenizer,
+    template,
+    assistant_only_loss,
+    template_name="",
+    code_salt=None,
+    policy=None,
+    max_row_chars=None,
+):
+    """`_tokenize_row` for a batch of rows, with one tokenizer call for the whole batch (a fast tokenizer's Rust
+    `encode_batch`, on every core) instead of one per row, and the render's spans used twice (the mask and the
+    content coverage) instead of rendering the row again for the coverage.
+
+    Each row is rendered as `apply_chat_template` renders it (`render_jinja_template` with the tokenizer's special
+    tokens and the row's `chat_template_kwargs`, the template compiled once per process by transformers' cache);
+    its mask comes from the batch's token offsets by transformers' rule (`masks.assistant_mask`). Rows this does
+    not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
+    row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself would
+    take, a render that fails; and the whole batch when the tokenizer call fails.
+    `tests/test_check_data_matches_trl.py` proves the result equals TRL's, row for row.
+    """
+    row_kwargs = {
+        "tokenizer": tokenizer,
+        "template": template,
+        "assistant_only_loss": assistant_only_loss,
+        "template_name": template_name,
+        "code_salt": code_salt,
+        "policy": policy,
+        "max_row_chars": max_row_chars,
+    }
+    names = list(batch)
+    rows = [dict(zip(names, values)) for values in zip(*(batch[name] for name in names))]
+    special = tokenizer.special_tokens_map
+    limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
+    outs: list[dict | None] = [None] * len(rows)
+    rendered = []  # (position in the batch, messages, text, spans)
+    for k, row in enumerate(rows):
+        found = _rendered_row(row, tokenizer, template, special, policy or control.TurnPolicy(), limit)
+        if found is None:
+            outs[k] = _tokenize_row(row, indices[k], **row_kwargs)
+        else:
+            rendered.append((k, *found))
+    try:
+        encoded = tokenizer([text for _, _, text, _ in rendered], add_special_tokens=False) if rendered else None
+    except Exception:  # noqa: BLE001 - the row path tokenizes (and reports) each row on its own
+        encoded = None
+    for j, (k, messages, text, spans) in enumerate(rendered):
+        if encoded is None:
+            outs[k] = _tokenize_row(rows[k], indices[k], **row_kwargs)
+            continue
+        ids = encoded["input_ids"][j]
+        outs[k] = _row_from_encoding(indices[k], messages, text, spans, ids, encoded.encodings[j].offsets)
+    return {name: [out[name] for out in outs] for name in CHAT_COLUMNS}
+
+
+def _rendered_row(row, tokenizer, template, special, policy, limit):
+    """(messages, text, generation spans) of a row the batch path tokenizes, rendered as `apply_chat_template`
+    renders it; None for a row `_tokenize_row` must take (see `_tokenize_rows`)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if row_problem(row):
+        return None
+    tools, extra = row.get("tools"), row.get("chat_template_kwargs") or {}
+    if text_chars(row["messages"]) + text_chars(tools) > limit or not isinstance(extra, dict):
+        return None
+    if set(extra) & _apply_chat_template_parameters(type(tokenizer)):
+        return None
+    messages = canonical_messages(row["messages"])
+    if (
+        has_text_parts(messages)
+        or any(m.get(key) is not None for m in messages for key in control.CONTROL_KEYS)
+        or control.needs_control(messages, policy)
+    ):
+        return None
+    try:
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        texts, spans = render_jinja_template(
+            conversations=[normalize_messages(messages)],
+            tools=tools,
+            chat_template=tokenizer.get_chat_template(template, tools),
+            return_assistant_tokens_mask=True,
+            **{**special, **extra},
+        )
+    except Exception:  # noqa: BLE001 - the row path renders it again and reports what the template did
+        return None
+    return messages, texts[0], [tuple(span) for span in spans[0]]
+
+
+@functools.cache
+def _apply_chat_template_parameters(tokenizer_class) -> frozenset[str]:
+    """The names `apply_chat_template` takes itself: a row's `chat_template_kwargs` key among them changes the
+    call, not the template's variables, so such a row takes the row path."""
+    return frozenset(inspect.signature(tokenizer_class.apply_chat_template).parameters)
+
+
+def _row_from_encoding(index, messages, text, spans, ids, offsets) -> dict:
+    """`_tokenize_row`'s record of a rendered and tokenized row: labels from transformers' mask rule, the
+    zero-mask reason, and the content-coverage problem from the same render's spans."""
+    import numpy as np
+
+    mask = assistant_mask(offsets, spans)
+    trained = np.flatnonzero(mask)
+    trainable = len(trained)
+    span = max(int(trained[-1]) + 1, len(ids) - int(trained[0])) if trainable else 0
+    labels = np.where(mask, np.asarray(ids, dtype=np.int64), -100).tolist()
+    out = {**row_record(index), "coverage_reason": "", "coverage_message": -1}
+    out.update(input_ids=list(ids), labels=labels, n_trainable=trainable, span=span)
+    reason = zero_reason(messages)
+    if trainable == 0 or reason == EMPTY_ASSISTANT_CONTENT:
+        out["reason"] = reason
+    elif CHECK_COVERAGE:
+        found = coverage.coverage_problems(text, spans, messages)
+        if found:
+            out.update(coverage_reason=found[0].reason, coverage_message=found[0].message)
+    return out
+
+
 def _template_variables(tokenizer, example) -> dict:
     """What `apply_chat_template` gives the template besides messages and tools: the tokenizer's special
     tokens and the row's own `chat_template_kwargs`."""
@@ -571,7 +699,18 @@ def tokenize(
     }
     if isinstance(dataset, Dataset):
         kwargs.update(num_proc=sft.dataset_num_proc, desc=desc)
+    if sft.assistant_only_loss and getattr(tokenizer, "is_fast", False):
+        return dataset.map(_tokenize_rows, batched=True, features=_chat_features(), **kwargs)
     return dataset.map(_tokenize_row, **kwargs)
+
+
+def _chat_features():
+    """The types of CHAT_COLUMNS, as `datasets` infers them from `_tokenize_row`'s records."""
+    from datasets import Features, List, Value
+
+    ints, text = Value("int64"), Value("string")
+    types = {"input_ids": List(ints), "labels": List(ints), "reason": text, "problem": text, "coverage_reason": text}
+    return Features({name: types.get(name, ints) for name in CHAT_COLUMNS})
 
 
 def _tokenize_prompt_completion(dataset, tokenizer, template, sft, *, policy=None, desc: str = "Tokenizing"):
@@ -860,26 +999,68 @@ def truncate(tokenized, sft):
     """TRL's truncation (no packing): slice input_ids and labels (and provenance) to max_length, keep_start or keep_end."""
     sl = slice(None, sft.max_length) if sft.truncation_mode == "keep_start" else slice(-sft.max_length, None)
     cut_columns = [c for c in ("input_ids", "labels", *PROVENANCE) if c in tokenized.column_names]
+    kwargs = _map_kwargs(tokenized, sft, "Truncating")
+    if kwargs:  # an Arrow dataset: the same slices, cut from the Arrow list offsets in numpy, a batch at a time
+        keep_end = sft.truncation_mode != "keep_start"
+        fn_kwargs = {"columns": cut_columns, "max_length": sft.max_length, "keep_end": keep_end}
+        arrow = tokenized.with_format("arrow")
+        return arrow.map(_truncate_arrow, batched=True, fn_kwargs=fn_kwargs, **kwargs).with_format(None)
 
     def cut(example):
         return {c: example[c][sl] for c in cut_columns}
 
-    return tokenized.map(cut, **_map_kwargs(tokenized, sft, "Truncating"))
+    return tokenized.map(cut)
+
+
+def _truncate_arrow(batch, columns, max_length, keep_end):
+    for name in columns:
+        batch = batch.set_column(
+            batch.schema.get_field_index(name), name, _sliced_lists(batch[name], max_length, keep_end)
+        )
+    return batch
+
+
+def _sliced_lists(lists, max_length: int, keep_end: bool):
+    """Each list cut to its first (or, keep_end, last) `max_length` items: Python's `items[:n]` / `items[-n:]`."""
+    import numpy as np
+    import pyarrow as pa
+
+    lists = lists.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)  # into the unsliced values
+    kept = np.minimum(np.diff(offsets), max_length)
+    starts = offsets[1:] - kept if keep_end else offsets[:-1]
+    new_offsets = np.concatenate([[0], np.cumsum(kept)])
+    take = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], kept) + np.repeat(starts, kept)
+    values = lists.values.take(pa.array(take))
+    return pa.ListArray.from_arrays(pa.array(new_offsets, type=lists.offsets.type), values)
 
 
 def drop_fully_masked(truncated, sft):
     """TRL's filter after truncation: rows with no label left contribute no loss and are removed."""
-    return truncated.filter(
-        lambda example: any(label != -100 for label in example["labels"]),
-        **_map_kwargs(truncated, sft, "Dropping fully masked examples"),
-    )
+    kwargs = _map_kwargs(truncated, sft, "Dropping fully masked examples")
+    if kwargs:  # an Arrow dataset: each row's trained labels counted from the Arrow buffers
+        return truncated.with_format("arrow").filter(_any_trained_arrow, batched=True, **kwargs).with_format(None)
+    return truncated.filter(lambda example: any(label != -100 for label in example["labels"]))
 
 
-def pack(tokenized, sft):
-    """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from."""
+def _any_trained_arrow(batch) -> list[bool]:
+    import numpy as np
+
+    labels = batch["labels"].combine_chunks()
+    offsets = labels.offsets.to_numpy().astype(np.int64)
+    flags = labels.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]] != -100
+    trained = np.concatenate([[0], np.cumsum(flags)])
+    return (trained[offsets[1:] - offsets[0]] > trained[offsets[:-1] - offsets[0]]).tolist()
+
+
+def pack(tokenized, sft, *, provenance: bool = True):
+    """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from
+    (`provenance: False`: input_ids and labels only, exactly TRL's columns)."""
     from trl.data_utils import pack_dataset
 
-    packable = add_provenance(tokenized, sft).select_columns(["input_ids", "labels", *PROVENANCE])
+    packable = tokenized.select_columns(["input_ids", "labels", "src_row"] if provenance else ["input_ids", "labels"])
+    if provenance:
+        packable = add_provenance(packable, sft).select_columns(["input_ids", "labels", *PROVENANCE])
     if sft.shuffle_dataset:
         packable = packable.shuffle(seed=sft.seed)
     return pack_dataset(packable, sft.max_length, sft.packing_strategy, _map_kwargs(tokenized, sft, "Packing"))

@@ -194,3 +194,139 @@ def test_eval_split_equals_sfttrainer_eval_dataset_with_its_own_packing(setup):
     assert "seq_lengths" not in theirs.column_names  # not packed
     assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
     assert report.eval.rows == len(rows) - 16 == report.eval.sequences + report.eval.dropped_rows
+
+
+CITIES = ["Paris", "Zürich", "東京", "São Paulo", "Reykjavík"]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def varied_conversations(n: int) -> list[dict]:
+    """Rows of the shapes check-data's batch path meets at scale: one to three rounds, system prompts, tool
+    calls with their results (and the tool list the template writes), non-ASCII text whose characters become
+    several byte-level tokens (a token can straddle a generation span's edge), and answers long enough for
+    truncation to cut and packing to place."""
+    rows = []
+    for i in range(n):
+        city = CITIES[i % len(CITIES)]
+        messages = [{"role": "system", "content": f"You answer in {city}'s style ☕."}] if i % 4 == 1 else []
+        for turn in range(1 + i % 3):
+            messages.append({"role": "user", "content": f"Row {i}, turn {turn}: what about {city}? 🙂" * (1 + i % 2)})
+            answer = f"In {city} it is {i % 30} degrees; é → ü." + " More detail follows." * ((i * 7 + turn) % 40)
+            messages.append({"role": "assistant", "content": answer})
+        row = {"messages": messages, "tools": None}
+        if i % 5 == 0:
+            call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+            messages[-1:-1] = [
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": f'{{"city": "{city}", "celsius": {i % 30}}}'},
+            ]
+            row["tools"] = [WEATHER_TOOL]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"packing": False, "max_length": 160, "truncation_mode": "keep_start"},
+        {"packing": True, "max_length": 256, "packing_strategy": "bfd"},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_labels_equal_sfttrainer_on_hundreds_of_varied_rows(setup, case):
+    """check-data's batch path (one tokenizer call per batch, masks from the offsets) against SFTTrainer on 400
+    rows with tool calls, non-ASCII text, truncation and packing: the same tokens, labels and counts."""
+    folder, _, tokenizer_dir, model = setup
+    data = folder / "varied.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in varied_conversations(400)))
+    keys = {
+        "model_name_or_path": str(tokenizer_dir),
+        "dataset_name": str(data),
+        "assistant_only_loss": True,
+        "chat_template_path": str(bundled_path("chatml")),
+        "output_dir": str(folder / "out"),
+        **case,
+    }
+    report, ours = check_data(build_recipe(keys))
+
+    trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name")}
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**trainer_args, use_cpu=True, report_to="none"),
+        train_dataset=load_rows(str(data)),
+        processing_class=offline_tokenizers.load("qwen2"),
+    )
+    theirs = trainer.train_dataset
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["labels"] == theirs["labels"]
+    assert report.trainable_tokens == sum(sum(1 for t in labels if t != -100) for labels in theirs["labels"])
+    assert report.sequences == len(theirs)
+    assert report.truncated_assistant_tokens > 0  # the case cuts answers: truncation was exercised
+    if case["packing"]:
+        assert ours["seq_lengths"] == theirs["seq_lengths"]
+    else:
+        assert report.rows == len(theirs) + report.dropped_rows == 400
+
+
+def test_batch_path_gives_the_row_paths_records_for_every_kind_of_row(setup, monkeypatch):
+    """The batch path's record of every row equals the row path's (`_tokenize_row`, the per-row call of TRL's
+    tokenization that the tests above hold against SFTTrainer), and the rows it can't take are handed to that
+    path: malformed rows, rows past the size limit, rows under per-message control, rows the template fails on."""
+    from datasets import Dataset
+
+    from sft_toolkit import preprocess
+    from sft_toolkit.policy import TurnPolicy
+
+    _, _, tokenizer_dir, _ = setup
+    monkeypatch.setattr(preprocess, "MAX_ROW_CHARS", 8000)
+    rows = varied_conversations(60)
+    rows[3]["messages"][0]["role"] = "robot"  # malformed: a problem, named
+    rows[7]["messages"] = [{"role": "user", "content": "Only a question?"}]  # no assistant turn
+    for message in rows[8]["messages"][1::2]:
+        message["content"] = ""  # empty answers
+    rows[9]["messages"][-1]["content"] = "x " * 5000  # past MAX_ROW_CHARS
+    rows[11]["messages"][-1]["train"] = False  # per-message control: the row path's mask
+    rows[13]["messages"][-1]["content"] = "Quoting the question: Row 13, turn 0: what about Reykjavík? 🙂"
+    rows[17]["messages"][0]["content"] = "FAIL"  # the template below refuses it
+    recipe = build_recipe(
+        {
+            "model_name_or_path": str(tokenizer_dir),
+            "dataset_name": "unused.jsonl",
+            "assistant_only_loss": True,
+            "chat_template_path": "chatml",
+            "output_dir": "unused",
+        }
+    )
+    tokenizer = preprocess.load_tokenizer_for(recipe)
+    refuse = "{%- for m in messages if m.content == 'FAIL' %}{{ raise_exception('no FAIL') }}{%- endfor %}"
+    template = refuse + tokenizer.chat_template
+    dataset = Dataset.from_list(rows)
+    by_row = dataset.map(
+        preprocess._tokenize_row,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "assistant_only_loss": True, "policy": TurnPolicy()},
+    )
+    handed_over = []
+    row_path = preprocess._tokenize_row
+    monkeypatch.setattr(
+        preprocess,
+        "_tokenize_row",
+        lambda example, index, **kw: handed_over.append(index) or row_path(example, index, **kw),
+    )
+    batched = preprocess.tokenize(dataset, tokenizer, template, recipe.sft)
+
+    assert batched.to_list() == by_row.to_list()
+    assert set(handed_over) == {3, 9, 11, 17}
+    records = batched.to_list()
+    assert records[3]["problem"] and records[17]["reason"].startswith(preprocess.TEMPLATE_ERROR)
+    assert records[7]["reason"] == preprocess.NO_ASSISTANT_TURN
+    assert records[8]["reason"] == preprocess.EMPTY_ASSISTANT_CONTENT
+    assert records[9]["reason"].startswith(preprocess.ROW_TOO_LARGE)

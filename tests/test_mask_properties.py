@@ -76,3 +76,37 @@ def test_bundled_template_trains_exactly_the_assistant_output(name, messages):
         if rule in ("R001", "R002", "R003")
     ]
     assert problems == []
+
+
+def transformers_mask(offsets, spans) -> list[bool]:
+    """The loop `apply_chat_template(return_assistant_tokens_mask=True)` runs over a tokenization's offsets
+    (transformers 5, tokenization_utils_base.py), written out as the reference."""
+    mask, span_idx = [False] * len(offsets), 0
+    for token_id, (token_start, token_end) in enumerate(offsets):
+        while span_idx < len(spans) and token_start >= spans[span_idx][1]:
+            span_idx += 1
+        if span_idx == len(spans):
+            break
+        if token_end > spans[span_idx][0]:
+            mask[token_id] = True
+    return mask
+
+
+POSITIONS = st.integers(0, 60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offsets=st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=30),
+    spans=st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=5),
+    ordered=st.booleans(),
+)
+def test_assistant_mask_is_transformers_rule(offsets, spans, ordered):
+    """check-data's batch path marks exactly the tokens transformers marks, for offsets in order (every fast
+    tokenizer: tokens that share a character, empty tokens, tokens straddling a span's edge, empty spans) and
+    for any other offsets and spans (the loop)."""
+    from sft_toolkit.masks import assistant_mask
+
+    if ordered:
+        offsets, spans = sorted(offsets), sorted(spans, key=lambda s: s[1])
+    assert assistant_mask(offsets, spans).tolist() == transformers_mask(offsets, spans)
