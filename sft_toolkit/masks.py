@@ -703,3 +703,47 @@ def assistant_mask(offsets, spans) -> np.ndarray:
         if token_end > bounds[span_idx][0]:
             mask[token_id] = True
     return mask
+
+
+def batch_assistant_mask(offsets, token_counts, spans, span_counts, widths) -> np.ndarray:
+    """`assistant_mask` of several rows at once, as one flat array: `offsets` are every row's token offsets back
+    to back (`token_counts` per row), `spans` every row's generation spans (`span_counts` per row), and `widths`
+    each row's text length, within which its offsets and spans lie.
+
+    Each row's positions are shifted past the previous row's text, so one `searchsorted` over the batch finds
+    every token's span; a token whose span belongs to a later row is not marked, as a row's own search would find
+    none. Rows whose offsets or spans are out of order, or outside their text, are masked one by one instead.
+    """
+    token = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    token_counts = np.asarray(token_counts, dtype=np.int64)
+    span_counts = np.asarray(span_counts, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.int64)
+    rows = np.arange(len(token_counts))
+    token_row, span_row = np.repeat(rows, token_counts), np.repeat(rows, span_counts)
+    base = np.concatenate([[0], np.cumsum(widths + 1)])[:-1]
+    within = bool(
+        (token >= 0).all()
+        and (bounds >= 0).all()
+        and (token <= widths[token_row, None]).all()
+        and (bounds <= widths[span_row, None]).all()
+    )
+    token = token + base[token_row, None]
+    bounds = bounds + base[span_row, None]
+    if within and np.all(bounds[1:, 1] >= bounds[:-1, 1]) and np.all(token[1:, 0] >= token[:-1, 0]):
+        at = np.searchsorted(bounds[:, 1], token[:, 0], side="right")
+        inside = at < len(bounds)
+        inside[inside] = span_row[at[inside]] == token_row[inside]
+        mask = np.zeros(len(token), dtype=bool)
+        mask[inside] = token[inside, 1] > bounds[at[inside], 0]
+        return mask
+    token_ends, span_ends = np.cumsum(token_counts), np.cumsum(span_counts)
+    token -= base[token_row, None]
+    bounds -= base[span_row, None]
+    return np.concatenate(
+        [np.zeros(0, dtype=bool)]
+        + [
+            assistant_mask(token[t_end - t_n : t_end], bounds[s_end - s_n : s_end])
+            for t_n, t_end, s_n, s_end in zip(token_counts, token_ends, span_counts, span_ends)
+        ]
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 from pathlib import Path
 
@@ -25,7 +26,14 @@ import jinja2
 from . import coverage, formats
 from . import policy as control
 from .formats import RowFormat
-from .masks import RenderLimit, TemplateRaised, assistant_mask, normalize_messages, render, template_error_text
+from .masks import (
+    RenderLimit,
+    TemplateRaised,
+    batch_assistant_mask,
+    normalize_messages,
+    render,
+    template_error_text,
+)
 from .probes import text_of
 from .problems import InputError
 from .templates import bundled_names, load_template
@@ -457,7 +465,8 @@ def _tokenize_rows(
 
     Each row is rendered as `apply_chat_template` renders it (`render_jinja_template` with the tokenizer's special
     tokens and the row's `chat_template_kwargs`, the template compiled once per process by transformers' cache);
-    its mask comes from the batch's token offsets by transformers' rule (`masks.assistant_mask`). Rows this does
+    the batch's masks come from its token offsets by transformers' rule (`masks.batch_assistant_mask`), its ids,
+    labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows this does
     not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
     row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself would
     take, a render that fails; and the whole batch when the tokenizer call fails.
@@ -476,25 +485,112 @@ def _tokenize_rows(
     rows = [dict(zip(names, values)) for values in zip(*(batch[name] for name in names))]
     special = tokenizer.special_tokens_map
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
-    outs: list[dict | None] = [None] * len(rows)
+    by_row: dict[int, dict] = {}  # position in the batch -> `_tokenize_row`'s record
     rendered = []  # (position in the batch, messages, text, spans)
     for k, row in enumerate(rows):
         found = _rendered_row(row, tokenizer, template, special, policy or control.TurnPolicy(), limit)
         if found is None:
-            outs[k] = _tokenize_row(row, indices[k], **row_kwargs)
+            by_row[k] = _tokenize_row(row, indices[k], **row_kwargs)
         else:
             rendered.append((k, *found))
-    try:
-        encoded = tokenizer([text for _, _, text, _ in rendered], add_special_tokens=False) if rendered else None
-    except Exception:  # noqa: BLE001 - the row path tokenizes (and reports) each row on its own
-        encoded = None
-    for j, (k, messages, text, spans) in enumerate(rendered):
-        if encoded is None:
-            outs[k] = _tokenize_row(rows[k], indices[k], **row_kwargs)
-            continue
-        ids = encoded["input_ids"][j]
-        outs[k] = _row_from_encoding(indices[k], messages, text, spans, ids, encoded.encodings[j].offsets)
-    return {name: [out[name] for out in outs] for name in CHAT_COLUMNS}
+    encoded = None
+    if rendered:
+        try:
+            texts = [text for _, _, text, _ in rendered]
+            encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+        except Exception:  # noqa: BLE001 - the row path tokenizes (and reports) each row on its own
+            for k, *_ in rendered:
+                by_row[k] = _tokenize_row(rows[k], indices[k], **row_kwargs)
+            rendered = []
+    return _chat_table(len(rows), indices, by_row, rendered, encoded)
+
+
+def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, encoded):
+    """The batch's CHAT_COLUMNS as an Arrow table: the rendered rows' tokens, labels and counts from the batch
+    encoding in numpy (labels by transformers' mask rule, the zero-mask reason, the content-coverage problem from
+    the same render's spans), and the records `_tokenize_row` returned for the others, in batch order."""
+    import numpy as np
+    import pyarrow as pa
+
+    token_counts = np.zeros(size, dtype=np.int64)
+    for k, out in by_row.items():
+        token_counts[k] = len(out["input_ids"])
+    ids = labels = np.zeros(0, dtype=np.int64)
+    scalars = {name: [None] * size for name in CHAT_COLUMNS[2:]}
+    for k, out in by_row.items():
+        for name in scalars:
+            scalars[name][k] = out[name]
+    if rendered:
+        positions = np.array([k for k, *_ in rendered])
+        lists = encoded["input_ids"]
+        counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        token_counts[positions] = counts
+        total = int(counts.sum())
+        ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+        offsets = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encoded.encodings)),
+            dtype=np.int64,
+            count=2 * total,
+        )
+        spans = [span for _, _, _, row_spans in rendered for span in row_spans]
+        mask = batch_assistant_mask(
+            offsets,
+            counts,
+            spans,
+            [len(row_spans) for *_, row_spans in rendered],
+            [len(text) for _, _, text, _ in rendered],
+        )
+        labels = np.where(mask, ids, -100)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        trained = np.flatnonzero(mask)
+        trained_before = np.searchsorted(trained, starts)  # trained tokens before each row's start
+        per_row = np.diff(trained_before)
+        for j, (k, messages, text, row_spans) in enumerate(rendered):
+            trainable = int(per_row[j])
+            span = 0
+            if trainable:
+                first = int(trained[trained_before[j]] - starts[j])
+                last = int(trained[trained_before[j + 1] - 1] - starts[j])
+                span = max(last + 1, int(counts[j]) - first)
+            record = {"src_row": indices[k], "n_trainable": trainable, "span": span, "reason": ""}
+            record.update(problem="", coverage_reason="", coverage_message=-1)
+            reason = zero_reason(messages)
+            if trainable == 0 or reason == EMPTY_ASSISTANT_CONTENT:
+                record["reason"] = reason
+            elif CHECK_COVERAGE:
+                found = coverage.coverage_problems(text, row_spans, messages)
+                if found:
+                    record.update(coverage_reason=found[0].reason, coverage_message=found[0].message)
+            for name in scalars:
+                scalars[name][k] = record[name]
+    if by_row and rendered:  # both kinds: the tokens in batch order
+        pieces_ids, pieces_labels = [], []
+        batch_start = dict(zip((k for k, *_ in rendered), np.concatenate([[0], np.cumsum(counts)])))
+        for k in range(size):
+            if k in by_row:
+                pieces_ids.append(np.asarray(by_row[k]["input_ids"], dtype=np.int64))
+                pieces_labels.append(np.asarray(by_row[k]["labels"], dtype=np.int64))
+            else:
+                start = batch_start[k]
+                pieces_ids.append(ids[start : start + token_counts[k]])
+                pieces_labels.append(labels[start : start + token_counts[k]])
+        ids, labels = np.concatenate(pieces_ids), np.concatenate(pieces_labels)
+    elif by_row:
+        ids = np.fromiter(itertools.chain.from_iterable(by_row[k]["input_ids"] for k in range(size)), dtype=np.int64)
+        labels = np.fromiter(itertools.chain.from_iterable(by_row[k]["labels"] for k in range(size)), dtype=np.int64)
+    list_offsets = pa.array(np.concatenate([[0], np.cumsum(token_counts)]), type=pa.int32())
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(list_offsets, pa.array(ids, type=pa.int64())),
+        "labels": pa.ListArray.from_arrays(list_offsets, pa.array(labels, type=pa.int64())),
+        **{
+            name: pa.array(values, type=pa.string() if name in _TEXT_COLUMNS else pa.int64())
+            for name, values in scalars.items()
+        },
+    }
+    return pa.table(columns)
+
+
+_TEXT_COLUMNS = ("reason", "problem", "coverage_reason")
 
 
 def _rendered_row(row, tokenizer, template, special, policy, limit):
@@ -535,28 +631,6 @@ def _apply_chat_template_parameters(tokenizer_class) -> frozenset[str]:
     """The names `apply_chat_template` takes itself: a row's `chat_template_kwargs` key among them changes the
     call, not the template's variables, so such a row takes the row path."""
     return frozenset(inspect.signature(tokenizer_class.apply_chat_template).parameters)
-
-
-def _row_from_encoding(index, messages, text, spans, ids, offsets) -> dict:
-    """`_tokenize_row`'s record of a rendered and tokenized row: labels from transformers' mask rule, the
-    zero-mask reason, and the content-coverage problem from the same render's spans."""
-    import numpy as np
-
-    mask = assistant_mask(offsets, spans)
-    trained = np.flatnonzero(mask)
-    trainable = len(trained)
-    span = max(int(trained[-1]) + 1, len(ids) - int(trained[0])) if trainable else 0
-    labels = np.where(mask, np.asarray(ids, dtype=np.int64), -100).tolist()
-    out = {**row_record(index), "coverage_reason": "", "coverage_message": -1}
-    out.update(input_ids=list(ids), labels=labels, n_trainable=trainable, span=span)
-    reason = zero_reason(messages)
-    if trainable == 0 or reason == EMPTY_ASSISTANT_CONTENT:
-        out["reason"] = reason
-    elif CHECK_COVERAGE:
-        found = coverage.coverage_problems(text, spans, messages)
-        if found:
-            out.update(coverage_reason=found[0].reason, coverage_message=found[0].message)
-    return out
 
 
 def _template_variables(tokenizer, example) -> dict:
@@ -709,7 +783,7 @@ def _chat_features():
     from datasets import Features, List, Value
 
     ints, text = Value("int64"), Value("string")
-    types = {"input_ids": List(ints), "labels": List(ints), "reason": text, "problem": text, "coverage_reason": text}
+    types = {"input_ids": List(ints), "labels": List(ints), **{name: text for name in _TEXT_COLUMNS}}
     return Features({name: types.get(name, ints) for name in CHAT_COLUMNS})
 
 
