@@ -197,16 +197,17 @@ def _account(
     if preprocess.is_pretokenized(raw.column_names):
         report.trl_would_abort = False  # TRL checks no mask of pre-tokenized rows: it trains them as they are
     if packing:
-        # bfd cuts every row to its first max_length tokens and packs it whole: no token needs its provenance
-        tagged = keep_provenance or sft.packing_strategy != "bfd"
-        if not tagged:
+        # bfd cuts every row to its first max_length tokens and packs it whole: its accounting needs no token's
+        # provenance (only a prepared dataset keeps the source rows, `preprocess.provenance_columns`)
+        whole_rows = sft.packing_strategy == "bfd"
+        if whole_rows:
             _bfd_rows(tokenized, sft.max_length, per_row, report)
-        trained = preprocess.pack(tokenized, sft, provenance=tagged)
+        trained = preprocess.pack(tokenized, sft, provenance=keep_provenance or not whole_rows)
         del tokenized  # its memory-mapped pages, read by packing, go before the packed ones are read
-        if tagged:
-            _packed_stats(trained, per_row, report)
-        else:
+        if whole_rows:
             _bfd_sequences(trained, report)
+        else:
+            _packed_stats(trained, per_row, report)
         final = trained
     else:
         if keep_provenance:

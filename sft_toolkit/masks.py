@@ -711,8 +711,9 @@ def batch_assistant_mask(offsets, token_counts, spans, span_counts, widths) -> n
     each row's text length, within which its offsets and spans lie.
 
     Each row's positions are shifted past the previous row's text, so one `searchsorted` over the batch finds
-    every token's span; a token whose span belongs to a later row is not marked, as a row's own search would find
-    none. Rows whose offsets or spans are out of order, or outside their text, are masked one by one instead.
+    every token's span; where a row's own search would find none, it finds a later row's span, which starts past
+    the token's end (so the token is not marked, as in the row's own mask). Rows whose offsets or spans are out
+    of order, or outside their text, are masked one by one instead.
     """
     token = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
@@ -733,7 +734,6 @@ def batch_assistant_mask(offsets, token_counts, spans, span_counts, widths) -> n
     if within and np.all(bounds[1:, 1] >= bounds[:-1, 1]) and np.all(token[1:, 0] >= token[:-1, 0]):
         at = np.searchsorted(bounds[:, 1], token[:, 0], side="right")
         inside = at < len(bounds)
-        inside[inside] = span_row[at[inside]] == token_row[inside]
         mask = np.zeros(len(token), dtype=bool)
         mask[inside] = token[inside, 1] > bounds[at[inside], 0]
         return mask

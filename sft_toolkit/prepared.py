@@ -1,7 +1,8 @@
 """A prepared dataset on disk: what shaped it, and the checks that let `train` trust it without re-tokenizing.
 
 `sft-toolkit prepare` writes DIR/dataset/ (`datasets.save_to_disk`: input_ids, labels, seq_lengths when
-packed, and each token's source row and position, src_rows / src_pos), DIR/manifest.json and the ownership
+packed, and each token's source row and position, src_rows / src_pos; bfd's packs hold whole rows, so there no
+src_pos: `show` derives it), DIR/manifest.json and the ownership
 record that lets a later prepare replace DIR (`outputs.replace_dir`). A saved
 dataset is where masks get lost most easily: one built with another template, another max_length or
 another tokenizer looks exactly like a good one, and TRL's `skip_prepare_dataset` path checks nothing.

@@ -1128,43 +1128,52 @@ def _any_trained_arrow(batch) -> list[bool]:
 
 
 def pack(tokenized, sft, *, provenance: bool = True):
-    """TRL's `pack_dataset`, with src_row/src_pos carried along so each packed token knows where it came from
-    (`provenance: False`: input_ids and labels only, exactly TRL's columns)."""
+    """TRL's `pack_dataset`, with each token's source row (and, but for bfd, its position in the row) carried along
+    so each packed token knows where it came from (`provenance: False`: input_ids and labels only, exactly TRL's
+    columns). bfd packs each row's first max_length tokens whole, so there a token's position in its row is its
+    offset in its document and no `src_pos` is carried (`show` derives it)."""
     from trl.data_utils import pack_dataset
 
+    columns = provenance_columns(sft) if provenance else ()
     packable = tokenized.select_columns(["input_ids", "labels", "src_row"] if provenance else ["input_ids", "labels"])
     if provenance:
-        packable = add_provenance(packable, sft).select_columns(["input_ids", "labels", *PROVENANCE])
+        packable = add_provenance(packable, sft, columns).select_columns(["input_ids", "labels", *columns])
     if sft.shuffle_dataset:
         packable = packable.shuffle(seed=sft.seed)
     return pack_dataset(packable, sft.max_length, sft.packing_strategy, _map_kwargs(tokenized, sft, "Packing"))
 
 
-def add_provenance(tokenized, sft):
-    """src_rows / src_pos: each token's source row and its position in that row's tokenization (int32: two
-    more columns as long as input_ids). On an Arrow dataset they are built from input_ids' list offsets in
-    numpy, a batch at a time, without turning a single token into a Python object (the per-row map this
+def provenance_columns(sft) -> tuple[str, ...]:
+    """The provenance columns a packed dataset carries: src_rows, and src_pos unless bfd packs rows whole."""
+    return ("src_rows",) if sft.packing_strategy == "bfd" else PROVENANCE
+
+
+def add_provenance(tokenized, sft, columns: tuple[str, ...] = PROVENANCE):
+    """src_rows / src_pos (or those of them in `columns`): each token's source row and its position in that row's
+    tokenization (int32: columns as long as input_ids). On an Arrow dataset they are built from input_ids' list
+    offsets in numpy, a batch at a time, without turning a single token into a Python object (the per-row map this
     replaces cost 20-25 s at 100k rows)."""
     from datasets import Dataset, List, Value
 
     kwargs = _map_kwargs(tokenized, sft, "Tagging tokens")
     if not isinstance(tokenized, Dataset):
-        return tokenized.map(_provenance, **kwargs)
+        return tokenized.map(_provenance, fn_kwargs={"columns": columns}, **kwargs)
     features = tokenized.features.copy()
-    features.update({c: List(Value("int32")) for c in PROVENANCE})
+    features.update({c: List(Value("int32")) for c in columns})
     return (
         tokenized.with_format("arrow")
-        .map(_provenance_arrow, batched=True, features=features, **kwargs)
+        .map(_provenance_arrow, batched=True, features=features, fn_kwargs={"columns": columns}, **kwargs)
         .with_format(None)
     )
 
 
-def _provenance(example):
+def _provenance(example, columns=PROVENANCE):
     n = len(example["input_ids"])
-    return {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
+    tagged = {"src_rows": [example["src_row"]] * n, "src_pos": list(range(n))}
+    return {name: tagged[name] for name in columns}
 
 
-def _provenance_arrow(batch):
+def _provenance_arrow(batch, columns=PROVENANCE):
     import numpy as np
     import pyarrow as pa
 
@@ -1178,9 +1187,10 @@ def _provenance_arrow(batch):
     for name in PROVENANCE:
         if name in batch.column_names:
             batch = batch.drop_columns([name])
-    return batch.append_column("src_rows", pa.ListArray.from_arrays(list_offsets, pa.array(rows))).append_column(
-        "src_pos", pa.ListArray.from_arrays(list_offsets, pa.array(pos))
-    )
+    for name, values in (("src_rows", rows), ("src_pos", pos)):
+        if name in columns:
+            batch = batch.append_column(name, pa.ListArray.from_arrays(list_offsets, pa.array(values)))
+    return batch
 
 
 def _map_kwargs(dataset, sft, desc: str) -> dict:

@@ -109,7 +109,10 @@ table {{ border-collapse: collapse; }} td, th {{ padding: 0 .8em; text-align: ri
 # A prepared dataset (`sft-toolkit prepare`: DIR/manifest.json + DIR/dataset/, or any `save_to_disk` folder
 # with input_ids and labels) holds what the trainer trains on, after truncation and packing. Its optional
 # provenance columns say where each token came from: `src_rows` (the source row) and `src_pos` (the token's
-# position in that row's tokenization); `seq_lengths` holds the packed documents' lengths.
+# position in that row's tokenization); `seq_lengths` holds the packed documents' lengths. A packed dataset with
+# `src_rows` but no `src_pos` was packed by bfd, which packs each row's first max_length tokens whole: every
+# document starts at its row's first token, so a token's position is its offset in its document (`prepare`
+# saves no `src_pos` there; it would repeat what the documents already say).
 
 
 @dataclass(frozen=True)
@@ -238,13 +241,14 @@ def documents(labels, src_rows=None, src_pos=None, seq_lengths=None) -> list[Doc
         starts |= {int(b) for b in np.flatnonzero(rows[1:] != rows[:-1]) + 1}
     trained = np.asarray(labels) != -100
     bounds = sorted(starts) + [n]
+    whole_rows = src_pos is None and rows is not None and seq_lengths is not None  # bfd: see above
     return [
         Document(
             row=None if rows is None else int(rows[a]),
             start=a,
             end=b,
             trainable=int(trained[a:b].sum()),
-            first_pos=None if src_pos is None else int(src_pos[a]),
+            first_pos=0 if whole_rows else None if src_pos is None else int(src_pos[a]),
         )
         for a, b in zip(bounds, bounds[1:])
     ]
@@ -301,6 +305,8 @@ def packed_tokens(example: dict, texts: list[str], docs: list[Document]) -> list
     cut = [False] * len(texts)
     for doc in docs:
         cut[doc.start : doc.end] = [doc.context_cut] * (doc.end - doc.start)
+    if pos is None and rows is not None and example.get("seq_lengths") is not None:  # bfd: offsets in documents
+        pos = [i - doc.start for doc in docs for i in range(doc.start, doc.end)]
     return [
         PackedToken(
             int(t),

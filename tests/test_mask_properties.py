@@ -110,3 +110,38 @@ def test_assistant_mask_is_transformers_rule(offsets, spans, ordered):
     if ordered:
         offsets, spans = sorted(offsets), sorted(spans, key=lambda s: s[1])
     assert assistant_mask(offsets, spans).tolist() == transformers_mask(offsets, spans)
+
+
+ROW = st.tuples(
+    st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=20),
+    st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=4),
+    st.booleans(),
+    st.integers(0, 8),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(ROW, max_size=6))
+@example(rows=[([(0, 5)], [], True, 0), ([(6, 7)], [(0, 10)], True, 0)])  # in order only if rows overlap
+def test_batch_assistant_mask_is_each_rows_own_mask(rows):
+    """The batch path's one search over a whole batch marks, row by row, what the row's own mask marks:
+    rows without tokens or spans, rows whose spans would match the next row's tokens if positions weren't
+    shifted apart, rows out of order (the batch falls back to the rows' own masks), and a text wider than
+    every offset in it."""
+    from sft_toolkit.masks import assistant_mask, batch_assistant_mask
+
+    shaped = []
+    for offsets, spans, ordered, slack in rows:
+        if ordered:
+            offsets, spans = sorted(offsets), sorted(spans, key=lambda s: s[1])
+        width = max([end for _, end in offsets + spans], default=0) + slack
+        shaped.append((offsets, spans, width))
+    expected = [m for offsets, spans, _ in shaped for m in assistant_mask(offsets, spans).tolist()]
+    found = batch_assistant_mask(
+        [p for offsets, _, _ in shaped for token in offsets for p in token],
+        [len(offsets) for offsets, _, _ in shaped],
+        [p for _, spans, _ in shaped for span in spans for p in span],
+        [len(spans) for _, spans, _ in shaped],
+        [width for _, _, width in shaped],
+    )
+    assert found.tolist() == expected

@@ -51,8 +51,9 @@ def test_prepare_then_train_gives_the_raw_runs_labels_and_first_loss(assets, tmp
     saved = datasets.load_from_disk(str(tmp_path / "prepared" / "dataset"))
     for column in ("input_ids", "labels", "seq_lengths"):
         assert saved[column] == raw_data[column]
-    # The provenance columns ride along; TRL's trainer keeps only its signature columns, so they cost nothing.
-    assert {"src_rows", "src_pos"} <= set(saved.column_names)
+    # The source rows ride along (bfd packs rows whole: no src_pos, `show` derives it); TRL's trainer keeps only
+    # its signature columns, so they cost nothing.
+    assert "src_rows" in saved.column_names and "src_pos" not in saved.column_names
 
     from_raw = train(build_recipe(keys), log=quiet)
     said = []
@@ -75,9 +76,15 @@ def test_every_saved_token_points_to_its_source_row_and_position(assets, tmp_pat
     keys = recipe_keys(assets, tmp_path, rows, max_length=64, mask_guard="warn", **case)
     _, final = check_data(build_recipe(keys), keep_provenance=True)
     _, whole = check_data(build_recipe({**keys, "packing": False, "max_length": None}))  # each row untruncated
-    assert final.features["src_rows"].feature.dtype == final.features["src_pos"].feature.dtype == "int32"
-    for ids, src_rows, src_pos in zip(final["input_ids"], final["src_rows"], final["src_pos"]):
-        assert ids == [whole[r]["input_ids"][p] for r, p in zip(src_rows, src_pos)]
+    if case["packing"]:  # bfd packs each row's first max_length tokens whole: a position is its document offset
+        assert "src_pos" not in final.column_names
+        positions = [[p for n in lengths for p in range(n)] for lengths in final["seq_lengths"]]
+    else:
+        assert final.features["src_pos"].feature.dtype == "int32"
+        positions = final["src_pos"]
+    assert final.features["src_rows"].feature.dtype == "int32"
+    for ids, src_rows, src_pos in zip(final["input_ids"], final["src_rows"], positions, strict=True):
+        assert ids == [whole[r]["input_ids"][p] for r, p in zip(src_rows, src_pos, strict=True)]
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,47 @@ def test_bare_save_to_disk_needs_a_tokenizer(tmp_path, capsys):
 def test_bad_sequence_is_an_input_error(two_conversations, capsys):
     code, _, err = show(capsys, two_conversations, "--sequence", 5)
     assert code == 2 and "--sequence 5 is out of range (the dataset has 1 sequences)" in err
+
+
+def test_bfd_positions_derived_without_src_pos_equal_the_stored_ones(tmp_path, capsys):
+    """`prepare` saves no src_pos for bfd (every document starts at its row's first token): show derives each
+    token's position, and its output equals what it shows from a dataset that stores src_pos for every token."""
+    from trl.data_utils import pack_dataset
+
+    long = {
+        "messages": [
+            {"role": "user", "content": "Tell me about kilometres. " * 6},
+            {"role": "assistant", "content": "A kilometre is 1000 metres. " * 6},
+        ]
+    }
+    rows = [long, *ROWS, long]
+    derived = prepare(tmp_path / "derived", rows, max_length=64, strategy="bfd")
+    sft = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_length=64,
+        packing=True,
+        packing_strategy="bfd",
+        assistant_only_loss=True,
+        use_cpu=True,
+        report_to="none",
+    )
+    tokenized = preprocess.tokenize(
+        Dataset.from_list(rows), offline_tokenizers.load("qwen2"), load_template("chatml").source, sft
+    )
+    tagged = preprocess.add_provenance(tokenized.select_columns(["input_ids", "labels", "src_row"]), sft)
+    stored = tmp_path / "stored"
+    packed = pack_dataset(tagged.select_columns(["input_ids", "labels", *preprocess.PROVENANCE]), 64, "bfd")
+    packed.save_to_disk(str(stored / "dataset"))
+    (stored / "manifest.json").write_text((derived / "manifest.json").read_text())
+    assert "src_pos" not in Dataset.load_from_disk(str(derived / "dataset")).column_names
+
+    def shown(folder, *args):
+        code, out, _ = show(capsys, folder, *args, "--format", "json")
+        assert code == 0
+        return json.loads(out)
+
+    overview = shown(derived)
+    assert overview == shown(stored) and len(overview["per_sequence"]) > 1
+    for index in range(len(overview["per_sequence"])):
+        assert shown(derived, "--sequence", index) == shown(stored, "--sequence", index)
+    assert any(t["pos"] > 0 for t in shown(derived, "--sequence", 0)["tokens"])
