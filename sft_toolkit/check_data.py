@@ -210,10 +210,11 @@ def _account(
             _packed_stats(trained, per_row, report)
         final = trained
     else:
-        if keep_provenance:
+        if sft.max_length is not None:  # the columns the trainer and `prepare` keep, tagged as they are cut
+            tokenized = tokenized.select_columns(["input_ids", "labels", "src_row"])
+            tokenized = preprocess.truncate(tokenized, sft, provenance=keep_provenance)
+        elif keep_provenance:
             tokenized = preprocess.add_provenance(tokenized, sft)
-        if sft.max_length is not None:
-            tokenized = preprocess.truncate(tokenized, sft)
         _truncated_stats(tokenized, per_row, report)
         if sft.max_length is not None:
             final = preprocess.drop_fully_masked(tokenized, sft)

@@ -1069,15 +1069,22 @@ def _no_messages_hint(columns: list[str], sft) -> str:
 PROVENANCE = ("src_rows", "src_pos")
 
 
-def truncate(tokenized, sft):
-    """TRL's truncation (no packing): slice input_ids and labels (and provenance) to max_length, keep_start or keep_end."""
+def truncate(tokenized, sft, *, provenance: bool = False):
+    """TRL's truncation (no packing): slice input_ids and labels (and provenance) to max_length, keep_start or keep_end.
+
+    `provenance`: also tag each kept token with its source row and its position in the row's tokenization
+    (src_rows / src_pos, as `add_provenance` tags them before the cut), in the same pass over the tokens."""
     sl = slice(None, sft.max_length) if sft.truncation_mode == "keep_start" else slice(-sft.max_length, None)
-    cut_columns = [c for c in ("input_ids", "labels", *PROVENANCE) if c in tokenized.column_names]
     kwargs = _map_kwargs(tokenized, sft, "Truncating")
+    if provenance and not kwargs:
+        tokenized = add_provenance(tokenized, sft)
+    cut_columns = [c for c in ("input_ids", "labels", *PROVENANCE) if c in tokenized.column_names]
     if kwargs:  # an Arrow dataset: the same slices, cut from the Arrow list offsets in numpy, a batch at a time
         keep_end = sft.truncation_mode != "keep_start"
         fn_kwargs = {"columns": cut_columns, "max_length": sft.max_length, "keep_end": keep_end}
         arrow = tokenized.with_format("arrow")
+        if provenance:
+            return arrow.map(_truncate_and_tag_arrow, batched=True, fn_kwargs=fn_kwargs, **kwargs).with_format(None)
         return arrow.map(_truncate_arrow, batched=True, fn_kwargs=fn_kwargs, **kwargs).with_format(None)
 
     def cut(example):
@@ -1091,6 +1098,25 @@ def _truncate_arrow(batch, columns, max_length, keep_end):
         batch = batch.set_column(
             batch.schema.get_field_index(name), name, _sliced_lists(batch[name], max_length, keep_end)
         )
+    return batch
+
+
+def _truncate_and_tag_arrow(batch, columns, max_length, keep_end):
+    """`_truncate_arrow`, then src_rows / src_pos of the kept tokens: a row cut to its last `max_length` tokens
+    keeps positions from its length less `max_length`."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.diff(batch["input_ids"].combine_chunks().offsets.to_numpy().astype(np.int64))
+    batch = _truncate_arrow(batch, columns, max_length, keep_end)
+    kept = np.minimum(lengths, max_length)
+    offsets = np.concatenate([[0], np.cumsum(kept)])
+    first = lengths - kept if keep_end else np.zeros(len(kept), dtype=np.int64)
+    rows = np.repeat(batch["src_row"].to_numpy(), kept).astype(np.int32)
+    pos = (np.arange(offsets[-1]) - np.repeat(offsets[:-1] - first, kept)).astype(np.int32)
+    list_offsets = pa.array(offsets, type=pa.int32())
+    for name, values in (("src_rows", rows), ("src_pos", pos)):
+        batch = batch.append_column(name, pa.ListArray.from_arrays(list_offsets, pa.array(values)))
     return batch
 
 
