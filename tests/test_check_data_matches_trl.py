@@ -330,3 +330,65 @@ def test_batch_path_gives_the_row_paths_records_for_every_kind_of_row(setup, mon
     assert records[7]["reason"] == preprocess.NO_ASSISTANT_TURN
     assert records[8]["reason"] == preprocess.EMPTY_ASSISTANT_CONTENT
     assert records[9]["reason"].startswith(preprocess.ROW_TOO_LARGE)
+
+
+def benchmark_conversations(path, n: int) -> None:
+    """The first `n` rows of `benchmarks/check_data.py`'s synthetic conversations (1-4 turns, system prompts,
+    log-normal lengths, ~11% of the assistant tokens past max_length 1024)."""
+    import importlib.util
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parent.parent / "benchmarks" / "check_data.py"
+    spec = importlib.util.spec_from_file_location("benchmark_check_data", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_dataset(path, n)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [{"packing": False}, {"packing": True, "packing_strategy": "bfd"}],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_check_data_and_prepare_equal_sfttrainer_on_the_benchmarks_rows(setup, tmp_path, case):
+    """At the largest size CI affords (1500 of the benchmark's rows, ~0.8M tokens, the real Qwen2 vocabulary, two
+    batches of the batch path): check-data's final dataset and the one `prepare` saves hold SFTTrainer's input_ids,
+    labels and seq_lengths, and the report counts its sequences and trainable tokens."""
+    from datasets import load_from_disk
+
+    from sft_toolkit.prepare import prepare
+
+    _, _, tokenizer_dir, model = setup
+    data = tmp_path / "benchmark.jsonl"
+    benchmark_conversations(data, 1500)
+    keys = {
+        "model_name_or_path": str(tokenizer_dir),
+        "dataset_name": str(data),
+        "assistant_only_loss": True,
+        "chat_template_path": str(bundled_path("chatml")),
+        "max_length": 1024,
+        "output_dir": str(tmp_path / "out"),
+        "mask_guard": "warn",
+        **case,
+    }
+    report, ours = check_data(build_recipe(keys))
+    prepared = prepare(build_recipe(keys), tmp_path / "prepared")
+    saved = load_from_disk(str(prepared.path / "dataset"))
+
+    trainer_args = {k: v for k, v in keys.items() if k not in ("model_name_or_path", "dataset_name", "mask_guard")}
+    theirs = SFTTrainer(
+        model=model,
+        args=SFTConfig(**trainer_args, use_cpu=True, report_to="none"),
+        train_dataset=load_rows(str(data)),
+        processing_class=offline_tokenizers.load("qwen2"),
+    ).train_dataset
+    columns = ["input_ids", "labels"] + (["seq_lengths"] if case["packing"] else [])
+    for name in columns:
+        expected = theirs[name]
+        assert ours[name] == expected and saved[name] == expected, name
+    trainable = sum(sum(1 for t in labels if t != -100) for labels in theirs["labels"])
+    for counted in (report, prepared.report):
+        assert counted.trainable_tokens == trainable and counted.sequences == len(theirs)
+        assert counted.truncated_assistant_tokens > 0  # max_length cut answers: truncation was exercised
+    if not case["packing"]:
+        assert report.rows == len(theirs) + report.dropped_rows == 1500 and report.dropped_rows > 0
