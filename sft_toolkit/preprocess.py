@@ -496,8 +496,7 @@ def _tokenize_rows(
     encoded = None
     if rendered:
         try:
-            texts = [text for _, _, text, _ in rendered]
-            encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+            encoded = _encodings(tokenizer, [text for _, _, text, _ in rendered])
         except Exception:  # noqa: BLE001 - the row path tokenizes (and reports) each row on its own
             for k, *_ in rendered:
                 by_row[k] = _tokenize_row(rows[k], indices[k], **row_kwargs)
@@ -505,10 +504,32 @@ def _tokenize_rows(
     return _chat_table(len(rows), indices, by_row, rendered, encoded)
 
 
+def _encodings(tokenizer, texts: list[str]) -> list:
+    """The Rust encodings of `tokenizer(texts, add_special_tokens=False)`: straight from the backend's
+    `encode_batch` when that call would make no other change (transformers' own `__call__` and `_encode_plus`, no
+    truncation, padding or input-mode switch, special tokens split as the tokenizer says), which spares its Python
+    copies of every id list; through the call otherwise."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    backend = tokenizer.backend_tokenizer
+    if (
+        type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and not hasattr(tokenizer, "_switch_to_input_mode")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(tokenizer.split_special_tokens)
+    ):
+        return backend.encode_batch(texts, add_special_tokens=False)
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False).encodings
+
+
 def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, encoded):
-    """The batch's CHAT_COLUMNS as an Arrow table: the rendered rows' tokens, labels and counts from the batch
-    encoding in numpy (labels by transformers' mask rule, the zero-mask reason, the content-coverage problem from
-    the same render's spans), and the records `_tokenize_row` returned for the others, in batch order."""
+    """The batch's CHAT_COLUMNS as an Arrow table: the rendered rows' tokens, labels and counts from their
+    encodings (`encoded`, in `rendered`'s order) in numpy (labels by transformers' mask rule, the zero-mask
+    reason, the content-coverage problem from the same render's spans), and the records `_tokenize_row`
+    returned for the others, in batch order."""
     import numpy as np
     import pyarrow as pa
 
@@ -522,13 +543,13 @@ def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, enc
             scalars[name][k] = out[name]
     if rendered:
         positions = np.array([k for k, *_ in rendered])
-        lists = encoded["input_ids"]
+        lists = [encoding.ids for encoding in encoded]
         counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         token_counts[positions] = counts
         total = int(counts.sum())
         ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
         offsets = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encoded.encodings)),
+            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encoded)),
             dtype=np.int64,
             count=2 * total,
         )

@@ -392,3 +392,17 @@ def test_check_data_and_prepare_equal_sfttrainer_on_the_benchmarks_rows(setup, t
         assert counted.truncated_assistant_tokens > 0  # max_length cut answers: truncation was exercised
     if not case["packing"]:
         assert report.rows == len(theirs) + report.dropped_rows == 1500 and report.dropped_rows > 0
+
+
+def test_batch_encodings_equal_the_tokenizer_call_whatever_the_backend_was_left_with():
+    """The batch path reads the Rust encodings straight from the backend only when the tokenizer's own call would
+    change nothing: a backend left truncating (transformers switches that off for a call without truncation)
+    goes through the call, and gets every token."""
+    from sft_toolkit import preprocess
+
+    tokenizer = offline_tokenizers.load("qwen2")
+    texts = ["<|im_start|>user\nHello, world: é ☕<|im_end|>\n", "x"]
+    expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert [e.ids for e in preprocess._encodings(tokenizer, texts)] == expected
+    tokenizer.backend_tokenizer.enable_truncation(2)
+    assert [e.ids for e in preprocess._encodings(tokenizer, texts)] == expected
