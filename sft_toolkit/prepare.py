@@ -51,5 +51,5 @@ def prepare(recipe: Recipe, out_dir: str | Path, *, world_size: int = 1) -> Prep
     applied = {key: getattr(used.sft, key) for key in APPLIED}
     template = rendering_template(tokenizer, used.sft) if renders_conversations(used) else None
     manifest = build_manifest(keys, tokenizer, template, guarded.report, notes, applied, guarded.dataset)
-    path = save(out_dir, guarded.dataset, manifest, inputs)
+    path = save(out_dir, guarded.dataset, manifest, inputs, num_proc=used.sft.dataset_num_proc)
     return Prepared(report=guarded.report, notes=notes, manifest=manifest, path=path)

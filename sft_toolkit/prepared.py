@@ -147,13 +147,16 @@ def build_manifest(
     }
 
 
-def save(out_dir: str | Path, dataset, manifest: dict, inputs: Iterable[Input] = ()) -> Path:
+def save(
+    out_dir: str | Path, dataset, manifest: dict, inputs: Iterable[Input] = (), *, num_proc: int | None = None
+) -> Path:
     """Write DIR/dataset and DIR/manifest.json into a fresh folder renamed into place (`outputs.replace_dir`):
     DIR is replaced only when it is new, empty or a prepared directory the toolkit wrote, and never when it
-    is, holds or lies inside one of `inputs`."""
+    is, holds or lies inside one of `inputs`. `num_proc` (the recipe's dataset_num_proc): the dataset is written
+    in that many shards by as many processes, as its maps were, so the main process doesn't read every token."""
 
     def fill(folder: Path) -> None:
-        dataset.save_to_disk(str(folder / DATASET))
+        dataset.save_to_disk(str(folder / DATASET), num_proc=num_proc)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     return replace_dir(out_dir, KIND, fill, inputs)

@@ -365,3 +365,17 @@ def test_pretokenized_rows_need_no_template_markers(assets, tmp_path):
     )
     guarded = guard(build_recipe(keys))  # reject would stop a conversation dataset here
     assert guarded.report.ok and guarded.repairs.notes == ()
+
+
+def test_dataset_num_proc_saves_in_shards_what_one_process_saves(assets, tmp_path, capsys):
+    """With dataset_num_proc: 2 the prepared dataset is written by two processes, in shards (the main process
+    doesn't read every token); it holds what one process saves, and `show` reads it."""
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 2), max_length=64, mask_guard="warn")
+    prepare(build_recipe(keys), tmp_path / "one")
+    prepare(build_recipe({**keys, "dataset_num_proc": 2}), tmp_path / "two")
+    one = datasets.load_from_disk(str(tmp_path / "one" / "dataset"))
+    two = datasets.load_from_disk(str(tmp_path / "two" / "dataset"))
+    assert len(list((tmp_path / "two" / "dataset").glob("*.arrow"))) == 2
+    assert one.to_dict() == two.to_dict()
+    assert main(["show", str(tmp_path / "two"), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == len(one)
