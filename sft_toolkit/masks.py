@@ -724,10 +724,10 @@ def batch_assistant_mask(offsets, token_counts, spans, span_counts, widths) -> n
     token_row, span_row = np.repeat(rows, token_counts), np.repeat(rows, span_counts)
     base = np.concatenate([[0], np.cumsum(widths + 1)])[:-1]
     within = bool(
-        (token >= 0).all()
-        and (bounds >= 0).all()
-        and (token <= widths[token_row, None]).all()
-        and (bounds <= widths[span_row, None]).all()
+        (token.size == 0 or token.min() >= 0)
+        and (bounds.size == 0 or bounds.min() >= 0)
+        and (_row_maxima(token.max(axis=1, initial=0), token_counts) <= widths).all()
+        and (_row_maxima(bounds.max(axis=1, initial=0), span_counts) <= widths).all()
     )
     token = token + base[token_row, None]
     bounds = bounds + base[span_row, None]
@@ -747,3 +747,13 @@ def batch_assistant_mask(offsets, token_counts, spans, span_counts, widths) -> n
             for t_n, t_end, s_n, s_end in zip(token_counts, token_ends, span_counts, span_ends)
         ]
     )
+
+
+def _row_maxima(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The largest of each row's `values` (rows of `counts` values back to back; 0 for an empty row)."""
+    maxima = np.zeros(len(counts), dtype=np.int64)
+    filled = counts > 0
+    if filled.any():
+        starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        maxima[filled] = np.maximum.reduceat(values, starts[filled])
+    return maxima

@@ -116,13 +116,14 @@ ROW = st.tuples(
     st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=20),
     st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=4),
     st.booleans(),
-    st.integers(0, 8),
+    st.integers(-4, 8),
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(rows=st.lists(ROW, max_size=6))
 @example(rows=[([(0, 5)], [], True, 0), ([(6, 7)], [(0, 10)], True, 0)])  # in order only if rows overlap
+@example(rows=[([(0, 3)], [], True, -2), ([(1, 2)], [(0, 5)], True, 0)])  # a token past its text's width
 def test_batch_assistant_mask_is_each_rows_own_mask(rows):
     """The batch path's one search over a whole batch marks, row by row, what the row's own mask marks:
     rows without tokens or spans, rows whose spans would match the next row's tokens if positions weren't
@@ -134,7 +135,7 @@ def test_batch_assistant_mask_is_each_rows_own_mask(rows):
     for offsets, spans, ordered, slack in rows:
         if ordered:
             offsets, spans = sorted(offsets), sorted(spans, key=lambda s: s[1])
-        width = max([end for _, end in offsets + spans], default=0) + slack
+        width = max(max([end for _, end in offsets + spans], default=0) + slack, 0)
         shaped.append((offsets, spans, width))
     expected = [m for offsets, spans, _ in shaped for m in assistant_mask(offsets, spans).tolist()]
     found = batch_assistant_mask(
