@@ -351,7 +351,7 @@ def benchmark_conversations(path, n: int) -> None:
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
 def test_check_data_and_prepare_equal_sfttrainer_on_the_benchmarks_rows(setup, tmp_path, case):
-    """At the largest size CI affords (1500 of the benchmark's rows, ~0.8M tokens, the real Qwen2 vocabulary, two
+    """At the largest size CI affords (2000 of the benchmark's rows, ~1.1M tokens, the real Qwen2 vocabulary, two
     batches of the batch path): check-data's final dataset and the one `prepare` saves hold SFTTrainer's input_ids,
     labels and seq_lengths, and the report counts its sequences and trainable tokens."""
     from datasets import load_from_disk
@@ -360,7 +360,7 @@ def test_check_data_and_prepare_equal_sfttrainer_on_the_benchmarks_rows(setup, t
 
     _, _, tokenizer_dir, model = setup
     data = tmp_path / "benchmark.jsonl"
-    benchmark_conversations(data, 1500)
+    benchmark_conversations(data, 2000)
     keys = {
         "model_name_or_path": str(tokenizer_dir),
         "dataset_name": str(data),
@@ -391,7 +391,7 @@ def test_check_data_and_prepare_equal_sfttrainer_on_the_benchmarks_rows(setup, t
         assert counted.trainable_tokens == trainable and counted.sequences == len(theirs)
         assert counted.truncated_assistant_tokens > 0  # max_length cut answers: truncation was exercised
     if not case["packing"]:
-        assert report.rows == len(theirs) + report.dropped_rows == 1500 and report.dropped_rows > 0
+        assert report.rows == len(theirs) + report.dropped_rows == 2000 and report.dropped_rows > 0
 
 
 def test_batch_encodings_equal_the_tokenizer_call_whatever_the_backend_was_left_with():
