@@ -33,7 +33,19 @@ import torch
 
 from .check_data import Report, check_splits
 from .guarded import Change, Guarded, Repairs
-from .outputs import check_train_output, checkpoint_step, remove_checkpoint, remove_staging, rotate_checkpoints
+from .outputs import (
+    FINAL_SAVE,
+    STAGING,
+    check_train_output,
+    checkpoint_entries,
+    checkpoint_step,
+    place_final_save,
+    record_run_files,
+    remove_checkpoint,
+    remove_staging,
+    rotate_checkpoints,
+    run_file_problem,
+)
 from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
 from .problems import InputError
@@ -257,12 +269,21 @@ def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
             f"they could not be added automatically ({err}); place them by hand and check with "
             "`sft-toolkit lint`."
         ) from None
-    path = Path(recipe.sft.output_dir) / "training_chat_template.jinja"
+    path = Path(recipe.sft.output_dir) / REPAIRED_TEMPLATE
+    # Rewritten only when it holds these very bytes or a run recorded it (`outputs.RUN_FILES`); never a user's.
+    same = path.is_file() and not path.is_symlink() and path.read_bytes() == result.source.encode("utf-8")
+    problem = None if same else run_file_problem(path.parent, path.name)
+    if problem:
+        raise InputError(
+            f"{recipe.source}: output_dir: {problem}; mask_guard: repair writes the repaired chat template "
+            "there; nothing was changed; move it away or choose another output_dir"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     # Every rank writes the same text; a rename makes each write whole, so no rank reads a half-written file.
     staged = path.with_name(f".{path.name}.{os.getpid()}")
     staged.write_text(result.source, encoding="utf-8")
     os.replace(staged, path)
+    record_run_files(path.parent, [path.name])
     note = (
         f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
         f"byte-identically on the probe corpus and passes lint); training with {path}"
@@ -310,8 +331,9 @@ def drop_zero_trainable(dataset):
     return dataset.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels")
 
 
-# Checkpoints are written under output_dir/STAGING/checkpoint-N, then renamed to output_dir/checkpoint-N.
-STAGING = ".incomplete"
+# Checkpoints are written under output_dir/STAGING/checkpoint-N, then renamed to output_dir/checkpoint-N; the
+# final model under output_dir/STAGING/FINAL_SAVE, then moved into output_dir (`outputs.place_final_save`).
+REPAIRED_TEMPLATE = "training_chat_template.jinja"  # what mask_guard: repair writes in output_dir
 # Test hook (tests/test_faults.py): SFT_TOOLKIT_FAIL_AT="RANK:STEP" makes that rank raise an exception at that
 # step, to prove that one rank failing ends every rank. Unset, it costs one environment lookup per step.
 FAIL_AT_ENV = "SFT_TOOLKIT_FAIL_AT"
@@ -359,6 +381,7 @@ def guarded_trainer_class():
         """SFTTrainer plus the in-training guard (see the module docstring) and atomic checkpoints."""
 
         _staging = False
+        _finalizing = False
         _trainable_since_log = 0  # trainable tokens of the optimizer steps not logged yet (all ranks)
         eval_trainable_tokens: int | None = None  # the eval split's (check-data's count), logged with each eval
 
@@ -375,7 +398,36 @@ def guarded_trainer_class():
 
         def _get_output_dir(self, trial):
             run_dir = super()._get_output_dir(trial)
+            if self._finalizing:  # a folder that never exists: see _finalize_training
+                return os.path.join(run_dir, STAGING, f"{FINAL_SAVE}-cleanup-none")
             return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+        def _finalize_training(self, trial, num_train_samples, start_time):
+            """With save_total_limit 1 and a best checkpoint, transformers' `_finalize_training` rmtree's every
+            `checkpoint-*` folder of output_dir but the best one, checkpoint or not (a user's `checkpoint-7`
+            holding notes). It finds none here (its output_dir is pointed at a folder that does not exist), and
+            the same cleanup runs after it over the checkpoints `outputs.checkpoint_step` proves."""
+            self._finalizing = True
+            try:
+                output = super()._finalize_training(trial, num_train_samples, start_time)
+            finally:
+                self._finalizing = False
+            best = self.state.best_model_checkpoint
+            if self.args.should_save and best is not None and self.args.save_total_limit == 1:
+                for path in checkpoint_entries(self._get_output_dir(trial)):
+                    if checkpoint_step(path) is not None and not os.path.samefile(path, best):
+                        remove_checkpoint(path)
+            return output
+
+        def create_model_card(self, *args, **kwargs):
+            """TRL writes the model card to output_dir/README.md at every checkpoint save: only where no file
+            is, or over the card a run of the toolkit recorded (`check_train_output` refused a user's up front;
+            one put there since is kept, and the card not written); each written card is recorded."""
+            if not self.is_world_process_zero():
+                return
+            if run_file_problem(self.args.output_dir, "README.md") is None:
+                super().create_model_card(*args, **kwargs)
+                record_run_files(self.args.output_dir, ["README.md"])
 
         def _save_checkpoint(self, model, trial):
             """transformers writes checkpoint-N in place (weights, optimizer, scheduler, RNG, then
@@ -662,7 +714,15 @@ def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
         resume = last_complete_checkpoint(sft.output_dir, log)
         log(f"resume: from {resume}" if resume else f"resume: no complete checkpoint in {sft.output_dir}; from step 0")
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(sft.output_dir)
+    # Saved whole under the staging folder, then moved into output_dir over the files only a run recorded.
+    final = Path(sft.output_dir) / STAGING / FINAL_SAVE
+    if trainer.args.should_save and os.path.lexists(final):
+        remove_staging(final)  # left by a final save that was killed, in the toolkit's own staging folder
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(final))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        place_final_save(final, sft.output_dir)
     if recipe.toolkit.merge_adapter and trainer.is_world_process_zero():
         merged = merge_run(sft.output_dir, merged_dir(sft.output_dir), trust_remote_code=sft.trust_remote_code)
         log(f"merge_adapter: saved the merged model to {merged}")
