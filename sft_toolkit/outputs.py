@@ -457,7 +457,6 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
                 f"{where}: {collision}: training would write its checkpoints and weights there; "
                 "nothing was changed; choose another output_dir"
             )
-    check_run_files(out, where)
     resume = sft.resume_from_checkpoint
     resumes_here = False
     start = 0
@@ -482,10 +481,8 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
                 f"{where}: this run may save {entry.name}, and {entry} is {kind}, not a checkpoint the "
                 "trainer wrote; nothing was changed; move it away or choose another output_dir"
             )
-    if resumes_here:
-        return []
-    proven = [entry for entry in entries if checkpoint_step(entry) is not None]
-    models = [name for name in MODEL_FILES if os.path.lexists(out / name)]
+    proven = [] if resumes_here else [entry for entry in entries if checkpoint_step(entry) is not None]
+    models = [] if resumes_here else [name for name in MODEL_FILES if os.path.lexists(out / name)]
     if (proven or models) and not getattr(toolkit, "overwrite_output_dir", False):
         held = ", ".join([p.name for p in proven][:5] + models[:3]) + (" …" if len(proven) > 5 else "")
         raise InputError(
@@ -495,6 +492,7 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
             f"shows they are, and replaces only the files its {OWNER_FILE} record lists), or choose another "
             "output_dir"
         )
+    check_run_files(out, where)
     return proven
 
 

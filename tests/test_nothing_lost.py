@@ -15,6 +15,7 @@ The paths these cover, in the installed versions (transformers 5, TRL 1.16, PEFT
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,19 @@ def test_a_users_staging_folder_name_is_refused(home, no_training, kind):
     else:
         users_folder(staging)
     refused(home, ["train", "recipe.yaml"], "run/.incomplete")
+
+
+# --- merge -----------------------------------------------------------------------------------------------------
+
+
+def test_merge_never_removes_a_folder_beside_its_target(home, tiny_model):
+    write_recipe(home, model_name_or_path=str(tiny_model), use_peft=True, lora_r=4, **TRAINS)
+    code, err = run(["train", "recipe.yaml"], home)
+    assert code == 0, err
+    beside = [users_folder(home / f".merged.incomplete-{os.getpid()}"), users_folder(home / ".merged.incomplete-0")]
+    kept = {path: tree(path) for path in beside}
+    code, err = run(["merge", "run", "-o", "merged"], home)
+    assert code == 0, err
+    assert {path: tree(path) for path in beside} == kept
+    assert (home / "merged" / "model.safetensors").is_file()
+    assert sorted(p.name for p in home.iterdir() if p.name.startswith(".merged")) == sorted(p.name for p in beside)
