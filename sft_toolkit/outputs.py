@@ -492,7 +492,7 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
             f"shows they are, and replaces only the files its {OWNER_FILE} record lists), or choose another "
             "output_dir"
         )
-    check_run_files(out, where)
+    check_run_files(out, f"{recipe.source}: output_dir")
     return proven
 
 
@@ -652,17 +652,24 @@ def check_run_files(output_dir: str | Path, where: str) -> None:
 def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
     """Move the files of a final save made in `staged` to the top of output_dir, each replacing only a file the
     toolkit recorded (`run_file_problem`), and record them; the earlier run's recorded weights the new save does
-    not rewrite are removed. Returns the names placed. InputError (nothing moved; the save kept in `staged`)
-    when a file in the way is not provably the toolkit's."""
+    not rewrite are removed. A folder in the save moves only where nothing is. Returns the file names placed.
+    InputError (nothing moved; the save kept in `staged`) when something in the way is not provably the
+    toolkit's."""
     staged, folder = Path(staged), Path(output_dir)
-    names = sorted(p.name for p in staged.iterdir())
+    names = sorted(p.name for p in staged.iterdir() if not p.is_dir())
+    # A folder in the save (DeepSpeed's global_stepN when ZeRO-3 does not gather the weights) goes in only new.
+    folders = sorted(p.name for p in staged.iterdir() if p.is_dir())
     record = run_record(folder)
-    for name in names:
-        problem = run_file_problem(folder, name, record)
-        if problem or (staged / name).is_dir():
+    for name in names + folders:
+        problem = (
+            (f"{folder / name} exists" if os.path.lexists(folder / name) else None)
+            if name in folders
+            else run_file_problem(folder, name, record)
+        )
+        if problem:
             raise InputError(
-                f"{folder}: {problem or f'{name} is a folder in the save'}; the trained model was kept whole at "
-                f"{staged}: move {name} away and move the files of {staged} into {folder} yourself"
+                f"{folder}: {problem}, in the way of the final save; it was kept, and the trained model kept "
+                f"whole at {staged}: move {name} away and move the files of {staged} into {folder} yourself"
             )
     stale = [
         name
@@ -674,6 +681,8 @@ def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
     ]
     for name in names:
         os.replace(staged / name, folder / name)
+    for name in folders:
+        os.rename(staged / name, folder / name)  # (absent: checked above)
     for name in stale:
         (folder / name).unlink()
     with contextlib.suppress(OSError):  # leave no empty staging folders behind

@@ -211,3 +211,27 @@ def test_merge_never_removes_a_folder_beside_its_target(home, tiny_model):
     assert {path: tree(path) for path in beside} == kept
     assert (home / "merged" / "model.safetensors").is_file()
     assert sorted(p.name for p in home.iterdir() if p.name.startswith(".merged")) == sorted(p.name for p in beside)
+
+
+def test_the_final_save_is_placed_over_recorded_files_only(tmp_path):
+    run_dir, staged = tmp_path / "run", tmp_path / "run" / outputs.STAGING / outputs.FINAL_SAVE
+    staged.mkdir(parents=True)
+    (run_dir / "model.safetensors").write_text("an earlier run's weights")
+    (run_dir / "model-00001-of-00002.safetensors").write_text("the user's shard, never recorded")
+    outputs.record_run_files(run_dir, ["model.safetensors"])
+    for name in ("model.safetensors.index.json", "model-00001-of-00001.safetensors", "config.json"):
+        (staged / name).write_text(f"new {name}")
+    (run_dir / "config.json").write_text("the user's, put there during the run")
+    before = tree(tmp_path)
+    with pytest.raises(InputError, match=r"run/config.json is not a file sft-toolkit wrote.*kept whole at"):
+        outputs.place_final_save(staged, run_dir)
+    assert tree(tmp_path) == before  # nothing moved
+    (run_dir / "config.json").unlink()
+    placed = outputs.place_final_save(staged, run_dir)
+    assert placed == sorted(
+        p.name for p in run_dir.iterdir() if p.name.startswith(("config", "model.s", "model-00001-of-00001"))
+    )
+    assert not (run_dir / "model.safetensors").exists()  # the earlier run's weights: recorded, and stale now
+    assert (run_dir / "model-00001-of-00002.safetensors").read_text() == "the user's shard, never recorded"
+    assert not (run_dir / outputs.STAGING).exists()
+    assert all(outputs.run_file_problem(run_dir, name) is None for name in placed)
