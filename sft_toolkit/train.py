@@ -273,6 +273,8 @@ def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
     # Rewritten only when it holds these very bytes or a run recorded it (`outputs.RUN_FILES`); never a user's.
     same = path.is_file() and not path.is_symlink() and path.read_bytes() == result.source.encode("utf-8")
     problem = None if same else run_file_problem(path.parent, path.name)
+    if os.path.lexists(path.parent) and not path.parent.is_dir():
+        problem = f"{path.parent} is a file, not a folder"
     if problem:
         raise InputError(
             f"{recipe.source}: output_dir: {problem}; mask_guard: repair writes the repaired chat template "
@@ -415,7 +417,7 @@ def guarded_trainer_class():
             best = self.state.best_model_checkpoint
             if self.args.should_save and best is not None and self.args.save_total_limit == 1:
                 for path in checkpoint_entries(self._get_output_dir(trial)):
-                    if checkpoint_step(path) is not None and not os.path.samefile(path, best):
+                    if checkpoint_step(path) is not None and os.path.realpath(path) != os.path.realpath(best):
                         remove_checkpoint(path)
             return output
 

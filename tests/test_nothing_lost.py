@@ -9,8 +9,10 @@ The paths these cover, in the installed versions (transformers 5, TRL 1.16, PEFT
 - the final `save_model(output_dir)` writes the model, tokenizer and training_args.bin over files of those names,
   and `save_pretrained` deletes `model-0000N-of-0000M.safetensors` files it does not rewrite;
 - the mask guard's repair writes output_dir/training_chat_template.jinja;
-- quickstart builds its assets beside the recipe's model, and rebuilt an incomplete `tiny-chat` by deleting it;
-- `check-data --report FILE` also writes the Markdown report beside FILE.
+- quickstart builds its assets beside the recipe's model, where a `tiny-chat` folder may be the user's;
+- `check-data --report FILE` also writes the Markdown report beside FILE;
+- `merge -o DIR` stages the merged model beside DIR;
+- a killed `prepare -o DIR` leaves `.DIR.partial-*`, which the next prepare names (and never removes).
 """
 
 from __future__ import annotations
@@ -235,3 +237,10 @@ def test_the_final_save_is_placed_over_recorded_files_only(tmp_path):
     assert (run_dir / "model-00001-of-00002.safetensors").read_text() == "the user's shard, never recorded"
     assert not (run_dir / outputs.STAGING).exists()
     assert all(outputs.run_file_problem(run_dir, name) is None for name in placed)
+
+
+def test_an_output_dir_link_is_checked_where_it_points(home, no_training):
+    (home / "elsewhere").mkdir()
+    (home / "elsewhere" / "README.md").write_text("the README of the folder the link points to")
+    (home / "run").symlink_to(home / "elsewhere")
+    refused(home, ["train", "recipe.yaml"], "run/README.md is not a file sft-toolkit wrote")
