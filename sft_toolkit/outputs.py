@@ -656,7 +656,7 @@ def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
     InputError (nothing moved; the save kept in `staged`) when something in the way is not provably the
     toolkit's."""
     staged, folder = Path(staged), Path(output_dir)
-    if not staged.is_dir():  # nothing saved (FSDP's sharded state dict saves no final model)
+    if not staged.is_dir():  # nothing saved (a backend whose save_model writes no file on this rank)
         return []
     names = sorted(p.name for p in staged.iterdir() if not p.is_dir())
     # A folder in the save (DeepSpeed's global_stepN when ZeRO-3 does not gather the weights) goes in only new.

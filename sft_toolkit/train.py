@@ -304,6 +304,12 @@ def packing_isolation(trainer, *, use_cache: bool = False) -> float:
     attention from `position_ids`. transformers does that for sdpa/eager only without a cache, and
     remote-code models may not at all, so we measure it on the real model and collator, the same forward
     `compute_loss` makes (`use_cache=False`), instead of trusting it.
+
+    The probe runs before the training engine wraps the model, where the weights may not be whole on every
+    rank: under DeepSpeed ZeRO-3 they are partitioned (gathered here for the two short forwards: measured on
+    an H200, a forward on the partitions fails with "Padding_idx must be within num_embeddings"), and with
+    FSDP's `cpu_ram_efficient_loading` the ranks other than the first hold meta tensors. A rank that cannot
+    run the forward takes the largest difference measured by the ranks that can, so every rank decides alike.
     """
     tokenizer = trainer.processing_class
     first = tokenizer("The first conversation talks about kilometres.", add_special_tokens=False)["input_ids"]
@@ -315,18 +321,75 @@ def packing_isolation(trainer, *, use_cache: bool = False) -> float:
     packed = trainer.data_collator([example(first + second, [len(first), len(second)])])
     alone = trainer.data_collator([example(second, [len(second)])])
     model = trainer.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            keep = {"input_ids", "attention_mask", "position_ids"}
-            run = {k: v.to(model.device) for k, v in packed.items() if k in keep}
-            solo = {k: v.to(model.device) for k, v in alone.items() if k in keep}
-            packed_logits = model(**run, use_cache=use_cache).logits[0, len(first) : len(first) + len(second)]
-            alone_logits = model(**solo, use_cache=use_cache).logits[0, : len(second)]
-    finally:
-        model.train(was_training)
-    return float((packed_logits.float() - alone_logits.float()).abs().max())
+    difference = None
+    with whole_weights(model):
+        if not any(parameter.is_meta for parameter in model.parameters()):
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    keep = {"input_ids", "attention_mask", "position_ids"}
+                    run = {k: v.to(model.device) for k, v in packed.items() if k in keep}
+                    solo = {k: v.to(model.device) for k, v in alone.items() if k in keep}
+                    logits = model(**run, use_cache=use_cache).logits[0, len(first) : len(first) + len(second)]
+                    alone_logits = model(**solo, use_cache=use_cache).logits[0, : len(second)]
+            finally:
+                model.train(was_training)
+            difference = float((logits.float() - alone_logits.float()).abs().max())
+    return shared_maximum(difference)
+
+
+def whole_weights(model):
+    """A context in which the model's weights are whole on this rank: ZeRO-3's partitions gathered (every rank
+    must enter it, as every rank runs `train`), nothing to do otherwise."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def shared_maximum(value: float | None) -> float:
+    """The largest of every rank's `value` (None: this rank could not measure); the value itself on one
+    process. Raises when no rank measured anything."""
+    import torch.distributed as dist
+
+    values = [value]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+    measured = [v for v in values if v is not None]
+    if not measured:
+        raise RuntimeError(
+            "the packing-isolation probe found the model's weights on the meta device on every rank; "
+            "load the model with its weights on at least one rank (fsdp_cpu_ram_efficient_loading keeps them on "
+            "the first), or set packing: false"
+        )
+    return max(measured)
+
+
+def whole_final_save(trainer, log=print) -> None:
+    """Make the final `save_model` write the whole model under FSDP with a sharded state dict.
+
+    transformers' `save_model` writes model weights under FSDP only for `FULL_STATE_DICT`
+    (transformers/trainer.py, `save_model`); with `SHARDED_STATE_DICT` it writes nothing, so output_dir ends
+    with no model and `from_pretrained(output_dir)` fails (measured on an H200: "Unrecognized model ... Should
+    have a `model_type` key"). `trl sft` calls `save_model` as it is; the toolkit switches the final save to the
+    full state dict, as alignment-handbook's scripts do, and says so. The checkpoints keep the sharded type.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        return
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    if trainer.is_world_process_zero():
+        log(
+            "fsdp: checkpoints were saved with a sharded state dict; the final model is saved with the full one, "
+            "so output_dir loads with from_pretrained"
+        )
 
 
 def drop_zero_trainable(dataset):
@@ -716,6 +779,7 @@ def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
         resume = last_complete_checkpoint(sft.output_dir, log)
         log(f"resume: from {resume}" if resume else f"resume: no complete checkpoint in {sft.output_dir}; from step 0")
     result = trainer.train(resume_from_checkpoint=resume)
+    whole_final_save(trainer, log)
     # Saved whole under the staging folder, then moved into output_dir over the files only a run recorded.
     final = Path(sft.output_dir) / STAGING / FINAL_SAVE
     if trainer.args.should_save and os.path.lexists(final):
