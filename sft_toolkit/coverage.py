@@ -22,6 +22,13 @@ tool calls without its content), which this check can't judge. But a row in whic
 message's text is found at all, while its mask trains something, trains only markup: that is
 `assistant_content_untrained`, on the first such message. A user text found trained inside what is also an
 assistant message's text (a system prompt the template drops, quoted by the answer) is not a failure either.
+
+Prompt/completion rows (TRL's `completion_only_loss`) are held to the same rules with the prompt as context: the
+completion's assistant messages must be trained, and no character of the prompt's text may be, whatever the
+role that wrote it (`prompt_text_trained`): TRL starts the completion where the prompt rendered alone (with the
+generation prompt) and prompt + completion stop agreeing, and only warns when that is inside the prompt (a
+template that renders the prompt differently when a completion follows, tokens merged across the boundary).
+The trained characters of such a row are its trained tokens' offsets (`trained_spans`), not generation spans.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 
 ASSISTANT_CONTENT_UNTRAINED = "assistant_content_untrained"
 NON_ASSISTANT_TEXT_TRAINED = "non_assistant_text_trained"
+PROMPT_TEXT_TRAINED = "prompt_text_trained"
 REASONING_END = "</think>"
 
 
@@ -41,6 +49,25 @@ class CoverageProblem:
 
     reason: str
     message: int
+
+
+def columns(problems: list[CoverageProblem] = ()) -> dict:
+    """A tokenized row's coverage columns: its first problem (`coverage_reason`, `coverage_message`; "" and -1
+    when none) and every problem, in message order, as JSON `[[reason, message], ...]` (`coverage_problems`;
+    "" when none: a string column types the same in every batch)."""
+    first = problems[0] if problems else CoverageProblem("", -1)
+    every = json.dumps([[p.reason, p.message] for p in problems]) if problems else ""
+    return {"coverage_reason": first.reason, "coverage_message": first.message, "coverage_problems": every}
+
+
+def problems_from(column: str) -> list[CoverageProblem]:
+    """The problems `columns` wrote into `coverage_problems`."""
+    return [CoverageProblem(reason, message) for reason, message in json.loads(column)] if column else []
+
+
+def trained_spans(offsets, labels) -> list[tuple[int, int]]:
+    """The characters a row trains: the offsets of its tokens whose label is not -100."""
+    return [tuple(offset) for offset, label in zip(offsets, labels) if label != -100]
 
 
 class TrainedSpans:
@@ -138,23 +165,25 @@ def _find_trained(text: str, piece: str, start: int, stop, trained: TrainedSpans
 
 
 def coverage_problems(
-    text: str, spans, messages: list[dict], trained_messages: set[int] | None = None
+    text: str, spans, messages: list[dict], trained_messages: set[int] | None = None, prompt_messages: int = 0
 ) -> list[CoverageProblem]:
     """What the row's trained spans get wrong, one problem per offending message, in message order.
 
     `trained_messages`: the assistant messages the row trains (default: all); the others are exempt.
+    `prompt_messages`: how many leading messages are a prompt/completion row's prompt (context whatever their
+    role: any trained character of their text is PROMPT_TEXT_TRAINED).
     """
     trained = TrainedSpans(spans)
     if not trained.starts:
         return []  # nothing trained: the zero-mask accounting reports the row
-    assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= prompt_messages]
     if trained_messages is None:
         trained_messages = set(assistant)
     problems, missing, found_any = [], [], False
     assistant_regions: list[tuple[int, int]] = []
     cursor = 0
     for j, message in enumerate(messages):
-        if message.get("role") == "assistant":
+        if message.get("role") == "assistant" and j >= prompt_messages:
             pieces = content_pieces(message) + call_pieces(message)
             end, untrained, lost = cursor, False, False
             for piece in pieces:
@@ -181,7 +210,9 @@ def coverage_problems(
             if trained.any_trained(*at):
                 if _inside_assistant_text(text, at, messages, assistant):
                     continue  # can't be told from an answer that quotes it: no verdict, and no anchor either
-                problems.append(CoverageProblem(NON_ASSISTANT_TEXT_TRAINED, j))
+                problems.append(
+                    CoverageProblem(PROMPT_TEXT_TRAINED if j < prompt_messages else NON_ASSISTANT_TEXT_TRAINED, j)
+                )
                 break
             cursor = at[1]
     if missing and not found_any and not any(p.reason == ASSISTANT_CONTENT_UNTRAINED for p in problems):

@@ -366,7 +366,7 @@ def _tokenize_row(
     from trl.data_utils import _tokenize
 
     problem = row_problem(example)
-    out = {**row_record(index, problem), "coverage_reason": "", "coverage_message": -1}
+    out = {**row_record(index, problem), **coverage.columns()}
     if problem:
         return out
     tools = example.get("tools")
@@ -431,13 +431,12 @@ def _tokenize_row(
         out["reason"] = reason
     if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
         found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
-        if found:
-            out.update(coverage_reason=found.reason, coverage_message=found.message)
+        out.update(coverage.columns(found))
     return out
 
 
 # The columns every chat row comes out with (`_tokenize_row`), in this order.
-CHAT_COLUMNS = (*row_record(0), "coverage_reason", "coverage_message")
+CHAT_COLUMNS = (*row_record(0), *coverage.columns())
 
 
 def _tokenize_rows(
@@ -547,15 +546,13 @@ def _row_from_encoding(index, messages, text, spans, ids, offsets) -> dict:
     trainable = len(trained)
     span = max(int(trained[-1]) + 1, len(ids) - int(trained[0])) if trainable else 0
     labels = np.where(mask, np.asarray(ids, dtype=np.int64), -100).tolist()
-    out = {**row_record(index), "coverage_reason": "", "coverage_message": -1}
+    out = {**row_record(index), **coverage.columns()}
     out.update(input_ids=list(ids), labels=labels, n_trainable=trainable, span=span)
     reason = zero_reason(messages)
     if trainable == 0 or reason == EMPTY_ASSISTANT_CONTENT:
         out["reason"] = reason
     elif CHECK_COVERAGE:
-        found = coverage.coverage_problems(text, spans, messages)
-        if found:
-            out.update(coverage_reason=found[0].reason, coverage_message=found[0].message)
+        out.update(coverage.columns(coverage.coverage_problems(text, spans, messages)))
     return out
 
 
@@ -565,8 +562,8 @@ def _template_variables(tokenizer, example) -> dict:
     return {**tokenizer.special_tokens_map, **(example.get("chat_template_kwargs") or {})}
 
 
-def _coverage(tokenizer, template, tools, example, messages, kept) -> coverage.CoverageProblem | None:
-    """The row's first content-coverage problem (sft_toolkit/coverage.py), from its render's spans.
+def _coverage(tokenizer, template, tools, example, messages, kept) -> list[coverage.CoverageProblem]:
+    """The row's content-coverage problems (sft_toolkit/coverage.py), from its render's spans.
 
     `kept`: the trained assistant messages under per-message control (None: all of them, `messages` carry
     no control fields)."""
@@ -582,9 +579,8 @@ def _coverage(tokenizer, template, tools, example, messages, kept) -> coverage.C
         if kept is not None:
             spans = [span for i, own in control.assign_spans(messages, rendered).items() if i in kept for span in own]
     except (InputError, TemplateRaised, RenderLimit, control.MappingError):
-        return None  # the same render succeeded while tokenizing; nothing more to say here
-    found = coverage.coverage_problems(rendered.text, spans, messages, kept)
-    return found[0] if found else None
+        return []  # the same render succeeded while tokenizing; nothing more to say here
+    return coverage.coverage_problems(rendered.text, spans, messages, kept)
 
 
 def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int]]:
@@ -665,7 +661,8 @@ def tokenize(
     dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing", policy=None
 ):
     """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem (and, for
-    conversations, coverage_reason / coverage_message: the row's content-coverage problem, see `_coverage`).
+    conversations and prompt/completion rows, coverage_reason / coverage_message / coverage_problems: the row's
+    content-coverage problems, see `coverage.columns`).
 
     `policy` (a `policy.TurnPolicy`, default: every assistant message) and the messages' own `train`
     fields decide which assistant messages are trained; rows they don't concern keep TRL's mask as it is.
@@ -709,7 +706,8 @@ def _chat_features():
     from datasets import Features, List, Value
 
     ints, text = Value("int64"), Value("string")
-    types = {"input_ids": List(ints), "labels": List(ints), "reason": text, "problem": text, "coverage_reason": text}
+    types = {"input_ids": List(ints), "labels": List(ints), "reason": text, "problem": text}
+    types.update(coverage_reason=text, coverage_problems=text)
     return Features({name: types.get(name, ints) for name in CHAT_COLUMNS})
 
 
@@ -768,7 +766,7 @@ def _prompt_completion_row(
     from trl.data_utils import _tokenize, common_prefix_length
 
     prompt, completion = example.get("prompt"), example.get("completion")
-    out = row_record(index, _prompt_completion_problem(prompt, completion, policy))
+    out = {**row_record(index, _prompt_completion_problem(prompt, completion, policy)), **coverage.columns()}
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -817,7 +815,47 @@ def _prompt_completion_row(
         out["reason"] = EMPTY_COMPLETION
     elif trainable == 0:
         out["reason"] = zero_reason(example["completion"]) if isinstance(example["prompt"], list) else EMPTY_COMPLETION
+    if (completion_only_loss or assistant_only_loss) and not out["reason"] and CHECK_COVERAGE:
+        found = _prompt_completion_coverage(tokenizer, template, example, prompt, completion, ids, labels)
+        out.update(coverage.columns(found))
     return out
+
+
+def _prompt_completion_coverage(
+    tokenizer, template, example, prompt, completion, ids, labels
+) -> list[coverage.CoverageProblem]:
+    """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
+    trained tokens held against its prompt (none may be trained) and its completion's assistant messages (all
+    must be). The row's text is tokenized once more for the tokens' offsets, and must give the row's ids; a
+    tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0)
+    and the completion (message 1), tokenized as TRL does: with the tokenizer's special tokens (`completion`:
+    with eos where TRL appends it; conversational rows: canonical messages)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return []
+    if isinstance(prompt, list):
+        messages = prompt + completion
+        tools = example.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        try:
+            text = render(
+                tokenizer.get_chat_template(template, tools),
+                messages,
+                tools=tools,
+                template_kwargs=_template_variables(tokenizer, example),
+                placeholders=False,
+            ).text
+        except (InputError, TemplateRaised, RenderLimit):
+            return []  # the same render succeeded while tokenizing; nothing more to say here
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["completion"]}]
+        text = prompt + completion
+        encoded = tokenizer(text, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != ids:
+        return []  # not the row's tokens (a template that renders differently on each call): no verdict
+    spans = coverage.trained_spans(encoded["offset_mapping"], labels)
+    prompt_messages = len(prompt) if isinstance(prompt, list) else 1
+    return coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
 
 
 def _prompt_completion_problem(prompt, completion, policy) -> str:
