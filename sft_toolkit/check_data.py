@@ -332,6 +332,7 @@ COVERAGE_KINDS = {
     coverage.ASSISTANT_CONTENT_UNTRAINED: "leave assistant text untrained",
     coverage.NON_ASSISTANT_TEXT_TRAINED: "train user/system/tool text",
     coverage.PROMPT_TEXT_TRAINED: "train prompt text",
+    coverage.GENERATION_PROMPT_TRAINED: "train the generation prompt",
 }
 
 
@@ -488,6 +489,9 @@ REASON_HELP = {
     "rendered alone (with the generation prompt) stops matching prompt + completion, which is inside the prompt "
     "(a template that renders the prompt differently when a completion follows, or tokens merged across the "
     "boundary): make the template render the prompt the same way, or end the prompt on a token boundary",
+    coverage.GENERATION_PROMPT_TRAINED: "the markup this prompt ends with at inference (its end of turn, the "
+    "generation prompt) is trained in front of the completion: the template ends the prompt differently when "
+    "rendered alone; make it render the prompt the same way in both cases",
 }
 
 

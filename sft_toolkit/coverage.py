@@ -29,6 +29,10 @@ role that wrote it (`prompt_text_trained`): TRL starts the completion where the 
 generation prompt) and prompt + completion stop agreeing, and only warns when that is inside the prompt (a
 template that renders the prompt differently when a completion follows, tokens merged across the boundary).
 The trained characters of such a row are its trained tokens' offsets (`trained_spans`), not generation spans.
+Where the two renders part in the markup between the prompt's text and the completion's (a template that ends
+the last prompt turn differently when a generation prompt follows), no text is trained but the markup is: what
+the prompt rendered alone ends with (the generation prompt, which inference supplies) is trained in front of the
+completion's text (`generation_prompt_trained`, on the last prompt message; `generation_prompt_problem`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 ASSISTANT_CONTENT_UNTRAINED = "assistant_content_untrained"
 NON_ASSISTANT_TEXT_TRAINED = "non_assistant_text_trained"
 PROMPT_TEXT_TRAINED = "prompt_text_trained"
+GENERATION_PROMPT_TRAINED = "generation_prompt_trained"
 REASONING_END = "</think>"
 
 
@@ -218,6 +223,48 @@ def coverage_problems(
     if missing and not found_any and not any(p.reason == ASSISTANT_CONTENT_UNTRAINED for p in problems):
         problems.append(CoverageProblem(ASSISTANT_CONTENT_UNTRAINED, missing[0]))
     return sorted(problems, key=lambda p: p.message)
+
+
+def generation_prompt_problem(
+    text: str, spans, messages: list[dict], prompt_messages: int, prompt_alone
+) -> CoverageProblem | None:
+    """GENERATION_PROMPT_TRAINED when a trained, non-blank character in front of the completion's first text
+    belongs to the end the prompt rendered alone (`prompt_alone()`, asked only then) shares with the render up to
+    that text: markup inference supplies, trained as if the model wrote it. Markup of the completion's own (an
+    empty think block) and the prompt's end that the full render drops (TRL's `common_prefix_length` case) are
+    not."""
+    trained = TrainedSpans(spans)
+    start = _completion_start(text, messages, prompt_messages)
+    if not trained.starts or start is None or trained.starts[0] >= start:
+        return None
+    first = trained.starts[0]
+    if not any(
+        not c.isspace() and trained.all_trained(first + i, first + i + 1) for i, c in enumerate(text[first:start])
+    ):
+        return None
+    prompt, shared = prompt_alone(), 0
+    while shared < min(len(prompt), start - first) and prompt[-1 - shared] == text[start - 1 - shared]:
+        shared += 1
+    end = text[start - shared : start]
+    if any(
+        not c.isspace() and trained.all_trained(start - shared + i, start - shared + i + 1) for i, c in enumerate(end)
+    ):
+        return CoverageProblem(GENERATION_PROMPT_TRAINED, prompt_messages - 1)
+    return None
+
+
+def _completion_start(text: str, messages: list[dict], prompt_messages: int) -> int | None:
+    """Where the first text of the completion's messages shows, after the prompt's texts (None: it doesn't)."""
+    cursor = 0
+    for message in messages[:prompt_messages]:
+        for piece in content_pieces(message):
+            if (at := _find(text, piece, cursor)) is not None:
+                cursor = at[1]
+    for message in messages[prompt_messages:]:
+        for piece in content_pieces(message) + call_pieces(message):
+            if (at := _find(text, piece, cursor)) is not None:
+                return at[0]
+    return None
 
 
 def _next_anchor(text: str, messages: list[dict], j: int, cursor: int) -> int:

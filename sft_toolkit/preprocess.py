@@ -825,25 +825,32 @@ def _prompt_completion_coverage(
     tokenizer, template, example, prompt, completion, ids, labels
 ) -> list[coverage.CoverageProblem]:
     """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
-    trained tokens held against its prompt (none may be trained) and its completion's assistant messages (all
-    must be). The row's text is tokenized once more for the tokens' offsets, and must give the row's ids; a
-    tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0)
-    and the completion (message 1), tokenized as TRL does: with the tokenizer's special tokens (`completion`:
-    with eos where TRL appends it; conversational rows: canonical messages)."""
+    trained tokens held against its prompt (none may be trained, nor, for conversational rows, the generation
+    prompt) and its completion's assistant messages (all must be). The row's text is tokenized once more for the
+    tokens' offsets, and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row
+    unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
+    the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
+    messages)."""
     if not getattr(tokenizer, "is_fast", False):
         return []
-    if isinstance(prompt, list):
+    conversational = isinstance(prompt, list)
+    if conversational:
         messages = prompt + completion
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
-        try:
-            text = render(
+
+        def rendered(conversation, add_generation_prompt=False) -> str:
+            return render(
                 tokenizer.get_chat_template(template, tools),
-                messages,
+                conversation,
+                add_generation_prompt=add_generation_prompt,
                 tools=tools,
                 template_kwargs=_template_variables(tokenizer, example),
                 placeholders=False,
             ).text
+
+        try:
+            text = rendered(messages)
         except (InputError, TemplateRaised, RenderLimit):
             return []  # the same render succeeded while tokenizing; nothing more to say here
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -854,8 +861,18 @@ def _prompt_completion_coverage(
     if list(encoded["input_ids"]) != ids:
         return []  # not the row's tokens (a template that renders differently on each call): no verdict
     spans = coverage.trained_spans(encoded["offset_mapping"], labels)
-    prompt_messages = len(prompt) if isinstance(prompt, list) else 1
-    return coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
+    prompt_messages = len(prompt) if conversational else 1
+    found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
+    if conversational:
+        try:
+            boundary = coverage.generation_prompt_problem(
+                text, spans, messages, prompt_messages, lambda: rendered(prompt, add_generation_prompt=True)
+            )
+        except (InputError, TemplateRaised, RenderLimit):
+            boundary = None  # the same render succeeded while tokenizing
+        if boundary is not None:
+            found = sorted([*found, boundary], key=lambda problem: problem.message)
+    return found
 
 
 def _prompt_completion_problem(prompt, completion, policy) -> str:

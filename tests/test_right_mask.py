@@ -140,6 +140,41 @@ def test_a_prompt_rendered_alike_trains_exactly_the_completion_and_its_end_of_tu
     assert code == 0 and report["coverage_problem_rows"] == []
 
 
+def test_a_prompt_whose_end_of_turn_differs_alone_trains_the_generation_prompt(tokenizer, tmp_path):
+    """The prompt's last turn ends with another marker when the generation prompt follows: the renders part
+    after the user's text, so no prompt text is trained, but the user's end of turn and the assistant header,
+    which inference supplies, are."""
+    template = (
+        "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content }}"
+        "{%- if loop.last and add_generation_prompt %}{{ '<|endoftext|>\\n' }}{%- else %}{{ '<|im_end|>\\n' }}"
+        "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    row = {"prompt": PROMPT[1:], "completion": [ANSWER]}
+    (record,) = tokenized(tokenizer, template, [row])
+    _, completion_mask = trl_completion_mask(tokenizer, template, row)
+    assert [label != -100 for label in record["labels"]] == [bool(bit) for bit in completion_mask]
+    assert (
+        trained_text(tokenizer, record) == "<|im_end|>\n<|im_start|>assistant\n" + ANSWER["content"] + "<|im_end|>\n"
+    )
+    code, report, _ = check(tmp_path, [row], template)
+    assert code == 1
+    assert report["coverage_problem_rows"][0]["problems"] == [{"reason": "generation_prompt_trained", "message": 0}]
+
+
+def test_a_prompt_end_the_full_render_drops_is_not_a_failure(tokenizer):
+    """TRL's own case for `common_prefix_length`: the generation prompt ends with an empty thought block that
+    prompt + completion drops. The completion starts after the shared part, and trains the completion alone."""
+    template = CHATML_WITH_TOOLS.replace(
+        "{{ '<|im_start|>assistant\\n' }}{%- endif %}", "{{ '<|im_start|>assistant\\n<think></think>' }}{%- endif %}"
+    )
+    row = {"prompt": PROMPT[1:], "completion": [ANSWER]}
+    (record,) = tokenized(tokenizer, template, [row])
+    prompt_ids = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True, chat_template=template)["input_ids"]
+    assert common_prefix_length(prompt_ids, record["input_ids"]) < len(prompt_ids)  # TRL warns here
+    assert trained_text(tokenizer, record) == ANSWER["content"] + "<|im_end|>\n"
+    assert not record["coverage_reason"]
+
+
 TOOL_COMPLETION = [
     {
         "role": "assistant",
@@ -175,7 +210,8 @@ def test_an_earlier_assistant_turn_in_the_prompt_is_prompt_text(tokenizer):
     (record,) = tokenized(tokenizer, template, [{"prompt": shots, "completion": [ANSWER]}])
     assert "Madrid, of course." in trained_text(tokenizer, record)
     found = json.loads(record["coverage_problems"])
-    assert found == [["prompt_text_trained", 1], ["prompt_text_trained", 2]]
+    # and the assistant header after them, which inference supplies
+    assert found == [["prompt_text_trained", 1], ["prompt_text_trained", 2], ["generation_prompt_trained", 2]]
 
 
 # ------------------------------------------------------------------------------ plain-text prompt/completion
