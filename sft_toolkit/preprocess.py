@@ -941,6 +941,15 @@ def from_tokens(dataset, sft):
     dataset without a mask would silently train user turns too: refused here.
     """
     columns = dataset.column_names
+    if "completion_mask" in columns and "labels" not in columns and sft.completion_only_loss is None:
+        raise InputError(
+            "the dataset is pre-tokenized with a 'completion_mask' column, which the trainer applies only with "
+            "completion_only_loss: true (unset, TRL turns it off for rows without 'prompt'/'completion', and every "
+            "token the mask leaves out would be trained); set completion_only_loss: true to train what the mask "
+            "marks, or false to train every token"
+        )
+    # With `labels`, TRL ignores the mask columns: each row's labels must then train what its masks mark.
+    ignored = [c for c in ("assistant_masks", "completion_mask") if c in columns] if "labels" in columns else []
     if "labels" in columns:
         label_from = ["labels"]  # kept as is, like TRL; checked against input_ids below
     else:
@@ -957,15 +966,16 @@ def from_tokens(dataset, sft):
         _tokens_row,
         with_indices=True,
         remove_columns=columns,
-        fn_kwargs={"label_from": label_from, "code_salt": _code_salt()},
+        fn_kwargs={"label_from": label_from, "code_salt": _code_salt(), "ignored": ignored},
         **_map_kwargs(dataset, sft, "Checking tokens"),
     )
 
 
-def _tokens_row(example, index, label_from, code_salt=None):
-    """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token)."""
+def _tokens_row(example, index, label_from, code_salt=None, ignored=()):
+    """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token);
+    ignored: mask columns the trainer ignores beside `labels`, which must agree with them."""
     ids = example["input_ids"]
-    out = row_record(index, _tokens_problem(example, label_from))
+    out = row_record(index, _tokens_problem(example, label_from) or _ignored_mask_problem(example, ignored))
     if out["problem"]:
         return out
     ids = list(ids)
@@ -978,6 +988,26 @@ def _tokens_row(example, index, label_from, code_salt=None):
         input_ids=ids, labels=labels, n_trainable=trainable, span=span, reason="" if trainable else MASK_MARKS_NOTHING
     )
     return out
+
+
+def _ignored_mask_problem(example, ignored) -> str:
+    """Where a row's `labels` and a mask column beside them disagree (the trainer keeps the labels and ignores
+    the column, so the mask the row was written with is not the one trained)."""
+    if not ignored:
+        return ""
+    labels = example["labels"]
+    for column in ignored:
+        mask = example[column]
+        if mask is None or len(mask) != len(labels):
+            return f"field {column!r} has {len(mask or [])} entries for {len(labels)} labels"
+        wrong = next((i for i, (label, bit) in enumerate(zip(labels, mask)) if (label != -100) != bool(bit)), None)
+        if wrong is not None:
+            trains = "trains" if labels[wrong] != -100 else "does not train"
+            return (
+                f"labels[{wrong}] {trains} a token its {column!r} marks {mask[wrong]}; the trainer keeps "
+                f"'labels' as they are and ignores {column!r}: make them agree, or drop one of them"
+            )
+    return ""
 
 
 def _tokens_problem(example, label_from) -> str:

@@ -282,3 +282,40 @@ def test_a_row_with_several_problems_names_every_kind(tmp_path):
     assert (
         "| 0 | 0 | non_assistant_text_trained |" in markdown and "| 0 | 1 | assistant_content_untrained |" in markdown
     )
+
+
+# ------------------------------------------------------------------------------ pre-tokenized rows
+
+
+def check_tokens(tmp_path: Path, rows: list[dict], **keys) -> tuple[int, dict | None, str]:
+    """Exit code, JSON report (None when refused) and stderr of `check-data` on pre-tokenized rows."""
+    data = tmp_path / "tokens.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(TOKENIZER), "dataset_name": str(data), **keys}))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check-data", str(recipe), "--format", "json"])
+    return code, json.loads(out.getvalue()) if code != 2 else None, err.getvalue()
+
+
+def test_a_completion_mask_the_trainer_would_ignore_is_refused(tmp_path):
+    """SFTTrainer applies `completion_mask` only when completion_only_loss is true; unset, it is false for rows
+    without prompt/completion fields (`"prompt" in dataset_sample`), and every token would train."""
+    rows = [{"input_ids": [40, 41, 42, 43, 44], "completion_mask": [0, 0, 0, 1, 1]}]
+    code, _, err = check_tokens(tmp_path, rows, assistant_only_loss=False)
+    assert code == 2 and "'completion_mask' column" in err and "completion_only_loss: true" in err
+    code, report, _ = check_tokens(tmp_path, rows, assistant_only_loss=False, completion_only_loss=True)
+    assert code == 0 and report["trainable_tokens"] == 2
+    code, report, _ = check_tokens(tmp_path, rows, assistant_only_loss=False, completion_only_loss=False)
+    assert code == 0 and report["trainable_tokens"] == 5  # asked for: every token
+
+
+def test_labels_that_disagree_with_a_mask_beside_them_are_refused_naming_the_row(tmp_path):
+    """With a `labels` column the trainer ignores `assistant_masks`: the two must say the same."""
+    agree = {"input_ids": [40, 41, 42], "labels": [-100, 41, 42], "assistant_masks": [0, 1, 1]}
+    disagree = {"input_ids": [40, 41, 42], "labels": [40, 41, 42], "assistant_masks": [0, 1, 1]}
+    code, report, _ = check_tokens(tmp_path, [agree], assistant_only_loss=True)
+    assert code == 0 and report["trainable_tokens"] == 2
+    code, _, err = check_tokens(tmp_path, [agree, disagree], assistant_only_loss=True)
+    assert code == 2 and "row 1: labels[0] trains a token its 'assistant_masks' marks 0" in err
