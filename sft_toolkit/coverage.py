@@ -71,8 +71,24 @@ def problems_from(column: str) -> list[CoverageProblem]:
 
 
 def trained_spans(offsets, labels) -> list[tuple[int, int]]:
-    """The characters a row trains: the offsets of its tokens whose label is not -100."""
-    return [tuple(offset) for offset, label in zip(offsets, labels) if label != -100]
+    """The characters a row trains: the offsets of its tokens whose label is not -100, each run of trained
+    tokens as one span (from its first token's start to its last token's end)."""
+    spans: list[tuple[int, int]] = []
+    run_start = run_end = None
+    for (start, end), label in zip(offsets, labels):
+        if start >= end:
+            continue  # a token of no characters (one the tokenizer adds): nothing to train or to break a run
+        if label == -100:
+            if run_start is not None:
+                spans.append((run_start, run_end))
+                run_start = None
+        elif run_start is None:
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    if run_start is not None:
+        spans.append((run_start, run_end))
+    return spans
 
 
 class TrainedSpans:

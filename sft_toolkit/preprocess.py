@@ -779,10 +779,16 @@ def _prompt_completion_row(
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
+        # The tokens' offsets for content coverage, from the same call (they change no token)
+        offsets = (
+            {"tokenizer_kwargs": {"return_offsets_mapping": True}}
+            if CHECK_COVERAGE and getattr(tokenizer, "is_fast", False) and "tokenizer_kwargs" not in kwargs
+            else {}
+        )
         try:  # the template's render is bounded by the sandbox (masks.render_budget); tokenizing is the row's cost
             prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
             processed = _tokenize(
-                tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss, **kwargs
+                tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss, **offsets, **kwargs
             )
         except RenderLimit as err:
             raise InputError(f"{template_name}: row {index}: {err}") from None
@@ -816,19 +822,20 @@ def _prompt_completion_row(
     elif trainable == 0:
         out["reason"] = zero_reason(example["completion"]) if isinstance(example["prompt"], list) else EMPTY_COMPLETION
     if (completion_only_loss or assistant_only_loss) and not out["reason"] and CHECK_COVERAGE:
-        found = _prompt_completion_coverage(tokenizer, template, example, prompt, completion, ids, labels)
+        offsets = processed.get("offset_mapping") if isinstance(prompt, list) else None
+        found = _prompt_completion_coverage(tokenizer, template, example, prompt, completion, ids, labels, offsets)
         out.update(coverage.columns(found))
     return out
 
 
 def _prompt_completion_coverage(
-    tokenizer, template, example, prompt, completion, ids, labels
+    tokenizer, template, example, prompt, completion, ids, labels, offsets=None
 ) -> list[coverage.CoverageProblem]:
     """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
     trained tokens held against its prompt (none may be trained, nor, for conversational rows, the generation
-    prompt) and its completion's assistant messages (all must be). The row's text is tokenized once more for the
-    tokens' offsets, and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row
-    unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
+    prompt) and its completion's assistant messages (all must be). The tokens' offsets are those TRL's own call
+    returned (`offsets`, into the row's text rendered here once more), or else the text is tokenized once more
+    and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
     the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
     messages)."""
     if not getattr(tokenizer, "is_fast", False):
@@ -853,14 +860,17 @@ def _prompt_completion_coverage(
             text = rendered(messages)
         except (InputError, TemplateRaised, RenderLimit):
             return []  # the same render succeeded while tokenizing; nothing more to say here
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     else:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["completion"]}]
         text = prompt + completion
-        encoded = tokenizer(text, return_offsets_mapping=True)
-    if list(encoded["input_ids"]) != ids:
-        return []  # not the row's tokens (a template that renders differently on each call): no verdict
-    spans = coverage.trained_spans(encoded["offset_mapping"], labels)
+    if offsets is None or len(offsets) != len(ids):
+        encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
+        if list(encoded["input_ids"]) != ids:
+            return []  # not the row's tokens (a template that renders differently on each call): no verdict
+        offsets = encoded["offset_mapping"]
+    if any(end > len(text) for _, end in offsets[-1:]):
+        return []  # offsets into another text (a template that renders differently on each call): no verdict
+    spans = coverage.trained_spans(offsets, labels)
     prompt_messages = len(prompt) if conversational else 1
     found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
     if conversational:
