@@ -823,13 +823,15 @@ def _prompt_completion_row(
         out["reason"] = zero_reason(example["completion"]) if isinstance(example["prompt"], list) else EMPTY_COMPLETION
     if (completion_only_loss or assistant_only_loss) and not out["reason"] and CHECK_COVERAGE:
         offsets = processed.get("offset_mapping") if isinstance(prompt, list) else None
-        found = _prompt_completion_coverage(tokenizer, template, example, prompt, completion, ids, labels, offsets)
+        found = _prompt_completion_coverage(
+            tokenizer, template, example, prompt, completion, ids, labels, offsets, completion_only_loss
+        )
         out.update(coverage.columns(found))
     return out
 
 
 def _prompt_completion_coverage(
-    tokenizer, template, example, prompt, completion, ids, labels, offsets=None
+    tokenizer, template, example, prompt, completion, ids, labels, offsets=None, completion_only_loss=True
 ) -> list[coverage.CoverageProblem]:
     """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
     trained tokens held against its prompt (none may be trained, nor, for conversational rows, the generation
@@ -837,7 +839,8 @@ def _prompt_completion_coverage(
     returned (`offsets`, into the row's text rendered here once more), or else the text is tokenized once more
     and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
     the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
-    messages)."""
+    messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
+    held to the rules of a conversation, every assistant message of it trained."""
     if not getattr(tokenizer, "is_fast", False):
         return []
     conversational = isinstance(prompt, list)
@@ -871,9 +874,9 @@ def _prompt_completion_coverage(
     if any(end > len(text) for _, end in offsets[-1:]):
         return []  # offsets into another text (a template that renders differently on each call): no verdict
     spans = coverage.trained_spans(offsets, labels)
-    prompt_messages = len(prompt) if conversational else 1
+    prompt_messages = (len(prompt) if conversational else 1) if completion_only_loss else 0
     found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
-    if conversational:
+    if conversational and completion_only_loss:
         try:
             boundary = coverage.generation_prompt_problem(
                 text, spans, messages, prompt_messages, lambda: rendered(prompt, add_generation_prompt=True)

@@ -214,6 +214,23 @@ def test_an_earlier_assistant_turn_in_the_prompt_is_prompt_text(tokenizer):
     assert found == [["prompt_text_trained", 1], ["prompt_text_trained", 2], ["generation_prompt_trained", 2]]
 
 
+def test_without_completion_only_loss_every_assistant_message_of_the_row_is_trained(tokenizer):
+    """assistant_only_loss alone trains the prompt's assistant messages too, as TRL does: the row is then held to
+    the rules of a conversation (each assistant message trained, no other text), not to the prompt boundary."""
+    shots = [
+        {"role": "user", "content": "Capital of Spain?"},
+        {"role": "assistant", "content": "Madrid, of course."},
+        *PROMPT[1:],
+    ]
+    row = {"prompt": shots, "completion": [ANSWER]}
+    both, assistant_only = (
+        tokenized(tokenizer, CHATML_WITH_TOOLS, [row], assistant_only_loss=True, completion_only_loss=flag)[0]
+        for flag in (None, False)
+    )
+    assert "Madrid" not in trained_text(tokenizer, both) and not both["coverage_reason"]
+    assert "Madrid, of course." in trained_text(tokenizer, assistant_only) and not assistant_only["coverage_reason"]
+
+
 # ------------------------------------------------------------------------------ plain-text prompt/completion
 
 
