@@ -260,6 +260,7 @@ class Suite:
         torch.cuda.reset_peak_memory_stats()
         started = time.monotonic()
         outcome = train(build_recipe(keys), log=lambda _: None)
+        shutil.rmtree(self.folder / "qlora", ignore_errors=True)
         return {
             "status": MEASURED,
             "steps": len(outcome.history),
@@ -342,6 +343,10 @@ class Suite:
             result["from_pretrained"] = "loads"
         except Exception as err:  # reported, not raised: the suite goes on to the next part
             result["from_pretrained"] = f"fails: {type(err).__name__}: {str(err)[:300]}"
+        # A 0.5B model's checkpoint with its optimizer is ~8 GB: four per chain filled an H200 machine's 64 GiB
+        # disk by the third chain. The suite made these folders (inside its own mkdtemp); their figures are read.
+        for run_dir in (full_dir, resumed_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
         return result
 
     def launched_guard_stop(self, config: Path, name: str, launcher=()) -> dict:
@@ -370,6 +375,7 @@ class Suite:
             s // world + 1 for s in range(0, len(trainable) - world + 1, world) if 0 in trainable[s : s + world]
         )
         proc = self.launch(config, keys, f"{name}-guard", launcher)
+        shutil.rmtree(self.folder / f"{name}-guard", ignore_errors=True)
         stops = [line for line in proc.stdout.splitlines() if "stopped by the mask guard: step" in line]
         stopped_steps = sorted({line.split("step ", 1)[1].split(":", 1)[0] for line in stops})
         return {
@@ -494,6 +500,7 @@ def run(args: argparse.Namespace, save=lambda results: None) -> dict:
             "warmup_steps": args.warmup,
             "dtype": "bfloat16" if suite.cuda else "float32",
         },
+        "disk_free_gib": shutil.disk_usage(folder).free / 2**30,
         "complete": False,  # True once every part has run (or said why not)
         "throughput": {},
         "packing_isolation": {},
@@ -522,8 +529,21 @@ def run(args: argparse.Namespace, save=lambda results: None) -> dict:
         results[part] = suite.over_budget() or attempt(getattr(suite, part))
         save(results)
     results["wall_s"], results["complete"] = time.monotonic() - suite.started, True
+    keep_logs(folder, args.out)
     shutil.rmtree(folder, ignore_errors=True)
     return results
+
+
+def keep_logs(folder: Path, out: Path) -> None:
+    """The launched runs' logs, packed into OUT/launch_logs.tar.gz: a failed part's whole story, not its last lines."""
+    import tarfile
+
+    logs = sorted(folder.glob("*.log"))
+    if logs:
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out / "launch_logs.tar.gz", "w:gz") as archive:
+            for log in logs:
+                archive.add(log, arcname=log.name)
 
 
 def _status(part: dict) -> str:

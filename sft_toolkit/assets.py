@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .problems import InputError
+
 __all__ = [
     "SPECIAL_TOKENS",
     "arithmetic_conversations",
@@ -372,7 +374,9 @@ def build_quickstart_assets(root: Path) -> dict[str, Path]:
       (splits train and test), so ``data/`` loads as a hub dataset does (``dataset_config: all``)
 
     Each is written under a temporary name and moved into place, so an interrupted build leaves
-    nothing that a later call would mistake for finished.
+    nothing that a later call would mistake for finished. Nothing under `root` is ever replaced: a path of
+    those names that is not what this builds (a ``tiny-chat`` without its config.json and tokenizer.json, a
+    folder or broken link where a file goes) is the user's, and an InputError names it before anything is built.
     """
     root = Path(root)
     paths = {
@@ -381,6 +385,17 @@ def build_quickstart_assets(root: Path) -> dict[str, Path]:
         "model": root / "tiny-chat",
         "card": root / "data" / "README.md",
     }
+    for key, path in paths.items():
+        built = (
+            (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+            if key == "model"
+            else path.is_file()
+        )
+        if os.path.lexists(path) and not built:
+            raise InputError(
+                f"{path}: exists and is not the quickstart's {key} (which is built there when missing); it was "
+                f"kept; move it away, or give quickstart a recipe whose model_name_or_path lies in another folder"
+            )
     if not paths["train"].is_file():
         write_dataset(paths["train"], TRAIN_ROWS, TRAIN_SEED)
     if not paths["eval"].is_file():
@@ -398,9 +413,7 @@ def build_quickstart_assets(root: Path) -> dict[str, Path]:
             tmp.chmod(0o755)  # mkdtemp makes it private
             for file in tmp.iterdir():
                 file.chmod(0o644)
-            if model_dir.exists():
-                shutil.rmtree(model_dir)
-            os.replace(tmp, model_dir)
+            os.rename(tmp, model_dir)  # (absent: checked above; a folder made since makes this fail, not replace it)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

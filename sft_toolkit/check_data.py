@@ -29,7 +29,9 @@ class Report:
     trainable_tokens_before: int = 0  # after tokenization, before truncation / packing
     trainable_tokens: int = 0  # what the trainer will actually train on
     zero_mask_rows: list[dict] = field(default_factory=list)  # {"index", "reason"}; empty answers included
-    coverage_problem_rows: list[dict] = field(default_factory=list)  # {"index", "reason", "message"}: coverage.py
+    # {"index", "reason", "message"} (the row's first problem), "reasons" (every kind it has) and "problems" (every
+    # {"reason", "message"}): coverage.py
+    coverage_problem_rows: list[dict] = field(default_factory=list)
     dropped_rows: int = 0  # rows TRL filters out (no packing)
     truncated_assistant_tokens: int = 0
     orphaned_assistant_tokens: int = 0
@@ -304,23 +306,50 @@ def _coverage_rows(tokenized, report: Report) -> None:
     columns = tokenized.column_names or list(tokenized.features or {})  # a streamed dataset may know neither
     if "coverage_reason" not in columns:
         return  # plain text and pre-tokenized rows: no messages to hold the mask against
-    for table in _batches(tokenized, ["src_row", "coverage_reason", "coverage_message"]):
+    names = ["src_row", "coverage_reason", "coverage_message"]
+    names += [c for c in ("coverage_problems",) if c in columns]  # every problem of the row (coverage.columns)
+    for table in _batches(tokenized, names):
         reasons = table["coverage_reason"]
         flagged = pc.not_equal(reasons, "")
         if not pc.any(flagged).as_py():
             continue
         table = table.filter(flagged)
-        for row, reason, message in zip(
-            *(table[c].to_pylist() for c in ("src_row", "coverage_reason", "coverage_message"))
+        every = table["coverage_problems"].to_pylist() if "coverage_problems" in names else [""] * len(table)
+        for row, reason, message, found in zip(
+            *(table[c].to_pylist() for c in ("src_row", "coverage_reason", "coverage_message")), every
         ):
-            report.coverage_problem_rows.append({"index": int(row), "reason": reason, "message": int(message)})
+            problems = coverage.problems_from(found) or [coverage.CoverageProblem(reason, int(message))]
+            report.coverage_problem_rows.append(
+                {
+                    "index": int(row),
+                    "reason": reason,
+                    "message": int(message),
+                    "reasons": list(dict.fromkeys(p.reason for p in problems)),
+                    "problems": [{"reason": p.reason, "message": p.message} for p in problems],
+                }
+            )
+
+
+COVERAGE_KINDS = {
+    coverage.ASSISTANT_CONTENT_UNTRAINED: "leave assistant text untrained",
+    coverage.NON_ASSISTANT_TEXT_TRAINED: "train user/system/tool text",
+    coverage.PROMPT_TEXT_TRAINED: "train prompt text",
+    coverage.GENERATION_PROMPT_TRAINED: "train the generation prompt",
+}
+
+
+def row_coverage_problems(row: dict) -> list[dict]:
+    """Every {reason, message} of a `coverage_problem_rows` entry (a report written before `problems` existed
+    has the first one only)."""
+    return row.get("problems") or [{"reason": row["reason"], "message": row["message"]}]
 
 
 def _coverage_problem_text(rows: list[dict]) -> str:
-    untrained = sum(r["reason"] == coverage.ASSISTANT_CONTENT_UNTRAINED for r in rows)
-    parts = ([f"{untrained} leave assistant text untrained"] if untrained else []) + (
-        [f"{len(rows) - untrained} train user/system/tool text"] if len(rows) > untrained else []
-    )
+    counts = {kind: 0 for kind in COVERAGE_KINDS}
+    for row in rows:  # a row counts once under each kind of problem it has
+        for kind in dict.fromkeys(p["reason"] for p in row_coverage_problems(row)):
+            counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{n} {COVERAGE_KINDS.get(kind, kind)}" for kind, n in counts.items() if n]
     return (
         f"{len(rows)} rows train the wrong text ({', '.join(parts)}); lint the template and check these rows "
         "with `sft-toolkit show DATASET --row N`"
@@ -456,7 +485,15 @@ REASON_HELP = {
     "trained, or only markup is: lint the template; for content parts, check "
     "the template renders them",
     coverage.NON_ASSISTANT_TEXT_TRAINED: "text of this user/system/tool message is trained: the template's "
-    "{% generation %} block covers it; lint the template",
+    "{% generation %} block covers it (lint the template), or it is in a completion, which completion_only_loss "
+    "trains whole (set assistant_only_loss: true, or move it into the prompt)",
+    coverage.PROMPT_TEXT_TRAINED: "text of this prompt message is trained: the completion starts where the prompt "
+    "rendered alone (with the generation prompt) stops matching prompt + completion, which is inside the prompt "
+    "(a template that renders the prompt differently when a completion follows, or tokens merged across the "
+    "boundary): make the template render the prompt the same way, or end the prompt on a token boundary",
+    coverage.GENERATION_PROMPT_TRAINED: "the markup this prompt ends with at inference (its end of turn, the "
+    "generation prompt) is trained in front of the completion: the template ends the prompt differently when "
+    "rendered alone; make it render the prompt the same way in both cases",
 }
 
 
@@ -508,8 +545,9 @@ def to_markdown(report: Report, title: str) -> str:
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {r['index']} | {r['message']} | {r['reason']} | {reason_help(r['reason'])} |"
+            f"| {r['index']} | {p['message']} | {p['reason']} | {reason_help(p['reason'])} |"
             for r in report.coverage_problem_rows
+            for p in row_coverage_problems(r)
         ]
         lines.append("")
     if report.orphaned_rows:

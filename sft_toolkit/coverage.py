@@ -22,6 +22,17 @@ tool calls without its content), which this check can't judge. But a row in whic
 message's text is found at all, while its mask trains something, trains only markup: that is
 `assistant_content_untrained`, on the first such message. A user text found trained inside what is also an
 assistant message's text (a system prompt the template drops, quoted by the answer) is not a failure either.
+
+Prompt/completion rows (TRL's `completion_only_loss`) are held to the same rules with the prompt as context: the
+completion's assistant messages must be trained, and no character of the prompt's text may be, whatever the
+role that wrote it (`prompt_text_trained`): TRL starts the completion where the prompt rendered alone (with the
+generation prompt) and prompt + completion stop agreeing, and only warns when that is inside the prompt (a
+template that renders the prompt differently when a completion follows, tokens merged across the boundary).
+The trained characters of such a row are its trained tokens' offsets (`trained_spans`), not generation spans.
+Where the two renders part in the markup between the prompt's text and the completion's (a template that ends
+the last prompt turn differently when a generation prompt follows), no text is trained but the markup is: what
+the prompt rendered alone ends with (the generation prompt, which inference supplies) is trained in front of the
+completion's text (`generation_prompt_trained`, on the last prompt message; `generation_prompt_problem`).
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from dataclasses import dataclass
 
 ASSISTANT_CONTENT_UNTRAINED = "assistant_content_untrained"
 NON_ASSISTANT_TEXT_TRAINED = "non_assistant_text_trained"
+PROMPT_TEXT_TRAINED = "prompt_text_trained"
+GENERATION_PROMPT_TRAINED = "generation_prompt_trained"
 REASONING_END = "</think>"
 
 
@@ -41,6 +54,41 @@ class CoverageProblem:
 
     reason: str
     message: int
+
+
+def columns(problems: list[CoverageProblem] = ()) -> dict:
+    """A tokenized row's coverage columns: its first problem (`coverage_reason`, `coverage_message`; "" and -1
+    when none) and every problem, in message order, as JSON `[[reason, message], ...]` (`coverage_problems`;
+    "" when none: a string column types the same in every batch)."""
+    first = problems[0] if problems else CoverageProblem("", -1)
+    every = json.dumps([[p.reason, p.message] for p in problems]) if problems else ""
+    return {"coverage_reason": first.reason, "coverage_message": first.message, "coverage_problems": every}
+
+
+def problems_from(column: str) -> list[CoverageProblem]:
+    """The problems `columns` wrote into `coverage_problems`."""
+    return [CoverageProblem(reason, message) for reason, message in json.loads(column)] if column else []
+
+
+def trained_spans(offsets, labels) -> list[tuple[int, int]]:
+    """The characters a row trains: the offsets of its tokens whose label is not -100, each run of trained
+    tokens as one span (from its first token's start to its last token's end)."""
+    spans: list[tuple[int, int]] = []
+    run_start = run_end = None
+    for (start, end), label in zip(offsets, labels):
+        if start >= end:
+            continue  # a token of no characters (one the tokenizer adds): nothing to train or to break a run
+        if label == -100:
+            if run_start is not None:
+                spans.append((run_start, run_end))
+                run_start = None
+        elif run_start is None:
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    if run_start is not None:
+        spans.append((run_start, run_end))
+    return spans
 
 
 class TrainedSpans:
@@ -138,23 +186,25 @@ def _find_trained(text: str, piece: str, start: int, stop, trained: TrainedSpans
 
 
 def coverage_problems(
-    text: str, spans, messages: list[dict], trained_messages: set[int] | None = None
+    text: str, spans, messages: list[dict], trained_messages: set[int] | None = None, prompt_messages: int = 0
 ) -> list[CoverageProblem]:
     """What the row's trained spans get wrong, one problem per offending message, in message order.
 
     `trained_messages`: the assistant messages the row trains (default: all); the others are exempt.
+    `prompt_messages`: how many leading messages are a prompt/completion row's prompt (context whatever their
+    role: any trained character of their text is PROMPT_TEXT_TRAINED).
     """
     trained = TrainedSpans(spans)
     if not trained.starts:
         return []  # nothing trained: the zero-mask accounting reports the row
-    assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= prompt_messages]
     if trained_messages is None:
         trained_messages = set(assistant)
     problems, missing, found_any = [], [], False
     assistant_regions: list[tuple[int, int]] = []
     cursor = 0
     for j, message in enumerate(messages):
-        if message.get("role") == "assistant":
+        if message.get("role") == "assistant" and j >= prompt_messages:
             pieces = content_pieces(message) + call_pieces(message)
             end, untrained, lost = cursor, False, False
             for piece in pieces:
@@ -181,12 +231,56 @@ def coverage_problems(
             if trained.any_trained(*at):
                 if _inside_assistant_text(text, at, messages, assistant):
                     continue  # can't be told from an answer that quotes it: no verdict, and no anchor either
-                problems.append(CoverageProblem(NON_ASSISTANT_TEXT_TRAINED, j))
+                problems.append(
+                    CoverageProblem(PROMPT_TEXT_TRAINED if j < prompt_messages else NON_ASSISTANT_TEXT_TRAINED, j)
+                )
                 break
             cursor = at[1]
     if missing and not found_any and not any(p.reason == ASSISTANT_CONTENT_UNTRAINED for p in problems):
         problems.append(CoverageProblem(ASSISTANT_CONTENT_UNTRAINED, missing[0]))
     return sorted(problems, key=lambda p: p.message)
+
+
+def generation_prompt_problem(
+    text: str, spans, messages: list[dict], prompt_messages: int, prompt_alone
+) -> CoverageProblem | None:
+    """GENERATION_PROMPT_TRAINED when a trained, non-blank character in front of the completion's first text
+    belongs to the end the prompt rendered alone (`prompt_alone()`, asked only then) shares with the render up to
+    that text: markup inference supplies, trained as if the model wrote it. Markup of the completion's own (an
+    empty think block) and the prompt's end that the full render drops (TRL's `common_prefix_length` case) are
+    not."""
+    trained = TrainedSpans(spans)
+    start = _completion_start(text, messages, prompt_messages)
+    if not trained.starts or start is None or trained.starts[0] >= start:
+        return None
+    first = trained.starts[0]
+    if not any(
+        not c.isspace() and trained.all_trained(first + i, first + i + 1) for i, c in enumerate(text[first:start])
+    ):
+        return None
+    prompt, shared = prompt_alone(), 0
+    while shared < min(len(prompt), start - first) and prompt[-1 - shared] == text[start - 1 - shared]:
+        shared += 1
+    end = text[start - shared : start]
+    if any(
+        not c.isspace() and trained.all_trained(start - shared + i, start - shared + i + 1) for i, c in enumerate(end)
+    ):
+        return CoverageProblem(GENERATION_PROMPT_TRAINED, prompt_messages - 1)
+    return None
+
+
+def _completion_start(text: str, messages: list[dict], prompt_messages: int) -> int | None:
+    """Where the first text of the completion's messages shows, after the prompt's texts (None: it doesn't)."""
+    cursor = 0
+    for message in messages[:prompt_messages]:
+        for piece in content_pieces(message):
+            if (at := _find(text, piece, cursor)) is not None:
+                cursor = at[1]
+    for message in messages[prompt_messages:]:
+        for piece in content_pieces(message) + call_pieces(message):
+            if (at := _find(text, piece, cursor)) is not None:
+                return at[0]
+    return None
 
 
 def _next_anchor(text: str, messages: list[dict], j: int, cursor: int) -> int:

@@ -10,6 +10,7 @@ that is needed. The target is a new or empty directory: the merge never writes o
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -61,14 +62,22 @@ def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = Fal
             f"in {ADAPTER_CONFIG} (base_model_name_or_path) must be reachable"
         ) from None
     merged = model.merge_and_unload()
-    # Written beside the target and renamed into place: an interrupted merge leaves no half model under its name.
+    # Written beside the target under a fresh name and renamed into place: an interrupted merge leaves no half
+    # model under its name, and no folder already there (a user's, or another merge's) is ever written into.
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.incomplete-{os.getpid()}")
-    if staged.exists():
-        shutil.rmtree(staged)  # our own leftover: the name carries this process's id
-    merged.save_pretrained(str(staged))
-    tokenizer.save_pretrained(str(staged))
-    if target.is_dir():
-        target.rmdir()  # empty (checked above)
-    os.replace(staged, target)
+    staged = target.with_name(f".{target.name}.incomplete-{secrets.token_hex(8)}")
+    staged.mkdir()
+    try:
+        merged.save_pretrained(str(staged))
+        tokenizer.save_pretrained(str(staged))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # made by this call, under a name no one else uses
+        raise
+    try:
+        os.replace(staged, target)  # replaces only an empty directory (checked above); never a non-empty one
+    except OSError as err:
+        raise InputError(
+            f"{target}: cannot be written ({err.strerror or err}; a file put there since the check?); it was "
+            f"left as it was and the merged model kept at {staged}"
+        ) from None
     return target

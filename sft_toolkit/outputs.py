@@ -17,11 +17,20 @@ wrote, and refuses everything else with an `InputError` that names the path and 
   prepared data, the recipe file): replacing it would delete what it is made from.
 - A symbolic link is never followed to replace or delete what it points to.
 - `checkpoint-N` is a checkpoint only when it is a real directory whose `trainer_state.json` records
-  `global_step` N (`checkpoint_step`); only those are ever overwritten, rotated or deleted.
+  `global_step` N (`checkpoint_step`); only those are ever overwritten, rotated or deleted (also by
+  transformers' own end-of-training cleanup, which `train` keeps from deleting anything else).
+- The files a training run writes at the top of its output_dir (`RUN_FILES`: TRL's model card, the final
+  model and tokenizer, training_args.bin, the repaired template) are listed, as each is written, in the
+  output_dir's `OWNER_FILE` record (kind "training run"); a later run replaces only those still unchanged,
+  and refuses up front a user's file of such a name (or through a link), overwrite_output_dir or not. The
+  final save is made under output_dir/.incomplete and moved into place, so `save_pretrained` never deletes
+  in output_dir itself.
 - A single output file (`add-markers -o`, `check-data --report`, `show --html`) is written to a temporary
   file beside it and renamed over it (never half-written), never over an input or a file inside an input
   folder (a new file beside a tokenizer is fine), never onto a directory; a missing parent folder is
-  created, as `prepare -o` and `output_dir` create theirs.
+  created, as `prepare -o` and `output_dir` create theirs. The path the user names is theirs to replace; a
+  file written beside it under a name they did not give (`--report FILE`'s Markdown twin) replaces only a
+  report of the toolkit's (`check_derived_file`).
 """
 
 from __future__ import annotations
@@ -204,7 +213,8 @@ def replace_dir(out: str | Path, kind: str, fill: Callable[[Path], None], inputs
     into place, replacing `out` only when `check_output_dir` allows it. Returns `out`.
 
     An exception (or Ctrl-C) inside `fill` removes the temporary folder and leaves `out` as it was; a killed
-    process leaves `.NAME.partial-TOKEN` beside it, which no command reads (remove it by hand)."""
+    process leaves `.NAME.partial-TOKEN` beside it, which no command reads or removes (`leftovers` names them
+    for the user to remove by hand)."""
     out = Path(out)
     inputs = list(inputs)
     check_output_dir(out, kind, inputs)
@@ -360,6 +370,19 @@ def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: s
     return target
 
 
+def check_derived_file(path: str | Path, named: str | Path, written: Callable[[Path], bool]) -> None:
+    """A file written beside one the user named (`check-data --report FILE` also writes FILE.md): InputError
+    unless it is absent or `written(path)` shows a report the toolkit wrote (the user never named this one)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_file() or not written(path):
+        raise InputError(
+            f"{path}: exists and is not a report sft-toolkit wrote; {named} is written with it beside it, "
+            "so nothing was changed; move it away or name another file"
+        )
+
+
 def write_file(path: str | Path, text: str, inputs: Iterable[Input] = ()) -> Path:
     """Write `text` to `path` whole or not at all (a temporary file renamed over it), creating missing parent
     folders; InputError naming the path when it cannot be written."""
@@ -410,8 +433,10 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
 
     Refused: output_dir a file; output_dir that is, holds or lies inside the model, or is or lies inside
     the dataset, template or prepared data; a `checkpoint-N` this run may save that is not a checkpoint
-    (a link, a file, a foreign folder): always, whatever the recipe says; an earlier run's checkpoints or
-    model, unless the recipe resumes from that output_dir or sets overwrite_output_dir.
+    (a link, a file, a foreign folder): always, whatever the recipe says; a file the run writes at the top
+    of output_dir that no run of the toolkit recorded, or a staging folder not its own (`check_run_files`):
+    always; an earlier run's checkpoints or model, unless the recipe resumes from that output_dir or sets
+    overwrite_output_dir.
     `resume_step(output_dir)`: the step `resume_from_checkpoint: true` would resume from (None: step 0)."""
     sft, toolkit = recipe.sft, recipe.toolkit
     if not sft.output_dir:
@@ -456,16 +481,225 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
                 f"{where}: this run may save {entry.name}, and {entry} is {kind}, not a checkpoint the "
                 "trainer wrote; nothing was changed; move it away or choose another output_dir"
             )
-    if resumes_here:
-        return []
-    proven = [entry for entry in entries if checkpoint_step(entry) is not None]
-    models = [name for name in MODEL_FILES if os.path.lexists(out / name)]
+    proven = [] if resumes_here else [entry for entry in entries if checkpoint_step(entry) is not None]
+    models = [] if resumes_here else [name for name in MODEL_FILES if os.path.lexists(out / name)]
     if (proven or models) and not getattr(toolkit, "overwrite_output_dir", False):
         held = ", ".join([p.name for p in proven][:5] + models[:3]) + (" …" if len(proven) > 5 else "")
         raise InputError(
             f"{where}: holds an earlier run ({held}) that this run would overwrite or mix with; "
             "nothing was changed; resume it (resume_from_checkpoint: true), set "
             "overwrite_output_dir: true (deletes only its checkpoints, those whose trainer_state.json "
-            "shows they are), or choose another output_dir"
+            f"shows they are, and replaces only the files its {OWNER_FILE} record lists), or choose another "
+            "output_dir"
         )
+    check_run_files(out, f"{recipe.source}: output_dir")
     return proven
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files a training run writes at the top of its output_dir
+
+RUN_KIND = "training run"
+# Checkpoints and the final save are written under output_dir/STAGING first, then renamed into place.
+STAGING = ".incomplete"
+FINAL_SAVE = "final"  # output_dir/STAGING/FINAL_SAVE: the end-of-training save_model, before it is placed
+# What a run writes beside its checkpoints: TRL's model card (README.md, at every checkpoint save), the final
+# save_model (model or adapter, tokenizer, training_args.bin), the mask guard's repaired template and the record
+# that proves them. save_pretrained also deletes `model-0000N-of-0000M` shards it does not rewrite.
+RUN_FILES = (
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+    "adapter_model*.safetensors",
+    "adapter_model*.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "*.tiktoken",
+    "training_args.bin",
+    "training_chat_template.jinja",
+    OWNER_FILE,
+)
+# Weights an earlier run of this toolkit left that a new final save does not rewrite (another sharding, a full
+# model after an adapter): removed, proven, so a loader never mixes them with the new ones.
+STALE_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*", "adapter_model*")
+
+
+def run_files(output_dir: str | Path) -> list[Path]:
+    """The entries at the top of `output_dir` whose names a training run writes (`RUN_FILES`), sorted."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if any(fnmatch.fnmatch(p.name, pattern) for pattern in RUN_FILES))
+
+
+def run_record(output_dir: str | Path) -> dict | None:
+    """The files output_dir's ownership record lists as written by a training run (None: no such record)."""
+    marker = Path(output_dir) / OWNER_FILE
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    valid = (
+        isinstance(record, dict)
+        and record.get("owner") == OWNER
+        and record.get("format") == OWNER_FORMAT
+        and record.get("kind") == RUN_KIND
+        and isinstance(record.get("files"), dict)
+    )
+    return record["files"] if valid else None
+
+
+def run_file_problem(output_dir: str | Path, name: str, record: dict | None = None) -> str | None:
+    """Why output_dir/`name` may not be replaced by a training run (None: absent, or recorded and unchanged).
+    `record`: `run_record(output_dir)`, when already read."""
+    path = Path(output_dir) / name
+    if not os.path.lexists(path):
+        return None
+    if name == OWNER_FILE:
+        return None if run_record(output_dir) is not None else f"{path} is not a record a sft-toolkit run wrote"
+    if path.is_symlink():
+        return f"{path} is a symbolic link (to {os.readlink(path)})"
+    if not path.is_file():
+        return f"{path} is a folder"
+    expected = (record if record is not None else run_record(output_dir) or {}).get(name)
+    if not isinstance(expected, dict):
+        return f"{path} is not a file sft-toolkit wrote (no {OWNER_FILE} record lists it)"
+    found = _file_record(path)
+    same = found["size"] == expected.get("size") and (
+        found.get("sha256") == expected.get("sha256")
+        if "sha256" in found
+        else found["mtime_ns"] == expected.get("mtime_ns")
+    )
+    return None if same else f"{path} changed since sft-toolkit wrote it"
+
+
+def record_run_files(output_dir: str | Path, names: Iterable[str], removed: Iterable[str] = ()) -> None:
+    """Add `names` (files the run just wrote at the top of output_dir) to its ownership record, and drop
+    `removed`; the record is replaced whole (a temporary file renamed over it)."""
+    folder = Path(output_dir)
+    if os.path.lexists(folder / OWNER_FILE) and run_record(folder) is None:
+        raise InputError(
+            f"{folder / OWNER_FILE}: is not a record a sft-toolkit run wrote, and the run records its files "
+            "there; nothing was replaced; move it away or choose another output_dir"
+        )
+    files = dict(run_record(folder) or {})
+    for name in removed:
+        files.pop(name, None)
+    for name in names:
+        files[name] = _file_record(folder / name)
+    token = secrets.token_hex(8)
+    record = {"owner": OWNER, "format": OWNER_FORMAT, "kind": RUN_KIND, "token": token, "files": files}
+    staged = folder / f"{OWNER_FILE}.{token}"
+    staged.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(staged, folder / OWNER_FILE)
+
+
+def staging_problem(output_dir: str | Path) -> str | None:
+    """Why output_dir/STAGING is not the toolkit's own staging folder (None: absent, or holding only what
+    interrupted saves leave there: `checkpoint-N` and `final` folders)."""
+    staging = Path(output_dir) / STAGING
+    if not os.path.lexists(staging):
+        return None
+    if staging.is_symlink():
+        return f"{staging} is a symbolic link (to {os.readlink(staging)})"
+    if not staging.is_dir():
+        return f"{staging} is a file"
+    for entry in staging.iterdir():
+        ours = entry.name == FINAL_SAVE or (
+            entry.name.startswith(CHECKPOINT_PREFIX) and entry.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        )
+        if not ours or entry.is_symlink() or not entry.is_dir():
+            return f"{staging} holds {entry.name}, which no interrupted save of sft-toolkit leaves"
+    return None
+
+
+def check_run_files(output_dir: str | Path, where: str) -> None:
+    """InputError (before a run starts) for a file the run would write or delete at the top of output_dir that it
+    cannot prove it wrote, and for a staging folder that is not the toolkit's."""
+    problem = staging_problem(output_dir)
+    if problem:
+        raise InputError(
+            f"{where}: {problem}; the toolkit stages its saves there (and deletes what it left); nothing was "
+            "changed; move it away or choose another output_dir"
+        )
+    record = run_record(output_dir)
+    for path in run_files(output_dir):
+        problem = run_file_problem(output_dir, path.name, record)
+        if problem:
+            raise InputError(
+                f"{where}: {problem}; a training run writes {path.name} there (model card, final model, "
+                "tokenizer, training arguments or repaired template) and would replace it; nothing was changed; "
+                "move it away or choose another output_dir"
+            )
+
+
+def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
+    """Move the files of a final save made in `staged` to the top of output_dir, each replacing only a file the
+    toolkit recorded (`run_file_problem`), and record them; the earlier run's recorded weights the new save does
+    not rewrite are removed. A folder in the save moves only where nothing is. Returns the file names placed.
+    InputError (nothing moved; the save kept in `staged`) when something in the way is not provably the
+    toolkit's."""
+    staged, folder = Path(staged), Path(output_dir)
+    if not staged.is_dir():  # nothing saved (a backend whose save_model writes no file on this rank)
+        return []
+    names = sorted(p.name for p in staged.iterdir() if not p.is_dir())
+    # A folder in the save (DeepSpeed's global_stepN when ZeRO-3 does not gather the weights) goes in only new.
+    folders = sorted(p.name for p in staged.iterdir() if p.is_dir())
+    record = run_record(folder)
+    for name in names + folders:
+        problem = (
+            (f"{folder / name} exists" if os.path.lexists(folder / name) else None)
+            if name in folders
+            else run_file_problem(folder, name, record)
+        )
+        if problem:
+            raise InputError(
+                f"{folder}: {problem}, in the way of the final save; it was kept, and the trained model kept "
+                f"whole at {staged}: move {name} away and move the files of {staged} into {folder} yourself"
+            )
+    stale = [
+        name
+        for name in (record or {})
+        if name not in names
+        and any(fnmatch.fnmatch(name, pattern) for pattern in STALE_WEIGHTS)
+        and os.path.lexists(folder / name)
+        and run_file_problem(folder, name, record) is None
+    ]
+    for name in names:
+        os.replace(staged / name, folder / name)
+    for name in folders:
+        os.rename(staged / name, folder / name)  # (absent: checked above)
+    for name in stale:
+        (folder / name).unlink()
+    with contextlib.suppress(OSError):  # leave no empty staging folders behind
+        staged.rmdir()
+        staged.parent.rmdir()
+    record_run_files(folder, names, removed=stale)
+    return names
+
+
+def leftovers(out: str | Path) -> list[Path]:
+    """What an interrupted `replace_dir(out)` left beside `out` (`.NAME.partial-TOKEN`, `.NAME.replaced-TOKEN`):
+    never read, never removed by the toolkit (a folder may carry such a name without being its)."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    names = (f".{out.name}.partial-", f".{out.name}.replaced-")
+    return sorted(p for p in parent.iterdir() if p.name.startswith(names))

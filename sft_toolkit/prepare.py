@@ -9,11 +9,11 @@ have produced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .check_data import Report
-from .outputs import check_output_dir, recipe_inputs
+from .outputs import check_output_dir, leftovers, recipe_inputs
 from .prepared import APPLIED, KIND, build_manifest, rendering_template, save, shaping_keys
 from .problems import InputError
 from .recipe import Recipe
@@ -26,6 +26,9 @@ class Prepared:
     notes: list[str]  # the guard's repairs or warnings
     manifest: dict
     path: Path  # the directory: DIR/dataset, DIR/manifest.json
+    # What an interrupted prepare left beside DIR (`outputs.leftovers`): said, never removed (a folder may carry
+    # such a name without being the toolkit's, or be in use by a prepare still running).
+    leftovers: list[Path] = field(default_factory=list)
 
 
 def prepare(recipe: Recipe, out_dir: str | Path, *, world_size: int = 1) -> Prepared:
@@ -52,4 +55,4 @@ def prepare(recipe: Recipe, out_dir: str | Path, *, world_size: int = 1) -> Prep
     template = rendering_template(tokenizer, used.sft) if renders_conversations(used) else None
     manifest = build_manifest(keys, tokenizer, template, guarded.report, notes, applied, guarded.dataset)
     path = save(out_dir, guarded.dataset, manifest, inputs, num_proc=used.sft.dataset_num_proc)
-    return Prepared(report=guarded.report, notes=notes, manifest=manifest, path=path)
+    return Prepared(report=guarded.report, notes=notes, manifest=manifest, path=path, leftovers=leftovers(out_dir))

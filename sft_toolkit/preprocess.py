@@ -374,7 +374,7 @@ def _tokenize_row(
     from trl.data_utils import _tokenize
 
     problem = row_problem(example)
-    out = {**row_record(index, problem), "coverage_reason": "", "coverage_message": -1}
+    out = {**row_record(index, problem), **coverage.columns()}
     if problem:
         return out
     tools = example.get("tools")
@@ -439,13 +439,12 @@ def _tokenize_row(
         out["reason"] = reason
     if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
         found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
-        if found:
-            out.update(coverage_reason=found.reason, coverage_message=found.message)
+        out.update(coverage.columns(found))
     return out
 
 
 # The columns every chat row comes out with (`_tokenize_row`), in this order.
-CHAT_COLUMNS = (*row_record(0), "coverage_reason", "coverage_message")
+CHAT_COLUMNS = (*row_record(0), *coverage.columns())
 
 
 def _tokenize_rows(
@@ -574,14 +573,14 @@ def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, enc
                 last = int(trained[trained_before[j + 1] - 1] - starts[j])
                 span = max(last + 1, int(counts[j]) - first)
             record = {"src_row": indices[k], "n_trainable": trainable, "span": span, "reason": ""}
-            record.update(problem="", coverage_reason="", coverage_message=-1)
+            record.update(problem="", **coverage.columns())
             reason = zero_reason(messages)
             if trainable == 0 or reason == EMPTY_ASSISTANT_CONTENT:
                 record["reason"] = reason
             elif CHECK_COVERAGE:
                 found = coverage.coverage_problems(text, row_spans, messages)
                 if found:
-                    record.update(coverage_reason=found[0].reason, coverage_message=found[0].message)
+                    record.update(coverage.columns(found))
             for name in scalars:
                 scalars[name][k] = record[name]
     if by_row and rendered:  # both kinds: the tokens in batch order
@@ -611,7 +610,7 @@ def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, enc
     return pa.table(columns)
 
 
-_TEXT_COLUMNS = ("reason", "problem", "coverage_reason")
+_TEXT_COLUMNS = ("reason", "problem", "coverage_reason", "coverage_problems")
 
 
 def _rendered_row(row, tokenizer, template, special, policy, limit):
@@ -660,8 +659,8 @@ def _template_variables(tokenizer, example) -> dict:
     return {**tokenizer.special_tokens_map, **(example.get("chat_template_kwargs") or {})}
 
 
-def _coverage(tokenizer, template, tools, example, messages, kept) -> coverage.CoverageProblem | None:
-    """The row's first content-coverage problem (sft_toolkit/coverage.py), from its render's spans.
+def _coverage(tokenizer, template, tools, example, messages, kept) -> list[coverage.CoverageProblem]:
+    """The row's content-coverage problems (sft_toolkit/coverage.py), from its render's spans.
 
     `kept`: the trained assistant messages under per-message control (None: all of them, `messages` carry
     no control fields)."""
@@ -677,9 +676,8 @@ def _coverage(tokenizer, template, tools, example, messages, kept) -> coverage.C
         if kept is not None:
             spans = [span for i, own in control.assign_spans(messages, rendered).items() if i in kept for span in own]
     except (InputError, TemplateRaised, RenderLimit, control.MappingError):
-        return None  # the same render succeeded while tokenizing; nothing more to say here
-    found = coverage.coverage_problems(rendered.text, spans, messages, kept)
-    return found[0] if found else None
+        return []  # the same render succeeded while tokenizing; nothing more to say here
+    return coverage.coverage_problems(rendered.text, spans, messages, kept)
 
 
 def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int]]:
@@ -760,7 +758,8 @@ def tokenize(
     dataset, tokenizer, template, sft, *, role_map: dict | None = None, desc: str = "Tokenizing", policy=None
 ):
     """Tokenized dataset with columns input_ids, labels, src_row, n_trainable, span, reason, problem (and, for
-    conversations, coverage_reason / coverage_message: the row's content-coverage problem, see `_coverage`).
+    conversations and prompt/completion rows, coverage_reason / coverage_message / coverage_problems: the row's
+    content-coverage problems, see `coverage.columns`).
 
     `policy` (a `policy.TurnPolicy`, default: every assistant message) and the messages' own `train`
     fields decide which assistant messages are trained; rows they don't concern keep TRL's mask as it is.
@@ -863,7 +862,7 @@ def _prompt_completion_row(
     from trl.data_utils import _tokenize, common_prefix_length
 
     prompt, completion = example.get("prompt"), example.get("completion")
-    out = row_record(index, _prompt_completion_problem(prompt, completion, policy))
+    out = {**row_record(index, _prompt_completion_problem(prompt, completion, policy)), **coverage.columns()}
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -876,10 +875,16 @@ def _prompt_completion_row(
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         kwargs = {"chat_template": template, "tools": tools, **(example.get("chat_template_kwargs") or {})}
+        # The tokens' offsets for content coverage, from the same call (they change no token)
+        offsets = (
+            {"tokenizer_kwargs": {"return_offsets_mapping": True}}
+            if CHECK_COVERAGE and getattr(tokenizer, "is_fast", False) and "tokenizer_kwargs" not in kwargs
+            else {}
+        )
         try:  # the template's render is bounded by the sandbox (masks.render_budget); tokenizing is the row's cost
             prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
             processed = _tokenize(
-                tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss, **kwargs
+                tokenizer, prompt + completion, return_assistant_tokens_mask=assistant_only_loss, **offsets, **kwargs
             )
         except RenderLimit as err:
             raise InputError(f"{template_name}: row {index}: {err}") from None
@@ -912,7 +917,71 @@ def _prompt_completion_row(
         out["reason"] = EMPTY_COMPLETION
     elif trainable == 0:
         out["reason"] = zero_reason(example["completion"]) if isinstance(example["prompt"], list) else EMPTY_COMPLETION
+    if (completion_only_loss or assistant_only_loss) and not out["reason"] and CHECK_COVERAGE:
+        offsets = processed.get("offset_mapping") if isinstance(prompt, list) else None
+        found = _prompt_completion_coverage(
+            tokenizer, template, example, prompt, completion, ids, labels, offsets, completion_only_loss
+        )
+        out.update(coverage.columns(found))
     return out
+
+
+def _prompt_completion_coverage(
+    tokenizer, template, example, prompt, completion, ids, labels, offsets=None, completion_only_loss=True
+) -> list[coverage.CoverageProblem]:
+    """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
+    trained tokens held against its prompt (none may be trained, nor, for conversational rows, the generation
+    prompt) and its completion's assistant messages (all must be). The tokens' offsets are those TRL's own call
+    returned (`offsets`, into the row's text rendered here once more), or else the text is tokenized once more
+    and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
+    the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
+    messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
+    held to the rules of a conversation, every assistant message of it trained."""
+    if not getattr(tokenizer, "is_fast", False):
+        return []
+    conversational = isinstance(prompt, list)
+    if conversational:
+        messages = prompt + completion
+        tools = example.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+
+        def rendered(conversation, add_generation_prompt=False) -> str:
+            return render(
+                tokenizer.get_chat_template(template, tools),
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                template_kwargs=_template_variables(tokenizer, example),
+                placeholders=False,
+            ).text
+
+        try:
+            text = rendered(messages)
+        except (InputError, TemplateRaised, RenderLimit):
+            return []  # the same render succeeded while tokenizing; nothing more to say here
+    else:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["completion"]}]
+        text = prompt + completion
+    if offsets is None or len(offsets) != len(ids):
+        encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
+        if list(encoded["input_ids"]) != ids:
+            return []  # not the row's tokens (a template that renders differently on each call): no verdict
+        offsets = encoded["offset_mapping"]
+    if any(end > len(text) for _, end in offsets[-1:]):
+        return []  # offsets into another text (a template that renders differently on each call): no verdict
+    spans = coverage.trained_spans(offsets, labels)
+    prompt_messages = (len(prompt) if conversational else 1) if completion_only_loss else 0
+    found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
+    if conversational and completion_only_loss:
+        try:
+            boundary = coverage.generation_prompt_problem(
+                text, spans, messages, prompt_messages, lambda: rendered(prompt, add_generation_prompt=True)
+            )
+        except (InputError, TemplateRaised, RenderLimit):
+            boundary = None  # the same render succeeded while tokenizing
+        if boundary is not None:
+            found = sorted([*found, boundary], key=lambda problem: problem.message)
+    return found
 
 
 def _prompt_completion_problem(prompt, completion, policy) -> str:
@@ -981,6 +1050,15 @@ def from_tokens(dataset, sft):
     dataset without a mask would silently train user turns too: refused here.
     """
     columns = dataset.column_names
+    if "completion_mask" in columns and "labels" not in columns and sft.completion_only_loss is None:
+        raise InputError(
+            "the dataset is pre-tokenized with a 'completion_mask' column, which the trainer applies only with "
+            "completion_only_loss: true (unset, TRL turns it off for rows without 'prompt'/'completion', and every "
+            "token the mask leaves out would be trained); set completion_only_loss: true to train what the mask "
+            "marks, or false to train every token"
+        )
+    # With `labels`, TRL ignores the mask columns: each row's labels must then train what its masks mark.
+    ignored = [c for c in ("assistant_masks", "completion_mask") if c in columns] if "labels" in columns else []
     if "labels" in columns:
         label_from = ["labels"]  # kept as is, like TRL; checked against input_ids below
     else:
@@ -997,15 +1075,16 @@ def from_tokens(dataset, sft):
         _tokens_row,
         with_indices=True,
         remove_columns=columns,
-        fn_kwargs={"label_from": label_from, "code_salt": _code_salt()},
+        fn_kwargs={"label_from": label_from, "code_salt": _code_salt(), "ignored": ignored},
         **_map_kwargs(dataset, sft, "Checking tokens"),
     )
 
 
-def _tokens_row(example, index, label_from, code_salt=None):
-    """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token)."""
+def _tokens_row(example, index, label_from, code_salt=None, ignored=()):
+    """label_from: ["labels"], or the mask columns whose product marks the trained tokens ([] = every token);
+    ignored: mask columns the trainer ignores beside `labels`, which must agree with them."""
     ids = example["input_ids"]
-    out = row_record(index, _tokens_problem(example, label_from))
+    out = row_record(index, _tokens_problem(example, label_from) or _ignored_mask_problem(example, ignored))
     if out["problem"]:
         return out
     ids = list(ids)
@@ -1018,6 +1097,26 @@ def _tokens_row(example, index, label_from, code_salt=None):
         input_ids=ids, labels=labels, n_trainable=trainable, span=span, reason="" if trainable else MASK_MARKS_NOTHING
     )
     return out
+
+
+def _ignored_mask_problem(example, ignored) -> str:
+    """Where a row's `labels` and a mask column beside them disagree (the trainer keeps the labels and ignores
+    the column, so the mask the row was written with is not the one trained)."""
+    if not ignored:
+        return ""
+    labels = example["labels"]
+    for column in ignored:
+        mask = example[column]
+        if mask is None or len(mask) != len(labels):
+            return f"field {column!r} has {len(mask or [])} entries for {len(labels)} labels"
+        wrong = next((i for i, (label, bit) in enumerate(zip(labels, mask)) if (label != -100) != bool(bit)), None)
+        if wrong is not None:
+            trains = "trains" if labels[wrong] != -100 else "does not train"
+            return (
+                f"labels[{wrong}] {trains} a token its {column!r} marks {mask[wrong]}; the trainer keeps "
+                f"'labels' as they are and ignores {column!r}: make them agree, or drop one of them"
+            )
+    return ""
 
 
 def _tokens_problem(example, label_from) -> str:

@@ -33,7 +33,19 @@ import torch
 
 from .check_data import Report, check_splits
 from .guarded import Change, Guarded, Repairs
-from .outputs import check_train_output, checkpoint_step, remove_checkpoint, remove_staging, rotate_checkpoints
+from .outputs import (
+    FINAL_SAVE,
+    STAGING,
+    check_train_output,
+    checkpoint_entries,
+    checkpoint_step,
+    place_final_save,
+    record_run_files,
+    remove_checkpoint,
+    remove_staging,
+    rotate_checkpoints,
+    run_file_problem,
+)
 from .prepared import load_prepared, read_manifest
 from .preprocess import renders_conversations
 from .problems import InputError
@@ -257,12 +269,23 @@ def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
             f"they could not be added automatically ({err}); place them by hand and check with "
             "`sft-toolkit lint`."
         ) from None
-    path = Path(recipe.sft.output_dir) / "training_chat_template.jinja"
+    path = Path(recipe.sft.output_dir) / REPAIRED_TEMPLATE
+    # Rewritten only when it holds these very bytes or a run recorded it (`outputs.RUN_FILES`); never a user's.
+    same = path.is_file() and not path.is_symlink() and path.read_bytes() == result.source.encode("utf-8")
+    problem = None if same else run_file_problem(path.parent, path.name)
+    if os.path.lexists(path.parent) and not path.parent.is_dir():
+        problem = f"{path.parent} is a file, not a folder"
+    if problem:
+        raise InputError(
+            f"{recipe.source}: output_dir: {problem}; mask_guard: repair writes the repaired chat template "
+            "there; nothing was changed; move it away or choose another output_dir"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     # Every rank writes the same text; a rename makes each write whole, so no rank reads a half-written file.
     staged = path.with_name(f".{path.name}.{os.getpid()}")
     staged.write_text(result.source, encoding="utf-8")
     os.replace(staged, path)
+    record_run_files(path.parent, [path.name])
     note = (
         f"added {{% generation %}} markers to the chat template of {where} ({result.blocks} blocks; renders "
         f"byte-identically on the probe corpus and passes lint); training with {path}"
@@ -281,6 +304,12 @@ def packing_isolation(trainer, *, use_cache: bool = False) -> float:
     attention from `position_ids`. transformers does that for sdpa/eager only without a cache, and
     remote-code models may not at all, so we measure it on the real model and collator, the same forward
     `compute_loss` makes (`use_cache=False`), instead of trusting it.
+
+    The probe runs before the training engine wraps the model, where the weights may not be whole on every
+    rank: under DeepSpeed ZeRO-3 they are partitioned (gathered here for the two short forwards: measured on
+    an H200, a forward on the partitions fails with "Padding_idx must be within num_embeddings"), and with
+    FSDP's `cpu_ram_efficient_loading` the ranks other than the first hold meta tensors. A rank that cannot
+    run the forward takes the largest difference measured by the ranks that can, so every rank decides alike.
     """
     tokenizer = trainer.processing_class
     first = tokenizer("The first conversation talks about kilometres.", add_special_tokens=False)["input_ids"]
@@ -292,26 +321,84 @@ def packing_isolation(trainer, *, use_cache: bool = False) -> float:
     packed = trainer.data_collator([example(first + second, [len(first), len(second)])])
     alone = trainer.data_collator([example(second, [len(second)])])
     model = trainer.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            keep = {"input_ids", "attention_mask", "position_ids"}
-            run = {k: v.to(model.device) for k, v in packed.items() if k in keep}
-            solo = {k: v.to(model.device) for k, v in alone.items() if k in keep}
-            packed_logits = model(**run, use_cache=use_cache).logits[0, len(first) : len(first) + len(second)]
-            alone_logits = model(**solo, use_cache=use_cache).logits[0, : len(second)]
-    finally:
-        model.train(was_training)
-    return float((packed_logits.float() - alone_logits.float()).abs().max())
+    difference = None
+    with whole_weights(model):
+        if not any(parameter.is_meta for parameter in model.parameters()):
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    keep = {"input_ids", "attention_mask", "position_ids"}
+                    run = {k: v.to(model.device) for k, v in packed.items() if k in keep}
+                    solo = {k: v.to(model.device) for k, v in alone.items() if k in keep}
+                    logits = model(**run, use_cache=use_cache).logits[0, len(first) : len(first) + len(second)]
+                    alone_logits = model(**solo, use_cache=use_cache).logits[0, : len(second)]
+            finally:
+                model.train(was_training)
+            difference = float((logits.float() - alone_logits.float()).abs().max())
+    return shared_maximum(difference)
+
+
+def whole_weights(model):
+    """A context in which the model's weights are whole on this rank: ZeRO-3's partitions gathered (every rank
+    must enter it, as every rank runs `train`), nothing to do otherwise."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def shared_maximum(value: float | None) -> float:
+    """The largest of every rank's `value` (None: this rank could not measure); the value itself on one
+    process. Raises when no rank measured anything."""
+    import torch.distributed as dist
+
+    values = [value]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+    measured = [v for v in values if v is not None]
+    if not measured:
+        raise RuntimeError(
+            "the packing-isolation probe found the model's weights on the meta device on every rank; "
+            "load the model with its weights on at least one rank (fsdp_cpu_ram_efficient_loading keeps them on "
+            "the first), or set packing: false"
+        )
+    return max(measured)
+
+
+def whole_final_save(trainer, log=print) -> None:
+    """Make the final `save_model` write the whole model under FSDP with a sharded state dict.
+
+    transformers' `save_model` writes model weights under FSDP only for `FULL_STATE_DICT`
+    (transformers/trainer.py, `save_model`); with `SHARDED_STATE_DICT` it writes nothing, so output_dir ends
+    with no model and `from_pretrained(output_dir)` fails (measured on an H200: "Unrecognized model ... Should
+    have a `model_type` key"). `trl sft` calls `save_model` as it is; the toolkit switches the final save to the
+    full state dict, as alignment-handbook's scripts do, and says so. The checkpoints keep the sharded type.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        return
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    if trainer.is_world_process_zero():
+        log(
+            "fsdp: checkpoints were saved with a sharded state dict; the final model is saved with the full one, "
+            "so output_dir loads with from_pretrained"
+        )
 
 
 def drop_zero_trainable(dataset):
     return dataset.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels")
 
 
-# Checkpoints are written under output_dir/STAGING/checkpoint-N, then renamed to output_dir/checkpoint-N.
-STAGING = ".incomplete"
+# Checkpoints are written under output_dir/STAGING/checkpoint-N, then renamed to output_dir/checkpoint-N; the
+# final model under output_dir/STAGING/FINAL_SAVE, then moved into output_dir (`outputs.place_final_save`).
+REPAIRED_TEMPLATE = "training_chat_template.jinja"  # what mask_guard: repair writes in output_dir
 # Test hook (tests/test_faults.py): SFT_TOOLKIT_FAIL_AT="RANK:STEP" makes that rank raise an exception at that
 # step, to prove that one rank failing ends every rank. Unset, it costs one environment lookup per step.
 FAIL_AT_ENV = "SFT_TOOLKIT_FAIL_AT"
@@ -359,6 +446,7 @@ def guarded_trainer_class():
         """SFTTrainer plus the in-training guard (see the module docstring) and atomic checkpoints."""
 
         _staging = False
+        _finalizing = False
         _trainable_since_log = 0  # trainable tokens of the optimizer steps not logged yet (all ranks)
         eval_trainable_tokens: int | None = None  # the eval split's (check-data's count), logged with each eval
 
@@ -375,7 +463,36 @@ def guarded_trainer_class():
 
         def _get_output_dir(self, trial):
             run_dir = super()._get_output_dir(trial)
+            if self._finalizing:  # a folder that never exists: see _finalize_training
+                return os.path.join(run_dir, STAGING, f"{FINAL_SAVE}-cleanup-none")
             return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+        def _finalize_training(self, trial, num_train_samples, start_time):
+            """With save_total_limit 1 and a best checkpoint, transformers' `_finalize_training` rmtree's every
+            `checkpoint-*` folder of output_dir but the best one, checkpoint or not (a user's `checkpoint-7`
+            holding notes). It finds none here (its output_dir is pointed at a folder that does not exist), and
+            the same cleanup runs after it over the checkpoints `outputs.checkpoint_step` proves."""
+            self._finalizing = True
+            try:
+                output = super()._finalize_training(trial, num_train_samples, start_time)
+            finally:
+                self._finalizing = False
+            best = self.state.best_model_checkpoint
+            if self.args.should_save and best is not None and self.args.save_total_limit == 1:
+                for path in checkpoint_entries(self._get_output_dir(trial)):
+                    if checkpoint_step(path) is not None and os.path.realpath(path) != os.path.realpath(best):
+                        remove_checkpoint(path)
+            return output
+
+        def create_model_card(self, *args, **kwargs):
+            """TRL writes the model card to output_dir/README.md at every checkpoint save: only where no file
+            is, or over the card a run of the toolkit recorded (`check_train_output` refused a user's up front;
+            one put there since is kept, and the card not written); each written card is recorded."""
+            if not self.is_world_process_zero():
+                return
+            if run_file_problem(self.args.output_dir, "README.md") is None:
+                super().create_model_card(*args, **kwargs)
+                record_run_files(self.args.output_dir, ["README.md"])
 
         def _save_checkpoint(self, model, trial):
             """transformers writes checkpoint-N in place (weights, optimizer, scheduler, RNG, then
@@ -662,7 +779,16 @@ def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
         resume = last_complete_checkpoint(sft.output_dir, log)
         log(f"resume: from {resume}" if resume else f"resume: no complete checkpoint in {sft.output_dir}; from step 0")
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(sft.output_dir)
+    whole_final_save(trainer, log)
+    # Saved whole under the staging folder, then moved into output_dir over the files only a run recorded.
+    final = Path(sft.output_dir) / STAGING / FINAL_SAVE
+    if trainer.args.should_save and os.path.lexists(final):
+        remove_staging(final)  # left by a final save that was killed, in the toolkit's own staging folder
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(final))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        place_final_save(final, sft.output_dir)
     if recipe.toolkit.merge_adapter and trainer.is_world_process_zero():
         merged = merge_run(sft.output_dir, merged_dir(sft.output_dir), trust_remote_code=sft.trust_remote_code)
         log(f"merge_adapter: saved the merged model to {merged}")

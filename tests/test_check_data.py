@@ -199,18 +199,29 @@ def coverage_of(tmp_path, rows, template) -> dict:
     return run(write_recipe(tmp_path, rows, chat_template_path=str(template)))
 
 
+def one_problem(index: int, reason: str, message: int) -> dict:
+    """A `coverage_problem_rows` entry of a row with a single problem."""
+    return {
+        "index": index,
+        "reason": reason,
+        "message": message,
+        "reasons": [reason],
+        "problems": [{"reason": reason, "message": message}],
+    }
+
+
 def test_a_turn_the_template_leaves_untrained_fails_the_gate_naming_row_and_message(tmp_path):
     """The template trains only the last assistant turn: the mask is not empty, but message 1 is not learned."""
     rows = [qa("Hi?", "Hello."), {"messages": TWO_TURNS}]
     report = coverage_of(tmp_path, rows, FIXTURES / "R001_last_turn_only.jinja")
     assert report["zero_mask_rows"] == [] and report["trainable_tokens"] > 0
-    assert report["coverage_problem_rows"] == [{"index": 1, "reason": "assistant_content_untrained", "message": 1}]
+    assert report["coverage_problem_rows"] == [one_problem(1, "assistant_content_untrained", 1)]
     assert not report["ok"]
 
 
 def test_user_text_inside_a_generation_block_fails_the_gate(tmp_path):
     report = coverage_of(tmp_path, [{"messages": TWO_TURNS}], FIXTURES / "R002_user_in_mask.jinja")
-    assert report["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
+    assert report["coverage_problem_rows"] == [one_problem(0, "non_assistant_text_trained", 2)]
     assert not report["ok"]
 
 
@@ -249,7 +260,7 @@ def test_cli_reports_coverage_problems_in_json_and_markdown(tmp_path):
     )
     assert main(["check-data", recipe, "--format", "json", "--report", str(tmp_path / "report.json")]) == 1
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["coverage_problem_rows"] == [{"index": 0, "reason": "non_assistant_text_trained", "message": 2}]
+    assert data["coverage_problem_rows"] == [one_problem(0, "non_assistant_text_trained", 2)]
     assert any("train the wrong text" in p for p in data["problems"])
     markdown = (tmp_path / "report.md").read_text()
     assert "| 0 | 2 | non_assistant_text_trained |" in markdown and "generation" in markdown

@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 from rich.console import Console
 
-from ..check_data import reason_help
+from ..check_data import reason_help, row_coverage_problems
 from ..problems import InputError
 
 SHOW_ROWS = 20
@@ -75,10 +75,12 @@ def _print_split(console, report) -> None:
     if len(report.zero_mask_rows) > SHOW_ROWS:
         console.print(f"    … and {len(report.zero_mask_rows) - SHOW_ROWS} more rows (see --format json or --report)")
     for row in report.coverage_problem_rows[:SHOW_ROWS]:
-        console.print(
-            f"    row {row['index']} message {row['message']}: {row['reason']} — {reason_help(row['reason'])}",
-            markup=False,
-        )
+        for problem in row_coverage_problems(row):  # every problem of the row, one line each
+            console.print(
+                f"    row {row['index']} message {problem['message']}: {problem['reason']} — "
+                f"{reason_help(problem['reason'])}",
+                markup=False,
+            )
     if len(report.coverage_problem_rows) > SHOW_ROWS:
         console.print(
             f"    … and {len(report.coverage_problem_rows) - SHOW_ROWS} more rows (see --format json or --report)"

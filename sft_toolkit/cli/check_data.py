@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..check_data import check_data, to_markdown
-from ..outputs import check_output_file, recipe_inputs, write_file
+from ..outputs import check_derived_file, check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
 from ._common import add_overrides_argument, parse_overrides, print_data_report
 
@@ -43,6 +43,10 @@ def run(args) -> int:
     reports = _report_paths(args.report) if args.report else ()
     for path in reports:  # a path that can't be written is bad input (2), refused before the check, never "not fit"
         check_output_file(path, inputs, example="report.json")
+    if reports:  # the one of the two the user did not name replaces only a report the toolkit wrote
+        named = Path(args.report)
+        twin = reports[1] if named == reports[0] else reports[0]
+        check_derived_file(twin, named, _markdown_report if twin.suffix == ".md" else _json_report)
     report, _ = check_data(recipe, world_size=args.world_size)
     for warning in report.warnings:
         print(f"sft-toolkit check-data: warning: {warning}", file=sys.stderr)
@@ -55,6 +59,24 @@ def run(args) -> int:
     else:
         print_data_report(report, args.recipe)
     return 0 if report.ok else 1
+
+
+def _markdown_report(path: Path) -> bool:
+    """Whether `path` reads as a Markdown report `to_markdown` wrote (its title and verdict lines)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()[:3]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) == 3 and lines[0].startswith("# check-data: ") and lines[2].startswith(("**PASS", "**FAIL"))
+
+
+def _json_report(path: Path) -> bool:
+    """Whether `path` reads as a JSON report `Report.to_json` wrote (its verdict, settings and problems)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"ok", "settings", "problems"} <= data.keys()
 
 
 def _report_paths(report: str) -> tuple[Path, Path]:

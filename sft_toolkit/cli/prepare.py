@@ -9,6 +9,8 @@ guard refused (nothing saved), 2 bad input. Overrides are read as by `train`, so
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
 from ..prepare import prepare
 from ..recipe import GuardMode, load_recipe
@@ -46,6 +48,12 @@ def run(args) -> int:
     except GuardStop as stop:
         print(f"sft-toolkit prepare: stopped by the mask guard, nothing saved: {stop}", flush=True)
         return 1
+    for left in result.leftovers:
+        print(
+            f"sft-toolkit prepare: note: {left} is what an interrupted prepare left (no command reads it); "
+            f"if no prepare is running, remove it with: rm -r {shlex.quote(str(left))}",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps({"prepared": str(result.path), **result.manifest}, indent=2))
         return 0
