@@ -6,8 +6,8 @@ left with nothing to train; one row without assistant tokens aborts the whole ru
 names no row. We need the opposite: per-row reasons, and counts of what truncation and packing cost.
 So we drive TRL's own pieces (`trl.data_utils._tokenize`, its template selection, `pack_dataset`) in
 the same order with the same arguments, and carry extra columns through packing where needed: the source
-row and position of every token (`provenance_columns`). `tests/test_check_data_matches_trl.py` proves the result is what the
-trainer sees, token for token. Chat rows go through the same steps a batch at a time where the tokenizer
+row and position of every token (`provenance_columns`). `tests/test_check_data_matches_trl.py` proves the
+result is what the trainer sees, token for token. Chat rows go through the same steps a batch at a time where the tokenizer
 allows it (`_tokenize_rows`: one tokenizer call per batch, masks by transformers' rule from the offsets),
 because per row, Python around the tokenizer (transformers' token-by-token mask loop, a second render for
 content coverage) costs about as much as the tokenizer itself; the tests hold that path to TRL's too.
