@@ -37,6 +37,11 @@ def check_merge_target(target: Path) -> None:
         )
 
 
+# A merge is saved beside its target as `.NAME.MERGE_STAGE-TOKEN`, then renamed into place; a killed merge leaves
+# it behind (`outputs.leftovers(target, (MERGE_STAGE,))` names them).
+MERGE_STAGE = "incomplete"
+
+
 def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = False) -> Path:
     """Merge the LoRA adapter saved in `run_dir` into its base model and save model + tokenizer in `target`.
     `trust_remote_code` as the run was trained (SFTConfig.trust_remote_code): a remote-code base needs it."""
@@ -65,7 +70,7 @@ def merge_run(run_dir: str, target: str | Path, *, trust_remote_code: bool = Fal
     # Written beside the target under a fresh name and renamed into place: an interrupted merge leaves no half
     # model under its name, and no folder already there (a user's, or another merge's) is ever written into.
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.incomplete-{secrets.token_hex(8)}")
+    staged = target.with_name(f".{target.name}.{MERGE_STAGE}-{secrets.token_hex(8)}")
     staged.mkdir()
     try:
         merged.save_pretrained(str(staged))

@@ -694,12 +694,13 @@ def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
     return names
 
 
-def leftovers(out: str | Path) -> list[Path]:
-    """What an interrupted `replace_dir(out)` left beside `out` (`.NAME.partial-TOKEN`, `.NAME.replaced-TOKEN`):
-    never read, never removed by the toolkit (a folder may carry such a name without being its)."""
+def leftovers(out: str | Path, stages: tuple[str, ...] = ("partial", "replaced")) -> list[Path]:
+    """What an interrupted write of `out` left beside it (`.NAME.STAGE-TOKEN`: `replace_dir`'s `partial` and
+    `replaced`, `merge_run`'s `incomplete`): never read, never removed by the toolkit (a folder may carry such a
+    name without being its)."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         return []
-    names = (f".{out.name}.partial-", f".{out.name}.replaced-")
+    names = tuple(f".{out.name}.{stage}-" for stage in stages)
     return sorted(p for p in parent.iterdir() if p.name.startswith(names))

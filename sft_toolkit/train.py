@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .check_data import Report, check_splits
+from .check_data import Report, check_splits, row_coverage_problems
 from .guarded import Change, Guarded, Repairs
 from .outputs import (
     FINAL_SAVE,
@@ -203,7 +203,10 @@ def _repair(checked: Guarded, said: list[str], *, world_size: int, keep_provenan
             )
     if report.coverage_problem_rows:  # nothing to repair in the data: the template decides what is trained
         shown = ", ".join(
-            f"{r['index']} ({r['reason']}, message {r['message']})" for r in report.coverage_problem_rows[:10]
+            f"{r['index']} ("
+            + "; ".join(f"{p['reason']}, message {p['message']}" for p in row_coverage_problems(r))
+            + ")"
+            for r in report.coverage_problem_rows[:10]
         )
         notes.append(
             f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "

@@ -202,7 +202,7 @@ def test_a_users_staging_folder_name_is_refused(home, no_training, kind):
 # --- merge -----------------------------------------------------------------------------------------------------
 
 
-def test_merge_never_removes_a_folder_beside_its_target(home, tiny_model):
+def test_merge_never_removes_a_folder_beside_its_target_and_names_it(home, tiny_model):
     write_recipe(home, model_name_or_path=str(tiny_model), use_peft=True, lora_r=4, **TRAINS)
     code, err = run(["train", "recipe.yaml"], home)
     assert code == 0, err
@@ -213,6 +213,8 @@ def test_merge_never_removes_a_folder_beside_its_target(home, tiny_model):
     assert {path: tree(path) for path in beside} == kept
     assert (home / "merged" / "model.safetensors").is_file()
     assert sorted(p.name for p in home.iterdir() if p.name.startswith(".merged")) == sorted(p.name for p in beside)
+    # ... and named, with the command that removes them, as a killed prepare's leftovers are.
+    assert all(path.name in err for path in beside) and "rm -r" in err, err
 
 
 def test_the_final_save_is_placed_over_recorded_files_only(tmp_path):

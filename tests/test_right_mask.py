@@ -299,6 +299,12 @@ def test_a_row_with_several_problems_names_every_kind(tmp_path):
     assert (
         "| 0 | 0 | non_assistant_text_trained |" in markdown and "| 0 | 1 | assistant_content_untrained |" in markdown
     )
+    # The guard's note (what `train` logs under mask_guard: repair, which leaves the template alone) names both.
+    from sft_toolkit.recipe import load_recipe
+    from sft_toolkit.train import guard
+
+    notes = " ".join(guard(load_recipe(str(tmp_path / "recipe.yaml"), {"mask_guard": "repair"})).repairs.notes)
+    assert "0 (non_assistant_text_trained, message 0; assistant_content_untrained, message 1)" in notes, notes
 
 
 # ------------------------------------------------------------------------------ pre-tokenized rows

@@ -8,7 +8,11 @@ The same as the recipe key `merge_adapter: true`, which does it at the end of tr
 
 from __future__ import annotations
 
-from ..merge import merge_run
+import shlex
+import sys
+
+from ..merge import MERGE_STAGE, merge_run
+from ..outputs import leftovers
 
 
 def add_parser(sub) -> None:
@@ -30,4 +34,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     target = merge_run(args.run_dir, args.output, trust_remote_code=args.trust_remote_code)
     print(f"saved the merged model and tokenizer to {target}")
+    for left in leftovers(target, (MERGE_STAGE,)):
+        print(
+            f"sft-toolkit merge: note: {left} is what an interrupted merge left (no command reads it); "
+            f"if no merge is running, remove it with: rm -r {shlex.quote(str(left))}",
+            file=sys.stderr,
+        )
     return 0
