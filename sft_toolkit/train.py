@@ -309,10 +309,11 @@ def packing_isolation(trainer, *, use_cache: bool = False) -> float:
     `compute_loss` makes (`use_cache=False`), instead of trusting it.
 
     The probe runs before the training engine wraps the model, where the weights may not be whole on every
-    rank: under DeepSpeed ZeRO-3 they are partitioned (gathered here for the two short forwards: measured on
-    an H200, a forward on the partitions fails with "Padding_idx must be within num_embeddings"), and with
-    FSDP's `cpu_ram_efficient_loading` the ranks other than the first hold meta tensors. A rank that cannot
-    run the forward takes the largest difference measured by the ranks that can, so every rank decides alike.
+    rank: under DeepSpeed ZeRO-3 they are partitioned (gathered here for the two short forwards: measured by
+    benchmarks/gpu_suite.sh, a forward on the partitions fails with "Padding_idx must be within num_embeddings"),
+    and with FSDP's `cpu_ram_efficient_loading` the ranks other than the first hold meta tensors. A rank that
+    cannot run the forward takes the largest difference measured by the ranks that can, so every rank decides
+    alike.
     """
     tokenizer = trainer.processing_class
     first = tokenizer("The first conversation talks about kilometres.", add_special_tokens=False)["input_ids"]
@@ -378,9 +379,10 @@ def whole_final_save(trainer, log=print) -> None:
 
     transformers' `save_model` writes model weights under FSDP only for `FULL_STATE_DICT`
     (transformers/trainer.py, `save_model`); with `SHARDED_STATE_DICT` it writes nothing, so output_dir ends
-    with no model and `from_pretrained(output_dir)` fails (measured on an H200: "Unrecognized model ... Should
-    have a `model_type` key"). `trl sft` calls `save_model` as it is; the toolkit switches the final save to the
-    full state dict, as alignment-handbook's scripts do, and says so. The checkpoints keep the sharded type.
+    with no model and `from_pretrained(output_dir)` fails (measured by benchmarks/gpu_suite.sh: "Unrecognized
+    model ... Should have a `model_type` key"). `trl sft` calls `save_model` as it is; the toolkit switches the
+    final save to the full state dict, as alignment-handbook's scripts do, and says so. The checkpoints keep the
+    sharded type.
     """
     if not getattr(trainer, "is_fsdp_enabled", False):
         return
