@@ -57,6 +57,8 @@ from sft_toolkit.train import (  # noqa: E402
 
 ACCELERATE_CONFIGS = ROOT / "recipes" / "accelerate"
 MEASURED, SKIPPED, FAILED = "measured", "skipped", "failed"
+LAUNCHED_PARTS = ("fsdp2", "deepspeed_zero3", "qlora")
+PARTS = ("throughput", "packing_isolation", *LAUNCHED_PARTS)
 # Where accelerate 1.15 decides that an FSDP config is applied only on accelerator devices.
 FSDP_ON_CPU = (
     "accelerate 1.15 applies FSDP only on accelerator devices (accelerate/state.py:986-1013); "
@@ -502,6 +504,7 @@ def run(args: argparse.Namespace, save=lambda results: None) -> dict:
         },
         "disk_free_gib": shutil.disk_usage(folder).free / 2**30,
         "complete": False,  # True once every part has run (or said why not)
+        "parts": list(args.parts),
         "throughput": {},
         "packing_isolation": {},
     }
@@ -511,7 +514,7 @@ def run(args: argparse.Namespace, save=lambda results: None) -> dict:
         ("bfd padding-free", "sdpa", {"packing": True, "packing_strategy": "bfd"}),
         ("bfd padding-free", flash or "flash varlen", {"packing": True, "packing_strategy": "bfd"}),
     ]
-    for name, attn, extra in configs:
+    for name, attn, extra in configs if "throughput" in args.parts else ():
         label = f"{name} ({attn})"
         if attn == "flash varlen":
             results["throughput"][label] = skipped(flash_note)
@@ -519,13 +522,13 @@ def run(args: argparse.Namespace, save=lambda results: None) -> dict:
         keys = suite.keys(attn_implementation=attn, **extra)
         results["throughput"][label] = suite.over_budget() or attempt(suite.throughput, keys)
         save(results)
-    for attn in ("eager", "sdpa", flash or "flash varlen"):
+    for attn in ("eager", "sdpa", flash or "flash varlen") if "packing_isolation" in args.parts else ():
         if attn == "flash varlen":
             results["packing_isolation"][attn] = skipped(flash_note)
         else:
             results["packing_isolation"][attn] = suite.over_budget() or attempt(suite.isolation, attn)
         save(results)
-    for part in ("fsdp2", "deepspeed_zero3", "qlora"):
+    for part in [part for part in LAUNCHED_PARTS if part in args.parts]:
         results[part] = suite.over_budget() or attempt(getattr(suite, part))
         save(results)
     results["wall_s"], results["complete"] = time.monotonic() - suite.started, True
@@ -563,11 +566,14 @@ def markdown(results: dict) -> str:
         f"Command: `{results['command']}` ({versions}; model {setup['model']} with random weights, "
         f"{setup['dtype']}, {setup['rows']} synthetic conversations, batch {setup['batch']}, max_length "
         f"{setup['max_length']}, {setup['timed_steps']} timed steps after {setup['warmup_steps']}; "
-        f"whole suite {results['wall_s']:.0f} s)",
-        "",
-        "| config | trainer | step s | tokens/s | trainable tokens/s | padding |",
-        "|---|---|---:|---:|---:|---:|",
+        f"whole suite {results['wall_s']:.0f} s; parts: {', '.join(results['parts'])})",
     ]
+    if results["throughput"]:
+        lines += [
+            "",
+            "| config | trainer | step s | tokens/s | trainable tokens/s | padding |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
     for label, part in results["throughput"].items():
         if part["status"] != MEASURED:
             lines.append(f"| {label} | {_status(part)} | | | | |")
@@ -579,11 +585,12 @@ def markdown(results: dict) -> str:
                 f"{r['tokens_per_s']:.0f} | {r['trainable_tokens_per_s']:.0f} | {r['padding']:.1%} |"
             )
         lines.append(f"| {label} | guard overhead | {part['guard_overhead']:+.2%} | | | |")
-    lines += [
-        "",
-        "| attention | max logit diff, training forward | with use_cache=True | tolerance | verdict |",
-        "|---|---:|---:|---:|---|",
-    ]
+    if results["packing_isolation"]:
+        lines += [
+            "",
+            "| attention | max logit diff, training forward | with use_cache=True | tolerance | verdict |",
+            "|---|---:|---:|---:|---|",
+        ]
     for attn, part in results["packing_isolation"].items():
         if part["status"] != MEASURED:
             lines.append(f"| {attn} | | | | {_status(part)} |")
@@ -592,8 +599,10 @@ def markdown(results: dict) -> str:
                 f"| {attn} | {_number(part['training_forward_max_diff'])} | {_number(part['use_cache_max_diff'])} "
                 f"| {part['tolerance']:g} | {part['verdict']} |"
             )
-    lines += ["", "| part | result |", "|---|---|"]
-    for part in ("fsdp2", "deepspeed_zero3", "qlora"):
+    launched = [part for part in LAUNCHED_PARTS if part in results]
+    if launched:
+        lines += ["", "| part | result |", "|---|---|"]
+    for part in launched:
         lines.append(
             f"| {part} | {_status(results[part]) if results[part]['status'] != MEASURED else _summary(results[part])} |"
         )
@@ -649,6 +658,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, default=max(torch.cuda.device_count(), 1), help="processes for FSDP2")
     parser.add_argument("--budget-s", type=float, default=360, help="parts that would start after this are skipped")
     parser.add_argument("--command", help="the command to record (gpu_suite.sh passes its own)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=PARTS, help="run only these parts (default: every part)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.rows, args.steps, args.warmup, args.repeats = "tiny", 64, 2, 1, 1

@@ -89,3 +89,13 @@ def test_suite_with_alternating_repeated_runs_times_every_step_it_plans(tmp_path
     assert results["complete"] is True
     assert_measured_throughput(results, steps=results["setup"]["timed_steps"])
     assert all(results["throughput"][label]["runs_each"] == 2 for label in MEASURED_CONFIGS)
+
+
+def test_parts_runs_only_the_parts_named_and_the_report_says_which(tmp_path):
+    results, markdown = run_suite(tmp_path, "--smoke", "--parts", "packing_isolation", "qlora")
+    assert results["complete"] is True and results["parts"] == ["packing_isolation", "qlora"]
+    assert results["throughput"] == {} and "fsdp2" not in results and "deepspeed_zero3" not in results
+    assert results["packing_isolation"]["eager"]["status"] == "measured"
+    assert results["qlora"]["status"] == "skipped"
+    assert "parts: packing_isolation, qlora" in markdown
+    assert "| config | trainer |" not in markdown and "| fsdp2 |" not in markdown and "| qlora |" in markdown
