@@ -397,6 +397,29 @@ def whole_final_save(trainer, log=print) -> None:
         )
 
 
+def zero3_checkpoint_note(trainer) -> str | None:
+    """What the final save writes under DeepSpeed ZeRO-3 when the weights are not gathered (None otherwise).
+
+    transformers' `save_model` under ZeRO-3 asks accelerate for the whole state dict; with
+    `stage3_gather_16bit_weights_on_model_save` false accelerate refuses, and transformers only logs a warning at
+    the end of training and writes a DeepSpeed checkpoint (`global_stepN/`, partitioned weights) instead of a
+    model: `from_pretrained(output_dir)` then fails. The toolkit says so before training, naming the setting, so
+    the run can be stopped and relaunched with it; it does not flip DeepSpeed's engine config behind its back.
+    """
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or zero.get("stage3_gather_16bit_weights_on_model_save") is True:
+        return None
+    return (
+        "deepspeed: ZeRO-3 without stage3_gather_16bit_weights_on_model_save, so the final save is a DeepSpeed "
+        "checkpoint (global_stepN/), not a model from_pretrained loads; recover the weights with the "
+        "zero_to_fp32.py script DeepSpeed writes beside it, or set zero3_save_16bit_model: true in the accelerate "
+        "config (stage3_gather_16bit_weights_on_model_save: true in a DeepSpeed JSON) and launch again"
+    )
+
+
 def drop_zero_trainable(dataset):
     return dataset.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels")
 
@@ -783,6 +806,9 @@ def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
     if resume == "true":
         resume = last_complete_checkpoint(sft.output_dir, log)
         log(f"resume: from {resume}" if resume else f"resume: no complete checkpoint in {sft.output_dir}; from step 0")
+    zero3_note = zero3_checkpoint_note(trainer)
+    if zero3_note and trainer.is_world_process_zero():
+        log(f"warning: {zero3_note}")
     result = trainer.train(resume_from_checkpoint=resume)
     whole_final_save(trainer, log)
     # Saved whole under the staging folder, then moved into output_dir over the files only a run recorded.
@@ -794,6 +820,8 @@ def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         place_final_save(final, sft.output_dir)
+    if zero3_note and trainer.is_world_process_zero():
+        log(f"warning: {zero3_note}")
     if recipe.toolkit.merge_adapter and trainer.is_world_process_zero():
         merged = merge_run(sft.output_dir, merged_dir(sft.output_dir), trust_remote_code=sft.trust_remote_code)
         log(f"merge_adapter: saved the merged model to {merged}")

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from sft_toolkit.assets import build_quickstart_assets
-from sft_toolkit.train import shared_maximum, whole_final_save
+from sft_toolkit.train import shared_maximum, whole_final_save, zero3_checkpoint_note
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,26 @@ def test_a_rank_holding_meta_weights_takes_the_probe_result_of_the_rank_that_mea
     assert all("difference" in result for result in results), results
     assert results[0]["difference"] > 0
     assert results[1]["difference"] == results[0]["difference"]
+
+
+def deepspeed_trainer(**plugin_options):
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(**plugin_options)
+    return SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))
+
+
+def test_zero3_without_gathered_weights_is_named_before_training_with_the_setting_that_fixes_it():
+    from accelerate import Accelerator
+
+    # accelerate's own condition for refusing the whole state dict, which makes transformers save a checkpoint
+    assert "model.zero_gather_16bit_weights_on_model_save()" in inspect.getsource(Accelerator.get_state_dict)
+    for unset in ({"zero3_save_16bit_model": False}, {}):
+        note = zero3_checkpoint_note(deepspeed_trainer(zero_stage=3, **unset))
+        assert "zero3_save_16bit_model: true" in note and "zero_to_fp32.py" in note and "from_pretrained" in note
+
+
+def test_zero3_gathering_its_weights_lower_stages_and_no_deepspeed_get_no_note():
+    assert zero3_checkpoint_note(deepspeed_trainer(zero_stage=3, zero3_save_16bit_model=True)) is None
+    assert zero3_checkpoint_note(deepspeed_trainer(zero_stage=2)) is None
+    assert zero3_checkpoint_note(SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace()))) is None
