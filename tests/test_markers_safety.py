@@ -122,6 +122,23 @@ def test_a_wrong_placement_is_refused_with_its_reason(case):
     assert shown in findings[0].message  # the message shows the text that is wrong
 
 
+def one_tag_a_line(template: str) -> str:
+    """The same template with each tag on its own line (`{%-` and `{{-` trim the newline: the render is equal)."""
+    return template.replace("{%-", "\n{%-").replace("{{-", "\n{{-").lstrip("\n")
+
+
+@pytest.mark.parametrize(
+    ("case", "line_text"),
+    [("block around user text", OTHERS), ("end-of-turn left out", END), ("render one byte different", "'\\n'")],
+)
+def test_a_refusal_names_the_template_line_that_wrote_the_wrong_text(case, line_text):
+    original, (marked, reason, _) = one_tag_a_line(ORIGINAL), WRONG[case]
+    lines = original.splitlines()
+    expected = next(number for number, line in enumerate(lines, 1) if line_text in line and line != HEADER)
+    findings = verify_placement(original, one_tag_a_line(marked))
+    assert findings[0].rule == reason and findings[0].line == expected, (findings[0], lines[expected - 1])
+
+
 @pytest.mark.parametrize("case", sorted(WRONG))
 def test_the_independent_check_sees_each_wrong_placement_too(case):
     marked, _, shown = WRONG[case]

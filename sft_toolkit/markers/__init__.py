@@ -108,11 +108,14 @@ def add_markers(source: str, *, tokenizer=None) -> Result:
                 errors.append(err)
                 continue
             marked = _inherit_allowances(placed.source, failed, tokenizer, defaults_only=defaults_only)
-            problems = check_traces(original, marked, traces, tokenizer, relaxed)
+            problems = check_traces(original, marked, traces, tokenizer, relaxed, template)
             if not problems:
                 return Result(marked, placed.blocks, placed.role_conditions, relaxed)
             errors.append(
-                MarkerError("the marked template failed verification: " + "; ".join(f.message for f in problems[:3]))
+                MarkerError(
+                    "the marked template failed verification: " + "; ".join(f.message for f in problems[:3]),
+                    next((f.line for f in problems if f.line), None),
+                )
             )
     if str(errors[0]) != str(errors[1]):
         raise MarkerError(

@@ -39,16 +39,19 @@ def verify_placement(original: str, marked: str, *, tokenizer=None, relaxed_whit
     """
     template = Template.parse(strip_markers(original))
     traces, _ = trace_all(template, tokenizer, settings_for(original))
-    return check_traces(original, marked, traces, tokenizer, relaxed_whitespace)
+    return check_traces(original, marked, traces, tokenizer, relaxed_whitespace, template)
 
 
-def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, relaxed: bool) -> list[Finding]:
+def check_traces(
+    original: str, marked: str, traces: list[Trace], tokenizer, relaxed: bool, template: Template | None = None
+) -> list[Finding]:
     """Byte-identical on every traced render, every labelled character trained as labelled, every piece of
-    assistant output the render shows trained, lint passes."""
+    assistant output the render shows trained, lint passes. Given the `template` the traces were made from, a
+    finding at a character of a render names the template line that wrote that character."""
     problems = []
 
-    def refuse(reason: Refusal, message: str) -> None:
-        problems.append(Finding(reason.value, ERROR, message))
+    def refuse(reason: Refusal, message: str, line: int | None = None) -> None:
+        problems.append(Finding(reason.value, ERROR, message, line))
 
     kwargs = with_special_tokens(dict(tokenizer.special_tokens_map) if tokenizer is not None else {})
     for trace in traces:
@@ -72,6 +75,7 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
                 Refusal.RENDER_DIFFERS,
                 f"{trace.name}: renders {out.text[at : at + 30]!r} where the original "
                 f"renders {trace.text[at : at + 30]!r}",
+                source_line(trace, at, template),
             )
             continue
         trained = out.trained_chars()
@@ -84,10 +88,11 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
             start = wrong.index(True)
             end = wrong.index(False, start) if False in wrong[start:] else len(wrong)
             shown = f"{trace.name}: {trace.text[start:end][:60]!r} (characters {start}-{end})"
+            line = source_line(trace, start, template)
             if trained[start]:
-                refuse(Refusal.TRAINED_OUTSIDE, f"{shown} trained outside the assistant turn")
+                refuse(Refusal.TRAINED_OUTSIDE, f"{shown} trained outside the assistant turn", line)
             else:
-                refuse(Refusal.OUTPUT_UNTRAINED, f"{shown} of the assistant turn untrained")
+                refuse(Refusal.OUTPUT_UNTRAINED, f"{shown} of the assistant turn untrained", line)
         else:
             if missed := _untrained_output(probe.messages, out.text, trained, relaxed):
                 refuse(Refusal.OUTPUT_UNTRAINED, f"{trace.name}: {missed} is untrained")
@@ -101,6 +106,16 @@ def check_traces(original: str, marked: str, traces: list[Trace], tokenizer, rel
             if f.severity == ERROR:
                 refuse(Refusal.LINT, f"lint {f.rule}: {f.message}")
     return problems
+
+
+def source_line(trace: Trace, position: int, template: Template | None) -> int | None:
+    """The line of `template` whose text or expression wrote character `position` of the traced render."""
+    if template is None:
+        return None
+    for emission in trace.emissions:
+        if emission.start <= position < emission.end:
+            return template.pieces[emission.piece].line
+    return None
 
 
 def _untrained_output(messages: list[dict], text: str, trained: list[bool], relaxed: bool) -> str | None:
