@@ -3,6 +3,12 @@
 The bundled templates live in the repository's `templates/` folder and ship in the package as
 `sft_toolkit.bundled_templates`; each one is a family's inference template with `{% generation %}`
 markers added, proven byte-identical to the original by the test suite.
+
+A tokenizer may carry several named templates (`additional_chat_templates/NAME.jinja` beside
+`chat_template.jinja`, or a list of `{"name", "template"}` in tokenizer_config.json). transformers renders a
+row that has `tools` with the one named `tool_use` and every other row with `default`
+(`PreTrainedTokenizerBase.get_chat_template`), so `load_templates` returns each of them: a check of the default
+alone would pass a tokenizer whose tool rows train nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +61,41 @@ def load_template(spec: str) -> Template:
     raise InputError(f"{spec}: no such file or directory, and not a bundled template name (bundled: {known})")
 
 
+def load_templates(spec: str) -> list[Template]:
+    """Every template `spec` holds: one, or each named template of a tokenizer (directory or config) that has several.
+
+    Named templates are read as transformers reads them (`PreTrainedTokenizerBase.from_pretrained`): template
+    files, when a directory has any, take the place of the config's entries; `chat_template.jinja` is `default`.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        files = _template_files(path)
+        if files:
+            return [
+                Template(name=path.name if name == "default" else f"{path.name}:{name}", source=_read_text(file),
+                         origin=str(file))
+                for name, file in files.items()
+            ]  # fmt: skip
+        config = path / "tokenizer_config.json"
+        if config.is_file():
+            return _all_from_tokenizer_config(config, name=path.name)
+    elif path.is_file() and path.name.endswith(".json"):
+        return _all_from_tokenizer_config(path)
+    return [load_template(spec)]
+
+
+def _template_files(folder: Path) -> dict[str, Path]:
+    """Template files by name: `chat_template.jinja` as default, then `additional_chat_templates/*.jinja`."""
+    files = {"default": folder / "chat_template.jinja"} if (folder / "chat_template.jinja").is_file() else {}
+    extra = folder / ADDITIONAL_TEMPLATES
+    for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
+        files[file.name.removesuffix(".jinja")] = file
+    return files
+
+
+ADDITIONAL_TEMPLATES = "additional_chat_templates"  # transformers' CHAT_TEMPLATE_DIR
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -79,16 +120,42 @@ def _from_tokenizer_dir(folder: Path) -> Template:
 
 
 def _from_tokenizer_config(config: Path, name: str | None = None) -> Template:
+    """The config's template; of named ones, `default` (the one transformers renders a row without tools with)."""
+    templates = _all_from_tokenizer_config(config, name)
+    if len(templates) == 1:
+        return templates[0]
+    default = [template for template in templates if template.name == (name or config.parent.name)]
+    if not default:
+        names = ", ".join(repr(template.name.rpartition(":")[2]) for template in templates)
+        raise InputError(
+            f"{config}: field 'chat_template' holds named templates ({names}) and none is named 'default'; "
+            "pass the one to use as a .jinja file"
+        )
+    return default[0]
+
+
+def _all_from_tokenizer_config(config: Path, name: str | None = None) -> list[Template]:
     try:
         data = json.loads(_read_text(config))
     except json.JSONDecodeError as err:
         raise InputError(f"{config}:{err.lineno}: invalid JSON ({err.msg})") from None
+    name = name or config.parent.name
     template = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(template, str):
+        return [Template(name=name, source=template, origin=str(config))]
+    named = {}
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if not isinstance(template, str):
+        named = {t["name"]: t["template"] for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)}
+    if not named or not all(isinstance(source, str) for source in named.values()):
         raise InputError(
-            f"{config}: field 'chat_template' is missing or not a string; this tokenizer has no chat template"
+            f"{config}: field 'chat_template' is missing, or neither a string nor a list of "
+            '{"name": ..., "template": "..."}; this tokenizer has no chat template'
         )
-    return Template(name=name or config.parent.name, source=template, origin=str(config))
+    return [
+        Template(
+            name=name if label == "default" else f"{name}:{label}",
+            source=source,
+            origin=str(config) if label == "default" else f"{config} (chat template {label!r})",
+        )
+        for label, source in named.items()
+    ]

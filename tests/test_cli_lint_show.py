@@ -67,6 +67,56 @@ def test_lint_reads_tokenizer_config(tmp_path):
     assert [f["rule"] for f in json.loads(proc.stdout)["results"][0]["findings"]] == ["S002"]
 
 
+GOOD, NO_MARKERS = (FIXTURES / "good_chatml.jinja").read_text(), (FIXTURES / "S002_no_markers.jinja").read_text()
+
+
+def tokenizer_with_named_templates(folder: Path, as_files: bool) -> Path:
+    """The tiny test tokenizer with a marked default template and an unmarked `tool_use` one, saved either way
+    transformers saves named templates: files (additional_chat_templates/) or a list in tokenizer_config.json."""
+    source = Path(__file__).parent / "bad_inputs" / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if as_files:
+        (folder / "chat_template.jinja").write_text(GOOD)
+        (folder / "additional_chat_templates").mkdir()
+        (folder / "additional_chat_templates" / "tool_use.jinja").write_text(NO_MARKERS)
+    else:
+        config["chat_template"] = [{"name": "default", "template": GOOD}, {"name": "tool_use", "template": NO_MARKERS}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("as_files", [True, False], ids=["template files", "tokenizer_config list"])
+def test_lint_checks_every_named_template_transformers_would_render_with(tmp_path, as_files, capsys):
+    from transformers import AutoTokenizer
+
+    from sft_toolkit.templates import load_templates
+
+    folder = tokenizer_with_named_templates(tmp_path / "tok", as_files)
+    # the same templates transformers loads: rows with tools render with tool_use, the others with default
+    loaded = AutoTokenizer.from_pretrained(folder).chat_template
+    ours = {template.name: template.source for template in load_templates(str(folder))}
+    assert ours == {"tok" if name == "default" else f"tok:{name}": source for name, source in loaded.items()}
+    assert main(["lint", str(folder), "--format", "json"]) == 1  # the default alone is fine; tool_use is not
+    default, tool_use = json.loads(capsys.readouterr().out)["results"]
+    assert default["ok"] is True
+    assert "tool_use" in tool_use["template"] and [f["rule"] for f in tool_use["findings"]] == ["S002"]
+
+
+def test_named_templates_without_a_default_are_refused_where_one_template_is_needed(tmp_path):
+    from sft_toolkit.problems import InputError
+    from sft_toolkit.templates import load_template
+
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(
+        json.dumps({"chat_template": [{"name": "rag", "template": GOOD}, {"name": "tool_use", "template": GOOD}]})
+    )
+    with pytest.raises(InputError, match="'rag', 'tool_use'.*none is named 'default'"):
+        load_template(str(config))
+
+
 def test_show_plain_marks_the_trained_span(tmp_path):
     conversation = tmp_path / "c.json"
     conversation.write_text(

@@ -9,7 +9,7 @@ from rich.console import Console
 from ..lint import lint
 from ..masks import RenderLimit
 from ..problems import ERROR, INFO, WARNING, InputError
-from ..templates import load_template
+from ..templates import load_template, load_templates
 from ..tokenizer import load_tokenizer
 
 COLORS = {ERROR: "red", WARNING: "yellow", INFO: "cyan"}
@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
         "templates",
         nargs="+",
         metavar="TEMPLATE",
-        help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name",
+        help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name; a "
+        "tokenizer with several named templates (tool_use, ...) has each linted",
     )
     p.add_argument("--tokenizer", help="tokenizer directory, hub id or offline:NAME, for token-level checks")
     p.add_argument("--reference", help="the original inference template: any byte difference is an error")
@@ -44,8 +45,7 @@ def run(args) -> int:
     reference = load_template(args.reference).source if args.reference else None
     template_kwargs = _kwargs(args.kwargs)
     results = []
-    for spec in args.templates:
-        template = load_template(spec)
+    for template in [template for spec in args.templates for template in load_templates(spec)]:
         try:
             results.append(
                 lint(
