@@ -253,6 +253,25 @@ def test_cli_writes_a_template_that_lint_accepts_or_writes_nothing(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
+def test_cli_names_the_named_templates_it_does_not_convert(tmp_path, capsys):
+    import json
+
+    from sft_toolkit.cli import main
+
+    folder = tmp_path / "tok"
+    (folder / "additional_chat_templates").mkdir(parents=True)
+    (folder / "chat_template.jinja").write_text((TRL_TEMPLATES / "qwen2_5.jinja").read_text())
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text((TRL_TEMPLATES / "qwen2_5.jinja").read_text())
+    assert main(["add-markers", str(folder), "-o", str(tmp_path / "out.jinja")]) == 0
+    note = capsys.readouterr().err
+    assert "tool_use.jinja" in note and "does not convert" in note
+    assert main(["add-markers", str(folder), "-o", str(tmp_path / "out2.jinja"), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["other_templates"] == [str(folder / "additional_chat_templates" / "tool_use.jinja")]
+    assert main(["add-markers", str(folder / "chat_template.jinja"), "--format", "json"]) == 0
+    assert "other_templates" not in json.loads(capsys.readouterr().out)  # one file: nothing else to name
+
+
 # A turn made of several messages, each with its own header (gpt-oss's harmony format): the generation prompt
 # writes the first header, the model writes the others from the same code.
 HARMONY_LIKE = (

@@ -14,7 +14,7 @@ from ..markers import MarkerError, add_markers
 from ..masks import RenderLimit
 from ..outputs import check_output_file, existing_inputs, write_file
 from ..problems import InputError
-from ..templates import load_template
+from ..templates import load_template, load_templates
 from ..tokenizer import load_tokenizer
 
 
@@ -52,6 +52,19 @@ def run(args) -> int:
         check_output_file(args.output, inputs, example="training.jinja")
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     report = {"input": template.origin, "output": args.output, "ok": False}
+    # A tokenizer's other named templates: transformers renders rows with tools with `tool_use`, while a recipe's
+    # chat_template_path replaces all of them with the one converted here. The user is told, not left to find out.
+    others = [other.origin for other in load_templates(args.input) if other.origin != template.origin]
+    if others:
+        report["other_templates"] = others
+        if args.format == "text":
+            print(
+                f"sft-toolkit add-markers: note: {args.input} also has the named template(s) {', '.join(others)}, "
+                "which this does not convert; transformers renders rows with tools with the one named tool_use, "
+                "and a chat_template_path set to this output replaces all of them: convert each one that your "
+                "data reaches, or check the training renders with `sft-toolkit check-data`",
+                file=sys.stderr,
+            )
     try:
         result = add_markers(template.source, tokenizer=tokenizer)
     except (InputError, RenderLimit) as err:  # the template can't be rendered (or traced) within the bounds
