@@ -123,6 +123,14 @@ def training_template(tokenizer, sft) -> str | None:
         raise InputError(
             "the tokenizer has no chat template; set chat_template_path (a .jinja file or a bundled name)"
         )
+    if isinstance(tokenizer.chat_template, dict) and "default" not in tokenizer.chat_template:
+        # transformers renders a row without tools with `default`, and TRL's marker check reads it: both raise
+        raise InputError(
+            f"{tokenizer.name_or_path}: the tokenizer's chat templates are all named "
+            f"({', '.join(map(repr, sorted(tokenizer.chat_template)))}) and none is 'default', which transformers "
+            "renders rows without tools with (and TRL's SFTTrainer reads, failing with KeyError 'default'); set "
+            "chat_template_path to the template to train with"
+        )
     if sft.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
         name = f"chat template {sft.chat_template_path or tokenizer.name_or_path}"
         try:  # TRL renders the template (with a tool call) to decide
