@@ -117,6 +117,26 @@ def test_named_templates_without_a_default_are_refused_where_one_template_is_nee
         load_template(str(config))
 
 
+def test_show_renders_each_row_with_the_named_template_training_uses(tmp_path, capsys):
+    folder = tokenizer_with_named_templates(tmp_path / "tok", as_files=True)
+    asked = {"role": "user", "content": "Weather in Oslo?"}
+    tool = {"type": "function", "function": {"name": "weather", "description": "d", "parameters": {"type": "object"}}}
+    rows = [
+        {"messages": [asked, {"role": "assistant", "content": "Sunny."}]},
+        {"messages": [asked, {"role": "assistant", "content": "Sunny."}], "tools": [tool]},
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    shown = []
+    for row in (0, 1):
+        assert main(["show", str(data), "--row", str(row), "--tokenizer", str(folder), "--format", "json"]) == 0
+        shown.append(json.loads(capsys.readouterr().out))
+    assert shown[0]["template"] == f"{folder} (chat template 'default')"
+    assert shown[1]["template"] == f"{folder} (chat template 'tool_use')"
+    trained = [sum(token["trained"] for token in view["tokens"]) for view in shown]
+    assert trained[0] > 0 and trained[1] == 0  # tool_use has no markers: the tool-calling row trains nothing
+
+
 def test_show_plain_marks_the_trained_span(tmp_path):
     conversation = tmp_path / "c.json"
     conversation.write_text(

@@ -51,6 +51,22 @@ def add_parser(sub) -> None:
     )
 
 
+def _tokenizer_template(tokenizer, tools, name: str) -> tuple[str, str]:
+    """The template training renders this conversation with, and its name: of a tokenizer's named templates,
+    `tool_use` for a conversation with tools, else `default` (transformers' `get_chat_template`)."""
+    if not isinstance(tokenizer.chat_template, dict):
+        return tokenizer.chat_template, name
+    try:
+        source = tokenizer.get_chat_template(None, tools)
+    except ValueError:
+        raise InputError(
+            f"{name}: the tokenizer's chat templates are all named "
+            f"({', '.join(map(repr, sorted(tokenizer.chat_template)))}) and none is 'default'; pass --template"
+        ) from None
+    chosen = next(label for label, text in tokenizer.chat_template.items() if text == source)
+    return source, f"{name} (chat template {chosen!r})"
+
+
 def run(args) -> int:
     if args.html:  # refused before the work, not after it
         check_output_file(args.html, _inputs(args), example="page.html")
@@ -67,7 +83,7 @@ def run(args) -> int:
         template = load_template(args.template)
         source, name = template.source, template.origin
     elif tokenizer is not None and tokenizer.chat_template:
-        source, name = tokenizer.chat_template, args.tokenizer
+        source, name = _tokenizer_template(tokenizer, tools, args.tokenizer)
     else:
         raise InputError("show needs --template, or a --tokenizer that has a chat template")
     # Text parts joined, JSON-string tool arguments parsed (as trained); the messages' own train/weight fields
@@ -108,7 +124,11 @@ def run(args) -> int:
         raise InputError(f"{name}: {err}") from None
     title = f"{args.conversation}{'' if args.row is None else f' row {args.row}'} with {name}"
     if args.format == "json":
-        print(json.dumps({"summary": summary, "tokens": [v.__dict__ for v in views]}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"summary": summary, "template": name, "tokens": [v.__dict__ for v in views]}, ensure_ascii=False
+            )
+        )
     elif args.format == "plain":
         print(to_plain(views))
         print(summary)
