@@ -106,8 +106,11 @@ def rendering_template(tokenizer, sft) -> str | None:
     return training_template(tokenizer, sft) or tokenizer.chat_template
 
 
-def _sha256(text: str | None) -> str | None:
-    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+def _sha256(template: str | dict | None) -> str | None:
+    """A template's fingerprint; of a tokenizer's named templates (a dict), of all of them with their names."""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(template.encode()).hexdigest() if template is not None else None
 
 
 def versions() -> dict:

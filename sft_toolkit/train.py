@@ -247,10 +247,8 @@ def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
     if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
         return recipe, Repairs()
     where = recipe.sft.chat_template_path or recipe.model.model_name_or_path
-    fix = (
-        f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja, "
-        "or set mask_guard: repair to add verified markers automatically"
-    )
+    convert = f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja"
+    fix = f"{convert}, or set mask_guard: repair to add verified markers automatically"
     guard_mode = recipe.guard_mode
     if guard_mode is GuardMode.WARN:
         warning = (
@@ -261,6 +259,14 @@ def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
         raise GuardStop(
             f"mask guard (reject): the chat template of {where} has no {{% generation %}} markers, so "
             f"assistant_only_loss would train on nothing; {fix}."
+        )
+    if isinstance(tokenizer.chat_template, dict):  # named templates: one repaired file would replace them all
+        raise GuardStop(
+            f"mask guard (repair): the tokenizer of {where} has several named chat templates "
+            f"({', '.join(map(repr, sorted(tokenizer.chat_template)))}) and its default has no {{% generation %}} "
+            "markers; a repaired template set as chat_template_path would replace all of them (rows with tools "
+            f"would no longer render with 'tool_use'), so repair does not choose: {convert} for "
+            "the template your rows should train with."
         )
     try:
         result = add_markers(tokenizer.chat_template, tokenizer=tokenizer)

@@ -136,6 +136,26 @@ def test_each_manifest_mismatch_is_rejected_with_the_difference_named(assets, pr
     load_prepared(build_recipe(prepared))  # and the unchanged recipe is accepted
 
 
+def test_a_tokenizer_with_named_templates_prepares_and_each_template_is_in_the_fingerprint(assets, tmp_path):
+    """transformers keeps several named templates as a dict (rows with tools render with `tool_use`): prepare
+    fingerprints all of them, so a prepared dataset no longer matches once the tool_use template changes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    (model / "additional_chat_templates").mkdir()
+    tool_use = model / "additional_chat_templates" / "tool_use.jinja"
+    tool_use.write_text(bundled_path("chatml").read_text())
+    keys = recipe_keys(assets, tmp_path, rows_with_long_prompts(assets, 0)[:8], model_name_or_path=str(model))
+    keys = {**keys, "chat_template_path": None}
+    prepare(build_recipe(keys), tmp_path / "prepared")
+    keys["prepared"] = str(tmp_path / "prepared")
+    load_prepared(build_recipe(keys))  # the same tokenizer and templates: accepted
+    tool_use.write_text(bundled_path("chatml").read_text().replace("<|im_start|>", "<|im_start|> "))
+    with pytest.raises(InputError, match="chat template: recipe sha256"):
+        load_prepared(build_recipe(keys))
+
+
 def test_a_prepared_dataset_edited_after_prepare_is_rejected(prepared, tmp_path):
     edited = tmp_path / "edited"
     data = datasets.load_from_disk(str(Path(prepared["prepared"]) / "dataset"))
