@@ -335,6 +335,7 @@ COVERAGE_KINDS = {
     coverage.NON_ASSISTANT_TEXT_TRAINED: "train user/system/tool text",
     coverage.PROMPT_TEXT_TRAINED: "train prompt text",
     coverage.GENERATION_PROMPT_TRAINED: "train the generation prompt",
+    coverage.SWITCHED_OFF_TURN_TRAINED: "train a switched-off turn",
 }
 
 
@@ -494,6 +495,10 @@ REASON_HELP = {
     coverage.GENERATION_PROMPT_TRAINED: "the markup this prompt ends with at inference (its end of turn, the "
     "generation prompt) is trained in front of the completion: the template ends the prompt differently when "
     "rendered alone; make it render the prompt the same way in both cases",
+    coverage.SWITCHED_OFF_TURN_TRAINED: "this assistant message is switched off (train: false / weight: 0, "
+    "train_roles, train_turns) but the final labels still train its text: a token it shares with a trained "
+    "neighbour (messages written back to back), or a mask that ignores the policy; put a separator between "
+    "the messages in the template, or switch the neighbour off too",
 }
 
 

@@ -419,7 +419,7 @@ def _tokenize_row(
         mask = processed["assistant_masks"]
         if controlled:
             try:
-                mask, kept = _controlled_mask(tokenizer, original, processed, kwargs, policy)
+                mask, kept, text = _controlled_mask(tokenizer, original, processed, kwargs, policy)
             except control.MappingError as err:
                 out["problem"] = f"{err}"
                 return out
@@ -439,6 +439,11 @@ def _tokenize_row(
         out["reason"] = reason
     if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
         found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
+        if kept is not None:  # switched-off turns, held to the final labels (what the trainer gets)
+            spans = coverage.trained_spans(processed.encodings[0].offsets, labels)
+            found = sorted(
+                [*found, *coverage.switched_off_problems(text, spans, original, kept)], key=lambda p: p.message
+            )
         out.update(coverage.columns(found))
     return out
 
@@ -680,8 +685,9 @@ def _coverage(tokenizer, template, tools, example, messages, kept) -> list[cover
     return coverage.coverage_problems(rendered.text, spans, messages, kept)
 
 
-def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int]]:
-    """The mask of the trained assistant messages only, and their indices (raises control.MappingError).
+def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int], str]:
+    """The mask of the trained assistant messages only, their indices, and the rendered text the tokens' offsets
+    point into (raises control.MappingError).
 
     The spans come from rendering the row again, as `apply_chat_template` did; a mask rebuilt from all
     of them must equal transformers' own, which proves the spans and the tokens belong together.
@@ -705,7 +711,8 @@ def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[li
     chosen = control.selected(messages, policy)
     spans = control.assign_spans(messages, rendered)
     kept = {i for i in spans if chosen[i]}
-    return control.token_mask(processed, [span for i in sorted(kept) for span in spans[i]], n), kept
+    mask = control.token_mask(processed, [span for i in sorted(kept) for span in spans[i]], n)
+    return mask, kept, rendered.text
 
 
 def _trainable_and_span(labels: list[int]) -> tuple[int, int]:
