@@ -3,7 +3,8 @@
 - a turn switched off (`train: false`, `weight: 0`, `train_roles`, `train_turns`) whose characters the final labels
   still train: check-data fails the row with `switched_off_turn_trained`, read from the labels themselves;
 - rows whose content coverage can't be read from token offsets (a Python tokenizer) are checked another way or
-  refused by name, never passed as checked.
+  refused by name, never passed as checked;
+- a folder of the user's under output_dir/.incomplete/ (where saves are staged) is refused up front, never removed.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import json
 
 import pytest
 from conftest import write_recipe
+from test_no_data_loss import home, no_training, refused
 
-from sft_toolkit import coverage, offline_tokenizers, preprocess
+from sft_toolkit import coverage, offline_tokenizers, outputs, preprocess
 from sft_toolkit.check_data import REASON_HELP, check_data
 from sft_toolkit.cli import main
 from sft_toolkit.policy import TurnPolicy
+from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import load_recipe
+
+__all__ = ["home", "no_training"]  # fixtures, shared with test_no_data_loss
 
 # ChatML that writes consecutive assistant messages as one turn, their blocks back to back (as templates that merge
 # split answers do): a token can then straddle two assistant messages.
@@ -109,3 +114,35 @@ def test_check_data_fails_the_row_and_names_the_reason(tmp_path):
     assert "row 0 message 1: switched_off_turn_trained" in out.getvalue()
     assert "train a switched-off turn" in json.loads((tmp_path / "report.json").read_text())["problems"][0]
     assert "switched_off_turn_trained" in (tmp_path / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------ nothing lost under .incomplete/
+
+
+@pytest.mark.parametrize("name", ["final", "checkpoint-2"])
+def test_a_users_folder_under_the_staging_folder_is_refused_up_front(home, no_training, name):
+    """`.incomplete/final` and `.incomplete/checkpoint-N` are the names the toolkit stages its saves under; a folder
+    of the user's under such a name is refused (exit 2, named), never removed or saved into."""
+    folder = home / "run" / ".incomplete" / name
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    refused(home, ["train", "recipe.yaml"], f"run/.incomplete/{name}")
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_staging_folder_the_toolkit_made_is_its_own_and_no_other_is(tmp_path):
+    run_dir = tmp_path / "run"
+    staged = outputs.make_staging(run_dir / outputs.STAGING / "checkpoint-3")
+    (staged / "model.safetensors").write_text("half a save")  # what a killed save leaves
+    outputs.check_run_files(run_dir, "output_dir")  # the toolkit's own leftover: accepted, replaced on the next save
+    outputs.remove_staging(staged)
+    assert not staged.exists()
+
+    users = run_dir / outputs.STAGING / "final"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"final.*no record"):
+        outputs.check_run_files(run_dir, "output_dir")
+    with pytest.raises(InputError, match=r"final.*no record"):
+        outputs.remove_staging(users)
+    assert (users / "notes.txt").read_text() == "mine"
