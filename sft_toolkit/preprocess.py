@@ -778,6 +778,13 @@ def tokenize(
 
     if is_pretokenized(dataset.column_names):
         return from_tokens(dataset, sft)
+    if sft.assistant_only_loss and not getattr(tokenizer, "is_fast", False):
+        raise InputError(
+            f"assistant_only_loss: true needs a fast tokenizer: transformers builds the assistant mask from the "
+            f"tokens' character offsets, which {type(tokenizer).__name__} (a Python tokenizer) does not give, so "
+            "every row would fail in the trainer as well; give the model a tokenizer.json (a fast tokenizer), or "
+            "set assistant_only_loss: false (prompt/completion rows then train their completion)"
+        )
     if is_prompt_completion(dataset.column_names):  # TRL's tokenize_fn takes this case first
         return _tokenize_prompt_completion(dataset, tokenizer, template, sft, policy=policy, desc=desc)
     dataset = to_chatml(dataset, sft, role_map)
@@ -870,6 +877,7 @@ def _prompt_completion_row(
 
     prompt, completion = example.get("prompt"), example.get("completion")
     out = {**row_record(index, _prompt_completion_problem(prompt, completion, policy)), **coverage.columns()}
+    out["coverage_unchecked"] = 0  # 1: the row's trained characters could not be told (`_prompt_completion_coverage`)
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -929,23 +937,27 @@ def _prompt_completion_row(
         found = _prompt_completion_coverage(
             tokenizer, template, example, prompt, completion, ids, labels, offsets, completion_only_loss
         )
-        out.update(coverage.columns(found))
+        if found is None:
+            out["coverage_unchecked"] = 1
+        else:
+            out.update(coverage.columns(found))
     return out
 
 
 def _prompt_completion_coverage(
     tokenizer, template, example, prompt, completion, ids, labels, offsets=None, completion_only_loss=True
-) -> list[coverage.CoverageProblem]:
+) -> list[coverage.CoverageProblem] | None:
     """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
     trained tokens held against its prompt (none may be trained, nor, for conversational rows, the generation
     prompt) and its completion's assistant messages (all must be). The tokens' offsets are those TRL's own call
     returned (`offsets`, into the row's text rendered here once more), or else the text is tokenized once more
-    and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
+    and must give the row's ids; a tokenizer without offsets (a Python one) has the trained characters read from
+    decoded token prefixes (`decoded_trained_spans`), and None (unchecked, counted in the report) where the
+    decoded prefixes are not the row's text. A text row is the prompt (message 0) and the completion (message 1),
+    tokenized as TRL does: with
     the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
     messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
     held to the rules of a conversation, every assistant message of it trained."""
-    if not getattr(tokenizer, "is_fast", False):
-        return []
     conversational = isinstance(prompt, list)
     if conversational:
         messages = prompt + completion
@@ -969,14 +981,19 @@ def _prompt_completion_coverage(
     else:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["completion"]}]
         text = prompt + completion
-    if offsets is None or len(offsets) != len(ids):
-        encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
-        if list(encoded["input_ids"]) != ids:
-            return []  # not the row's tokens (a template that renders differently on each call): no verdict
-        offsets = encoded["offset_mapping"]
-    if any(end > len(text) for _, end in offsets[-1:]):
-        return []  # offsets into another text (a template that renders differently on each call): no verdict
-    spans = coverage.trained_spans(offsets, labels)
+    if not getattr(tokenizer, "is_fast", False):
+        spans = decoded_trained_spans(tokenizer, ids, labels, text)
+        if spans is None:
+            return None
+    else:
+        if offsets is None or len(offsets) != len(ids):
+            encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
+            if list(encoded["input_ids"]) != ids:
+                return []  # not the row's tokens (a template that renders differently on each call): no verdict
+            offsets = encoded["offset_mapping"]
+        if any(end > len(text) for _, end in offsets[-1:]):
+            return []  # offsets into another text (a template that renders differently on each call): no verdict
+        spans = coverage.trained_spans(offsets, labels)
     prompt_messages = (len(prompt) if conversational else 1) if completion_only_loss else 0
     found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
     if conversational and completion_only_loss:
@@ -989,6 +1006,32 @@ def _prompt_completion_coverage(
         if boundary is not None:
             found = sorted([*found, boundary], key=lambda problem: problem.message)
     return found
+
+
+def decoded_trained_spans(tokenizer, ids: list[int], labels: list[int], text: str) -> list[tuple[int, int]] | None:
+    """The characters of `text` a row's trained tokens cover, for a tokenizer that gives no offsets: each run of
+    trained tokens [a, b) spans from the length of the decoded ids[:a] to that of ids[:b] (two decodes a run, so
+    a row costs about two decodes of its tokens per run). None when a decoded prefix is not a prefix of `text`
+    (a tokenizer that adds a token in front, or decodes other text than it read): the row can't be checked.
+    A decode past the end of `text` (the eos a tokenizer appends) ends at the text's end."""
+
+    def upto(k: int) -> int | None:
+        decoded = tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.startswith(decoded):
+            return len(decoded)
+        return len(text) if decoded.startswith(text) else None
+
+    spans, start = [], None
+    for k, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = k
+        elif label == -100 and start is not None:
+            first, last = upto(start), upto(k)
+            if first is None or last is None:
+                return None
+            spans.append((first, last))
+            start = None
+    return spans
 
 
 def _prompt_completion_problem(prompt, completion, policy) -> str:

@@ -213,6 +213,12 @@ def _repair(checked: Guarded, said: list[str], *, world_size: int, keep_provenan
             f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
             f"which is not their assistant text alone: {shown}; lint the template"
         )
+    if report.coverage_unchecked_rows:
+        notes.append(
+            f"warning: content coverage not checked for {len(report.coverage_unchecked_rows)} rows (the tokenizer "
+            f"gives no offsets and its decoded tokens are not the rows' text): "
+            f"{', '.join(map(str, report.coverage_unchecked_rows[:10]))}"
+        )
     repairs = dataclasses.replace(
         checked.repairs,
         max_length=max_length,

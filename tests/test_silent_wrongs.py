@@ -146,3 +146,93 @@ def test_a_staging_folder_the_toolkit_made_is_its_own_and_no_other_is(tmp_path):
     with pytest.raises(InputError, match=r"final.*no record"):
         outputs.remove_staging(users)
     assert (users / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------ a tokenizer without offsets
+
+
+@pytest.fixture(scope="module")
+def python_tokenizer(tmp_path_factory):
+    """ByT5's tokenizer: pure Python (no tokenizer.json, `is_fast` False), so it gives no token offsets."""
+    from transformers import ByT5Tokenizer
+
+    folder = tmp_path_factory.mktemp("byt5")
+    ByT5Tokenizer().save_pretrained(folder)
+    return folder
+
+
+def check_rows(tmp_path, tokenizer_dir, rows, template, **keys) -> tuple[int, dict, str]:
+    data, template_path = tmp_path / "rows.jsonl", tmp_path / "template.jinja"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template_path.write_text(template)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "model_name_or_path": str(tokenizer_dir),
+                "chat_template_path": str(template_path),
+                "dataset_name": str(data),
+                "assistant_only_loss": False,
+                **keys,
+            }
+        )
+    )
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check-data", str(recipe), "--report", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text()) if code != 2 else {}
+    return code, report, out.getvalue() + err.getvalue()
+
+
+def test_a_prompt_trained_by_a_python_tokenizer_is_found(tmp_path, python_tokenizer):
+    """Offsets recovered from decoded token prefixes: the prompt text a template trains is reported, as with a fast
+    tokenizer, instead of the row passing unchecked."""
+    from test_right_mask import ANSWER, PROMPT, SYSTEM_DEPENDS_ON_GENERATION_PROMPT
+
+    rows = [{"prompt": PROMPT, "completion": [ANSWER]}]
+    code, report, out = check_rows(tmp_path, python_tokenizer, rows, SYSTEM_DEPENDS_ON_GENERATION_PROMPT)
+    assert code == 1, out
+    (problem,) = report["coverage_problem_rows"]
+    assert problem["reason"] == "prompt_text_trained" and problem["message"] == 1
+    assert report["coverage_unchecked_rows"] == []
+
+
+def test_python_tokenizer_rows_that_train_the_completion_pass_checked(tmp_path, python_tokenizer):
+    from test_right_mask import CHATML_WITH_TOOLS
+
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Capital of France?"}],
+            "completion": [{"role": "assistant", "content": "Paris."}],
+        },
+        {"prompt": "The capital of France is", "completion": " Paris."},
+    ]
+    code, report, out = check_rows(tmp_path, python_tokenizer, rows[:1], CHATML_WITH_TOOLS)
+    assert code == 0 and report["coverage_unchecked_rows"] == [], out
+    (tmp_path / "text").mkdir()
+    code, report, out = check_rows(tmp_path / "text", python_tokenizer, rows[1:], CHATML_WITH_TOOLS)
+    assert code == 0 and report["coverage_unchecked_rows"] == [], out
+
+
+def test_rows_whose_coverage_cant_be_read_are_counted_not_passed_as_checked(tmp_path, python_tokenizer, monkeypatch):
+    from test_right_mask import CHATML_WITH_TOOLS
+
+    monkeypatch.setattr(preprocess, "decoded_trained_spans", lambda *args: None)  # decoded text not the row's
+    rows = [
+        {"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Hello."}]}
+    ]
+    code, report, out = check_rows(tmp_path, python_tokenizer, rows, CHATML_WITH_TOOLS)
+    assert report["coverage_unchecked_rows"] == [0]
+    assert "content coverage not checked for 1 rows (0)" in out
+    assert "| rows whose content coverage could not be checked | 1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_conversations_with_a_python_tokenizer_and_assistant_only_loss_are_refused(tmp_path, python_tokenizer):
+    """transformers builds the assistant mask from offsets: every row used to fail as `template_error`, blaming the
+    template; the tokenizer is named instead (exit 2)."""
+    from test_right_mask import CHATML_WITH_TOOLS
+
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    code, _, out = check_rows(tmp_path, python_tokenizer, rows, CHATML_WITH_TOOLS, assistant_only_loss=True)
+    assert code == 2
+    assert "assistant_only_loss: true needs a fast tokenizer" in out and "ByT5Tokenizer" in out
