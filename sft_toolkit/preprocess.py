@@ -778,13 +778,6 @@ def tokenize(
 
     if is_pretokenized(dataset.column_names):
         return from_tokens(dataset, sft)
-    if sft.assistant_only_loss and not getattr(tokenizer, "is_fast", False):
-        raise InputError(
-            f"assistant_only_loss: true needs a fast tokenizer: transformers builds the assistant mask from the "
-            f"tokens' character offsets, which {type(tokenizer).__name__} (a Python tokenizer) does not give, so "
-            "every row would fail in the trainer as well; give the model a tokenizer.json (a fast tokenizer), or "
-            "set assistant_only_loss: false (prompt/completion rows then train their completion)"
-        )
     if is_prompt_completion(dataset.column_names):  # TRL's tokenize_fn takes this case first
         return _tokenize_prompt_completion(dataset, tokenizer, template, sft, policy=policy, desc=desc)
     dataset = to_chatml(dataset, sft, role_map)
@@ -792,6 +785,8 @@ def tokenize(
         if sft.dataset_text_field in dataset.column_names and not sft.assistant_only_loss:
             return _tokenize_text(dataset, tokenizer, sft)
         raise InputError(_no_messages_hint(dataset.column_names, sft))
+    if sft.assistant_only_loss:
+        _need_offsets(tokenizer)
     kwargs = {
         "with_indices": True,
         "remove_columns": dataset.column_names,
@@ -810,6 +805,18 @@ def tokenize(
     if sft.assistant_only_loss and getattr(tokenizer, "is_fast", False):
         return dataset.map(_tokenize_rows, batched=True, features=_chat_features(), **kwargs)
     return dataset.map(_tokenize_row, **kwargs)
+
+
+def _need_offsets(tokenizer) -> None:
+    """InputError unless the tokenizer gives token offsets, which `assistant_only_loss` needs: transformers builds
+    the assistant mask from them (`apply_chat_template` fails on every row of a Python tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(
+            f"assistant_only_loss: true needs a fast tokenizer: transformers builds the assistant mask from the "
+            f"tokens' character offsets, which {type(tokenizer).__name__} (a Python tokenizer) does not give, so "
+            "every row would fail in the trainer as well; give the model a tokenizer.json (a fast tokenizer), or "
+            "set assistant_only_loss: false (prompt/completion rows then train their completion)"
+        )
 
 
 def _chat_features():
@@ -835,6 +842,8 @@ def _tokenize_prompt_completion(dataset, tokenizer, template, sft, *, policy=Non
             "the option needs conversational rows); set assistant_only_loss: false, and "
             "completion_only_loss (on by default for prompt/completion rows) trains the completion only"
         )
+    if sft.assistant_only_loss and conversational:
+        _need_offsets(tokenizer)
     completion_only = True if sft.completion_only_loss is None else sft.completion_only_loss
     fn_kwargs = {
         "tokenizer": tokenizer,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 from conftest import write_recipe
@@ -88,6 +89,34 @@ def test_switched_off_turns_that_are_untrained_pass(qwen):
     }
     record = preprocess._tokenize_row(row, 0, qwen, MERGED_TURNS, True, policy=TurnPolicy())
     assert "Hello" not in trained_text(qwen, record) and record["coverage_problems"] == ""
+
+
+def test_the_policys_mask_follows_transformers_rule_on_trimmed_offsets(tmp_path):
+    """A tokenizer whose offsets leave a lone space out (ByteLevel's trim_offsets, as GPT-2's): transformers marks
+    tokens by overlap with the spans; the policy's mask of a subset of them follows the same rule, so a row with a
+    switched-off turn trains exactly the kept one (it used to be refused: "spans don't line up with its token
+    mask")."""
+    import shutil
+
+    from sft_toolkit.tokenizer import load_tokenizer
+
+    folder = tmp_path / "trimmed"
+    shutil.copytree(Path(__file__).parent / "bad_inputs" / "tokenizer", folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = load_tokenizer(str(folder))
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Sure. "},
+            {"role": "assistant", "content": "Here it is.", "train": False},
+        ]
+    }
+    record = preprocess._tokenize_row(row, 0, tokenizer, MERGED_TURNS, True, policy=TurnPolicy())
+    assert record["problem"] == ""
+    assert trained_text(tokenizer, record) == "Sure."  # the trailing space's token has no characters: untrained
+    assert record["coverage_problems"] == ""
 
 
 def test_check_data_fails_the_row_and_names_the_reason(tmp_path):
