@@ -250,8 +250,9 @@ def switched_off_problems(text: str, spans, messages: list[dict], trained_messag
     character of its text (content, tool calls) trained. `spans`: the trained characters of the row's final labels
     (`trained_spans` of its tokens' offsets), so this reads what the trainer gets, not what the policy meant.
 
-    Messages are found in order, each from where the previous one was found; an occurrence inside a trained
-    assistant message's text (a switched-off answer that a later one quotes) is no verdict."""
+    Messages are found in order, each from where the previous one was found (a switched-off one before the next
+    user/system/tool message's text); an occurrence inside a trained assistant message's text (a switched-off answer
+    that a later one quotes) is no verdict."""
     trained = TrainedSpans(spans)
     if not trained.starts:
         return []
@@ -260,8 +261,11 @@ def switched_off_problems(text: str, spans, messages: list[dict], trained_messag
     for j, message in enumerate(messages):
         assistant = message.get("role") == "assistant"
         off = assistant and j not in trained_messages
+        # A switched-off message's text is looked for before the next other message's text only (not found there:
+        # the template dropped it, and a later turn's occurrence is not its own).
+        stop = _next_anchor(text, messages, j, cursor) if off else None
         for piece in content_pieces(message) + (call_pieces(message) if assistant else []):
-            at = _find(text, piece, cursor)
+            at = _find(text, piece, cursor, stop)
             if at is None:
                 continue
             if off and trained.any_trained(*at) and not _inside_assistant_text(text, at, messages, kept):

@@ -91,6 +91,23 @@ def test_switched_off_turns_that_are_untrained_pass(qwen):
     assert "Hello" not in trained_text(qwen, record) and record["coverage_problems"] == ""
 
 
+def test_switched_off_problems_read_the_trained_characters_in_message_order():
+    """A switched-off answer quoted by a trained one is not its own occurrence; its own, trained, is reported."""
+    messages = [
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "hi", "train": False},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "I said hi"},
+    ]
+    text = "U: Say hi\nA: hi\nU: Again\nA: I said hi\n"
+    own, quoted = text.index("A: hi") + 3, text.index("I said hi")
+    last_answer = [(quoted, quoted + len("I said hi"))]
+    assert coverage.switched_off_problems(text, last_answer, messages, {3}) == []
+    assert coverage.switched_off_problems(text, [(own, own + 1), *last_answer], messages, {3}) == [
+        coverage.CoverageProblem(coverage.SWITCHED_OFF_TURN_TRAINED, 1)
+    ]
+
+
 def test_the_policys_mask_follows_transformers_rule_on_trimmed_offsets(tmp_path):
     """A tokenizer whose offsets leave a lone space out (ByteLevel's trim_offsets, as GPT-2's): transformers marks
     tokens by overlap with the spans; the policy's mask of a subset of them follows the same rule, so a row with a
