@@ -963,9 +963,8 @@ def _prompt_completion_coverage(
     and must give the row's ids; a tokenizer without offsets (a Python one) has the trained characters read from
     decoded token prefixes (`decoded_trained_spans`), and None (unchecked, counted in the report) where the
     decoded prefixes are not the row's text. A text row is the prompt (message 0) and the completion (message 1),
-    tokenized as TRL does: with
-    the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
-    messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
+    tokenized as TRL does: with the tokenizer's special tokens (`completion`: with eos where TRL appends it;
+    conversational rows: canonical messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
     held to the rules of a conversation, every assistant message of it trained."""
     conversational = isinstance(prompt, list)
     if conversational:
