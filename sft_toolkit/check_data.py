@@ -32,6 +32,9 @@ class Report:
     # {"index", "reason", "message"} (the row's first problem), "reasons" (every kind it has) and "problems" (every
     # {"reason", "message"}): coverage.py
     coverage_problem_rows: list[dict] = field(default_factory=list)
+    # Rows whose trained characters could not be told (a Python tokenizer whose decoded prefixes are not the row's
+    # text): their content coverage is not checked, and they are listed here instead of passing as checked.
+    coverage_unchecked_rows: list[int] = field(default_factory=list)
     dropped_rows: int = 0  # rows TRL filters out (no packing)
     truncated_assistant_tokens: int = 0
     orphaned_assistant_tokens: int = 0
@@ -306,6 +309,10 @@ def _coverage_rows(tokenized, report: Report) -> None:
     columns = tokenized.column_names or list(tokenized.features or {})  # a streamed dataset may know neither
     if "coverage_reason" not in columns:
         return  # plain text and pre-tokenized rows: no messages to hold the mask against
+    if "coverage_unchecked" in columns:  # prompt/completion rows (preprocess._prompt_completion_row)
+        for table in _batches(tokenized, ["src_row", "coverage_unchecked"]):
+            unchecked = table.filter(pc.equal(table["coverage_unchecked"], 1))
+            report.coverage_unchecked_rows += [int(r) for r in unchecked["src_row"].to_pylist()]
     names = ["src_row", "coverage_reason", "coverage_message"]
     names += [c for c in ("coverage_problems",) if c in columns]  # every problem of the row (coverage.columns)
     for table in _batches(tokenized, names):
@@ -335,6 +342,7 @@ COVERAGE_KINDS = {
     coverage.NON_ASSISTANT_TEXT_TRAINED: "train user/system/tool text",
     coverage.PROMPT_TEXT_TRAINED: "train prompt text",
     coverage.GENERATION_PROMPT_TRAINED: "train the generation prompt",
+    coverage.SWITCHED_OFF_TURN_TRAINED: "train a switched-off turn",
 }
 
 
@@ -494,6 +502,10 @@ REASON_HELP = {
     coverage.GENERATION_PROMPT_TRAINED: "the markup this prompt ends with at inference (its end of turn, the "
     "generation prompt) is trained in front of the completion: the template ends the prompt differently when "
     "rendered alone; make it render the prompt the same way in both cases",
+    coverage.SWITCHED_OFF_TURN_TRAINED: "this assistant message is switched off (train: false / weight: 0, "
+    "train_roles, train_turns) but the final labels still train its text: a token it shares with a trained "
+    "neighbour (messages written back to back), or a mask that ignores the policy; put a separator between "
+    "the messages in the template, or switch the neighbour off too",
 }
 
 
@@ -522,6 +534,7 @@ def to_markdown(report: Report, title: str) -> str:
         f"| trainable tokens the trainer sees | {report.trainable_tokens} |",
         f"| rows with zero trainable tokens | {len(report.zero_mask_rows)} (allowed {report.max_zero_rows}) |",
         f"| rows that train the wrong text (content coverage) | {len(report.coverage_problem_rows)} |",
+        f"| rows whose content coverage could not be checked | {len(report.coverage_unchecked_rows)} |",
         f"| rows TRL would drop silently | {report.dropped_rows} |",
         f"| assistant tokens lost to truncation | {report.truncated_assistant_tokens} |",
         f"| assistant tokens trained without their context | {report.orphaned_assistant_tokens} |",

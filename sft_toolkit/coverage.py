@@ -11,7 +11,10 @@ characters (the generation spans transformers turns into TRL's mask):
 
 Exempt: assistant messages switched off (`train: false`, `train_roles`, `train_turns`; sft_toolkit/policy.py),
 their `reasoning_content`, and reasoning written into the content before `</think>` (templates such as
-qwen3 drop the reasoning of earlier turns by design).
+qwen3 drop the reasoning of earlier turns by design). A switched-off message is held to the opposite rule, on
+the characters of the row's final labels (`trained_spans`), not on the spans the policy kept: no character of its
+text may be trained (`switched_off_turn_trained`, `switched_off_problems`), which a token it shares with a trained
+neighbour (`Hel` + `lo` written back to back as one token `Hello`) breaks.
 
 Finding a message's text in the render. Messages are looked for in order, each from where the previous
 one was found, as written, stripped (templates `trim` content) or JSON-escaped (templates that print with
@@ -45,6 +48,7 @@ ASSISTANT_CONTENT_UNTRAINED = "assistant_content_untrained"
 NON_ASSISTANT_TEXT_TRAINED = "non_assistant_text_trained"
 PROMPT_TEXT_TRAINED = "prompt_text_trained"
 GENERATION_PROMPT_TRAINED = "generation_prompt_trained"
+SWITCHED_OFF_TURN_TRAINED = "switched_off_turn_trained"
 REASONING_END = "</think>"
 
 
@@ -239,6 +243,36 @@ def coverage_problems(
     if missing and not found_any and not any(p.reason == ASSISTANT_CONTENT_UNTRAINED for p in problems):
         problems.append(CoverageProblem(ASSISTANT_CONTENT_UNTRAINED, missing[0]))
     return sorted(problems, key=lambda p: p.message)
+
+
+def switched_off_problems(text: str, spans, messages: list[dict], trained_messages: set[int]) -> list[CoverageProblem]:
+    """SWITCHED_OFF_TURN_TRAINED for each assistant message outside `trained_messages` (switched off) that has a
+    character of its text (content, tool calls) trained. `spans`: the trained characters of the row's final labels
+    (`trained_spans` of its tokens' offsets), so this reads what the trainer gets, not what the policy meant.
+
+    Messages are found in order, each from where the previous one was found (a switched-off one before the next
+    user/system/tool message's text); an occurrence inside a trained assistant message's text (a switched-off answer
+    that a later one quotes) is no verdict."""
+    trained = TrainedSpans(spans)
+    if not trained.starts:
+        return []
+    kept = [i for i in trained_messages if messages[i].get("role") == "assistant"]
+    problems, cursor = [], 0
+    for j, message in enumerate(messages):
+        assistant = message.get("role") == "assistant"
+        off = assistant and j not in trained_messages
+        # A switched-off message's text is looked for before the next other message's text only (not found there:
+        # the template dropped it, and a later turn's occurrence is not its own).
+        stop = _next_anchor(text, messages, j, cursor) if off else None
+        for piece in content_pieces(message) + (call_pieces(message) if assistant else []):
+            at = _find(text, piece, cursor, stop)
+            if at is None:
+                continue
+            if off and trained.any_trained(*at) and not _inside_assistant_text(text, at, messages, kept):
+                problems.append(CoverageProblem(SWITCHED_OFF_TURN_TRAINED, j))
+                off = False  # one problem per message
+            cursor = at[1]
+    return problems
 
 
 def generation_prompt_problem(

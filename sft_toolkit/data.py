@@ -53,8 +53,7 @@ def load_rows(
                 )
             _no_config(source, name, config_key, "a single data file")
             _require_split(source, split, FILE_SPLITS, split_key)
-            if path.suffix.lower() == ".jsonl":
-                check_jsonl(path)
+            check_json_file(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         if path.is_dir():
             if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -304,8 +303,7 @@ def _loadable(i: int, source):
             raise InputError(f"{where}: a single data file takes no name / data_files; remove them")
         if source.split != "train":
             raise InputError(f"{where}: split: no split {source.split!r} (a single data file's splits: train)")
-        if path.suffix.lower() == ".jsonl":
-            check_jsonl(path)
+        check_json_file(path)
         return dataclasses.replace(source, path=builder, data_files=str(path))
     if not path.exists() and looks_local(source.path) and source.data_files is None:
         raise InputError(f"{where}: no such file or directory")
@@ -370,6 +368,56 @@ def first_train_row(recipe) -> dict | None:
     )
 
 
+def check_json_file(path: Path) -> None:
+    """The checks of a `.jsonl` file (`check_jsonl`), and of a `.json` file's rows when it holds a list of them
+    (a `.json` file of JSON Lines is checked as one); other files are datasets' to read."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        check_jsonl(path)
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_bytes(), parse_constant=NonFinite)
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # JSON Lines written to a .json file, which datasets reads as such
+                check_jsonl(path)
+            return  # datasets says what is wrong with the file
+        except (OSError, UnicodeDecodeError):
+            return
+        for index, row in enumerate(rows if isinstance(rows, list) else []):
+            where = _non_finite_row_field(row)
+            if where:
+                raise InputError(f"{path}: row {index} (counted from 0): {where} {NON_FINITE_HELP}")
+
+
+# The fields of a row that decide what is trained: a NonFinite in one of them changes it without a word.
+CHECKED_FIELDS = (
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "input_ids",
+    "labels",
+    "assistant_masks",
+    "completion_mask",
+)
+NON_FINITE_HELP = (
+    "is not a JSON number (datasets would read it as null, or its whole column as floats, and train the row as "
+    "something else: a message as unmarked, a mask's Infinity as 1); write a finite number (train/weight: 0 or 1, "
+    "token ids and mask bits as integers)"
+)
+
+
+def _non_finite_row_field(row) -> str | None:
+    """The first checked field of a row holding a NonFinite (`messages[1].weight (NaN)`, `labels[3] (Infinity)`)."""
+    if not isinstance(row, dict):
+        return None
+    for name in CHECKED_FIELDS:
+        where = _non_finite_field(row.get(name), name)
+        if where:
+            return where
+    return None
+
+
 def check_jsonl(path: Path) -> None:
     """Name the first broken line of a JSON Lines file (datasets would report a pyarrow offset), and say
     so when there is no row at all (datasets fails on an empty file with a bare StopIteration)."""
@@ -384,12 +432,9 @@ def check_jsonl(path: Path) -> None:
                 raise InputError(f"{path}:{number}: not valid JSON ({err}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            where = _non_finite_field(row.get("messages"), "messages")
+            where = _non_finite_row_field(row)
             if where:
-                raise InputError(
-                    f"{path}:{number}: {where} is not a JSON number (datasets would read it as null, "
-                    "so the message would count as unmarked); write a number (train/weight: 0 or 1)"
-                )
+                raise InputError(f"{path}:{number}: {where} {NON_FINITE_HELP}")
             rows += 1
     if not rows:
         raise InputError(
@@ -398,8 +443,8 @@ def check_jsonl(path: Path) -> None:
 
 
 class NonFinite(str):
-    """`NaN`, `Infinity` or `-Infinity` in a JSON line: Python's json reads them, but they are not JSON, and
-    `datasets` turns them into null without a word."""
+    """`NaN`, `Infinity` or `-Infinity` in a JSON file: Python's json reads them, but they are not JSON, and
+    `datasets` turns them into null, or a list of numbers holding one into floats, without a word."""
 
 
 def _non_finite_field(value, where: str) -> str | None:

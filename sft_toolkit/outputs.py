@@ -24,7 +24,8 @@ wrote, and refuses everything else with an `InputError` that names the path and 
   output_dir's `OWNER_FILE` record (kind "training run"); a later run replaces only those still unchanged,
   and refuses up front a user's file of such a name (or through a link), overwrite_output_dir or not. The
   final save is made under output_dir/.incomplete and moved into place, so `save_pretrained` never deletes
-  in output_dir itself.
+  in output_dir itself. Each folder a save is staged in there carries a record written when the toolkit made it
+  (`STAGING_RECORD`); one without (a user's `.incomplete/final`) is refused up front, never removed.
 - A single output file (`add-markers -o`, `check-data --report`, `show --html`) is written to a temporary
   file beside it and renamed over it (never half-written), never over an input or a file inside an input
   folder (a new file beside a tokenizer is fine), never onto a directory; a missing parent folder is
@@ -332,13 +333,18 @@ def rotate_checkpoints(output_dir: str | Path, limit: int | None, keep: Iterable
 
 
 def remove_staging(path: str | Path) -> None:
-    """Remove what an interrupted save left at `path` inside the toolkit's own staging folder (a link is
-    unlinked, never followed)."""
+    """Remove what an interrupted save left at `path` inside the toolkit's own staging folder, once its
+    `STAGING_RECORD` proves the toolkit staged it (`make_staging`); InputError otherwise, nothing removed."""
     path = Path(path)
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
+    if not os.path.lexists(path):
+        return
+    problem = staged_problem(path)
+    if problem:
+        raise InputError(
+            f"{problem}; the toolkit removes there only what its own interrupted saves left; nothing was "
+            "removed; move it away or choose another output_dir"
+        )
+    shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,6 +509,10 @@ RUN_KIND = "training run"
 # Checkpoints and the final save are written under output_dir/STAGING first, then renamed into place.
 STAGING = ".incomplete"
 FINAL_SAVE = "final"  # output_dir/STAGING/FINAL_SAVE: the end-of-training save_model, before it is placed
+# In each folder the toolkit stages a save in, written when it makes the folder (before any save writes there), so
+# what a killed save leaves is provably its own; a folder under STAGING without it is never removed or saved into.
+STAGING_RECORD = ".sft-toolkit-staged"
+STAGED_KIND = "staged save"
 # What a run writes beside its checkpoints: TRL's model card (README.md, at every checkpoint save), the final
 # save_model (model or adapter, tokenizer, training_args.bin), the mask guard's repaired template and the record
 # that proves them. save_pretrained also deletes `model-0000N-of-0000M` shards it does not rewrite.
@@ -612,7 +622,7 @@ def record_run_files(output_dir: str | Path, names: Iterable[str], removed: Iter
 
 def staging_problem(output_dir: str | Path) -> str | None:
     """Why output_dir/STAGING is not the toolkit's own staging folder (None: absent, or holding only what
-    interrupted saves leave there: `checkpoint-N` and `final` folders)."""
+    interrupted saves leave there: `checkpoint-N` and `final` folders, each with its `STAGING_RECORD`)."""
     staging = Path(output_dir) / STAGING
     if not os.path.lexists(staging):
         return None
@@ -624,8 +634,43 @@ def staging_problem(output_dir: str | Path) -> str | None:
         ours = entry.name == FINAL_SAVE or (
             entry.name.startswith(CHECKPOINT_PREFIX) and entry.name[len(CHECKPOINT_PREFIX) :].isdigit()
         )
-        if not ours or entry.is_symlink() or not entry.is_dir():
+        if not ours:
             return f"{staging} holds {entry.name}, which no interrupted save of sft-toolkit leaves"
+        problem = staged_problem(entry)
+        if problem:
+            return problem
+    return None
+
+
+def make_staging(path: str | Path) -> Path:
+    """Make `path` (output_dir/STAGING/NAME, absent) for a save to be staged in, with its `STAGING_RECORD`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    record = {"owner": OWNER, "format": OWNER_FORMAT, "kind": STAGED_KIND}
+    (path / STAGING_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return path
+
+
+def staged_problem(path: str | Path) -> str | None:
+    """Why `path` is not a folder the toolkit made to stage a save in (`make_staging`); None when it is."""
+    path = Path(path)
+    if path.is_symlink():
+        return f"{path} is a symbolic link (to {os.readlink(path)})"
+    if not path.is_dir():
+        return f"{path} is a file"
+    marker = path / STAGING_RECORD
+    try:
+        record = None if marker.is_symlink() else json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not (
+        isinstance(record, dict)
+        and record.get("owner") == OWNER
+        and record.get("format") == OWNER_FORMAT
+        and record.get("kind") == STAGED_KIND
+    ):
+        return f"{path} has no record that sft-toolkit staged a save there ({STAGING_RECORD}): a folder of yours?"
     return None
 
 
@@ -658,7 +703,7 @@ def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
     staged, folder = Path(staged), Path(output_dir)
     if not staged.is_dir():  # nothing saved (a backend whose save_model writes no file on this rank)
         return []
-    names = sorted(p.name for p in staged.iterdir() if not p.is_dir())
+    names = sorted(p.name for p in staged.iterdir() if not p.is_dir() and p.name != STAGING_RECORD)
     # A folder in the save (DeepSpeed's global_stepN when ZeRO-3 does not gather the weights) goes in only new.
     folders = sorted(p.name for p in staged.iterdir() if p.is_dir())
     record = run_record(folder)
@@ -688,6 +733,7 @@ def place_final_save(staged: str | Path, output_dir: str | Path) -> list[str]:
     for name in stale:
         (folder / name).unlink()
     with contextlib.suppress(OSError):  # leave no empty staging folders behind
+        (staged / STAGING_RECORD).unlink(missing_ok=True)
         staged.rmdir()
         staged.parent.rmdir()
     record_run_files(folder, names, removed=stale)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .masks import Rendered, TokenMask
+from .masks import Rendered, TokenMask, assistant_mask
 from .probes import text_of
 from .problems import InputError
 
@@ -213,17 +213,12 @@ def controlled_token_mask(tm: TokenMask, messages: list[dict], policy: TurnPolic
 
 
 def token_mask(encoding, spans: list[tuple[int, int]], length: int) -> list[int]:
-    """The assistant mask for a subset of the generation spans, by transformers' own char->token rule.
+    """The assistant mask for a subset of the generation spans, by transformers' own rule on the tokens' offsets.
 
-    This repeats the few lines of `apply_chat_template(return_assistant_tokens_mask=True)` that turn
-    spans into a token mask, because transformers has no function that takes a chosen subset of spans;
-    the caller checks that all spans give exactly transformers' mask, so the two can't drift apart.
+    transformers has no function that takes a chosen subset of spans, so this applies the rule
+    `apply_chat_template(return_assistant_tokens_mask=True)` applies (`masks.assistant_mask`: a token is marked
+    when it overlaps a span) to the encoding's offsets; the caller checks that all spans give exactly
+    transformers' mask, so the two can't drift apart.
     """
-    mask = [0] * length
-    for start, end in spans:
-        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
-        if first is None:
-            break
-        for t in range(first, last + 1 if last else length):
-            mask[t] = 1
-    return mask
+    mask = assistant_mask(encoding.encodings[0].offsets, sorted(spans)) if spans else []
+    return [int(bool(m)) for m in mask] if len(mask) == length else [0] * length

@@ -427,7 +427,7 @@ def _tokenize_row(
         mask = processed["assistant_masks"]
         if controlled:
             try:
-                mask, kept = _controlled_mask(tokenizer, original, processed, kwargs, policy)
+                mask, kept, text = _controlled_mask(tokenizer, original, processed, kwargs, policy)
             except control.MappingError as err:
                 out["problem"] = f"{err}"
                 return out
@@ -447,6 +447,11 @@ def _tokenize_row(
         out["reason"] = reason
     if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
         found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
+        if kept is not None:  # switched-off turns, held to the final labels (what the trainer gets)
+            spans = coverage.trained_spans(processed.encodings[0].offsets, labels)
+            found = sorted(
+                [*found, *coverage.switched_off_problems(text, spans, original, kept)], key=lambda p: p.message
+            )
         out.update(coverage.columns(found))
     return out
 
@@ -688,8 +693,9 @@ def _coverage(tokenizer, template, tools, example, messages, kept) -> list[cover
     return coverage.coverage_problems(rendered.text, spans, messages, kept)
 
 
-def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int]]:
-    """The mask of the trained assistant messages only, and their indices (raises control.MappingError).
+def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[list[int], set[int], str]:
+    """The mask of the trained assistant messages only, their indices, and the rendered text the tokens' offsets
+    point into (raises control.MappingError).
 
     The spans come from rendering the row again, as `apply_chat_template` did; a mask rebuilt from all
     of them must equal transformers' own, which proves the spans and the tokens belong together.
@@ -713,7 +719,8 @@ def _controlled_mask(tokenizer, messages, processed, kwargs, policy) -> tuple[li
     chosen = control.selected(messages, policy)
     spans = control.assign_spans(messages, rendered)
     kept = {i for i in spans if chosen[i]}
-    return control.token_mask(processed, [span for i in sorted(kept) for span in spans[i]], n), kept
+    mask = control.token_mask(processed, [span for i in sorted(kept) for span in spans[i]], n)
+    return mask, kept, rendered.text
 
 
 def _trainable_and_span(labels: list[int]) -> tuple[int, int]:
@@ -786,6 +793,8 @@ def tokenize(
         if sft.dataset_text_field in dataset.column_names and not sft.assistant_only_loss:
             return _tokenize_text(dataset, tokenizer, sft)
         raise InputError(_no_messages_hint(dataset.column_names, sft))
+    if sft.assistant_only_loss:
+        _need_offsets(tokenizer)
     kwargs = {
         "with_indices": True,
         "remove_columns": dataset.column_names,
@@ -804,6 +813,18 @@ def tokenize(
     if sft.assistant_only_loss and getattr(tokenizer, "is_fast", False):
         return dataset.map(_tokenize_rows, batched=True, features=_chat_features(), **kwargs)
     return dataset.map(_tokenize_row, **kwargs)
+
+
+def _need_offsets(tokenizer) -> None:
+    """InputError unless the tokenizer gives token offsets, which `assistant_only_loss` needs: transformers builds
+    the assistant mask from them (`apply_chat_template` fails on every row of a Python tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(
+            f"assistant_only_loss: true needs a fast tokenizer: transformers builds the assistant mask from the "
+            f"tokens' character offsets, which {type(tokenizer).__name__} (a Python tokenizer) does not give, so "
+            "every row would fail in the trainer as well; give the model a tokenizer.json (a fast tokenizer), or "
+            "set assistant_only_loss: false (prompt/completion rows then train their completion)"
+        )
 
 
 def _chat_features():
@@ -829,6 +850,8 @@ def _tokenize_prompt_completion(dataset, tokenizer, template, sft, *, policy=Non
             "the option needs conversational rows); set assistant_only_loss: false, and "
             "completion_only_loss (on by default for prompt/completion rows) trains the completion only"
         )
+    if sft.assistant_only_loss and conversational:
+        _need_offsets(tokenizer)
     completion_only = True if sft.completion_only_loss is None else sft.completion_only_loss
     fn_kwargs = {
         "tokenizer": tokenizer,
@@ -871,6 +894,7 @@ def _prompt_completion_row(
 
     prompt, completion = example.get("prompt"), example.get("completion")
     out = {**row_record(index, _prompt_completion_problem(prompt, completion, policy)), **coverage.columns()}
+    out["coverage_unchecked"] = 0  # 1: the row's trained characters could not be told (`_prompt_completion_coverage`)
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -930,23 +954,26 @@ def _prompt_completion_row(
         found = _prompt_completion_coverage(
             tokenizer, template, example, prompt, completion, ids, labels, offsets, completion_only_loss
         )
-        out.update(coverage.columns(found))
+        if found is None:
+            out["coverage_unchecked"] = 1
+        else:
+            out.update(coverage.columns(found))
     return out
 
 
 def _prompt_completion_coverage(
     tokenizer, template, example, prompt, completion, ids, labels, offsets=None, completion_only_loss=True
-) -> list[coverage.CoverageProblem]:
+) -> list[coverage.CoverageProblem] | None:
     """A prompt/completion row's content-coverage problems (sft_toolkit/coverage.py): the characters of its
     trained tokens held against its prompt (none may be trained, nor, for conversational rows, the generation
     prompt) and its completion's assistant messages (all must be). The tokens' offsets are those TRL's own call
     returned (`offsets`, into the row's text rendered here once more), or else the text is tokenized once more
-    and must give the row's ids; a tokenizer without offsets (not a fast one) leaves the row unchecked. A text row is the prompt (message 0) and the completion (message 1), tokenized as TRL does: with
-    the tokenizer's special tokens (`completion`: with eos where TRL appends it; conversational rows: canonical
-    messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
+    and must give the row's ids; a tokenizer without offsets (a Python one) has the trained characters read from
+    decoded token prefixes (`decoded_trained_spans`), and None (unchecked, counted in the report) where the
+    decoded prefixes are not the row's text. A text row is the prompt (message 0) and the completion (message 1),
+    tokenized as TRL does: with the tokenizer's special tokens (`completion`: with eos where TRL appends it;
+    conversational rows: canonical messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
     held to the rules of a conversation, every assistant message of it trained."""
-    if not getattr(tokenizer, "is_fast", False):
-        return []
     conversational = isinstance(prompt, list)
     if conversational:
         messages = prompt + completion
@@ -970,14 +997,19 @@ def _prompt_completion_coverage(
     else:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["completion"]}]
         text = prompt + completion
-    if offsets is None or len(offsets) != len(ids):
-        encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
-        if list(encoded["input_ids"]) != ids:
-            return []  # not the row's tokens (a template that renders differently on each call): no verdict
-        offsets = encoded["offset_mapping"]
-    if any(end > len(text) for _, end in offsets[-1:]):
-        return []  # offsets into another text (a template that renders differently on each call): no verdict
-    spans = coverage.trained_spans(offsets, labels)
+    if not getattr(tokenizer, "is_fast", False):
+        spans = decoded_trained_spans(tokenizer, ids, labels, text)
+        if spans is None:
+            return None
+    else:
+        if offsets is None or len(offsets) != len(ids):
+            encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
+            if list(encoded["input_ids"]) != ids:
+                return []  # not the row's tokens (a template that renders differently on each call): no verdict
+            offsets = encoded["offset_mapping"]
+        if any(end > len(text) for _, end in offsets[-1:]):
+            return []  # offsets into another text (a template that renders differently on each call): no verdict
+        spans = coverage.trained_spans(offsets, labels)
     prompt_messages = (len(prompt) if conversational else 1) if completion_only_loss else 0
     found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)
     if conversational and completion_only_loss:
@@ -990,6 +1022,32 @@ def _prompt_completion_coverage(
         if boundary is not None:
             found = sorted([*found, boundary], key=lambda problem: problem.message)
     return found
+
+
+def decoded_trained_spans(tokenizer, ids: list[int], labels: list[int], text: str) -> list[tuple[int, int]] | None:
+    """The characters of `text` a row's trained tokens cover, for a tokenizer that gives no offsets: each run of
+    trained tokens [a, b) spans from the length of the decoded ids[:a] to that of ids[:b] (two decodes a run, so
+    a row costs about two decodes of its tokens per run). None when a decoded prefix is not a prefix of `text`
+    (a tokenizer that adds a token in front, or decodes other text than it read): the row can't be checked.
+    A decode past the end of `text` (the eos a tokenizer appends) ends at the text's end."""
+
+    def upto(k: int) -> int | None:
+        decoded = tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.startswith(decoded):
+            return len(decoded)
+        return len(text) if decoded.startswith(text) else None
+
+    spans, start = [], None
+    for k, label in enumerate([*labels, -100]):
+        if label != -100 and start is None:
+            start = k
+        elif label == -100 and start is not None:
+            first, last = upto(start), upto(k)
+            if first is None or last is None:
+                return None
+            spans.append((first, last))
+            start = None
+    return spans
 
 
 def _prompt_completion_problem(prompt, completion, policy) -> str:

@@ -39,6 +39,7 @@ from .outputs import (
     check_train_output,
     checkpoint_entries,
     checkpoint_step,
+    make_staging,
     place_final_save,
     record_run_files,
     remove_checkpoint,
@@ -211,6 +212,12 @@ def _repair(checked: Guarded, said: list[str], *, world_size: int, keep_provenan
         notes.append(
             f"warning: {len(report.coverage_problem_rows)} rows are trained as the template marks them, "
             f"which is not their assistant text alone: {shown}; lint the template"
+        )
+    if report.coverage_unchecked_rows:
+        notes.append(
+            f"warning: content coverage not checked for {len(report.coverage_unchecked_rows)} rows (the tokenizer "
+            f"gives no offsets and its decoded tokens are not the rows' text): "
+            f"{', '.join(map(str, report.coverage_unchecked_rows[:10]))}"
         )
     repairs = dataclasses.replace(
         checked.repairs,
@@ -539,8 +546,9 @@ def guarded_trainer_class():
             run_dir = self._get_output_dir(trial)
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             staged, final = os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name)
-            if self.args.should_save and os.path.lexists(staged):
-                remove_staging(staged)  # left by a save that was killed, in the toolkit's own staging folder
+            if self.args.should_save:
+                remove_staging(staged)  # left by a save that was killed, proven the toolkit's (its record)
+                make_staging(staged)  # with the record that proves it, before any rank writes there
             self.accelerator.wait_for_everyone()
             self._staging = True
             try:
@@ -819,8 +827,9 @@ def train(recipe: Recipe, *, world_size: int = 1, log=print) -> Outcome:
     whole_final_save(trainer, log)
     # Saved whole under the staging folder, then moved into output_dir over the files only a run recorded.
     final = Path(sft.output_dir) / STAGING / FINAL_SAVE
-    if trainer.args.should_save and os.path.lexists(final):
-        remove_staging(final)  # left by a final save that was killed, in the toolkit's own staging folder
+    if trainer.args.should_save:
+        remove_staging(final)  # left by a final save that was killed, proven the toolkit's (its record)
+        make_staging(final)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(final))
     trainer.accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ import yaml
 from test_train import launch_two
 
 from sft_toolkit.assets import build_quickstart_assets
+from sft_toolkit.outputs import make_staging
 from sft_toolkit.train import FAIL_AT_ENV, STAGING, last_complete_checkpoint
 
 
@@ -89,7 +90,7 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(assets, tmp_path):
     torn = run / f"checkpoint-{last_good + 100}"
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"\0" * 100)
-    (run / STAGING / f"checkpoint-{last_good + 50}").mkdir(parents=True, exist_ok=True)
+    make_staging(run / STAGING / f"checkpoint-{last_good + 50}")
 
     resumed = subprocess.run(
         train_cmd(recipe, "--resume_from_checkpoint", "true", "--max_steps", str(last_good + 2), "--save_steps", "1"),

@@ -61,6 +61,14 @@ def _print_split(console, report) -> None:
         f"  dropped rows {report.dropped_rows}, assistant tokens lost to truncation "
         f"{report.truncated_assistant_tokens}, trained without context {report.orphaned_assistant_tokens}"
     )
+    if report.coverage_unchecked_rows:
+        shown = ", ".join(map(str, report.coverage_unchecked_rows[:SHOW_ROWS]))
+        console.print(
+            f"  content coverage not checked for {len(report.coverage_unchecked_rows)} rows ({shown}"
+            f"{', …' if len(report.coverage_unchecked_rows) > SHOW_ROWS else ''}): the tokenizer gives no offsets "
+            "and its decoded tokens are not the rows' text",
+            markup=False,
+        )
     for source in report.sources:
         console.print(
             f"  {source['source']}: rows {source['rows']}, trainable tokens {source['trainable_tokens']}, "
