@@ -6,16 +6,20 @@ defaults and its own validation apply; on top of that every key is checked by na
 closest valid one, a renamed one its new spelling), by what the toolkit does with it (`recipe_keys`: a key it
 refuses says why), by type (before TRL's `__post_init__` would fail on it with a traceback) and by range
 (`VALUE_RANGES`: a batch size of 0 or a NaN learning rate is refused by name, not met as a traceback or a
-silent cut). A key written twice in the file is refused with both line numbers.
+silent cut). A key written twice in the file is refused with both line numbers. Values are read as `trl sft
+--config` reads them: text given for a number or a boolean converts as TrlParser's argparse converts it
+(`learning_rate: 1e-5`), and `env:` sets environment variables as TrlParser does.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
 import enum
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .problems import InputError
-from .recipe_keys import RECIPE_KEYS, Handling, renamed_message
+from .recipe_keys import ENV_KEY, OLD_VALUES, RECIPE_KEYS, Handling, renamed_message
 
 if TYPE_CHECKING:
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
@@ -114,6 +118,7 @@ class Recipe:
     source: str
     keys: dict
     mixture: DatasetMixtureConfig | None = None  # `datasets`, `streaming`, `test_split_size`
+    env: dict = field(default_factory=dict)  # `env:` as set in os.environ (name -> text), as TrlParser sets it
 
     @property
     def tokenizer_name(self) -> str:
@@ -219,7 +224,10 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     }
     by_group: dict[str, dict] = {group: {} for group in groups}
     hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
+    env = _environment(source, keys.get(ENV_KEY))
     for key, value in keys.items():
+        if key == ENV_KEY:
+            continue
         if key not in fields:
             renamed = renamed_message(str(key), value)
             if renamed:
@@ -230,6 +238,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         group, f = fields[key]
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             value = "true" if value else None  # transformers' own `train(resume_from_checkpoint=True)` meaning
+        value = as_trl_parses(value, hints[group][key])
         _check_refused(source, key, value, f)
         _check_value(source, key, value, f, hints[group][key])
         _check_range(source, key, value)
@@ -247,8 +256,55 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         raise InputError(f"{source}: {err}") from None
     _check_consistency(source, built)
     return Recipe(
-        built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys), mixture=built["mixture"]
+        built["script"],
+        built["sft"],
+        built["model"],
+        built["toolkit"],
+        source,
+        dict(keys),
+        mixture=built["mixture"],
+        env=env,
     )
+
+
+def _environment(source: str, env) -> dict:
+    """`env:` as TrlParser reads it: a mapping whose entries are set as environment variables, each value as
+    text, before anything else of the recipe is built (a CUDA_VISIBLE_DEVICES there takes effect)."""
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise InputError(f"{source}: env: expected a mapping of environment variable -> value, got {env!r}")
+    texts = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise InputError(f"{source}: env: {name!r} is not an environment variable name")
+        if isinstance(value, (dict, list)):
+            raise InputError(f"{source}: env: {name}: expected a single value, got {value!r}")
+        texts[name] = str(value)  # TrlParser's `os.environ[key] = str(value)`: true -> "True", null -> "None"
+    os.environ.update(texts)
+    return texts
+
+
+def as_trl_parses(value, annotation):
+    """`value` as `trl sft --config` hands it on. TrlParser sets each config value as an argparse default, and
+    argparse passes a default that is text through the argument's type: `learning_rate: 1e-5` (text to YAML,
+    which reads a number only with a dot) becomes 1e-05, `bf16: "false"` False, `max_length: "2048"` 2048.
+    Only text meets that conversion, and only for a field that takes no text; text that does not convert is
+    returned as it is, for the type check to name."""
+    from transformers.hf_argparser import string_to_bool
+
+    if not isinstance(value, str):
+        return value
+    allowed = _base_types(annotation)
+    if not allowed or str in allowed:
+        return value
+    for kind, convert in ((bool, string_to_bool), (int, int), (float, float)):
+        if kind in allowed:
+            try:
+                return convert(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                return value
+    return value
 
 
 def _check_deepspeed(source: str, config) -> None:
@@ -282,9 +338,13 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
     """`annotation` is the field's resolved type (`typing.get_type_hints`): under `from __future__ import
     annotations`, `f.type` is only the annotation's text."""
     choices = f.metadata.get("choices")
-    if choices and value is not None and value not in choices:
+    if isinstance(value, str) and (key, value) in OLD_VALUES:
+        raise InputError(f"{source}: {key}: {value!r} is no longer a value: {OLD_VALUES[key, value]}")
+    if choices and value is not None and value not in choices and (key, value) not in TRL_RENAMED_VALUES:
         raise InputError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    allowed = _base_types(annotation)
+    if key == "dataset_kwargs" and isinstance(value, dict):
+        _check_dataset_kwargs(source, value)
+    allowed = _base_types(annotation) | ({str} if key in TEXT_FOR_A_LIST else set())
     if not allowed or value is None and type(None) in allowed:
         return
     if isinstance(value, bool) and bool not in allowed:
@@ -293,6 +353,27 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
         return
     if not isinstance(value, tuple(allowed)):
         raise InputError(f"{source}: {key}: expected {_names(allowed)}, got {type(value).__name__} ({value!r})")
+
+
+# Values outside a field's choices that TRL's own `__post_init__` still takes, replacing them by the new value
+# with a FutureWarning: the toolkit lets them through for TRL to do the same.
+TRL_RENAMED_VALUES = {("packing_strategy", "bfd-requeue")}
+
+# List fields whose text value TrlParser keeps as text and TRL hands on as it is, to a consumer that means
+# something by it: PEFT's target_modules takes "all-linear", or one regular expression over module names.
+TEXT_FOR_A_LIST = {"lora_target_modules"}
+
+
+def _check_dataset_kwargs(source: str, kwargs: dict) -> None:
+    """TRL's SFTTrainer reads only `skip_prepare_dataset` from `dataset_kwargs`; older TRL also read
+    `add_special_tokens` and `append_concat_token` (still in handbook recipes), which now change nothing."""
+    ignored = sorted(str(name) for name in kwargs if name != "skip_prepare_dataset")
+    if ignored:
+        raise InputError(
+            f"{source}: dataset_kwargs: {', '.join(ignored)}: TRL's SFTTrainer reads only skip_prepare_dataset "
+            "from dataset_kwargs, so these would change nothing (the chat template and eos_token decide the "
+            "special tokens); remove them"
+        )
 
 
 @dataclass(frozen=True)

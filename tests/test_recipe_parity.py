@@ -1,0 +1,304 @@
+"""Parity with `trl sft` on the keys real recipes use: each key of PUBLIC_RECIPES (alignment-handbook, open-r1
+and TRL's own example recipes) is read the way TRL's TrlParser reads it, or refused with a message that names
+the key and what to write instead. The recipes here are written for the test, in the public recipes' shapes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from test_recipe_keys import base_keys, compare_with_trl_sft
+
+from sft_toolkit.cli import main
+from sft_toolkit.problems import InputError
+from sft_toolkit.recipe import load_recipe
+from sft_toolkit.recipe_keys import FOREIGN, PUBLIC_RECIPES, RENAMED
+
+ENV_NAME = "SFT_TOOLKIT_PARITY_PROBE"
+CHATML_INLINE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+HONORED = None
+
+
+def refused(*fragments: str) -> tuple[str, ...]:
+    return fragments
+
+
+# key -> (YAML text of the recipe's line(s), what the toolkit must do: HONORED, or fragments its refusal says).
+# The YAML is text on purpose: `learning_rate: 1e-5` is a string to YAML, and TrlParser still reads a number.
+CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "model_name_or_path": ("", HONORED),  # in every recipe below
+    "model_revision": ("model_revision: main", HONORED),
+    "torch_dtype": ("torch_dtype: bfloat16", refused("'torch_dtype' is now spelled 'dtype'", "write dtype: bfloat16")),
+    "attn_implementation": ("attn_implementation: flash_attention_2", HONORED),
+    "use_flash_attention_2": (
+        "use_flash_attention_2: true",
+        refused("'use_flash_attention_2' is not a key of trl sft", "attn_implementation: flash_attention_2"),
+    ),
+    "trust_remote_code": ("trust_remote_code: true", HONORED),
+    "use_peft": ("use_peft: true", HONORED),
+    "load_in_4bit": ("use_peft: true\nload_in_4bit: true", HONORED),
+    "lora_r": ("use_peft: true\nlora_r: 16", HONORED),
+    "lora_alpha": ("use_peft: true\nlora_alpha: 16", HONORED),
+    "lora_dropout": ("use_peft: true\nlora_dropout: 0.05", HONORED),
+    "lora_target_modules": ("use_peft: true\nlora_target_modules:\n- q_proj\n- v_proj", HONORED),
+    "chat_template": (
+        f"chat_template: {yaml.safe_dump(CHATML_INLINE, width=10_000).splitlines()[0]}",
+        refused("'chat_template' is not a key of trl sft", "write chat_template_path: FILE"),
+    ),
+    "dataset_mixture": (
+        "dataset_mixture:\n  datasets:\n  - id: org/chats\n    config: default\n    split: train_sft\n"
+        "    columns:\n    - messages\n    weight: 0.5\n  seed: 0\n  test_split_size: 10",
+        refused("'dataset_mixture' is not a key of trl sft", "datasets: [{path: ID, name: CONFIG, split: SPLIT"),
+    ),
+    "dataset_mixer": ("dataset_mixer:\n  org/chats: 1.0", refused("'dataset_mixer' is not a key", "write datasets:")),
+    "dataset_splits": (
+        "dataset_splits:\n- train_sft\n- test_sft",
+        refused("'dataset_splits' is not a key", "dataset_train_split: SPLIT"),
+    ),
+    "dataset_configs": ("dataset_configs:\n- all", refused("'dataset_configs' is not a key", "dataset_config: NAME")),
+    "preprocessing_num_workers": (
+        "preprocessing_num_workers: 12",
+        refused("'preprocessing_num_workers' is not a key", "dataset_num_proc: N"),
+    ),
+    "dataset_name": ("", HONORED),
+    "dataset_config": ("dataset_config: all", HONORED),
+    "dataset_train_split": ("dataset_train_split: train_sft", HONORED),
+    "dataset_test_split": ("dataset_test_split: test_sft", HONORED),
+    "dataset_num_proc": ("dataset_num_proc: 12", HONORED),
+    "dataset_kwargs": (
+        "dataset_kwargs:\n  add_special_tokens: false\n  append_concat_token: false",
+        refused("dataset_kwargs: add_special_tokens, append_concat_token: TRL's SFTTrainer reads only"),
+    ),
+    "eos_token": ("eos_token: <|im_end|>", HONORED),
+    "assistant_only_loss": ("assistant_only_loss: true", HONORED),
+    "packing": ("packing: true", HONORED),
+    "packing_strategy": (
+        "packing: true\npacking_strategy: ffd",
+        refused("packing_strategy: 'ffd'", "write packing_strategy: bfd"),
+    ),
+    "max_length": ("max_length: 256", HONORED),
+    "max_seq_length": ("max_seq_length: 256", refused("'max_seq_length' is now spelled 'max_length'")),
+    "bf16": ("bf16: false", HONORED),
+    "do_eval": ("do_eval: true\neval_strategy: epoch", HONORED),
+    "do_train": ("do_train: true", HONORED),
+    "eval_strategy": ("eval_strategy: 'no'", HONORED),
+    "evaluation_strategy": ("evaluation_strategy: epoch", refused("write eval_strategy: epoch")),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps: 4", HONORED),
+    "gradient_checkpointing": ("gradient_checkpointing: true", HONORED),
+    "gradient_checkpointing_kwargs": ("gradient_checkpointing_kwargs:\n  use_reentrant: false", HONORED),
+    "learning_rate": ("learning_rate: 1e-5", HONORED),  # text to YAML (no dot); a number to TrlParser
+    "log_level": ("log_level: info", HONORED),
+    "logging_steps": ("logging_steps: 5", HONORED),
+    "logging_strategy": ("logging_strategy: steps", HONORED),
+    "lr_scheduler_type": ("lr_scheduler_type: cosine_with_min_lr", HONORED),
+    "lr_scheduler_kwargs": (
+        "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs:\n  min_lr_rate: 0.1",
+        HONORED,
+    ),
+    "max_grad_norm": ("max_grad_norm: 0.2", HONORED),
+    "max_steps": ("max_steps: -1", HONORED),
+    "num_train_epochs": ("num_train_epochs: 3", HONORED),
+    "neftune_noise_alpha": ("neftune_noise_alpha: 5", HONORED),
+    "weight_decay": ("weight_decay: 0.1", HONORED),
+    "output_dir": ("", HONORED),
+    "overwrite_output_dir": ("overwrite_output_dir: true", HONORED),  # the toolkit's key; see the test below
+    "per_device_train_batch_size": ("per_device_train_batch_size: 4", HONORED),
+    "per_device_eval_batch_size": ("per_device_eval_batch_size: 8", HONORED),
+    "remove_unused_columns": ("remove_unused_columns: true", HONORED),
+    "report_to": ("report_to:\n- tensorboard\n- wandb", HONORED),
+    "run_name": ("run_name: sft-run", HONORED),
+    "save_strategy": ('save_strategy: "steps"', HONORED),
+    "save_steps": ("save_steps: 0.2", HONORED),
+    "save_total_limit": ("save_total_limit: 1", HONORED),
+    "seed": ("seed: 42", HONORED),
+    "warmup_ratio": (
+        "warmup_ratio: 0.1",
+        refused("'warmup_ratio' is now spelled 'warmup_steps'", "warmup_steps: 0.1"),
+    ),
+    "ddp_timeout": ("ddp_timeout: 18000", HONORED),
+    "average_tokens_across_devices": ("average_tokens_across_devices: true", HONORED),
+    "use_liger_kernel": ("use_liger_kernel: true", HONORED),
+    "use_liger": (
+        "use_liger: true",
+        refused("'use_liger' is now spelled 'use_liger_kernel'", "write use_liger_kernel: True"),
+    ),
+    "push_to_hub": ("push_to_hub: true", refused("push_to_hub: not supported", "uploads nothing")),
+    "hub_model_id": ("hub_model_id: someone/tiny-sft", refused("hub_model_id: not supported", "only to upload")),
+    "hub_strategy": ("hub_strategy: every_save", HONORED),  # transformers' default: it changes nothing
+    "hub_model_revision": (
+        "hub_model_revision: v00.00",
+        refused("'hub_model_revision' is not a key of trl sft (open-r1", "uploads nothing"),
+    ),
+    "callbacks": ("callbacks:\n- push_to_hub_revision", refused("'callbacks' is not a key of trl sft (open-r1")),
+    "benchmarks": ("benchmarks:\n- aime24", refused("'benchmarks' is not a key of trl sft (open-r1")),
+    "system_prompt": ("system_prompt: Be brief.", refused("'system_prompt' is not a key of trl sft")),
+    "push_to_hub_revision": ("push_to_hub_revision: true", refused("'push_to_hub_revision' is not a key")),
+    "overwrite_hub_revision": ("overwrite_hub_revision: true", refused("'overwrite_hub_revision' is not a key")),
+    "wandb_entity": ("wandb_entity: someone", refused("'wandb_entity' is not a key", "env: {WANDB_ENTITY: NAME}")),
+    "wandb_project": ("wandb_project: sft", refused("'wandb_project' is not a key", "env: {WANDB_PROJECT: NAME}")),
+    "auto_insert_empty_system_msg": ("auto_insert_empty_system_msg: true", refused("'auto_insert_empty_system_msg'")),
+    "truncation_side": ("truncation_side: left", refused("'truncation_side' is not a key", "keep_end (left)")),
+    "text_column": ("text_column: text", refused("'text_column' is not a key", "dataset_text_field: COLUMN")),
+    "tokenizer_name_or_path": ("tokenizer_name_or_path: org/tok", refused("'tokenizer_name_or_path' is not a key")),
+    "model_code_revision": ("model_code_revision: main", refused("'model_code_revision'", "model_revision: REVISION")),
+    "base_model_revision": ("base_model_revision: main", refused("'base_model_revision'", "model_revision: REVISION")),
+    "env": (f"env:\n  {ENV_NAME}: 1", HONORED),
+    "accelerate_config": (
+        "accelerate_config: zero2",
+        refused("'accelerate_config' is not a key of trl sft", "accelerate launch --config_file FILE -m sft_toolkit"),
+    ),
+    "num_processes": (
+        "num_processes: 2",
+        refused("'num_processes' is not a key", "accelerate launch --num_processes"),
+    ),
+}
+
+
+def test_every_public_recipe_key_has_a_case():
+    assert sorted(CASES) == sorted(PUBLIC_RECIPES)
+
+
+def write_recipe(tmp_path: Path, lines: str) -> Path:
+    given = yaml.safe_load(lines) or {}
+    base = {key: value for key, value in base_keys(tmp_path).items() if key not in given}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(base, sort_keys=False) + lines + "\n", encoding="utf-8")
+    return recipe
+
+
+def trl_parse(recipe: Path) -> tuple[dict, list[str]]:
+    """What `trl sft --config recipe` builds: every field of its four argument classes, and the config keys it
+    hands on to `accelerate launch` instead (TrlParser's remaining strings)."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig))
+    with contextlib.redirect_stderr(io.StringIO()):
+        *configs, remaining = parser.parse_args_and_config(["--config", str(recipe)], return_remaining_strings=True)
+    fields = {name: value for config in configs for name, value in vars(config).items()}
+    return fields, [item[2:] for item in remaining[::2]]
+
+
+def toolkit_fields(recipe) -> dict:
+    return {
+        name: value
+        for config in (recipe.script, recipe.sft, recipe.model, recipe.mixture, recipe.toolkit)
+        for name, value in vars(config).items()
+    }
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_a_public_recipe_key_is_read_as_trl_sft_reads_it_or_refused_by_name(key, tmp_path, monkeypatch):
+    lines, refusal = CASES[key]
+    monkeypatch.delenv(ENV_NAME, raising=False)
+    recipe = write_recipe(tmp_path, lines)
+    theirs, handed_on = trl_parse(recipe)
+    written = yaml.safe_load(recipe.read_text())
+    if refusal is not None:
+        with pytest.raises(InputError) as err:
+            load_recipe(str(recipe))
+        message = str(err.value)
+        assert message.startswith(f"{recipe}: ") and key in message
+        for fragment in refusal:
+            assert fragment in message
+        if key in RENAMED or key in FOREIGN:
+            assert key in handed_on, "trl sft 1.16 reads this key itself: honor it as it does, don't refuse it"
+        return
+    ours = load_recipe(str(recipe))
+    if key == "env":  # TrlParser sets the variable; so does the toolkit, with the same text
+        assert os.environ[ENV_NAME] == "1" and ours.env == {ENV_NAME: "1"}
+        return
+    if key == "overwrite_output_dir":  # transformers 5 dropped it; the toolkit's own key keeps TRL's name
+        assert key in handed_on and ours.toolkit.overwrite_output_dir is True
+        return
+    assert handed_on == []
+    mine = toolkit_fields(ours)
+    for name in written:
+        assert mine[name] == theirs[name], f"{name}: the toolkit reads {mine[name]!r}, trl sft {theirs[name]!r}"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        "learning_rate: 2e-5\nwarmup_steps: '0.1'",
+        "bf16: 'false'\nmax_length: '2048'\nseed: '42'",
+        "use_peft: 'true'\nlora_alpha: '16'\nlora_target_modules: all-linear",
+        "packing: true\npacking_strategy: bfd-requeue",
+        "loss_type: chunked_nll",
+    ],
+    ids=["exponent-without-dot", "quoted-numbers", "quoted-lora", "bfd-requeue", "chunked_nll"],
+)
+def test_values_trl_sft_still_converts_are_converted_the_same_way(lines, tmp_path):
+    """TrlParser passes text through each argument's type (argparse), and TRL maps deprecated values itself."""
+    recipe = write_recipe(tmp_path, lines)
+    theirs, handed_on = trl_parse(recipe)
+    mine = toolkit_fields(load_recipe(str(recipe)))
+    assert handed_on == []
+    for name in yaml.safe_load(lines):
+        assert mine[name] == theirs[name] and type(mine[name]) is type(theirs[name]), name
+
+
+def test_text_that_is_no_number_is_still_refused_by_name(tmp_path):
+    recipe = write_recipe(tmp_path, "learning_rate: fast")
+    with pytest.raises(InputError, match=r"learning_rate: expected a number, got str \('fast'\)"):
+        load_recipe(str(recipe))
+
+
+def test_env_must_be_a_mapping_of_single_values(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_NAME, raising=False)
+    for lines, says in (
+        ("env: CUDA_VISIBLE_DEVICES=0", "env: expected a mapping"),
+        (f"env:\n  {ENV_NAME}:\n  - 1", f"env: {ENV_NAME}: expected a single value"),
+    ):
+        with pytest.raises(InputError, match=says):
+            load_recipe(str(write_recipe(tmp_path, lines)))
+    assert ENV_NAME not in os.environ
+
+
+@pytest.mark.parametrize("key", ["hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "hub_strategy"])
+def test_upload_settings_away_from_their_default_are_refused(key, tmp_path):
+    value = {"hub_token": "hf_x", "hub_private_repo": True, "hub_always_push": True, "hub_revision": "v1"}.get(
+        key, "end"
+    )
+    recipe = write_recipe(tmp_path, f"{key}: {value}")
+    with pytest.raises(InputError, match=f"{key}: not supported: transformers reads it only to upload"):
+        load_recipe(str(recipe))
+
+
+def test_keys_that_reach_the_trainer_reach_it_as_trl_sfts_main_passes_them(tmp_path, monkeypatch):
+    """gradient_checkpointing_kwargs, lr_scheduler_kwargs, report_to, use_liger_kernel and the rest of the
+    honored trainer keys of the public recipes: trl sft's own `main` and the toolkit's train build their
+    trainers with equal SFTConfigs (only the toolkit's own data preparation fields may differ)."""
+    public = {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        "report_to": ["tensorboard"],
+        "use_liger_kernel": True,
+        "average_tokens_across_devices": True,
+        "ddp_timeout": 18000,
+        "neftune_noise_alpha": 5,
+        "run_name": "sft-run",
+        "save_steps": 0.2,
+        "max_grad_norm": 0.2,
+        "hub_strategy": "every_save",
+    }
+    ours, theirs = compare_with_trl_sft({**base_keys(tmp_path), **public}, monkeypatch)
+    for key, value in public.items():
+        assert getattr(ours["args"], key) == getattr(theirs["args"], key) == value, key
+
+
+def test_a_handbook_shaped_recipe_is_exit_2_naming_the_key_and_what_to_write(tmp_path):
+    recipe = write_recipe(tmp_path, CASES["chat_template"][0] + "\nlearning_rate: 2.0e-05")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["check-data", str(recipe)]) == 2
+    assert "'chat_template' is not a key of trl sft" in err.getvalue() and "chat_template_path" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
