@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .problems import InputError
-from .recipe_keys import ENV_KEY, OLD_VALUES, RECIPE_KEYS, Handling, renamed_message
+from .recipe_keys import ENV_KEY, HANDBOOK_MIXTURE_KEY, OLD_VALUES, RECIPE_KEYS, Handling, renamed_message
 
 if TYPE_CHECKING:
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
@@ -107,6 +107,27 @@ class ToolkitArguments:
 
 
 @dataclass(frozen=True)
+class HandbookSource:
+    """One source of an alignment-handbook `dataset_mixture`, with the defaults its ScriptArguments gives."""
+
+    id: str
+    config: str | None = None
+    split: str = "train"
+    columns: list | None = None
+    weight: float | None = 1.0  # the share of the source kept after a shuffle with the mixture's seed
+
+
+@dataclass(frozen=True)
+class HandbookMixture:
+    """The alignment-handbook's `dataset_mixture` (its scripts' ScriptArguments), loaded by `data.load_splits`
+    as the handbook's `get_dataset` loads it."""
+
+    datasets: tuple[HandbookSource, ...]
+    seed: int = 0
+    test_split_size: float | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A checked recipe. It is not changed as it flows through a command: a step that changes a setting (the
     mask guard's repairs) makes a new recipe (`with_sft`) and hands that one on."""
@@ -119,6 +140,7 @@ class Recipe:
     keys: dict
     mixture: DatasetMixtureConfig | None = None  # `datasets`, `streaming`, `test_split_size`
     env: dict = field(default_factory=dict)  # `env:` as set in os.environ (name -> text), as TrlParser sets it
+    handbook_mixture: HandbookMixture | None = None  # `dataset_mixture`, the alignment-handbook's mixture
 
     @property
     def tokenizer_name(self) -> str:
@@ -225,8 +247,9 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     by_group: dict[str, dict] = {group: {} for group in groups}
     hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
     env = _environment(source, keys.get(ENV_KEY))
+    handbook_mixture = handbook_mixture_from(source, keys.get(HANDBOOK_MIXTURE_KEY))
     for key, value in keys.items():
-        if key == ENV_KEY:
+        if key in (ENV_KEY, HANDBOOK_MIXTURE_KEY):
             continue
         if key not in fields:
             renamed = renamed_message(str(key), value)
@@ -254,7 +277,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         built = {group: groups[group](**values) for group, values in by_group.items()}
     except (ValueError, TypeError) as err:
         raise InputError(f"{source}: {err}") from None
-    _check_consistency(source, built)
+    _check_consistency(source, built, handbook_mixture)
     return Recipe(
         built["script"],
         built["sft"],
@@ -264,7 +287,63 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         dict(keys),
         mixture=built["mixture"],
         env=env,
+        handbook_mixture=handbook_mixture,
     )
+
+
+def handbook_mixture_from(source: str, value) -> HandbookMixture | None:
+    """`dataset_mixture` read as the alignment-handbook's ScriptArguments reads it (a `datasets` list of `id`,
+    `config`, `split` (default train), `columns`, `weight` (default 1.0); `seed` (default 0);
+    `test_split_size`), and refused by name where the handbook would fail later or ignore a key."""
+    if value is None:
+        return None
+    where = f"{source}: {HANDBOOK_MIXTURE_KEY}"
+    if not isinstance(value, dict) or not isinstance(value.get("datasets"), list) or not value["datasets"]:
+        raise InputError(
+            f"{where}: expected a mapping with datasets: (a list of sources: id, config, split, columns, weight), "
+            "seed and test_split_size"
+        )
+    _no_other_keys(where, value, ("datasets", "seed", "test_split_size"))
+    sources = []
+    for i, entry in enumerate(value["datasets"]):
+        at = f"{where}.datasets[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise InputError(f"{at}: expected a mapping with id (a hub id or a local path), got {entry!r}")
+        _no_other_keys(at, entry, tuple(f.name for f in dataclasses.fields(HandbookSource)))
+        for key, kinds, what in (("config", (str,), "a string"), ("split", (str,), "a string")):
+            if key in entry and not isinstance(entry[key], kinds):
+                raise InputError(f"{at}.{key}: expected {what}, got {entry[key]!r}")
+        columns = entry.get("columns")
+        if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+            raise InputError(f"{at}.columns: expected a list of column names, got {columns!r}")
+        weight = entry.get("weight", 1.0)
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1
+        ):
+            raise InputError(f"{at}.weight: expected a share of the source from 0 to 1, got {weight!r}")
+        sources.append(HandbookSource(**{**entry, "weight": weight}))
+    given = [set(s.columns) for s in sources if s.columns is not None]
+    if any(columns != given[0] for columns in given):
+        raise InputError(
+            f"{where}: the sources' columns differ ({'; '.join(', '.join(sorted(c)) for c in given)}); the "
+            "handbook requires the same columns in every source"
+        )
+    seed = value.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED.admits(seed):
+        raise InputError(f"{where}.seed: expected an integer from 0 to {2**32 - 1}, got {seed!r}")
+    size = value.get("test_split_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
+        raise InputError(f"{where}.test_split_size: expected a number of rows or a fraction above 0, got {size!r}")
+    return HandbookMixture(tuple(sources), seed, size)
+
+
+def _no_other_keys(where: str, mapping: dict, known: tuple[str, ...]) -> None:
+    """The handbook reads only `known` from `mapping` and ignores the rest: refused here, by name."""
+    other = [str(key) for key in mapping if key not in known]
+    if other:
+        raise InputError(
+            f"{where}: {', '.join(other)}: not read by the handbook's mixture (it reads {', '.join(known)})"
+        )
 
 
 def _environment(source: str, env) -> dict:
@@ -502,7 +581,7 @@ def _names(allowed: set[type]) -> str:
     return " or ".join(sorted(names.get(t, t.__name__) for t in allowed))
 
 
-def _check_consistency(source: str, built: dict) -> None:
+def _check_consistency(source: str, built: dict, handbook_mixture: HandbookMixture | None = None) -> None:
     from .policy import policy_from
 
     sft = built["sft"]
@@ -557,7 +636,17 @@ def _check_consistency(source: str, built: dict) -> None:
             f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
             "is loaded from it)"
         )
-    if not built["script"].dataset_name and not built["toolkit"].prepared and not mixture.datasets:
+    if handbook_mixture is not None and mixture.datasets:
+        raise InputError(
+            f"{source}: datasets (trl sft's mixture) and dataset_mixture (the alignment-handbook's) are both set; "
+            "keep one"
+        )
+    if (
+        not built["script"].dataset_name
+        and not built["toolkit"].prepared
+        and not mixture.datasets
+        and handbook_mixture is None
+    ):
         raise InputError(
             f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
             ".parquet file), or datasets: (a mixture), or prepared: DIR (a dataset `sft-toolkit prepare` "

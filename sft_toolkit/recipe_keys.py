@@ -170,6 +170,11 @@ RENAMED: dict[str, Renamed] = {
 # variable (the value as text) before the arguments are built; the toolkit does the same (recipe.build_recipe).
 ENV_KEY = "env"
 
+# `dataset_mixture`: the alignment-handbook's mixture (its scripts' ScriptArguments), which `trl sft` does not read.
+# Handbook recipes use it more than any other way of naming data, so the toolkit loads it as the handbook's
+# `get_dataset` does (recipe.handbook_mixture_from, data.load_splits).
+HANDBOOK_MIXTURE_KEY = "dataset_mixture"
+
 
 @dataclass(frozen=True)
 class Foreign:
@@ -195,12 +200,6 @@ FOREIGN: dict[str, Foreign] = {
         _HANDBOOK + " (an inline Jinja string set on the tokenizer)",
         "save the template to a .jinja file and write chat_template_path: FILE (the toolkit lints it and saves it "
         "with the model)",
-    ),
-    "dataset_mixture": Foreign(
-        _HANDBOOK + " (datasets of id, config, split, columns, weight; seed; test_split_size)",
-        "trl sft's mixture is datasets: [{path: ID, name: CONFIG, split: SPLIT, columns: [...]}] with "
-        "test_split_size: N at the top level; a weight below 1 has no exact equivalent (the handbook keeps a "
-        "shuffled share of each source, TRL's fraction is a share of the whole mixture and does not shuffle)",
     ),
     "dataset_mixer": Foreign(
         _HANDBOOK + " (versions before 0.4: dataset id -> proportion)",
@@ -405,6 +404,11 @@ def verdict(key: str) -> str:
     """What the toolkit does with `key`, in words, from the decision tables above."""
     if key == ENV_KEY:
         return "honored: each entry set as an environment variable, as TrlParser does"
+    if key == HANDBOOK_MIXTURE_KEY:
+        return (
+            "honored as the alignment-handbook's get_dataset builds it (each source's split and columns, a `weight` "
+            "share after a shuffle with `seed`, all shuffled with `seed`, `test_split_size` split off with it)"
+        )
     if key in FOREIGN:
         return f"**refused**: {FOREIGN[key].instead}"
     if key in RENAMED:

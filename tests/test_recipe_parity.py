@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import yaml
 from test_recipe_keys import base_keys, compare_with_trl_sft
 
 from sft_toolkit.cli import main
+from sft_toolkit.data import load_splits
 from sft_toolkit.problems import InputError
-from sft_toolkit.recipe import load_recipe
+from sft_toolkit.recipe import HandbookMixture, HandbookSource, load_recipe
 from sft_toolkit.recipe_keys import FOREIGN, PUBLIC_RECIPES, RENAMED
 
 ENV_NAME = "SFT_TOOLKIT_PARITY_PROBE"
@@ -55,7 +57,7 @@ CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "dataset_mixture": (
         "dataset_mixture:\n  datasets:\n  - id: org/chats\n    config: default\n    split: train_sft\n"
         "    columns:\n    - messages\n    weight: 0.5\n  seed: 0\n  test_split_size: 10",
-        refused("'dataset_mixture' is not a key of trl sft", "datasets: [{path: ID, name: CONFIG, split: SPLIT"),
+        HONORED,  # the handbook's key, loaded as its get_dataset loads it: see the tests below
     ),
     "dataset_mixer": ("dataset_mixer:\n  org/chats: 1.0", refused("'dataset_mixer' is not a key", "write datasets:")),
     "dataset_splits": (
@@ -217,6 +219,12 @@ def test_a_public_recipe_key_is_read_as_trl_sft_reads_it_or_refused_by_name(key,
     if key == "overwrite_output_dir":  # transformers 5 dropped it; the toolkit's own key keeps TRL's name
         assert key in handed_on and ours.toolkit.overwrite_output_dir is True
         return
+    if key == "dataset_mixture":  # trl sft hands it to accelerate launch; the handbook's ScriptArguments reads it
+        assert key in handed_on
+        assert ours.handbook_mixture == HandbookMixture(
+            (HandbookSource("org/chats", "default", "train_sft", ["messages"], 0.5),), seed=0, test_split_size=10
+        )
+        return
     assert handed_on == []
     mine = toolkit_fields(ours)
     for name in written:
@@ -302,3 +310,100 @@ def test_a_handbook_shaped_recipe_is_exit_2_naming_the_key_and_what_to_write(tmp
         assert main(["check-data", str(recipe)]) == 2
     assert "'chat_template' is not a key of trl sft" in err.getvalue() and "chat_template_path" in err.getvalue()
     assert "Traceback" not in err.getvalue()
+
+
+# ---- the alignment-handbook's dataset_mixture ----------------------------------------------------------------
+
+
+def chat_rows(path: Path, tag: str, count: int, extra: bool) -> Path:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{tag} question {i}?"},
+                {"role": "assistant", "content": f"{tag} answer {i}."},
+            ],
+            **({"extra": i} if extra else {}),
+        }
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def handbook_get_dataset(sources: list[dict], seed: int, test_split_size) -> dict:
+    """The alignment-handbook's get_dataset, step by step, with `datasets` itself (a local file's split is train)."""
+    import datasets
+
+    parts = []
+    for source in sources:
+        rows = datasets.load_dataset("json", data_files=source["id"], split=source.get("split", "train"))
+        if source.get("columns") is not None:
+            rows = rows.select_columns(source["columns"])
+        weight = source.get("weight", 1.0)
+        if weight is not None:
+            rows = rows.shuffle(seed=seed).select(range(int(len(rows) * weight)))
+        parts.append(rows)
+    combined = datasets.concatenate_datasets(parts).shuffle(seed=seed)
+    if test_split_size is None:
+        return {"train": combined}
+    return dict(combined.train_test_split(test_size=test_split_size, seed=seed))
+
+
+def mixture_recipe(tmp_path: Path, **mixture) -> tuple[Path, list[dict]]:
+    sources = [
+        {
+            "id": str(chat_rows(tmp_path / "first.jsonl", "first", 9, extra=True)),
+            "columns": ["messages"],
+            "weight": 0.5,
+        },
+        {"id": str(chat_rows(tmp_path / "second.jsonl", "second", 6, extra=False)), "columns": ["messages"]},
+    ]
+    body = {"dataset_mixture": {"datasets": sources, "seed": 3, **mixture}, "eval_strategy": "epoch"}
+    recipe = write_recipe(tmp_path, yaml.safe_dump(body, sort_keys=False))
+    text = recipe.read_text().replace(f"dataset_name: {tmp_path / 'data.jsonl'}\n", "")
+    recipe.write_text(text, encoding="utf-8")
+    return recipe, sources
+
+
+def test_dataset_mixture_loads_the_rows_the_handbooks_get_dataset_gives(tmp_path):
+    recipe, sources = mixture_recipe(tmp_path, test_split_size=3)
+    splits = load_splits(load_recipe(str(recipe)))
+    expected = handbook_get_dataset(sources, seed=3, test_split_size=3)
+    assert splits.train["messages"] == expected["train"]["messages"]
+    assert splits.eval["messages"] == expected["test"]["messages"]
+    assert splits.train.column_names == splits.eval.column_names == ["messages"]
+    assert len(splits.train) + len(splits.eval) == int(9 * 0.5) + 6
+    for rows, origin in ((splits.train, splits.train_source), (splits.eval, splits.eval_source)):
+        tags = [row[0]["content"].split()[0] for row in rows["messages"]]
+        assert tags == [("first", "second")[i] for i in origin]  # each row's source, through both shuffles
+
+
+def test_a_dataset_mixture_recipe_checks_through_the_command_line(tmp_path):
+    recipe, _ = mixture_recipe(tmp_path, test_split_size=3)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["check-data", str(recipe), "--format", "json"]) == 0
+    report = json.loads(out.getvalue())
+    assert [source["rows"] for source in report["sources"]] == [
+        sum(1 for i in load_splits(load_recipe(str(recipe))).train_source if i == n) for n in (0, 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    "mixture, says",
+    [
+        ({"datasets": [{"path": "org/chats"}]}, r"dataset_mixture.datasets\[0\]: expected a mapping with id"),
+        ({"datasets": [{"id": "org/chats", "fraction": 0.5}]}, "fraction: not read by the handbook's mixture"),
+        ({"datasets": [{"id": "org/chats", "weight": 2}]}, r"weight: expected a share of the source from 0 to 1"),
+        (
+            {"datasets": [{"id": "a", "columns": ["messages"]}, {"id": "b", "columns": ["text"]}]},
+            "the sources' columns differ",
+        ),
+        ({"datasets": [{"id": "org/chats"}], "shuffle": True}, "shuffle: not read by the handbook's mixture"),
+    ],
+    ids=["trl-path", "trl-fraction", "weight-above-1", "columns-differ", "unknown-key"],
+)
+def test_a_dataset_mixture_the_handbook_would_misread_is_refused_by_name(mixture, says, tmp_path):
+    recipe = write_recipe(tmp_path, yaml.safe_dump({"dataset_mixture": mixture}))
+    with pytest.raises(InputError, match=says):
+        load_recipe(str(recipe))
