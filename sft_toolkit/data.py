@@ -6,6 +6,8 @@ dataset, config, split and line.
 `datasets:` mixture; this module adds what they lack for our purposes: a broken `.jsonl` line is named by
 number before `datasets` gets to report it as a pyarrow error, a missing config or split is named with the
 ones that exist, and each row of a mixture keeps the source it came from, so reports can count per source.
+An alignment-handbook recipe's `dataset_mixture` is built here step by step as the handbook's `get_dataset`
+builds it (seeded shuffles, a `weight` share of each source), which TRL's `get_dataset` does not reproduce.
 """
 
 from __future__ import annotations

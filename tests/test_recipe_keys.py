@@ -97,9 +97,10 @@ what the toolkit does with it. `tests/test_recipe_parity.py` writes a recipe of 
 checks the decision against TRL's own `TrlParser`: an honored key reads the same value `trl sft --config` reads
 (text such as `learning_rate: 1e-5`, which YAML reads as a string, is converted as TrlParser converts it); a
 refused key is one `trl sft` 1.16 does not read itself (it hands it to `accelerate launch`), or one that would
-change nothing here, and the refusal names the key and what to write instead. The alignment-handbook's own
-script also reads `chat_template` (an inline template) and `dataset_mixture` (`id`, `config`, `split`, `columns`,
-`weight`, with `seed` and `test_split_size`): both are refused with the `trl sft` spelling to write.
+change nothing here, and the refusal names the key and what to write instead. Of the keys only the
+alignment-handbook's own script reads, `dataset_mixture` (`id`, `config`, `split`, `columns`, `weight`, with
+`seed` and `test_split_size`) is loaded as the handbook's `get_dataset` loads it, and `chat_template` (an inline
+template) is refused with what to write instead (a `.jinja` file in `chat_template_path`).
 
 """
 

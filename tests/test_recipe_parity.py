@@ -407,3 +407,83 @@ def test_a_dataset_mixture_the_handbook_would_misread_is_refused_by_name(mixture
     recipe = write_recipe(tmp_path, yaml.safe_dump({"dataset_mixture": mixture}))
     with pytest.raises(InputError, match=says):
         load_recipe(str(recipe))
+
+
+# ---- one handbook-shaped recipe, trained --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from sft_toolkit.assets import build_quickstart_assets
+
+    return build_quickstart_assets(tmp_path_factory.mktemp("assets"))
+
+
+def test_a_handbook_shaped_recipe_trains_with_its_mixture_scheduler_and_env(assets, tmp_path, monkeypatch):
+    """The keys as a handbook recipe writes them, honored through training: the dataset_mixture's rows, the
+    scheduler's lr_scheduler_kwargs (cosine_with_min_lr ends at min_lr_rate * learning_rate, where plain cosine
+    ends at 0), gradient checkpointing with its kwargs, `learning_rate: 1e-3` (text to YAML) and env."""
+    from sft_toolkit import train as train_module
+
+    rows = [json.loads(line) for line in Path(assets["train"]).read_text().splitlines()[:24]]
+    for name, part in (("first", rows[:12]), ("second", rows[12:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part), encoding="utf-8")
+    recipe = tmp_path / "handbook.yaml"
+    recipe.write_text(
+        f"""model_name_or_path: {assets["model"]}
+chat_template_path: chatml
+dataset_mixture:
+  datasets:
+  - id: {tmp_path / "first.jsonl"}
+    columns: [messages]
+    weight: 0.5
+  - id: {tmp_path / "second.jsonl"}
+    columns: [messages]
+    weight: 1.0
+  seed: 0
+assistant_only_loss: true
+max_length: 256
+env:
+  {ENV_NAME}: trained
+bf16: false
+use_cpu: true
+eval_strategy: 'no'
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+learning_rate: 1e-3
+lr_scheduler_type: cosine_with_min_lr
+lr_scheduler_kwargs:
+  min_lr_rate: 0.1
+max_steps: 3
+logging_steps: 1
+per_device_train_batch_size: 2
+output_dir: {tmp_path / "run"}
+report_to: none
+save_strategy: "no"
+seed: 42
+""",
+        encoding="utf-8",
+    )
+    monkeypatch.delenv(ENV_NAME, raising=False)
+    trainers = []
+    built = train_module.guarded_trainer_class
+
+    def recording():
+        class Recording(built()):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                trainers.append(self)
+
+        return Recording
+
+    monkeypatch.setattr(train_module, "guarded_trainer_class", recording)
+    outcome = train_module.train(load_recipe(str(recipe)), log=lambda _: None)
+    (trainer,) = trainers
+    assert os.environ[ENV_NAME] == "trained"
+    assert len(outcome.history) == 3 and trainer.state.global_step == 3
+    assert [source["rows"] for source in outcome.report.sources] == [6, 12]  # int(12 * 0.5) and all 12
+    assert trainer.args.learning_rate == 1e-3
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1 * 1e-3)
+    assert trainer.model.is_gradient_checkpointing
+    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
