@@ -487,3 +487,16 @@ seed: 42
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1 * 1e-3)
     assert trainer.model.is_gradient_checkpointing
     assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize("key", sorted(FOREIGN))
+def test_every_key_of_another_entry_point_is_refused_with_what_to_write(key, tmp_path):
+    """Whether or not a public recipe above carries it: `trl sft` does not read it, so it is refused, by name,
+    with where it comes from and what to write instead (not with difflib's closest field name)."""
+    recipe = write_recipe(tmp_path, f"{key}: 1")
+    _, handed_on = trl_parse(recipe)
+    assert key in handed_on
+    with pytest.raises(InputError) as err:
+        load_recipe(str(recipe))
+    assert f"'{key}' is not a key of trl sft ({FOREIGN[key].source}): {FOREIGN[key].instead}" in str(err.value)
+    assert "did you mean" not in str(err.value)
