@@ -124,7 +124,8 @@ def check_splits(recipe, *, world_size: int = 1, keep_provenance: bool = False) 
     from .data import load_splits
 
     script, mixture = recipe.script, getattr(recipe, "mixture", None)
-    if not script.dataset_name and not (mixture is not None and mixture.datasets):
+    handbook = getattr(recipe, "handbook_mixture", None)
+    if not script.dataset_name and not (mixture is not None and mixture.datasets) and handbook is None:
         raise InputError(
             f"{recipe.source}: dataset_name is not set; this recipe trains from prepared: "
             f"{recipe.toolkit.prepared}, whose accounting is in its manifest.json"
@@ -133,7 +134,13 @@ def check_splits(recipe, *, world_size: int = 1, keep_provenance: bool = False) 
     try:
         splits = load_splits(recipe)
     except InputError as err:
-        key = "datasets" if mixture is not None and mixture.datasets else "dataset_name"
+        key = (
+            "datasets"
+            if mixture is not None and mixture.datasets
+            else "dataset_mixture"
+            if handbook is not None
+            else "dataset_name"
+        )
         raise InputError(f"{recipe.source}: {key}: {err}") from None
     sft = recipe.sft
     report, final, trainable = _account(

@@ -6,6 +6,8 @@ dataset, config, split and line.
 `datasets:` mixture; this module adds what they lack for our purposes: a broken `.jsonl` line is named by
 number before `datasets` gets to report it as a pyarrow error, a missing config or split is named with the
 ones that exist, and each row of a mixture keeps the source it came from, so reports can count per source.
+An alignment-handbook recipe's `dataset_mixture` is built here step by step as the handbook's `get_dataset`
+builds it (seeded shuffles, a `weight` share of each source), which TRL's `get_dataset` does not reproduce.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ def load_splits(recipe, *, with_eval: bool | None = None) -> Splits:
     mixture = getattr(recipe, "mixture", None)
     if mixture is not None and mixture.datasets:
         return _load_mixture(recipe, with_eval)
+    if getattr(recipe, "handbook_mixture", None) is not None:
+        return _load_handbook_mixture(recipe, with_eval)
     source, config = script.dataset_name, script.dataset_config
     where = f"{source}" + (f" (config {config!r})" if config else "")
     train = load_rows(source, script.dataset_train_split, name=config)
@@ -287,6 +291,86 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
     if with_eval:
         out.eval, out.eval_source = pick(script.dataset_test_split, "dataset_test_split")
         out.eval_label = f"datasets mixture split {script.dataset_test_split!r}"
+    return out
+
+
+SOURCE_COLUMN = "__sft_toolkit_source__"  # rides along a handbook mixture's shuffles and split, then is dropped
+
+
+def _load_handbook_mixture(recipe, with_eval: bool) -> Splits:
+    """`dataset_mixture` as the alignment-handbook's `get_dataset` builds it: each source's split (with its
+    config) and `columns`; of each, a `weight` share (`int(len * weight)` rows) after a shuffle with the mixture's
+    `seed`; all of them concatenated and shuffled with that seed; `test_split_size` split off with it
+    (`train_test_split`). A column naming each row's source rides along (shuffles and splits permute by seed and
+    length only), so reports count per source."""
+    import datasets
+
+    script, mixture = recipe.script, recipe.handbook_mixture
+    notes = []
+    if script.dataset_name:
+        notes.append(
+            f"both dataset_mixture and dataset_name are set: as the handbook does, the mixture is loaded and "
+            f"dataset_name ({script.dataset_name}) is ignored"
+        )
+    parts, labels = [], []
+    for i, source in enumerate(mixture.datasets):
+        where = f"dataset_mixture.datasets[{i}]"
+        rows = load_rows(
+            source.id, source.split, name=source.config, split_key=f"{where}.split", config_key=f"{where}.config"
+        )
+        if source.columns is not None:
+            missing = [column for column in source.columns if column not in rows.column_names]
+            if missing:
+                raise InputError(
+                    f"{where} ({source.id}): columns: no column {', '.join(missing)} (its columns: "
+                    f"{', '.join(rows.column_names)})"
+                )
+            rows = rows.select_columns(source.columns)
+        if source.weight is not None:
+            rows = rows.shuffle(seed=mixture.seed).select(range(int(len(rows) * source.weight)))
+        parts.append(rows.add_column(SOURCE_COLUMN, [i] * len(rows)))
+        config = f", config {source.config!r}" if source.config else ""
+        labels.append(f"{where} ({source.id}{config}, split {source.split!r}, weight {source.weight})")
+    try:
+        combined = datasets.concatenate_datasets(parts).shuffle(seed=mixture.seed)
+    except ValueError as err:
+        raise InputError(
+            f"dataset_mixture: the sources can't be concatenated ({_first_line(err)}); give every source the same "
+            "columns: [...]"
+        ) from None
+    splits = {"train": combined}
+    if mixture.test_split_size is not None:
+        try:
+            splits = dict(combined.train_test_split(test_size=mixture.test_split_size, seed=mixture.seed))
+        except ValueError as err:
+            raise InputError(
+                f"dataset_mixture.test_split_size: {mixture.test_split_size}: {_first_line(err)}"
+            ) from None
+
+    def pick(split: str, key: str):
+        if split not in splits:
+            raise InputError(
+                f"the mixture has no split {split!r} (its splits: {', '.join(splits)}); set {key} to one of them"
+                + (
+                    "; set dataset_mixture.test_split_size, or eval_strategy: no"
+                    if key == "dataset_test_split"
+                    else ""
+                )
+            )
+        rows = splits[split]
+        return rows.remove_columns(SOURCE_COLUMN), np.asarray(rows[SOURCE_COLUMN], dtype=np.int64)
+
+    train, train_source = pick(script.dataset_train_split, "dataset_train_split")
+    out = Splits(
+        train=train,
+        train_label=f"dataset_mixture split {script.dataset_train_split!r}",
+        sources=labels,
+        train_source=train_source,
+        notes=notes,
+    )
+    if with_eval:
+        out.eval, out.eval_source = pick(script.dataset_test_split, "dataset_test_split")
+        out.eval_label = f"dataset_mixture split {script.dataset_test_split!r}"
     return out
 
 

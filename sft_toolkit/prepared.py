@@ -13,6 +13,7 @@ pass over memory-mapped Arrow) before the trainer sees it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -71,7 +72,7 @@ def shaping_keys(recipe) -> dict:
     return keys
 
 
-SOURCE_KEYS = ("dataset_config", "datasets", "test_split_size")  # which rows, besides dataset_name
+SOURCE_KEYS = ("dataset_config", "datasets", "test_split_size", "dataset_mixture")  # which rows, besides dataset_name
 
 
 def _source_keys(recipe) -> dict:
@@ -85,6 +86,9 @@ def _source_keys(recipe) -> dict:
         keys["datasets"] = [{k: v for k, v in vars(source).items() if v is not None} for source in mixture.datasets]
         if mixture.test_split_size is not None:
             keys.update(test_split_size=mixture.test_split_size, seed=recipe.sft.seed)
+    handbook = getattr(recipe, "handbook_mixture", None)
+    if handbook is not None:
+        keys["dataset_mixture"] = json.loads(json.dumps(dataclasses.asdict(handbook)))  # as the manifest holds it
     return keys
 
 
@@ -201,7 +205,7 @@ def mismatches(manifest: dict, recipe, tokenizer) -> list[str]:
     ours = shaping_keys(recipe)
     for key in sorted(set(theirs) - set(ours)):
         source_key = key in SOURCE_KEYS or key == "seed" and "test_split_size" in theirs
-        if source_key and ours["dataset_name"] is None and "datasets" not in ours:
+        if source_key and ours["dataset_name"] is None and "datasets" not in ours and "dataset_mixture" not in ours:
             continue  # (a recipe with only `prepared:`, as above)
         out.append(f"{key}: recipe (not in force), prepared {theirs[key]!r}")
     sha = tokenizer_sha256(tokenizer)

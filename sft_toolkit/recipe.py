@@ -6,16 +6,20 @@ defaults and its own validation apply; on top of that every key is checked by na
 closest valid one, a renamed one its new spelling), by what the toolkit does with it (`recipe_keys`: a key it
 refuses says why), by type (before TRL's `__post_init__` would fail on it with a traceback) and by range
 (`VALUE_RANGES`: a batch size of 0 or a NaN learning rate is refused by name, not met as a traceback or a
-silent cut). A key written twice in the file is refused with both line numbers.
+silent cut). A key written twice in the file is refused with both line numbers. Values are read as `trl sft
+--config` reads them: text given for a number or a boolean converts as TrlParser's argparse converts it
+(`learning_rate: 1e-5`), and `env:` sets environment variables as TrlParser does.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
 import enum
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .problems import InputError
-from .recipe_keys import RECIPE_KEYS, Handling, renamed_message
+from .recipe_keys import ENV_KEY, HANDBOOK_MIXTURE_KEY, OLD_VALUES, RECIPE_KEYS, Handling, renamed_message
 
 if TYPE_CHECKING:
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
@@ -103,6 +107,27 @@ class ToolkitArguments:
 
 
 @dataclass(frozen=True)
+class HandbookSource:
+    """One source of an alignment-handbook `dataset_mixture`, with the defaults its ScriptArguments gives."""
+
+    id: str
+    config: str | None = None
+    split: str = "train"
+    columns: list | None = None
+    weight: float | None = 1.0  # the share of the source kept after a shuffle with the mixture's seed
+
+
+@dataclass(frozen=True)
+class HandbookMixture:
+    """The alignment-handbook's `dataset_mixture` (its scripts' ScriptArguments), loaded by `data.load_splits`
+    as the handbook's `get_dataset` loads it."""
+
+    datasets: tuple[HandbookSource, ...]
+    seed: int = 0
+    test_split_size: float | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A checked recipe. It is not changed as it flows through a command: a step that changes a setting (the
     mask guard's repairs) makes a new recipe (`with_sft`) and hands that one on."""
@@ -114,6 +139,8 @@ class Recipe:
     source: str
     keys: dict
     mixture: DatasetMixtureConfig | None = None  # `datasets`, `streaming`, `test_split_size`
+    env: dict = field(default_factory=dict)  # `env:` as set in os.environ (name -> text), as TrlParser sets it
+    handbook_mixture: HandbookMixture | None = None  # `dataset_mixture`, the alignment-handbook's mixture
 
     @property
     def tokenizer_name(self) -> str:
@@ -219,7 +246,11 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     }
     by_group: dict[str, dict] = {group: {} for group in groups}
     hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
+    env = _environment(source, keys.get(ENV_KEY))
+    handbook_mixture = handbook_mixture_from(source, keys.get(HANDBOOK_MIXTURE_KEY))
     for key, value in keys.items():
+        if key in (ENV_KEY, HANDBOOK_MIXTURE_KEY):
+            continue
         if key not in fields:
             renamed = renamed_message(str(key), value)
             if renamed:
@@ -230,6 +261,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         group, f = fields[key]
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             value = "true" if value else None  # transformers' own `train(resume_from_checkpoint=True)` meaning
+        value = as_trl_parses(value, hints[group][key])
         _check_refused(source, key, value, f)
         _check_value(source, key, value, f, hints[group][key])
         _check_range(source, key, value)
@@ -245,10 +277,113 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         built = {group: groups[group](**values) for group, values in by_group.items()}
     except (ValueError, TypeError) as err:
         raise InputError(f"{source}: {err}") from None
-    _check_consistency(source, built)
+    _check_consistency(source, built, handbook_mixture)
     return Recipe(
-        built["script"], built["sft"], built["model"], built["toolkit"], source, dict(keys), mixture=built["mixture"]
+        built["script"],
+        built["sft"],
+        built["model"],
+        built["toolkit"],
+        source,
+        dict(keys),
+        mixture=built["mixture"],
+        env=env,
+        handbook_mixture=handbook_mixture,
     )
+
+
+def handbook_mixture_from(source: str, value) -> HandbookMixture | None:
+    """`dataset_mixture` read as the alignment-handbook's ScriptArguments reads it (a `datasets` list of `id`,
+    `config`, `split` (default train), `columns`, `weight` (default 1.0); `seed` (default 0);
+    `test_split_size`), and refused by name where the handbook would fail later or ignore a key."""
+    if value is None:
+        return None
+    where = f"{source}: {HANDBOOK_MIXTURE_KEY}"
+    if not isinstance(value, dict) or not isinstance(value.get("datasets"), list) or not value["datasets"]:
+        raise InputError(
+            f"{where}: expected a mapping with datasets: (a list of sources: id, config, split, columns, weight), "
+            "seed and test_split_size"
+        )
+    _no_other_keys(where, value, ("datasets", "seed", "test_split_size"))
+    sources = []
+    for i, entry in enumerate(value["datasets"]):
+        at = f"{where}.datasets[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise InputError(f"{at}: expected a mapping with id (a hub id or a local path), got {entry!r}")
+        _no_other_keys(at, entry, tuple(f.name for f in dataclasses.fields(HandbookSource)))
+        for key, kinds, what in (("config", (str,), "a string"), ("split", (str,), "a string")):
+            if key in entry and not isinstance(entry[key], kinds):
+                raise InputError(f"{at}.{key}: expected {what}, got {entry[key]!r}")
+        columns = entry.get("columns")
+        if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+            raise InputError(f"{at}.columns: expected a list of column names, got {columns!r}")
+        weight = entry.get("weight", 1.0)
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1
+        ):
+            raise InputError(f"{at}.weight: expected a share of the source from 0 to 1, got {weight!r}")
+        sources.append(HandbookSource(**{**entry, "weight": weight}))
+    given = [set(s.columns) for s in sources if s.columns is not None]
+    if any(columns != given[0] for columns in given):
+        raise InputError(
+            f"{where}: the sources' columns differ ({'; '.join(', '.join(sorted(c)) for c in given)}); the "
+            "handbook requires the same columns in every source"
+        )
+    seed = value.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED.admits(seed):
+        raise InputError(f"{where}.seed: expected an integer from 0 to {2**32 - 1}, got {seed!r}")
+    size = value.get("test_split_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
+        raise InputError(f"{where}.test_split_size: expected a number of rows or a fraction above 0, got {size!r}")
+    return HandbookMixture(tuple(sources), seed, size)
+
+
+def _no_other_keys(where: str, mapping: dict, known: tuple[str, ...]) -> None:
+    """The handbook reads only `known` from `mapping` and ignores the rest: refused here, by name."""
+    other = [str(key) for key in mapping if key not in known]
+    if other:
+        raise InputError(
+            f"{where}: {', '.join(other)}: not read by the handbook's mixture (it reads {', '.join(known)})"
+        )
+
+
+def _environment(source: str, env) -> dict:
+    """`env:` as TrlParser reads it: a mapping whose entries are set as environment variables, each value as
+    text, before anything else of the recipe is built (a CUDA_VISIBLE_DEVICES there takes effect)."""
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise InputError(f"{source}: env: expected a mapping of environment variable -> value, got {env!r}")
+    texts = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise InputError(f"{source}: env: {name!r} is not an environment variable name")
+        if isinstance(value, (dict, list)):
+            raise InputError(f"{source}: env: {name}: expected a single value, got {value!r}")
+        texts[name] = str(value)  # TrlParser's `os.environ[key] = str(value)`: true -> "True", null -> "None"
+    os.environ.update(texts)
+    return texts
+
+
+def as_trl_parses(value, annotation):
+    """`value` as `trl sft --config` hands it on. TrlParser sets each config value as an argparse default, and
+    argparse passes a default that is text through the argument's type: `learning_rate: 1e-5` (text to YAML,
+    which reads a number only with a dot) becomes 1e-05, `bf16: "false"` False, `max_length: "2048"` 2048.
+    Only text meets that conversion, and only for a field that takes no text; text that does not convert is
+    returned as it is, for the type check to name."""
+    from transformers.hf_argparser import string_to_bool
+
+    if not isinstance(value, str):
+        return value
+    allowed = _base_types(annotation)
+    if not allowed or str in allowed:
+        return value
+    for kind, convert in ((bool, string_to_bool), (int, int), (float, float)):
+        if kind in allowed:
+            try:
+                return convert(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                return value
+    return value
 
 
 def _check_deepspeed(source: str, config) -> None:
@@ -282,9 +417,13 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
     """`annotation` is the field's resolved type (`typing.get_type_hints`): under `from __future__ import
     annotations`, `f.type` is only the annotation's text."""
     choices = f.metadata.get("choices")
-    if choices and value is not None and value not in choices:
+    if isinstance(value, str) and (key, value) in OLD_VALUES:
+        raise InputError(f"{source}: {key}: {value!r} is no longer a value: {OLD_VALUES[key, value]}")
+    if choices and value is not None and value not in choices and (key, value) not in TRL_RENAMED_VALUES:
         raise InputError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    allowed = _base_types(annotation)
+    if key == "dataset_kwargs" and isinstance(value, dict):
+        _check_dataset_kwargs(source, value)
+    allowed = _base_types(annotation) | ({str} if key in TEXT_FOR_A_LIST else set())
     if not allowed or value is None and type(None) in allowed:
         return
     if isinstance(value, bool) and bool not in allowed:
@@ -293,6 +432,27 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
         return
     if not isinstance(value, tuple(allowed)):
         raise InputError(f"{source}: {key}: expected {_names(allowed)}, got {type(value).__name__} ({value!r})")
+
+
+# Values outside a field's choices that TRL's own `__post_init__` still takes, replacing them by the new value
+# with a FutureWarning: the toolkit lets them through for TRL to do the same.
+TRL_RENAMED_VALUES = {("packing_strategy", "bfd-requeue")}
+
+# List fields whose text value TrlParser keeps as text and TRL hands on as it is, to a consumer that means
+# something by it: PEFT's target_modules takes "all-linear", or one regular expression over module names.
+TEXT_FOR_A_LIST = {"lora_target_modules"}
+
+
+def _check_dataset_kwargs(source: str, kwargs: dict) -> None:
+    """TRL's SFTTrainer reads only `skip_prepare_dataset` from `dataset_kwargs`; older TRL also read
+    `add_special_tokens` and `append_concat_token` (still in handbook recipes), which now change nothing."""
+    ignored = sorted(str(name) for name in kwargs if name != "skip_prepare_dataset")
+    if ignored:
+        raise InputError(
+            f"{source}: dataset_kwargs: {', '.join(ignored)}: TRL's SFTTrainer reads only skip_prepare_dataset "
+            "from dataset_kwargs, so these would change nothing (the chat template and eos_token decide the "
+            "special tokens); remove them"
+        )
 
 
 @dataclass(frozen=True)
@@ -421,7 +581,7 @@ def _names(allowed: set[type]) -> str:
     return " or ".join(sorted(names.get(t, t.__name__) for t in allowed))
 
 
-def _check_consistency(source: str, built: dict) -> None:
+def _check_consistency(source: str, built: dict, handbook_mixture: HandbookMixture | None = None) -> None:
     from .policy import policy_from
 
     sft = built["sft"]
@@ -476,7 +636,17 @@ def _check_consistency(source: str, built: dict) -> None:
             f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
             "is loaded from it)"
         )
-    if not built["script"].dataset_name and not built["toolkit"].prepared and not mixture.datasets:
+    if handbook_mixture is not None and mixture.datasets:
+        raise InputError(
+            f"{source}: datasets (trl sft's mixture) and dataset_mixture (the alignment-handbook's) are both set; "
+            "keep one"
+        )
+    if (
+        not built["script"].dataset_name
+        and not built["toolkit"].prepared
+        and not mixture.datasets
+        and handbook_mixture is None
+    ):
         raise InputError(
             f"{source}: dataset_name is required (a hub id, a local directory, or a .jsonl/.json/"
             ".parquet file), or datasets: (a mixture), or prepared: DIR (a dataset `sft-toolkit prepare` "

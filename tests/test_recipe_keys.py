@@ -22,7 +22,7 @@ from sft_toolkit import train as train_module
 from sft_toolkit.cli import main
 from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import VALUE_RANGES, ToolkitArguments, build_recipe
-from sft_toolkit.recipe_keys import RECIPE_KEYS, RENAMED, Handling, markdown_table
+from sft_toolkit.recipe_keys import RECIPE_KEYS, RENAMED, Handling, inventory_table, markdown_table
 
 TOKENIZER = Path(__file__).parent / "bad_inputs" / "tokenizer"
 DOC = Path(__file__).parents[1] / "docs" / "recipe_keys.md"
@@ -88,8 +88,29 @@ default. Numbers are also checked against a range per key (`VALUE_RANGES` in sft
 """
 
 
+INVENTORY_HEADER = """
+## Keys of public recipes
+
+Every top-level key of the public `trl sft`-shaped SFT recipes audited (alignment-handbook's and open-r1's
+`recipes/**/sft/*.yaml` in several versions, TRL's `examples/cli_configs` and CLI docs), where it was seen, and
+what the toolkit does with it. `tests/test_recipe_parity.py` writes a recipe of the same shape for each key and
+checks the decision against TRL's own `TrlParser`: an honored key reads the same value `trl sft --config` reads
+(text such as `learning_rate: 1e-5`, which YAML reads as a string, is converted as TrlParser converts it); a
+refused key is one `trl sft` 1.16 does not read itself (it hands it to `accelerate launch`), or one that would
+change nothing here, and the refusal names the key and what to write instead. Of the keys only the
+alignment-handbook's own script reads, `dataset_mixture` (`id`, `config`, `split`, `columns`, `weight`, with
+`seed` and `test_split_size`) is loaded as the handbook's `get_dataset` loads it, and `chat_template` (an inline
+template) is refused with what to write instead (a `.jinja` file in `chat_template_path`).
+
+"""
+
+
+def document() -> str:
+    return HEADER + markdown_table(owners()) + INVENTORY_HEADER + inventory_table()
+
+
 def test_doc_lists_every_key_as_decided():
-    assert DOC.read_text(encoding="utf-8") == HEADER + markdown_table(owners()), (
+    assert DOC.read_text(encoding="utf-8") == document(), (
         "docs/recipe_keys.md is stale: python tests/test_recipe_keys.py"
     )
 
@@ -100,9 +121,10 @@ def test_refused_keys_are_refused_at_load_with_their_reason(tmp_path):
     assert refused
     for key in refused:
         default = fields[key][1].default
-        assert isinstance(default, bool), f"{key}: give the test a non-default value for it"
+        default = getattr(default, "value", default)  # an enum default (hub_strategy) is written as its text
+        other = {bool: not default, str: "end"}.get(type(default), "someone/somewhere")
         with pytest.raises(InputError, match=f"{key}: not supported: ") as err:
-            build_recipe({**base_keys(tmp_path), key: not default})
+            build_recipe({**base_keys(tmp_path), key: other})
         assert RECIPE_KEYS[key].note in str(err.value)
         build_recipe({**base_keys(tmp_path), key: default})  # the default changes nothing, so it is accepted
 
@@ -378,5 +400,5 @@ def test_eos_token_ends_plain_text_rows_as_sft_trainer_appends_it(tmp_path):
 
 
 if __name__ == "__main__":
-    DOC.write_text(HEADER + markdown_table(owners()), encoding="utf-8")
+    DOC.write_text(document(), encoding="utf-8")
     print(f"wrote {DOC} ({len(RECIPE_KEYS) + len(RENAMED)} keys)")
