@@ -19,6 +19,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 from pathlib import Path
 
 import jinja2
@@ -1116,6 +1117,7 @@ def from_tokens(dataset, sft):
     dataset without a mask would silently train user turns too: refused here.
     """
     columns = dataset.column_names
+    _check_token_types(dataset)
     if "completion_mask" in columns and "labels" not in columns and sft.completion_only_loss is None:
         raise InputError(
             "the dataset is pre-tokenized with a 'completion_mask' column, which the trainer applies only with "
@@ -1144,6 +1146,36 @@ def from_tokens(dataset, sft):
         fn_kwargs={"label_from": label_from, "code_salt": _code_salt(), "ignored": ignored},
         **_map_kwargs(dataset, sft, "Checking tokens"),
     )
+
+
+TOKEN_COLUMNS = ("input_ids", "labels", "assistant_masks", "completion_mask")
+
+
+def _check_token_types(dataset) -> None:
+    """Token ids, labels and masks must be integers (masks may be booleans). A column of floats (a parquet
+    file written from floats, NaN in a .jsonl column) would reach the trainer as float tensors, and a NaN mask
+    entry counts as true: refused, naming the column and the first row whose value is not a whole number."""
+    features = dataset.features or {}  # a streamed dataset may not know them: its rows are checked one by one
+    for column in [c for c in TOKEN_COLUMNS if c in features]:
+        feature = features[column]
+        while hasattr(feature, "feature"):  # List / Sequence of ...
+            feature = feature.feature
+        kind = getattr(feature, "dtype", "")
+        is_mask = column in ("assistant_masks", "completion_mask")
+        if kind.startswith(("int", "uint")) or kind == "null" or (is_mask and kind == "bool"):
+            continue
+        where = ""
+        if kind.startswith("float"):  # the error path only: find the first value that is not a whole number
+            for row, values in enumerate(dataset[column]):
+                bad = next((v for v in values or () if not math.isfinite(v) or v != int(v)), None)
+                if bad is not None:
+                    where = f" (row {row}, counted from 0: {bad!r})"
+                    break
+        raise InputError(
+            f"field {column!r} holds {kind or type(feature).__name__} values{where}; token ids, labels and masks "
+            "must be whole numbers (integers; masks 0/1 or true/false): write the column as integers, and fix or "
+            "remove rows with NaN, Infinity or fractions"
+        )
 
 
 def _tokens_row(example, index, label_from, code_salt=None, ignored=()):
