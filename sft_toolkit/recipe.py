@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import json
 import math
 import os
 import types
@@ -273,6 +274,14 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         sft_keys.setdefault("use_cpu", True)
     if sft_keys.get("deepspeed") is not None:
         _check_deepspeed(source, sft_keys["deepspeed"])  # TrainingArguments imports it while it is built
+    accelerator_config = sft_keys.get("accelerator_config")
+    if isinstance(accelerator_config, str) and not accelerator_config.startswith("{"):
+        if not Path(accelerator_config).is_file():  # transformers opens it as a JSON file while the config is built
+            raise InputError(
+                f"{source}: accelerator_config: {accelerator_config!r} is no JSON file (transformers reads text "
+                "there as the path of one); write a mapping, or the path of an existing file (an accelerate launch "
+                "config belongs to `accelerate launch --config_file`)"
+            )
     try:
         built = {group: groups[group](**values) for group, values in by_group.items()}
     except (ValueError, TypeError) as err:
@@ -374,7 +383,7 @@ def as_trl_parses(value, annotation):
 
     if not isinstance(value, str):
         return value
-    allowed = _base_types(annotation)
+    allowed = _base_types(_argparse_annotation(annotation))
     if not allowed or str in allowed:
         return value
     for kind, convert in ((bool, string_to_bool), (int, int), (float, float)):
@@ -384,6 +393,21 @@ def as_trl_parses(value, annotation):
             except (TypeError, ValueError, argparse.ArgumentTypeError):
                 return value
     return value
+
+
+def _argparse_annotation(annotation):
+    """The one type transformers' HfArgumentParser gives the argument of a field (`_parse_dataclass_field`): of
+    a Union without None, the member other than str when the second one is not str (`str | bool` is a bool
+    argument); of a Union with None and without bool, the member other than None in the first two places
+    (`dict | str | None` is a str argument)."""
+    args = typing.get_args(annotation)
+    if not (isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union):
+        return annotation
+    if type(None) not in args:
+        return args[0] if args[1] is str else args[1]
+    if bool not in args:
+        return args[0] if args[1] is type(None) else args[1]
+    return annotation
 
 
 def _check_deepspeed(source: str, config) -> None:
@@ -421,6 +445,8 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
         raise InputError(f"{source}: {key}: {value!r} is no longer a value: {OLD_VALUES[key, value]}")
     if choices and value is not None and value not in choices and (key, value) not in TRL_RENAMED_VALUES:
         raise InputError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if key == "dataset_kwargs" and isinstance(value, str):
+        value = _json_mapping(source, key, value)  # transformers' `_VALID_DICT_FIELDS` reads JSON text as one
     if key == "dataset_kwargs" and isinstance(value, dict):
         _check_dataset_kwargs(source, value)
     allowed = _base_types(annotation) | ({str} if key in TEXT_FOR_A_LIST else set())
@@ -432,6 +458,17 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
         return
     if not isinstance(value, tuple(allowed)):
         raise InputError(f"{source}: {key}: expected {_names(allowed)}, got {type(value).__name__} ({value!r})")
+
+
+def _json_mapping(source: str, key: str, text: str) -> dict:
+    """The mapping `text` spells in JSON, as TrainingArguments reads text given for a mapping field."""
+    try:
+        value = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(f"{source}: {key}: expected a mapping (or its JSON text), got {text!r}")
+    return value
 
 
 # Values outside a field's choices that TRL's own `__post_init__` still takes, replacing them by the new value

@@ -239,8 +239,18 @@ def test_a_public_recipe_key_is_read_as_trl_sft_reads_it_or_refused_by_name(key,
         "use_peft: 'true'\nlora_alpha: '16'\nlora_target_modules: all-linear",
         "packing: true\npacking_strategy: bfd-requeue",
         "loss_type: chunked_nll",
+        "include_num_input_tokens_seen: 'false'",
+        "include_num_input_tokens_seen: '1'",
     ],
-    ids=["exponent-without-dot", "quoted-numbers", "quoted-lora", "bfd-requeue", "chunked_nll"],
+    ids=[
+        "exponent-without-dot",
+        "quoted-numbers",
+        "quoted-lora",
+        "bfd-requeue",
+        "chunked_nll",
+        "str-or-bool-false",
+        "str-or-bool-one",
+    ],
 )
 def test_values_trl_sft_still_converts_are_converted_the_same_way(lines, tmp_path):
     """TrlParser passes text through each argument's type (argparse), and TRL maps deprecated values itself."""
@@ -250,6 +260,31 @@ def test_values_trl_sft_still_converts_are_converted_the_same_way(lines, tmp_pat
     assert handed_on == []
     for name in yaml.safe_load(lines):
         assert mine[name] == theirs[name] and type(mine[name]) is type(theirs[name]), name
+
+
+def test_dataset_kwargs_written_as_json_text_is_refused_like_the_mapping(tmp_path):
+    """TRL's SFTConfig reads a dataset_kwargs given as JSON text as the mapping it spells (transformers'
+    `_VALID_DICT_FIELDS`), so keys it ignores are refused in that spelling too."""
+    recipe = write_recipe(tmp_path, """dataset_kwargs: '{"add_special_tokens": false}'""")
+    theirs, _ = trl_parse(recipe)
+    assert theirs["dataset_kwargs"] == {"add_special_tokens": False}  # what trl sft hands SFTTrainer
+    with pytest.raises(InputError, match="dataset_kwargs: add_special_tokens: TRL's SFTTrainer reads only"):
+        load_recipe(str(recipe))
+
+
+def test_dataset_kwargs_text_that_is_no_json_mapping_is_refused_by_name(tmp_path):
+    """TRL hands such text on as it is, and SFTTrainer fails on it (`str` has no `get`)."""
+    recipe = write_recipe(tmp_path, "dataset_kwargs: skip_prepare_dataset")
+    with pytest.raises(InputError, match=r"dataset_kwargs: expected a mapping \(or its JSON text\)"):
+        load_recipe(str(recipe))
+
+
+def test_accelerator_config_text_naming_no_file_is_refused_by_name(tmp_path):
+    """transformers reads text given for accelerator_config as the path of a JSON file (FileNotFoundError when
+    there is none); a launcher's config name written there (`zero2`) is refused by name, not a traceback."""
+    recipe = write_recipe(tmp_path, "accelerator_config: zero2")
+    with pytest.raises(InputError, match=r"accelerator_config: 'zero2' is no JSON file"):
+        load_recipe(str(recipe))
 
 
 def test_text_that_is_no_number_is_still_refused_by_name(tmp_path):
