@@ -187,7 +187,8 @@ def _groups():
 
 
 def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
-    """Read, check and build a recipe; `overrides` (from the command line) win over the file."""
+    """Read, check and build a recipe; `overrides` (from the command line) win over the file. As `build_recipe`,
+    this sets the recipe's `env:` entries in os.environ."""
     keys = read_yaml(path)
     keys.update(overrides or {})
     return build_recipe(keys, source=path)
@@ -237,6 +238,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
+    """The checked recipe of `keys` (InputError naming `source` and the key otherwise).
+
+    Not free of side effects: as TrlParser does, the `env:` entries are set in os.environ first, before the other
+    keys are checked, so they stay set when the recipe is then refused, and stay set for the rest of the process
+    (a second recipe built in it without them does not unset them)."""
     groups = _groups()
     fields = {
         name: (group, f)
@@ -247,7 +253,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     }
     by_group: dict[str, dict] = {group: {} for group in groups}
     hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
-    env = _environment(source, keys.get(ENV_KEY))
+    env = _environment(source, keys[ENV_KEY]) if ENV_KEY in keys else {}
     handbook_mixture = handbook_mixture_from(source, keys.get(HANDBOOK_MIXTURE_KEY))
     for key, value in keys.items():
         if key in (ENV_KEY, HANDBOOK_MIXTURE_KEY):
@@ -358,8 +364,6 @@ def _no_other_keys(where: str, mapping: dict, known: tuple[str, ...]) -> None:
 def _environment(source: str, env) -> dict:
     """`env:` as TrlParser reads it: a mapping whose entries are set as environment variables, each value as
     text, before anything else of the recipe is built (a CUDA_VISIBLE_DEVICES there takes effect)."""
-    if env is None:
-        return {}
     if not isinstance(env, dict):
         raise InputError(f"{source}: env: expected a mapping of environment variable -> value, got {env!r}")
     texts = {}

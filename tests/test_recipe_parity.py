@@ -163,6 +163,13 @@ CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 
 
+def unset_probe(monkeypatch) -> None:
+    """ENV_NAME absent for the test and again after it: `delenv` alone records nothing to undo when the variable
+    is absent, so what the recipe (or TrlParser) sets would outlive the test."""
+    monkeypatch.setenv(ENV_NAME, "")
+    monkeypatch.delenv(ENV_NAME)
+
+
 def test_every_public_recipe_key_has_a_case():
     assert sorted(CASES) == sorted(PUBLIC_RECIPES)
 
@@ -198,7 +205,7 @@ def toolkit_fields(recipe) -> dict:
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_a_public_recipe_key_is_read_as_trl_sft_reads_it_or_refused_by_name(key, tmp_path, monkeypatch):
     lines, refusal = CASES[key]
-    monkeypatch.delenv(ENV_NAME, raising=False)
+    unset_probe(monkeypatch)
     recipe = write_recipe(tmp_path, lines)
     theirs, handed_on = trl_parse(recipe)
     written = yaml.safe_load(recipe.read_text())
@@ -294,10 +301,11 @@ def test_text_that_is_no_number_is_still_refused_by_name(tmp_path):
 
 
 def test_env_must_be_a_mapping_of_single_values(tmp_path, monkeypatch):
-    monkeypatch.delenv(ENV_NAME, raising=False)
+    unset_probe(monkeypatch)
     for lines, says in (
         ("env: CUDA_VISIBLE_DEVICES=0", "env: expected a mapping"),
         (f"env:\n  {ENV_NAME}:\n  - 1", f"env: {ENV_NAME}: expected a single value"),
+        ("env:", "env: expected a mapping"),  # TrlParser: "`env` field should be a dict"
     ):
         with pytest.raises(InputError, match=says):
             load_recipe(str(write_recipe(tmp_path, lines)))
@@ -500,7 +508,7 @@ seed: 42
 """,
         encoding="utf-8",
     )
-    monkeypatch.delenv(ENV_NAME, raising=False)
+    unset_probe(monkeypatch)
     trainers = []
     built = train_module.guarded_trainer_class
 
