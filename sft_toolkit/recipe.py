@@ -325,7 +325,8 @@ def handbook_mixture_from(source: str, value) -> HandbookMixture | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
             raise InputError(f"{at}: expected a mapping with id (a hub id or a local path), got {entry!r}")
         _no_other_keys(at, entry, tuple(f.name for f in dataclasses.fields(HandbookSource)))
-        for key, kinds, what in (("config", (str,), "a string"), ("split", (str,), "a string")):
+        # `config: null` is no config to the handbook (`.get("config")`); a null split would load every split.
+        for key, kinds, what in (("config", (str, type(None)), "a string"), ("split", (str,), "a string")):
             if key in entry and not isinstance(entry[key], kinds):
                 raise InputError(f"{at}.{key}: expected {what}, got {entry[key]!r}")
         columns = entry.get("columns")

@@ -421,6 +421,13 @@ def test_dataset_mixture_loads_the_rows_the_handbooks_get_dataset_gives(tmp_path
         assert tags == [("first", "second")[i] for i in origin]  # each row's source, through both shuffles
 
 
+def test_a_null_config_is_no_config_as_the_handbook_reads_it(tmp_path):
+    """The handbook's ScriptArguments reads each source with `.get("config")`: `config: null` is no config."""
+    mixture = {"datasets": [{"id": "org/chats", "config": None, "split": "train_sft"}]}
+    recipe = load_recipe(str(write_recipe(tmp_path, yaml.safe_dump({"dataset_mixture": mixture}))))
+    assert recipe.handbook_mixture.datasets == (HandbookSource("org/chats", None, "train_sft"),)
+
+
 def test_a_dataset_mixture_recipe_checks_through_the_command_line(tmp_path):
     recipe, _ = mixture_recipe(tmp_path, test_split_size=3)
     out = io.StringIO()
