@@ -122,8 +122,6 @@ def _from_tokenizer_dir(folder: Path) -> Template:
 def _from_tokenizer_config(config: Path, name: str | None = None) -> Template:
     """The config's template; of named ones, `default` (the one transformers renders a row without tools with)."""
     templates = _all_from_tokenizer_config(config, name)
-    if len(templates) == 1:
-        return templates[0]
     default = [template for template in templates if template.name == (name or config.parent.name)]
     if not default:
         names = ", ".join(repr(template.name.rpartition(":")[2]) for template in templates)

@@ -115,6 +115,10 @@ def test_named_templates_without_a_default_are_refused_where_one_template_is_nee
     )
     with pytest.raises(InputError, match="'rag', 'tool_use'.*none is named 'default'"):
         load_template(str(config))
+    # one named template that is not the default: transformers renders a row without tools with none either
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": GOOD}]}))
+    with pytest.raises(InputError, match="'tool_use'.*none is named 'default'"):
+        load_template(str(config))
 
 
 def test_a_named_template_entry_without_its_template_is_exit_2_naming_the_field(tmp_path, capsys):
