@@ -421,6 +421,18 @@ def test_dataset_mixture_loads_the_rows_the_handbooks_get_dataset_gives(tmp_path
         assert tags == [("first", "second")[i] for i in origin]  # each row's source, through both shuffles
 
 
+def test_the_first_training_row_comes_from_the_mixture_not_the_ignored_dataset_name(tmp_path):
+    """What the toolkit decides from the first row (whether rows render the chat template) is decided on a row
+    the run trains: with dataset_mixture set, dataset_name is ignored, as the handbook ignores it."""
+    from sft_toolkit.data import first_train_row
+
+    mixture = {"datasets": [{"id": str(chat_rows(tmp_path / "mixed.jsonl", "mixed", 3, extra=False))}]}
+    recipe = load_recipe(str(write_recipe(tmp_path, yaml.safe_dump({"dataset_mixture": mixture}))))
+    assert recipe.script.dataset_name  # base_keys' data.jsonl, which the mixture overrides
+    assert first_train_row(recipe) == load_splits(recipe, with_eval=False).train[0]
+    assert first_train_row(recipe)["messages"][0]["content"].startswith("mixed ")
+
+
 def test_a_null_config_is_no_config_as_the_handbook_reads_it(tmp_path):
     """The handbook's ScriptArguments reads each source with `.get("config")`: `config: null` is no config."""
     mixture = {"datasets": [{"id": "org/chats", "config": None, "split": "train_sft"}]}
