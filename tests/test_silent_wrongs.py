@@ -177,6 +177,25 @@ def test_a_users_folder_under_the_staging_folder_is_refused_up_front(home, no_tr
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        (
+            {"dataset_mixture": {"datasets": [{"id": "mixdata"}]}},
+            "output_dir: mixdata/run: lies inside the input dataset_mixture.datasets[0].id",
+        ),
+        ({"datasets": [{"path": "mixdata"}]}, "output_dir: mixdata/run: lies inside the input datasets[0].path"),
+    ],
+    ids=["handbook-mixture", "trl-mixture"],
+)
+def test_an_output_dir_inside_a_mixtures_dataset_folder_is_refused(home, no_training, keys, says):
+    """As for dataset_name: a run writing into a dataset folder would change the rows the next load reads."""
+    (home / "mixdata").mkdir()
+    (home / "data" / "train.jsonl").rename(home / "mixdata" / "train.jsonl")
+    write_run_recipe(home, dataset_name=None, output_dir="mixdata/run", **keys)
+    refused(home, ["train", "recipe.yaml"], says)
+
+
 def test_a_staging_folder_the_toolkit_made_is_its_own_and_no_other_is(tmp_path):
     run_dir = tmp_path / "run"
     staged = outputs.make_staging(run_dir / outputs.STAGING / "checkpoint-3")
