@@ -448,7 +448,10 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
     choices = f.metadata.get("choices")
     if isinstance(value, str) and (key, value) in OLD_VALUES:
         raise InputError(f"{source}: {key}: {value!r} is no longer a value: {OLD_VALUES[key, value]}")
-    if choices and value is not None and value not in choices and (key, value) not in TRL_RENAMED_VALUES:
+    renamed = isinstance(value, str) and (key, value) in TRL_RENAMED_VALUES
+    # A list or mapping is no choice (and can't be looked up in a set of them).
+    listed = bool(choices) and isinstance(value, (str, int, float)) and value in choices
+    if choices and value is not None and not listed and not renamed:
         raise InputError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
     if key == "dataset_kwargs" and isinstance(value, str):
         value = _json_mapping(source, key, value)  # transformers' `_VALID_DICT_FIELDS` reads JSON text as one

@@ -294,6 +294,20 @@ def test_accelerator_config_text_naming_no_file_is_refused_by_name(tmp_path):
         load_recipe(str(recipe))
 
 
+@pytest.mark.parametrize(
+    "lines, says",
+    [
+        ("packing: true\npacking_strategy: [bfd]", r"packing_strategy: \['bfd'\] is not one of bfd"),
+        ("log_level: [info]", r"log_level: \['info'\] is not one of "),
+        ("log_level: {level: info}", r"log_level: \{'level': 'info'\} is not one of "),
+    ],
+    ids=["list-for-a-trl-choice", "list-for-a-transformers-choice", "mapping-for-a-choice"],
+)
+def test_a_list_or_mapping_for_a_key_with_choices_is_refused_by_name(lines, says, tmp_path):
+    with pytest.raises(InputError, match=says):
+        load_recipe(str(write_recipe(tmp_path, lines)))
+
+
 def test_text_that_is_no_number_is_still_refused_by_name(tmp_path):
     recipe = write_recipe(tmp_path, "learning_rate: fast")
     with pytest.raises(InputError, match=r"learning_rate: expected a number, got str \('fast'\)"):
