@@ -442,8 +442,8 @@ def _taken_rows(lengths: list[int], fractions: list[float | None]) -> list[int]:
 def first_train_row(recipe) -> dict | None:
     """The first training row, read without loading the rest where the source allows it."""
     mixture = getattr(recipe, "mixture", None)
-    if mixture is not None and mixture.datasets:
-        train = load_splits(recipe, with_eval=False).train
+    if mixture is not None and mixture.datasets or getattr(recipe, "handbook_mixture", None) is not None:
+        train = load_splits(recipe, with_eval=False).train  # a mixture's first row is known once it is built
         return train[0] if len(train) else None
     script = recipe.script
     return next(

@@ -70,9 +70,16 @@ class Input:
 
 
 def recipe_inputs(recipe) -> list[Input]:
-    """The local paths a recipe reads: its dataset, model, template, prepared data and the recipe file itself."""
+    """The local paths a recipe reads: its dataset (or each source of a mixture), model, template, prepared data
+    and the recipe file itself."""
+    mixture, handbook = getattr(recipe, "mixture", None), getattr(recipe, "handbook_mixture", None)
     candidates = [
         ("dataset_name", recipe.script.dataset_name),
+        *((f"datasets[{i}].path", source.path) for i, source in enumerate(mixture.datasets if mixture else ())),
+        *(
+            (f"dataset_mixture.datasets[{i}].id", source.id)
+            for i, source in enumerate(handbook.datasets if handbook else ())
+        ),
         ("model_name_or_path", recipe.model.model_name_or_path),
         ("chat_template_path", recipe.sft.chat_template_path),
         ("prepared", recipe.toolkit.prepared),

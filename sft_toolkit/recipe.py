@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import json
 import math
 import os
 import types
@@ -186,7 +187,8 @@ def _groups():
 
 
 def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
-    """Read, check and build a recipe; `overrides` (from the command line) win over the file."""
+    """Read, check and build a recipe; `overrides` (from the command line) win over the file. As `build_recipe`,
+    this sets the recipe's `env:` entries in os.environ."""
     keys = read_yaml(path)
     keys.update(overrides or {})
     return build_recipe(keys, source=path)
@@ -236,6 +238,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
+    """The checked recipe of `keys` (InputError naming `source` and the key otherwise).
+
+    Not free of side effects: as TrlParser does, the `env:` entries are set in os.environ first, before the other
+    keys are checked, so they stay set when the recipe is then refused, and stay set for the rest of the process
+    (a second recipe built in it without them does not unset them)."""
     groups = _groups()
     fields = {
         name: (group, f)
@@ -246,7 +253,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
     }
     by_group: dict[str, dict] = {group: {} for group in groups}
     hints = {group: typing.get_type_hints(cls) for group, cls in groups.items()}
-    env = _environment(source, keys.get(ENV_KEY))
+    env = _environment(source, keys[ENV_KEY]) if ENV_KEY in keys else {}
     handbook_mixture = handbook_mixture_from(source, keys.get(HANDBOOK_MIXTURE_KEY))
     for key, value in keys.items():
         if key in (ENV_KEY, HANDBOOK_MIXTURE_KEY):
@@ -273,6 +280,14 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
         sft_keys.setdefault("use_cpu", True)
     if sft_keys.get("deepspeed") is not None:
         _check_deepspeed(source, sft_keys["deepspeed"])  # TrainingArguments imports it while it is built
+    accelerator_config = sft_keys.get("accelerator_config")
+    if isinstance(accelerator_config, str) and not accelerator_config.startswith("{"):
+        if not Path(accelerator_config).is_file():  # transformers opens it as a JSON file while the config is built
+            raise InputError(
+                f"{source}: accelerator_config: {accelerator_config!r} is no JSON file (transformers reads text "
+                "there as the path of one); write a mapping, or the path of an existing file (an accelerate launch "
+                "config belongs to `accelerate launch --config_file`)"
+            )
     try:
         built = {group: groups[group](**values) for group, values in by_group.items()}
     except (ValueError, TypeError) as err:
@@ -310,7 +325,8 @@ def handbook_mixture_from(source: str, value) -> HandbookMixture | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
             raise InputError(f"{at}: expected a mapping with id (a hub id or a local path), got {entry!r}")
         _no_other_keys(at, entry, tuple(f.name for f in dataclasses.fields(HandbookSource)))
-        for key, kinds, what in (("config", (str,), "a string"), ("split", (str,), "a string")):
+        # `config: null` is no config to the handbook (`.get("config")`); a null split would load every split.
+        for key, kinds, what in (("config", (str, type(None)), "a string"), ("split", (str,), "a string")):
             if key in entry and not isinstance(entry[key], kinds):
                 raise InputError(f"{at}.{key}: expected {what}, got {entry[key]!r}")
         columns = entry.get("columns")
@@ -349,8 +365,6 @@ def _no_other_keys(where: str, mapping: dict, known: tuple[str, ...]) -> None:
 def _environment(source: str, env) -> dict:
     """`env:` as TrlParser reads it: a mapping whose entries are set as environment variables, each value as
     text, before anything else of the recipe is built (a CUDA_VISIBLE_DEVICES there takes effect)."""
-    if env is None:
-        return {}
     if not isinstance(env, dict):
         raise InputError(f"{source}: env: expected a mapping of environment variable -> value, got {env!r}")
     texts = {}
@@ -374,7 +388,7 @@ def as_trl_parses(value, annotation):
 
     if not isinstance(value, str):
         return value
-    allowed = _base_types(annotation)
+    allowed = _base_types(_argparse_annotation(annotation))
     if not allowed or str in allowed:
         return value
     for kind, convert in ((bool, string_to_bool), (int, int), (float, float)):
@@ -384,6 +398,21 @@ def as_trl_parses(value, annotation):
             except (TypeError, ValueError, argparse.ArgumentTypeError):
                 return value
     return value
+
+
+def _argparse_annotation(annotation):
+    """The one type transformers' HfArgumentParser gives the argument of a field (`_parse_dataclass_field`): of
+    a Union without None, the member other than str when the second one is not str (`str | bool` is a bool
+    argument); of a Union with None and without bool, the member other than None in the first two places
+    (`dict | str | None` is a str argument)."""
+    args = typing.get_args(annotation)
+    if not (isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union):
+        return annotation
+    if type(None) not in args:
+        return args[0] if args[1] is str else args[1]
+    if bool not in args:
+        return args[0] if args[1] is type(None) else args[1]
+    return annotation
 
 
 def _check_deepspeed(source: str, config) -> None:
@@ -419,8 +448,13 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
     choices = f.metadata.get("choices")
     if isinstance(value, str) and (key, value) in OLD_VALUES:
         raise InputError(f"{source}: {key}: {value!r} is no longer a value: {OLD_VALUES[key, value]}")
-    if choices and value is not None and value not in choices and (key, value) not in TRL_RENAMED_VALUES:
+    renamed = isinstance(value, str) and (key, value) in TRL_RENAMED_VALUES
+    # A list or mapping is no choice (and can't be looked up in a set of them).
+    listed = bool(choices) and isinstance(value, (str, int, float)) and value in choices
+    if choices and value is not None and not listed and not renamed:
         raise InputError(f"{source}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if key == "dataset_kwargs" and isinstance(value, str):
+        value = _json_mapping(source, key, value)  # transformers' `_VALID_DICT_FIELDS` reads JSON text as one
     if key == "dataset_kwargs" and isinstance(value, dict):
         _check_dataset_kwargs(source, value)
     allowed = _base_types(annotation) | ({str} if key in TEXT_FOR_A_LIST else set())
@@ -432,6 +466,17 @@ def _check_value(source: str, key: str, value, f: dataclasses.Field, annotation)
         return
     if not isinstance(value, tuple(allowed)):
         raise InputError(f"{source}: {key}: expected {_names(allowed)}, got {type(value).__name__} ({value!r})")
+
+
+def _json_mapping(source: str, key: str, text: str) -> dict:
+    """The mapping `text` spells in JSON, as TrainingArguments reads text given for a mapping field."""
+    try:
+        value = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(f"{source}: {key}: expected a mapping (or its JSON text), got {text!r}")
+    return value
 
 
 # Values outside a field's choices that TRL's own `__post_init__` still takes, replacing them by the new value

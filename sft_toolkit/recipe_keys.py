@@ -403,7 +403,10 @@ PUBLIC_RECIPES: dict[str, str] = {
 def verdict(key: str) -> str:
     """What the toolkit does with `key`, in words, from the decision tables above."""
     if key == ENV_KEY:
-        return "honored: each entry set as an environment variable, as TrlParser does"
+        return (
+            "honored: each entry set as an environment variable, as TrlParser does: when any command reads the "
+            "recipe, before its other keys are checked, for the rest of that process"
+        )
     if key == HANDBOOK_MIXTURE_KEY:
         return (
             "honored as the alignment-handbook's get_dataset builds it (each source's split and columns, a `weight` "

@@ -122,8 +122,6 @@ def _from_tokenizer_dir(folder: Path) -> Template:
 def _from_tokenizer_config(config: Path, name: str | None = None) -> Template:
     """The config's template; of named ones, `default` (the one transformers renders a row without tools with)."""
     templates = _all_from_tokenizer_config(config, name)
-    if len(templates) == 1:
-        return templates[0]
     default = [template for template in templates if template.name == (name or config.parent.name)]
     if not default:
         names = ", ".join(repr(template.name.rpartition(":")[2]) for template in templates)
@@ -144,8 +142,8 @@ def _all_from_tokenizer_config(config: Path, name: str | None = None) -> list[Te
     if isinstance(template, str):
         return [Template(name=name, source=template, origin=str(config))]
     named = {}
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t["name"]: t["template"] for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)}
+    if isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+        named = {t["name"]: t.get("template") for t in template}  # [{"name": "default", "template": ...}, ...]
     if not named or not all(isinstance(source, str) for source in named.values()):
         raise InputError(
             f"{config}: field 'chat_template' is missing, or neither a string nor a list of "

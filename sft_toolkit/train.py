@@ -36,6 +36,7 @@ from .guarded import Change, Guarded, Repairs
 from .outputs import (
     FINAL_SAVE,
     STAGING,
+    STAGING_RECORD,
     check_train_output,
     checkpoint_entries,
     checkpoint_step,
@@ -565,6 +566,9 @@ def guarded_trainer_class():
                 if os.path.lexists(final):  # an earlier save of this step: replaced only if provably a checkpoint
                     remove_checkpoint(final)
                 os.replace(staged, final)
+                # Placed, it is a checkpoint (proven by its trainer_state.json), no longer a staged save; dropped
+                # after the rename, so a save killed before it still leaves a staged folder the toolkit can prove.
+                Path(final, STAGING_RECORD).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # leave no empty staging folder behind
                     os.rmdir(os.path.dirname(staged))
                 # Like transformers' save_total_limit rotation, but only over checkpoints it can prove are ones.

@@ -115,6 +115,17 @@ def test_named_templates_without_a_default_are_refused_where_one_template_is_nee
     )
     with pytest.raises(InputError, match="'rag', 'tool_use'.*none is named 'default'"):
         load_template(str(config))
+    # one named template that is not the default: transformers renders a row without tools with none either
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": GOOD}]}))
+    with pytest.raises(InputError, match="'tool_use'.*none is named 'default'"):
+        load_template(str(config))
+
+
+def test_a_named_template_entry_without_its_template_is_exit_2_naming_the_field(tmp_path, capsys):
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": [{"name": "default", "template": GOOD}, {"name": "tool_use"}]}))
+    assert main(["lint", str(config)]) == 2
+    assert "field 'chat_template'" in capsys.readouterr().err
 
 
 def test_show_renders_each_row_with_the_named_template_training_uses(tmp_path, capsys):

@@ -163,6 +163,13 @@ CASES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 
 
+def unset_probe(monkeypatch) -> None:
+    """ENV_NAME absent for the test and again after it: `delenv` alone records nothing to undo when the variable
+    is absent, so what the recipe (or TrlParser) sets would outlive the test."""
+    monkeypatch.setenv(ENV_NAME, "")
+    monkeypatch.delenv(ENV_NAME)
+
+
 def test_every_public_recipe_key_has_a_case():
     assert sorted(CASES) == sorted(PUBLIC_RECIPES)
 
@@ -198,7 +205,7 @@ def toolkit_fields(recipe) -> dict:
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_a_public_recipe_key_is_read_as_trl_sft_reads_it_or_refused_by_name(key, tmp_path, monkeypatch):
     lines, refusal = CASES[key]
-    monkeypatch.delenv(ENV_NAME, raising=False)
+    unset_probe(monkeypatch)
     recipe = write_recipe(tmp_path, lines)
     theirs, handed_on = trl_parse(recipe)
     written = yaml.safe_load(recipe.read_text())
@@ -239,8 +246,18 @@ def test_a_public_recipe_key_is_read_as_trl_sft_reads_it_or_refused_by_name(key,
         "use_peft: 'true'\nlora_alpha: '16'\nlora_target_modules: all-linear",
         "packing: true\npacking_strategy: bfd-requeue",
         "loss_type: chunked_nll",
+        "include_num_input_tokens_seen: 'false'",
+        "include_num_input_tokens_seen: '1'",
     ],
-    ids=["exponent-without-dot", "quoted-numbers", "quoted-lora", "bfd-requeue", "chunked_nll"],
+    ids=[
+        "exponent-without-dot",
+        "quoted-numbers",
+        "quoted-lora",
+        "bfd-requeue",
+        "chunked_nll",
+        "str-or-bool-false",
+        "str-or-bool-one",
+    ],
 )
 def test_values_trl_sft_still_converts_are_converted_the_same_way(lines, tmp_path):
     """TrlParser passes text through each argument's type (argparse), and TRL maps deprecated values itself."""
@@ -252,6 +269,45 @@ def test_values_trl_sft_still_converts_are_converted_the_same_way(lines, tmp_pat
         assert mine[name] == theirs[name] and type(mine[name]) is type(theirs[name]), name
 
 
+def test_dataset_kwargs_written_as_json_text_is_refused_like_the_mapping(tmp_path):
+    """TRL's SFTConfig reads a dataset_kwargs given as JSON text as the mapping it spells (transformers'
+    `_VALID_DICT_FIELDS`), so keys it ignores are refused in that spelling too."""
+    recipe = write_recipe(tmp_path, """dataset_kwargs: '{"add_special_tokens": false}'""")
+    theirs, _ = trl_parse(recipe)
+    assert theirs["dataset_kwargs"] == {"add_special_tokens": False}  # what trl sft hands SFTTrainer
+    with pytest.raises(InputError, match="dataset_kwargs: add_special_tokens: TRL's SFTTrainer reads only"):
+        load_recipe(str(recipe))
+
+
+def test_dataset_kwargs_text_that_is_no_json_mapping_is_refused_by_name(tmp_path):
+    """TRL hands such text on as it is, and SFTTrainer fails on it (`str` has no `get`)."""
+    recipe = write_recipe(tmp_path, "dataset_kwargs: skip_prepare_dataset")
+    with pytest.raises(InputError, match=r"dataset_kwargs: expected a mapping \(or its JSON text\)"):
+        load_recipe(str(recipe))
+
+
+def test_accelerator_config_text_naming_no_file_is_refused_by_name(tmp_path):
+    """transformers reads text given for accelerator_config as the path of a JSON file (FileNotFoundError when
+    there is none); a launcher's config name written there (`zero2`) is refused by name, not a traceback."""
+    recipe = write_recipe(tmp_path, "accelerator_config: zero2")
+    with pytest.raises(InputError, match=r"accelerator_config: 'zero2' is no JSON file"):
+        load_recipe(str(recipe))
+
+
+@pytest.mark.parametrize(
+    "lines, says",
+    [
+        ("packing: true\npacking_strategy: [bfd]", r"packing_strategy: \['bfd'\] is not one of bfd"),
+        ("log_level: [info]", r"log_level: \['info'\] is not one of "),
+        ("log_level: {level: info}", r"log_level: \{'level': 'info'\} is not one of "),
+    ],
+    ids=["list-for-a-trl-choice", "list-for-a-transformers-choice", "mapping-for-a-choice"],
+)
+def test_a_list_or_mapping_for_a_key_with_choices_is_refused_by_name(lines, says, tmp_path):
+    with pytest.raises(InputError, match=says):
+        load_recipe(str(write_recipe(tmp_path, lines)))
+
+
 def test_text_that_is_no_number_is_still_refused_by_name(tmp_path):
     recipe = write_recipe(tmp_path, "learning_rate: fast")
     with pytest.raises(InputError, match=r"learning_rate: expected a number, got str \('fast'\)"):
@@ -259,10 +315,11 @@ def test_text_that_is_no_number_is_still_refused_by_name(tmp_path):
 
 
 def test_env_must_be_a_mapping_of_single_values(tmp_path, monkeypatch):
-    monkeypatch.delenv(ENV_NAME, raising=False)
+    unset_probe(monkeypatch)
     for lines, says in (
         ("env: CUDA_VISIBLE_DEVICES=0", "env: expected a mapping"),
         (f"env:\n  {ENV_NAME}:\n  - 1", f"env: {ENV_NAME}: expected a single value"),
+        ("env:", "env: expected a mapping"),  # TrlParser: "`env` field should be a dict"
     ):
         with pytest.raises(InputError, match=says):
             load_recipe(str(write_recipe(tmp_path, lines)))
@@ -378,6 +435,25 @@ def test_dataset_mixture_loads_the_rows_the_handbooks_get_dataset_gives(tmp_path
         assert tags == [("first", "second")[i] for i in origin]  # each row's source, through both shuffles
 
 
+def test_the_first_training_row_comes_from_the_mixture_not_the_ignored_dataset_name(tmp_path):
+    """What the toolkit decides from the first row (whether rows render the chat template) is decided on a row
+    the run trains: with dataset_mixture set, dataset_name is ignored, as the handbook ignores it."""
+    from sft_toolkit.data import first_train_row
+
+    mixture = {"datasets": [{"id": str(chat_rows(tmp_path / "mixed.jsonl", "mixed", 3, extra=False))}]}
+    recipe = load_recipe(str(write_recipe(tmp_path, yaml.safe_dump({"dataset_mixture": mixture}))))
+    assert recipe.script.dataset_name  # base_keys' data.jsonl, which the mixture overrides
+    assert first_train_row(recipe) == load_splits(recipe, with_eval=False).train[0]
+    assert first_train_row(recipe)["messages"][0]["content"].startswith("mixed ")
+
+
+def test_a_null_config_is_no_config_as_the_handbook_reads_it(tmp_path):
+    """The handbook's ScriptArguments reads each source with `.get("config")`: `config: null` is no config."""
+    mixture = {"datasets": [{"id": "org/chats", "config": None, "split": "train_sft"}]}
+    recipe = load_recipe(str(write_recipe(tmp_path, yaml.safe_dump({"dataset_mixture": mixture}))))
+    assert recipe.handbook_mixture.datasets == (HandbookSource("org/chats", None, "train_sft"),)
+
+
 def test_a_dataset_mixture_recipe_checks_through_the_command_line(tmp_path):
     recipe, _ = mixture_recipe(tmp_path, test_split_size=3)
     out = io.StringIO()
@@ -465,7 +541,7 @@ seed: 42
 """,
         encoding="utf-8",
     )
-    monkeypatch.delenv(ENV_NAME, raising=False)
+    unset_probe(monkeypatch)
     trainers = []
     built = train_module.guarded_trainer_class
 

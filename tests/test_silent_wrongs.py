@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import write_recipe
-from test_no_data_loss import home, no_training, refused
+from test_no_data_loss import home, no_training, refused, run, tiny_model
+from test_no_data_loss import write_recipe as write_run_recipe
 
 from sft_toolkit import coverage, offline_tokenizers, outputs, preprocess
 from sft_toolkit.check_data import REASON_HELP, check_data
@@ -25,7 +26,7 @@ from sft_toolkit.policy import TurnPolicy
 from sft_toolkit.problems import InputError
 from sft_toolkit.recipe import load_recipe
 
-__all__ = ["home", "no_training"]  # fixtures, shared with test_no_data_loss
+__all__ = ["home", "no_training", "tiny_model"]  # fixtures, shared with test_no_data_loss
 
 # ChatML that writes consecutive assistant messages as one turn, their blocks back to back (as templates that merge
 # split answers do): a token can then straddle two assistant messages.
@@ -176,6 +177,25 @@ def test_a_users_folder_under_the_staging_folder_is_refused_up_front(home, no_tr
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        (
+            {"dataset_mixture": {"datasets": [{"id": "mixdata"}]}},
+            "output_dir: mixdata/run: lies inside the input dataset_mixture.datasets[0].id",
+        ),
+        ({"datasets": [{"path": "mixdata"}]}, "output_dir: mixdata/run: lies inside the input datasets[0].path"),
+    ],
+    ids=["handbook-mixture", "trl-mixture"],
+)
+def test_an_output_dir_inside_a_mixtures_dataset_folder_is_refused(home, no_training, keys, says):
+    """As for dataset_name: a run writing into a dataset folder would change the rows the next load reads."""
+    (home / "mixdata").mkdir()
+    (home / "data" / "train.jsonl").rename(home / "mixdata" / "train.jsonl")
+    write_run_recipe(home, dataset_name=None, output_dir="mixdata/run", **keys)
+    refused(home, ["train", "recipe.yaml"], says)
+
+
 def test_a_staging_folder_the_toolkit_made_is_its_own_and_no_other_is(tmp_path):
     run_dir = tmp_path / "run"
     staged = outputs.make_staging(run_dir / outputs.STAGING / "checkpoint-3")
@@ -192,6 +212,25 @@ def test_a_staging_folder_the_toolkit_made_is_its_own_and_no_other_is(tmp_path):
     with pytest.raises(InputError, match=r"final.*no record"):
         outputs.remove_staging(users)
     assert (users / "notes.txt").read_text() == "mine"
+
+
+def test_a_placed_checkpoint_carries_no_staging_record(home, tiny_model):
+    """The record says "a save is being staged here": once checkpoint-N is renamed into place it is a checkpoint,
+    and a record left in it would make any copy of it put back under .incomplete/ the toolkit's to remove."""
+    write_run_recipe(
+        home,
+        model_name_or_path=str(tiny_model),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        per_device_train_batch_size=2,
+    )
+    code, err = run(["train", "recipe.yaml"], home)
+    assert code == 0, err
+    checkpoints = sorted((home / "run").glob("checkpoint-*"))
+    assert [outputs.checkpoint_step(c) for c in checkpoints] == [1, 2]
+    assert [c.name for c in checkpoints if (c / outputs.STAGING_RECORD).exists()] == []
+    assert not (home / "run" / outputs.STAGING).exists()
 
 
 # ------------------------------------------------------------------------------ a tokenizer without offsets
