@@ -970,8 +970,8 @@ def _prompt_completion_coverage(
     prompt) and its completion's assistant messages (all must be). The tokens' offsets are those TRL's own call
     returned (`offsets`, into the row's text rendered here once more), or else the text is tokenized once more
     and must give the row's ids; a tokenizer without offsets (a Python one) has the trained characters read from
-    decoded token prefixes (`decoded_trained_spans`), and None (unchecked, counted in the report) where the
-    decoded prefixes are not the row's text. A text row is the prompt (message 0) and the completion (message 1),
+    decoded token prefixes (`decoded_trained_spans`). None (unchecked, counted in the report, never a pass) where
+    the decoded prefixes are not the row's text, or the row does not render or tokenize to the same ids again. A text row is the prompt (message 0) and the completion (message 1),
     tokenized as TRL does: with the tokenizer's special tokens (`completion`: with eos where TRL appends it;
     conversational rows: canonical messages). Without `completion_only_loss` (assistant_only_loss alone) the prompt is no boundary: the row is
     held to the rules of a conversation, every assistant message of it trained."""
@@ -994,7 +994,7 @@ def _prompt_completion_coverage(
         try:
             text = rendered(messages)
         except (InputError, TemplateRaised, RenderLimit):
-            return []  # the same render succeeded while tokenizing; nothing more to say here
+            return None  # the same render succeeded while tokenizing: the template is not deterministic; unchecked
     else:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["completion"]}]
         text = prompt + completion
@@ -1006,10 +1006,10 @@ def _prompt_completion_coverage(
         if offsets is None or len(offsets) != len(ids):
             encoded = tokenizer(text, add_special_tokens=not conversational, return_offsets_mapping=True)
             if list(encoded["input_ids"]) != ids:
-                return []  # not the row's tokens (a template that renders differently on each call): no verdict
+                return None  # not the row's tokens (a template that renders differently on each call): unchecked
             offsets = encoded["offset_mapping"]
         if any(end > len(text) for _, end in offsets[-1:]):
-            return []  # offsets into another text (a template that renders differently on each call): no verdict
+            return None  # offsets into another text (a template that renders differently on each call): unchecked
         spans = coverage.trained_spans(offsets, labels)
     prompt_messages = (len(prompt) if conversational else 1) if completion_only_loss else 0
     found = coverage.coverage_problems(text, spans, messages, prompt_messages=prompt_messages)

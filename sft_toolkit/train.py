@@ -217,7 +217,8 @@ def _repair(checked: Guarded, said: list[str], *, world_size: int, keep_provenan
     if report.coverage_unchecked_rows:
         notes.append(
             f"warning: content coverage not checked for {len(report.coverage_unchecked_rows)} rows (the tokenizer "
-            f"gives no offsets and its decoded tokens are not the rows' text): "
+            f"gives no offsets and its decoded tokens are not the rows' text, or the row renders differently when "
+            f"rendered again): "
             f"{', '.join(map(str, report.coverage_unchecked_rows[:10]))}"
         )
     repairs = dataclasses.replace(

@@ -321,3 +321,23 @@ def test_conversations_with_a_python_tokenizer_and_assistant_only_loss_are_refus
     code, _, out = check_rows(tmp_path, python_tokenizer, rows, CHATML_WITH_TOOLS, assistant_only_loss=True)
     assert code == 2
     assert "assistant_only_loss: true needs a fast tokenizer" in out and "ByT5Tokenizer" in out
+
+
+def test_a_row_that_renders_differently_when_checked_is_counted_unchecked_not_passed(tmp_path, monkeypatch):
+    """A fast tokenizer's row whose re-render (for its text) fails, though the same render succeeded while the row
+    was tokenized (a template that is not deterministic): no verdict, so the row is listed as unchecked."""
+    from test_right_mask import CHATML_WITH_TOOLS
+
+    from sft_toolkit.masks import TemplateRaised
+
+    def fails(*args, **kwargs):
+        raise TemplateRaised("renders differently this time")
+
+    monkeypatch.setattr(preprocess, "render", fails)
+    rows = [
+        {"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Hello."}]}
+    ]
+    tokenizer = Path(__file__).parent / "bad_inputs" / "tokenizer"
+    code, report, out = check_rows(tmp_path, tokenizer, rows, CHATML_WITH_TOOLS)
+    assert code == 0 and report["coverage_unchecked_rows"] == [0], out
+    assert report["coverage_problem_rows"] == []

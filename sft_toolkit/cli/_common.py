@@ -66,7 +66,8 @@ def _print_split(console, report) -> None:
         console.print(
             f"  content coverage not checked for {len(report.coverage_unchecked_rows)} rows ({shown}"
             f"{', …' if len(report.coverage_unchecked_rows) > SHOW_ROWS else ''}): the tokenizer gives no offsets "
-            "and its decoded tokens are not the rows' text",
+            "and its decoded tokens are not the rows' text, or the row renders or tokenizes differently when "
+            "rendered again",
             markup=False,
         )
     for source in report.sources:
