@@ -106,10 +106,17 @@ def _read_text(path: Path) -> str:
 
 
 def _from_tokenizer_dir(folder: Path) -> Template:
-    """transformers 5 saves the template as chat_template.jinja; older tokenizers keep it in the config."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return Template(name=folder.name, source=_read_text(jinja), origin=str(jinja))
+    """transformers 5 saves the template as chat_template.jinja; older tokenizers keep it in the config. Template
+    files, where there are any, take the config's place, as transformers reads them (`load_templates`)."""
+    files = _template_files(folder)
+    if "default" in files:
+        return Template(name=folder.name, source=_read_text(files["default"]), origin=str(files["default"]))
+    if files:
+        raise InputError(
+            f"{folder}: its chat templates are all named ({', '.join(map(repr, files))}, in "
+            f"{ADDITIONAL_TEMPLATES}/) and none is the default chat_template.jinja, which transformers reads in "
+            "place of the config's; pass the one to use as a .jinja file"
+        )
     config = folder / "tokenizer_config.json"
     if config.is_file():
         return _from_tokenizer_config(config, name=folder.name)

@@ -119,6 +119,12 @@ def test_named_templates_without_a_default_are_refused_where_one_template_is_nee
     config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": GOOD}]}))
     with pytest.raises(InputError, match="'tool_use'.*none is named 'default'"):
         load_template(str(config))
+    # template files take the config's place (as transformers reads them): a plain config template is not the default
+    config.write_text(json.dumps({"chat_template": GOOD}))
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(GOOD)
+    with pytest.raises(InputError, match="all named .'tool_use'.*none is the default chat_template.jinja"):
+        load_template(str(tmp_path))
 
 
 def test_a_named_template_entry_without_its_template_is_exit_2_naming_the_field(tmp_path, capsys):
