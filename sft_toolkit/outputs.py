@@ -77,6 +77,11 @@ def recipe_inputs(recipe) -> list[Input]:
         ("dataset_name", recipe.script.dataset_name),
         *((f"datasets[{i}].path", source.path) for i, source in enumerate(mixture.datasets if mixture else ())),
         *(
+            (f"datasets[{i}].data_files", path)
+            for i, source in enumerate(mixture.datasets if mixture else ())
+            for path in _data_files(getattr(source, "data_files", None))
+        ),
+        *(
             (f"dataset_mixture.datasets[{i}].id", source.id)
             for i, source in enumerate(handbook.datasets if handbook else ())
         ),
@@ -86,6 +91,16 @@ def recipe_inputs(recipe) -> list[Input]:
         ("recipe file", recipe.source),
     ]
     return existing_inputs(candidates)
+
+
+def _data_files(value) -> list[str]:
+    """The paths a mixture source's `data_files` names: a path, a list of them, or a mapping of split -> either
+    (glob patterns name no existing path and are left to `datasets`)."""
+    if isinstance(value, dict):
+        return [path for files in value.values() for path in _data_files(files)]
+    if isinstance(value, (list, tuple)):
+        return [path for files in value for path in _data_files(files)]
+    return [value] if isinstance(value, str) else []
 
 
 def existing_inputs(candidates: Iterable[tuple[str, object]]) -> list[Input]:

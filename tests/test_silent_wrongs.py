@@ -196,6 +196,16 @@ def test_an_output_dir_inside_a_mixtures_dataset_folder_is_refused(home, no_trai
     refused(home, ["train", "recipe.yaml"], says)
 
 
+def test_a_report_over_a_mixtures_data_file_is_refused(home):
+    """A TRL mixture source that names its files (`path: json`, `data_files: {...}`): each file is an input, which
+    `check-data --report FILE` must not overwrite."""
+    (home / "mixdata").mkdir()
+    (home / "data" / "train.jsonl").rename(home / "mixdata" / "train.jsonl")
+    sources = [{"path": "json", "data_files": {"train": ["mixdata/train.jsonl"]}}]
+    write_run_recipe(home, dataset_name=None, datasets=sources)
+    refused(home, ["check-data", "recipe.yaml", "--report", "mixdata/train.jsonl"], "datasets[0].data_files")
+
+
 def test_a_staging_folder_the_toolkit_made_is_its_own_and_no_other_is(tmp_path):
     run_dir = tmp_path / "run"
     staged = outputs.make_staging(run_dir / outputs.STAGING / "checkpoint-3")
