@@ -140,15 +140,27 @@ def dataset_summary(dataset) -> dict:
     return {"sequences": len(dataset), "tokens": tokens, "trainable_tokens": trainable}
 
 
+def tokenizer_entry(tokenizer) -> dict:
+    """The manifest's `tokenizer`: its name and content hash (`tokenizer_sha256`)."""
+    return {"name_or_path": tokenizer.name_or_path, "sha256": tokenizer_sha256(tokenizer)}
+
+
 def build_manifest(
-    recipe_keys: dict, tokenizer, template: str | None, report: Report, repairs: list[str], applied: dict, dataset
+    recipe_keys: dict,
+    tokenizer: dict,
+    template: str | None,
+    report: Report,
+    repairs: list[str],
+    applied: dict,
+    dataset,
 ) -> dict:
+    """`tokenizer`: `tokenizer_entry` of the tokenizer the data was prepared with."""
     return {
         "format": FORMAT,
         "recipe": recipe_keys,
         "applied": applied,  # settings in force after the guard's repairs (what train must use)
         "repairs": repairs,
-        "tokenizer": {"name_or_path": tokenizer.name_or_path, "sha256": tokenizer_sha256(tokenizer)},
+        "tokenizer": tokenizer,
         "template": {"sha256": _sha256(template)},  # None: plain text or pre-tokenized rows, no template used
         "versions": versions(),
         "accounting": report.to_json(),
