@@ -204,6 +204,8 @@ def _account(
         whole_rows = sft.packing_strategy == "bfd"
         if whole_rows:
             _bfd_rows(tokenized, sft.max_length, per_row, report)
+            if keep_provenance:  # cut and tagged in one table; the uncut one goes before packing reads it
+                tokenized = preprocess.cut_for_bfd(tokenized, sft)
         trained = preprocess.pack(tokenized, sft, provenance=keep_provenance or not whole_rows)
         del tokenized  # its memory-mapped pages, read by packing, go before the packed ones are read
         if whole_rows:
