@@ -1301,8 +1301,11 @@ def cut_for_bfd(tokenized, sft):
     bfd keeps each row's first max_length tokens and packs them whole (TRL's `_pack_bfd` cuts them so first), so
     cutting before packing changes no packed token. It serves memory: the caller releases the tokenized table
     before packing reads this one, so the process never holds the uncut tokens and a separate src_rows table at
-    once (what made `prepare`'s bfd peak 1.14× TRL's with one process)."""
+    once (what made `prepare`'s bfd peak 1.14× TRL's with one process). A streamed dataset is returned as it is
+    (`pack` tags it)."""
     kwargs = _map_kwargs(tokenized, sft, "Tagging tokens")
+    if not kwargs:
+        return tokenized
     columns = ["input_ids", "labels"]
     fn_kwargs = {"columns": columns, "max_length": sft.max_length, "keep_end": False, "tags": ("src_rows",)}
     return (
