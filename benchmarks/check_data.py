@@ -174,6 +174,8 @@ PHASE_ORDER = [
     "accounting: packed sequences",
     "accounting: zero rows",
     "accounting: optimizer steps",
+    "prepare: manifest",
+    "prepare: save_to_disk",
 ]
 OTHER = "other (select/shuffle/glue)"
 
@@ -201,6 +203,7 @@ class Phases:
         import threading
 
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # user+sys seconds of the process, its threads and its finished workers
         self.max_rss: dict[str, float] = {}
         self.max_anon: dict[str, float] = {}
         self.current = OTHER
@@ -228,12 +231,13 @@ class Phases:
     def span(self, label: str):
         self._depth += 1
         self.current = label
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         try:
             yield
         finally:
             self._record(label)
             self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+            self.cpu[label] = self.cpu.get(label, 0.0) + _cpu_seconds() - cpu
             self._depth -= 1
             self.current = OTHER
 
@@ -304,13 +308,17 @@ def measure(side: str, data: str, config: str, num_proc: int | None) -> dict:
             ("_steps", "accounting: optimizer steps"),
         ]:
             phases.wrap(cd, fn, label)
+        if side == "prepare":
+            import sft_toolkit.prepare
+
+            phases.wrap(sft_toolkit.prepare, "build_manifest", "prepare: manifest")
+            phases.wrap(sft_toolkit.prepare, "save", "prepare: save_to_disk")
         phases.start()
         cpu0, start = _cpu_seconds(), time.perf_counter()
         if side == "prepare":  # the guard with provenance kept, save_to_disk and the manifest
             from sft_toolkit.prepare import prepare
 
-            with phases.span("prepare: guard, save_to_disk, manifest"):
-                prepared = prepare(recipe, Path(out_dir) / "prepared")
+            prepared = prepare(recipe, Path(out_dir) / "prepared")
             report = prepared.report
         else:
             report, final = check_data(recipe)
@@ -362,12 +370,14 @@ def measure(side: str, data: str, config: str, num_proc: int | None) -> dict:
     phases._record(OTHER)
     phases.stop()
     phases.seconds[OTHER] = seconds - sum(phases.seconds.values())
+    phases.cpu[OTHER] = cpu - sum(phases.cpu.values())
     return {
         "side": side,
         "config": config,
         "seconds": seconds,
         "cpu_seconds": cpu,
         "phases": phases.seconds,
+        "phases_cpu": phases.cpu,
         "max_rss": phases.max_rss,
         "max_anon": phases.max_anon,
         "peak_anon_mib": max(phases.max_anon.values()),
@@ -548,31 +558,38 @@ def main(argv=None) -> None:
         "process, its threads and its workers (less sensitive than wall time to other load on the machine).",
     ]
     big = max(args.sizes)
-    for config in args.configs if "check-data" in args.sides else ():
-        t, r = results[big, config, "trl"], results[big, config, "check-data"]
-        names = [k for k in PHASE_ORDER if k in t["phases"] or k in r["phases"]]
-        names += [k for k in {**t["phases"], **r["phases"]} if k not in names]  # unforeseen ones, "other" last
-        lines += [
-            "",
-            f"Where the time and memory go, {_human(big)} rows, {config} (phases in the order they run; "
-            "memory = largest RSS while the phase ran, sampled every 20 ms, with the anonymous (heap) part "
-            "in brackets; the rest is file pages of mmapped Arrow files):",
-            "",
-            "| phase | TRL s | check-data s | TRL RSS (anon) MiB | check-data RSS (anon) MiB |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name in names:
-            cells = [f"{x['phases'][name]:.1f}" if name in x["phases"] else "-" for x in (t, r)]
-            mem = [
-                f"{x['max_rss'][name]:.0f} ({x['max_anon'][name]:.0f})" if name in x["max_rss"] else "-"
-                for x in (t, r)
+    for config in args.configs:
+        for side in (side for side in args.sides if side != "trl"):
+            t, r = results[big, config, "trl"], results[big, config, side]
+            names = [k for k in PHASE_ORDER if k in t["phases"] or k in r["phases"]]
+            names += [k for k in {**t["phases"], **r["phases"]} if k not in names]  # unforeseen ones, "other" last
+            lines += [
+                "",
+                f"Where the time and memory go, {_human(big)} rows, {config}, {side} (phases in the order they run; "
+                "CPU = user+sys seconds of the process, its threads and the workers that finished in the phase; "
+                "memory = largest RSS while the phase ran, sampled every 20 ms, with the anonymous (heap) part "
+                "in brackets; the rest is file pages of mmapped Arrow files):",
+                "",
+                f"| phase | TRL s | TRL CPU s | {side} s | {side} CPU s | TRL RSS (anon) MiB | {side} RSS (anon) MiB |",
+                "|---|---:|---:|---:|---:|---:|---:|",
             ]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {mem[0]} | {mem[1]} |")
-        lines.append(
-            f"| **total** (peak: ru_maxrss; anon: sampled) | **{t['seconds']:.1f}** | **{r['seconds']:.1f}** "
-            f"| **{t['peak_rss_mib']:.0f} ({t['peak_anon_mib']:.0f})** "
-            f"| **{r['peak_rss_mib']:.0f} ({r['peak_anon_mib']:.0f})** |"
-        )
+            for name in names:
+                cells = [
+                    f"{x[key][name]:.1f}" if name in x[key] else "-"
+                    for x in (t, r)
+                    for key in ("phases", "phases_cpu")
+                ]
+                mem = [
+                    f"{x['max_rss'][name]:.0f} ({x['max_anon'][name]:.0f})" if name in x["max_rss"] else "-"
+                    for x in (t, r)
+                ]
+                lines.append(f"| {name} | {' | '.join(cells)} | {mem[0]} | {mem[1]} |")
+            lines.append(
+                f"| **total** (peak: ru_maxrss; anon: sampled) | **{t['seconds']:.1f}** | **{t['cpu_seconds']:.1f}** "
+                f"| **{r['seconds']:.1f}** | **{r['cpu_seconds']:.1f}** "
+                f"| **{t['peak_rss_mib']:.0f} ({t['peak_anon_mib']:.0f})** "
+                f"| **{r['peak_rss_mib']:.0f} ({r['peak_anon_mib']:.0f})** |"
+            )
     if len(args.sizes) > 1:
         small, large = min(args.sizes), max(args.sizes)
         lines += ["", f"Growth from {_human(small)} to {_human(large)} rows (x{large / small:g} data):", ""]

@@ -502,9 +502,24 @@ def _non_finite_row_field(row) -> str | None:
     return None
 
 
+# The .jsonl files `check_jsonl` passed in this process, by identity and state (device, inode, size, change
+# times): `prepare` reads the dataset three times (the first row twice, then all of it) and a file unchanged
+# since its check needs no second one.
+_CHECKED_JSONL: set[tuple] = set()
+
+
 def check_jsonl(path: Path) -> None:
     """Name the first broken line of a JSON Lines file (datasets would report a pyarrow offset), and say
     so when there is no row at all (datasets fails on an empty file with a bare StopIteration)."""
+    stat = path.stat()
+    state = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if state in _CHECKED_JSONL:
+        return
+    _check_jsonl_lines(path)
+    _CHECKED_JSONL.add(state)
+
+
+def _check_jsonl_lines(path: Path) -> None:
     rows = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):

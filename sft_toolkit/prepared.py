@@ -133,20 +133,41 @@ def versions() -> dict:
 
 
 def dataset_summary(dataset) -> dict:
-    """Numbers the re-check recomputes: a dataset dir swapped or edited after prepare no longer matches."""
-    stats = _scan(dataset)
-    return {"sequences": len(dataset), "tokens": stats.tokens, "trainable_tokens": stats.trainable_tokens}
+    """Numbers the re-check recomputes: a dataset dir swapped or edited after prepare no longer matches.
+
+    Counted from `labels` alone: prepare builds each sequence's labels with its input_ids (cut and packed
+    together), so their lengths are its tokens, and `recheck` holds the saved dataset to both. The token ids are
+    not read here, so with `dataset_num_proc` the main process never reads them (its maps and the save run in
+    workers), which keeps its peak memory at check-data's."""
+    tokens = trainable = 0
+    for table in dataset.select_columns(["labels"]).with_format("arrow").iter(batch_size=BATCH):
+        labels = (table if isinstance(table, pa.Table) else pa.Table.from_pydict(table))["labels"]
+        tokens += int(pc.sum(pc.list_value_length(labels)).as_py() or 0)
+        trainable += int(pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0)
+    return {"sequences": len(dataset), "tokens": tokens, "trainable_tokens": trainable}
+
+
+def tokenizer_entry(tokenizer) -> dict:
+    """The manifest's `tokenizer`: its name and content hash (`tokenizer_sha256`)."""
+    return {"name_or_path": tokenizer.name_or_path, "sha256": tokenizer_sha256(tokenizer)}
 
 
 def build_manifest(
-    recipe_keys: dict, tokenizer, template: str | None, report: Report, repairs: list[str], applied: dict, dataset
+    recipe_keys: dict,
+    tokenizer: dict,
+    template: str | None,
+    report: Report,
+    repairs: list[str],
+    applied: dict,
+    dataset,
 ) -> dict:
+    """`tokenizer`: `tokenizer_entry` of the tokenizer the data was prepared with."""
     return {
         "format": FORMAT,
         "recipe": recipe_keys,
         "applied": applied,  # settings in force after the guard's repairs (what train must use)
         "repairs": repairs,
-        "tokenizer": {"name_or_path": tokenizer.name_or_path, "sha256": tokenizer_sha256(tokenizer)},
+        "tokenizer": tokenizer,
         "template": {"sha256": _sha256(template)},  # None: plain text or pre-tokenized rows, no template used
         "versions": versions(),
         "accounting": report.to_json(),
