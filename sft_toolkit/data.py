@@ -280,18 +280,7 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
             )
         return parts[split]
 
-    train, train_source = pick(script.dataset_train_split, "dataset_train_split")
-    out = Splits(
-        train=train,
-        train_label=f"datasets mixture split {script.dataset_train_split!r}",
-        sources=labels,
-        train_source=train_source,
-        notes=notes,
-    )
-    if with_eval:
-        out.eval, out.eval_source = pick(script.dataset_test_split, "dataset_test_split")
-        out.eval_label = f"datasets mixture split {script.dataset_test_split!r}"
-    return out
+    return _mixture_splits(pick, script, "datasets mixture", labels, notes, with_eval)
 
 
 SOURCE_COLUMN = "__sft_toolkit_source__"  # rides along a handbook mixture's shuffles and split, then is dropped
@@ -360,17 +349,22 @@ def _load_handbook_mixture(recipe, with_eval: bool) -> Splits:
         rows = splits[split]
         return rows.remove_columns(SOURCE_COLUMN), np.asarray(rows[SOURCE_COLUMN], dtype=np.int64)
 
+    return _mixture_splits(pick, script, "dataset_mixture", labels, notes, with_eval)
+
+
+def _mixture_splits(pick, script, mixture: str, labels, notes, with_eval: bool) -> Splits:
+    """A mixture's train split (and eval split, `with_eval`), each with its rows' sources, as `pick` cuts them."""
     train, train_source = pick(script.dataset_train_split, "dataset_train_split")
     out = Splits(
         train=train,
-        train_label=f"dataset_mixture split {script.dataset_train_split!r}",
+        train_label=f"{mixture} split {script.dataset_train_split!r}",
         sources=labels,
         train_source=train_source,
         notes=notes,
     )
     if with_eval:
         out.eval, out.eval_source = pick(script.dataset_test_split, "dataset_test_split")
-        out.eval_label = f"dataset_mixture split {script.dataset_test_split!r}"
+        out.eval_label = f"{mixture} split {script.dataset_test_split!r}"
     return out
 
 
