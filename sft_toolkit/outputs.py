@@ -28,7 +28,8 @@ wrote, and refuses everything else with an `InputError` that names the path and 
   (`STAGING_RECORD`); one without (a user's `.incomplete/final`) is refused up front, never removed.
 - A single output file (`add-markers -o`, `check-data --report`, `show --html`) is written to a temporary
   file beside it and renamed over it (never half-written), never over an input or a file inside an input
-  folder (a new file beside a tokenizer is fine), never onto a directory; a missing parent folder is
+  folder (a new file beside a tokenizer is fine; inside a dataset folder, read file by file, it is not), never onto
+  a directory; a missing parent folder is
   created, as `prepare -o` and `output_dir` create theirs. The path the user names is theirs to replace; a
   file written beside it under a name they did not give (`--report FILE`'s Markdown twin) replaces only a
   report of the toolkit's (`check_derived_file`).
@@ -44,7 +45,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .problems import InputError
@@ -67,6 +68,12 @@ class Input:
 
     key: str
     path: Path
+    # A folder every file of which is read (a dataset, a prepared dataset): a new file put inside changes it too.
+    whole_folder: bool = False
+
+
+# The keys of `recipe_inputs` that name data: a folder of them is loaded file by file (`whole_folder`).
+DATA_KEYS = ("dataset_name", "datasets[", "dataset_mixture.", "prepared")
 
 
 def recipe_inputs(recipe) -> list[Input]:
@@ -90,7 +97,10 @@ def recipe_inputs(recipe) -> list[Input]:
         ("prepared", recipe.toolkit.prepared),
         ("recipe file", recipe.source),
     ]
-    return existing_inputs(candidates)
+    return [
+        replace(item, whole_folder=item.key.startswith(DATA_KEYS) and item.path.is_dir())
+        for item in existing_inputs(candidates)
+    ]
 
 
 def _data_files(value) -> list[str]:
@@ -389,6 +399,11 @@ def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: s
             raise InputError(
                 f"{given}: {part} the input {item.key} ({item.path}); writing there would replace it; "
                 "nothing was changed; give another output file"
+            )
+        if item.whole_folder and _real(target).is_relative_to(theirs):
+            raise InputError(
+                f"{given}: lies inside the input {item.key} ({item.path}), whose every file is read as data; a "
+                "file written there would become part of it; nothing was changed; give an output file outside it"
             )
     for parent in target.parents:
         if parent.exists():

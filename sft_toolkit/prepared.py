@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,8 @@ def load_prepared(recipe: Recipe, world_size: int = 1) -> Guarded:
         raise InputError(
             f"{folder}: prepared with other settings than {recipe.source} — "
             + "; ".join(differences)
-            + f". Run `sft-toolkit prepare {recipe.source} -o {folder}` again, or fix the recipe"
+            + f". Run `sft-toolkit prepare {shlex.quote(str(recipe.source))} -o {shlex.quote(str(folder))}` again "
+            "(with the same --KEY VALUE overrides as this command, if it has any), or fix the recipe"
         )
     try:
         dataset = datasets.load_from_disk(str(folder / DATASET))

@@ -54,6 +54,8 @@ def load_template(spec: str) -> Template:
     if path.is_dir():
         return _from_tokenizer_dir(path)
     if path.is_file():
+        if _beside_template_files(path):  # transformers reads the folder's template files, not the config's
+            return _from_tokenizer_dir(path.parent)
         if path.name.endswith(".json"):
             return _from_tokenizer_config(path)
         return Template(name=path.stem, source=_read_text(path), origin=str(path))
@@ -68,6 +70,8 @@ def load_templates(spec: str) -> list[Template]:
     files, when a directory has any, take the place of the config's entries; `chat_template.jinja` is `default`.
     """
     path = Path(spec)
+    if path.is_file() and _beside_template_files(path):
+        path = path.parent
     if path.is_dir():
         files = _template_files(path)
         if files:
@@ -94,6 +98,12 @@ def _template_files(folder: Path) -> dict[str, Path]:
 
 
 ADDITIONAL_TEMPLATES = "additional_chat_templates"  # transformers' CHAT_TEMPLATE_DIR
+
+
+def _beside_template_files(config: Path) -> bool:
+    """Whether `config` is a tokenizer_config.json whose folder has template files: transformers 5 saves the
+    template as chat_template.jinja beside a config without one, and reads the files in the config's place."""
+    return config.name == "tokenizer_config.json" and bool(_template_files(config.parent))
 
 
 def _read_text(path: Path) -> str:

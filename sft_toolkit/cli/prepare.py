@@ -63,6 +63,7 @@ def run(args) -> int:
     summary = result.manifest["dataset"]
     print(
         f"saved {summary['sequences']} sequences ({summary['trainable_tokens']} trainable of {summary['tokens']} "
-        f"tokens) to {result.path}; train with: sft-toolkit train {args.recipe} --prepared {result.path}"
+        f"tokens) to {result.path}; train with: sft-toolkit train {shlex.quote(args.recipe)} --prepared "
+        f"{shlex.quote(str(result.path))}{' (and the same overrides)' if args.overrides else ''}"
     )
     return 0

@@ -214,6 +214,8 @@ def run_prepared(args) -> int:
 
 
 def _inputs(args) -> list:
-    return existing_inputs(
+    """What show reads; a dataset folder (or prepared one) is read file by file, so nothing is written inside it."""
+    found = existing_inputs(
         [("CONVERSATION", args.conversation), ("--template", args.template), ("--tokenizer", args.tokenizer)]
     )
+    return [replace(item, whole_folder=item.key == "CONVERSATION" and item.path.is_dir()) for item in found]

@@ -1,0 +1,134 @@
+"""The command line as a user meets it with their own folders: what an audit of the outer surface found.
+
+Each test is one thing a careful user tried (an output inside their dataset folder, a tokenizer_config.json that
+transformers 5 saved without its template, a path with a space in a command the toolkit prints) and what they
+must see: their files kept byte for byte, the template transformers would use, a printed command that works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shlex
+import shutil
+
+import pytest
+from test_no_data_loss import home, refused, run, tree, write_recipe
+
+from sft_toolkit.cli import main
+from sft_toolkit.prepared import load_prepared
+from sft_toolkit.recipe import load_recipe
+from sft_toolkit.templates import load_template
+
+__all__ = ["home"]  # fixture, shared with test_no_data_loss
+
+
+# --- an output file never goes inside a dataset folder --------------------------------------------------------
+
+
+def data_folder_recipe(home) -> str:
+    """The recipe reading `data/` (a folder of .jsonl files) rather than one file of it."""
+    return write_recipe(home, "folder.yaml", dataset_name="data")
+
+
+@pytest.mark.parametrize("report", ["data/report.json", "data/report.md", "data/sub/report.json"])
+def test_a_report_is_never_written_into_the_dataset_folder(home, report):
+    """A new .json beside the rows would be loaded as rows the next time (datasets reads every file there)."""
+    recipe = data_folder_recipe(home)
+    refused(home, ["check-data", recipe, "--report", report], "lies inside the input dataset_name (data)")
+    code, err = run(["check-data", recipe], home)
+    assert code == 0, err  # the dataset still loads
+
+
+def test_a_page_is_never_written_into_the_dataset_or_prepared_folder_it_shows(home):
+    refused(home, ["show", "data", "--template", "chatml", "--html", "data/page.html"], "lies inside the input")
+    code, err = run(["prepare", "recipe.yaml", "-o", "prepared"], home)
+    assert code == 0, err
+    refused(home, ["show", "prepared", "--html", "prepared/page.html"], "lies inside the input CONVERSATION")
+    code, err = run(["prepare", "recipe.yaml", "-o", "prepared"], home)  # still the toolkit's to replace
+    assert code == 0, err
+
+
+def test_a_report_beside_a_tokenizer_or_a_dataset_file_is_still_written(home):
+    """Only a folder that is read as data is closed: a new file in the model's folder changes nothing it loads."""
+    for report in ("model/report.json", "data_report.json"):
+        code, err = run(["check-data", "recipe.yaml", "--report", report], home)
+        assert code == 0, err
+        assert json.loads((home / report).read_text())["ok"] is True
+
+
+# --- a tokenizer_config.json is read as transformers reads its folder ------------------------------------------
+
+
+def saved_by_transformers_5(home) -> str:
+    """The model folder as transformers 5 saves a tokenizer: the template in chat_template.jinja, none in the
+    config (which is all that tells `AutoTokenizer` there is one)."""
+    config = json.loads((home / "model" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config
+    template = load_template("chatml").source
+    (home / "model" / "chat_template.jinja").write_text(template)
+    return template
+
+
+def test_lint_of_a_config_beside_its_template_file_lints_that_template(home):
+    saved_by_transformers_5(home)
+    code, err = run(["lint", "model/tokenizer_config.json"], home)
+    assert code == 0, err
+    with contextlib.chdir(home):
+        assert load_template("model/tokenizer_config.json").origin == "model/chat_template.jinja"
+
+
+def test_add_markers_of_such_a_config_converts_that_template(home):
+    template = saved_by_transformers_5(home)
+    code, err = run(["add-markers", "model/tokenizer_config.json", "-o", "marked.jinja"], home)
+    assert code == 0, err
+    assert (home / "marked.jinja").read_text() == template  # chatml is marked already: unchanged
+
+
+def test_add_markers_never_writes_over_the_template_a_config_stands_for(home):
+    saved_by_transformers_5(home)
+    refused(
+        home,
+        ["add-markers", "model/tokenizer_config.json", "-o", "model/chat_template.jinja"],
+        "is the input template (model/chat_template.jinja)",
+    )
+
+
+# --- commands the toolkit prints work when pasted ------------------------------------------------------------
+
+
+def test_prepares_train_command_works_with_spaces_and_overrides(home):
+    shutil.move(home / "data", home / "my data")
+    write_recipe(home, "my recipe.yaml", dataset_name="my data/train.jsonl")
+    code, out, err = run_out(["prepare", "my recipe.yaml", "-o", "my prepared", "--max_length", "128"], home)
+    assert code == 0, err
+    printed = out.rsplit("train with: ", 1)[1].strip()
+    assert printed.endswith(" (and the same overrides)"), printed
+    argv = shlex.split(printed.removesuffix(" (and the same overrides)"))
+    assert argv == ["sft-toolkit", "train", "my recipe.yaml", "--prepared", "my prepared"]
+
+
+def test_the_prepare_suggested_after_a_mismatch_works_when_followed(home):
+    code, err = run(["prepare", "recipe.yaml", "-o", "prepared"], home)
+    assert code == 0, err
+    before = tree(home)
+    code, err = run(["train", "recipe.yaml", "--prepared", "prepared", "--max_length", "128"], home)
+    assert code == 2 and "max_length: recipe 128, prepared 256" in err, err
+    assert "with the same --KEY VALUE overrides as this command" in err, err
+    assert tree(home) == before
+    suggested = shlex.split(err.split("Run `", 1)[1].split("`", 1)[0])
+    assert suggested == ["sft-toolkit", "prepare", "recipe.yaml", "-o", "prepared"]
+    code, err = run([*suggested[1:], "--max_length", "128"], home)  # followed, with this command's override
+    assert code == 0, err
+    with contextlib.chdir(home):
+        recipe = load_recipe("recipe.yaml", {"max_length": 128, "prepared": "prepared"})
+        assert len(load_prepared(recipe).dataset) > 0  # no mismatch left
+
+
+def run_out(argv: list[str], cwd) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert "Traceback" not in out.getvalue() + err.getvalue()
+    return code, out.getvalue(), err.getvalue()
