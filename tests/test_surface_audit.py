@@ -132,3 +132,20 @@ def run_out(argv: list[str], cwd) -> tuple[int, str, str]:
         code = main(argv)
     assert "Traceback" not in out.getvalue() + err.getvalue()
     return code, out.getvalue(), err.getvalue()
+
+
+# --- options are checked where they are read ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["check-data", "prepare"])
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_world_size_below_one_is_refused_with_the_option_named(home, command, count, capsys):
+    """0 divided the step accounting by zero (a traceback); -2 counted steps of a negative batch."""
+    output = ["-o", "prepared"] if command == "prepare" else []
+    before = tree(home)
+    with contextlib.chdir(home), pytest.raises(SystemExit) as stop:
+        main([command, "recipe.yaml", *output, "--world-size", count])
+    assert stop.value.code == 2
+    said = capsys.readouterr().err
+    assert f"argument --world-size: '{count}' is not a number of training processes" in said, said
+    assert "Traceback" not in said and tree(home) == before

@@ -3,6 +3,8 @@ too for what it saved."""
 
 from __future__ import annotations
 
+import argparse
+
 import yaml
 from rich.console import Console
 
@@ -16,6 +18,17 @@ def add_overrides_argument(parser) -> None:
     """A command that reads a recipe takes `--KEY VALUE` overrides of its keys; the dispatcher passes it the
     arguments its parser doesn't know (`TAKES_OVERRIDES` in the command's module)."""
     parser.add_argument("overrides", nargs="*", help="recipe overrides as --key value pairs")
+
+
+def process_count(text: str) -> int:
+    """`--world-size N`: a number of training processes, 1 or more (argparse names the option when it is not)."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of training processes; give 1 or more")
+    return count
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..check_data import check_data, to_markdown
 from ..outputs import check_derived_file, check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
-from ._common import add_overrides_argument, parse_overrides, print_data_report
+from ._common import add_overrides_argument, parse_overrides, print_data_report, process_count
 
 
 def add_parser(sub) -> None:
@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--report", metavar="FILE", help="write the JSON report to FILE and a Markdown report beside it")
     p.add_argument("--max-zero-rows", type=int, help="rows allowed to end with zero trainable tokens (default 0)")
-    p.add_argument("--world-size", type=int, default=1, help="number of training processes, for step accounting")
+    p.add_argument(
+        "--world-size", type=process_count, default=1, help="number of training processes, for step accounting"
+    )
     add_overrides_argument(p)  # the same overrides train takes: the gate checks what that run would train
 
 

@@ -15,7 +15,7 @@ import sys
 from ..prepare import prepare
 from ..recipe import GuardMode, load_recipe
 from ..train import GuardStop
-from ._common import add_overrides_argument, parse_overrides, print_data_report
+from ._common import add_overrides_argument, parse_overrides, print_data_report, process_count
 
 
 def add_parser(sub) -> None:
@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
         "-o", "--output", required=True, metavar="DIR", help="where to save (DIR/dataset, DIR/manifest.json)"
     )
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--world-size", type=int, default=1, help="number of training processes, for step accounting")
+    p.add_argument(
+        "--world-size", type=process_count, default=1, help="number of training processes, for step accounting"
+    )
     p.add_argument("--mask-guard", choices=[mode.value for mode in GuardMode], help="override the recipe's mask_guard")
     add_overrides_argument(p)
 
