@@ -149,3 +149,18 @@ def test_world_size_below_one_is_refused_with_the_option_named(home, command, co
     said = capsys.readouterr().err
     assert f"argument --world-size: '{count}' is not a number of training processes" in said, said
     assert "Traceback" not in said and tree(home) == before
+
+
+# --- quickstart's summary -------------------------------------------------------------------------------------
+
+
+def test_quickstart_says_no_step_was_logged_rather_than_printing_nan():
+    """`quickstart --max-steps 10` runs fewer steps than its recipe's logging_steps (50): no loss is logged on the way,
+    and the summary printed `loss nan → nan`, which reads as a diverged run."""
+    from sft_toolkit.cli.quickstart import progress
+
+    short = progress({"train_loss": 6.15, "global_step": 10}, logging_steps=50)
+    assert "nan" not in short
+    assert "no step logged (logging_steps 50 is more than the steps run), mean loss 6.150" in short
+    logged = progress({"first_loss": 6.0, "last_loss": 1.5, "first_accuracy": 0.1, "last_accuracy": 0.9}, 50)
+    assert logged == "loss 6.000 → 1.500, assistant-token accuracy 0.100 → 0.900"

@@ -54,8 +54,20 @@ def run(args) -> int:
     m = outcome.metrics
     print(
         f"4/4 trained {m.get('global_step', recipe.sft.max_steps)} steps in {m.get('train_runtime', 0):.0f} s: "
-        f"loss {m.get('first_loss', float('nan')):.3f} → {m.get('last_loss', float('nan')):.3f}, "
-        f"assistant-token accuracy {m.get('first_accuracy', float('nan')):.3f} → "
-        f"{m.get('last_accuracy', float('nan')):.3f}; model saved to {outcome.output_dir}"
+        f"{progress(m, recipe.sft.logging_steps)}; model saved to {outcome.output_dir}"
     )
     return 0
+
+
+def progress(metrics: dict, logging_steps) -> str:
+    """Loss and accuracy from the first to the last logged step; when no step was logged (a run shorter than
+    logging_steps), the run's mean loss, said as such rather than printed as nan."""
+    if "first_loss" not in metrics:
+        mean = metrics.get("train_loss")
+        return f"no step logged (logging_steps {logging_steps} is more than the steps run)" + (
+            f", mean loss {mean:.3f}" if isinstance(mean, (int, float)) else ""
+        )
+    text = f"loss {metrics['first_loss']:.3f} → {metrics['last_loss']:.3f}"
+    if "first_accuracy" in metrics:
+        text += f", assistant-token accuracy {metrics['first_accuracy']:.3f} → {metrics['last_accuracy']:.3f}"
+    return text
