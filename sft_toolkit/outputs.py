@@ -491,6 +491,9 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
             f"{where}: is a file{' (or a broken link)' if out.is_symlink() else ''}, not a directory; "
             "choose another output_dir"
         )
+    parent = next((parent for parent in out.parents if os.path.lexists(parent)), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"{where}: {parent} is a file, not a folder; choose another output_dir")
     for item in recipe_inputs(recipe):
         if item.key == "recipe file":
             continue

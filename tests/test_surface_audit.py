@@ -164,3 +164,26 @@ def test_quickstart_says_no_step_was_logged_rather_than_printing_nan():
     assert "no step logged (logging_steps 50 is more than the steps run), mean loss 6.150" in short
     logged = progress({"first_loss": 6.0, "last_loss": 1.5, "first_accuracy": 0.1, "last_accuracy": 0.9}, 50)
     assert logged == "loss 6.000 → 1.500, assistant-token accuracy 0.100 → 0.900"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check-data", "recipe.yaml", "--report", ""],
+        ["add-markers", "chatml", "-o", ""],
+        ["show", "conversation.json", "--template", "chatml", "--html", ""],
+        ["prepare", "recipe.yaml", "-o", ""],
+        ["merge", "run", "-o", ""],
+    ],
+    ids=["report", "markers", "html", "prepare", "merge"],
+)
+def test_an_empty_output_path_is_refused_not_ignored(home, argv, capsys):
+    """`--report ""` wrote no report and exited 0; `add-markers -o ""` printed to stdout as if no -o was given;
+    `prepare -o ""` was read as the current folder."""
+    before = tree(home)
+    with contextlib.chdir(home), pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    said = capsys.readouterr().err
+    assert "'' names no file or folder; give a path" in said, said
+    assert tree(home) == before

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..check_data import check_data, to_markdown
 from ..outputs import check_derived_file, check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
-from ._common import add_overrides_argument, parse_overrides, print_data_report, process_count
+from ._common import add_overrides_argument, output_path, parse_overrides, print_data_report, process_count
 
 
 def add_parser(sub) -> None:
@@ -25,7 +25,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML (TRL's argument names plus the toolkit's keys)")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--report", metavar="FILE", help="write the JSON report to FILE and a Markdown report beside it")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        type=output_path,
+        help="write the JSON report to FILE and a Markdown report beside it",
+    )
     p.add_argument("--max-zero-rows", type=int, help="rows allowed to end with zero trainable tokens (default 0)")
     p.add_argument(
         "--world-size", type=process_count, default=1, help="number of training processes, for step accounting"

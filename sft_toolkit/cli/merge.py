@@ -13,6 +13,7 @@ import sys
 
 from ..merge import MERGE_STAGE, merge_run
 from ..outputs import leftovers
+from ._common import output_path
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,14 @@ def add_parser(sub) -> None:
         "with the run's tokenizer and chat template into a new or empty directory.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a train output_dir (or checkpoint-N) holding a LoRA adapter")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="new or empty directory for the merged model")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        type=output_path,
+        help="new or empty directory for the merged model",
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",

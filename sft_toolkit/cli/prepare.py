@@ -15,7 +15,7 @@ import sys
 from ..prepare import prepare
 from ..recipe import GuardMode, load_recipe
 from ..train import GuardStop
-from ._common import add_overrides_argument, parse_overrides, print_data_report, process_count
+from ._common import add_overrides_argument, output_path, parse_overrides, print_data_report, process_count
 
 
 def add_parser(sub) -> None:
@@ -27,7 +27,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument(
-        "-o", "--output", required=True, metavar="DIR", help="where to save (DIR/dataset, DIR/manifest.json)"
+        "-o",
+        "--output",
+        required=True,
+        metavar="DIR",
+        type=output_path,
+        help="where to save (DIR/dataset, DIR/manifest.json)",
     )
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument(
