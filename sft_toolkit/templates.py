@@ -108,11 +108,20 @@ def _beside_template_files(config: Path) -> bool:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text (byte {err.start}): save the template as UTF-8") from None
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    if text.startswith(BYTE_ORDER_MARK):  # transformers and TRL read it as text, and jinja renders it
+        raise InputError(
+            f"{path}: starts with a byte-order mark (U+FEFF), which the template renders as text: extra tokens at "
+            "the start of every training row; save the file as UTF-8 without a BOM"
+        )
+    return text
+
+
+BYTE_ORDER_MARK = "\ufeff"
 
 
 def _from_tokenizer_dir(folder: Path) -> Template:
