@@ -288,6 +288,7 @@ def build_recipe(keys: dict, source: str = "<recipe>") -> Recipe:
                 "there as the path of one); write a mapping, or the path of an existing file (an accelerate launch "
                 "config belongs to `accelerate launch --config_file`)"
             )
+    _check_source_keys(source, keys.get("datasets"))
     try:
         built = {group: groups[group](**values) for group, values in by_group.items()}
     except (ValueError, TypeError) as err:
@@ -351,6 +352,22 @@ def handbook_mixture_from(source: str, value) -> HandbookMixture | None:
     if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
         raise InputError(f"{where}.test_split_size: expected a number of rows or a fraction above 0, got {size!r}")
     return HandbookMixture(tuple(sources), seed, size)
+
+
+def _check_source_keys(source: str, sources) -> None:
+    """A `datasets:` source with a key TRL's DatasetConfig does not have (its constructor raises a TypeError that
+    names neither the source nor the keys it has): refused by name, with the key it is closest to."""
+    from trl.scripts.utils import DatasetConfig
+
+    known = [f.name for f in dataclasses.fields(DatasetConfig)]
+    for i, entry in enumerate(sources if isinstance(sources, list) else ()):
+        for key in entry if isinstance(entry, dict) else ():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                raise InputError(
+                    f"{source}: datasets[{i}]: unknown key '{key}'"
+                    f"{f'; did you mean {close[0]!r}?' if close else ''} (a source's keys: {', '.join(known)})"
+                )
 
 
 def _no_other_keys(where: str, mapping: dict, known: tuple[str, ...]) -> None:
