@@ -570,12 +570,26 @@ def read_conversation(source: str, row: int | None = None) -> tuple[list[dict], 
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{source}: not valid JSON ({err})") from None
-        return _messages_of(data, source)
+        if not _is_rows(data):
+            return _messages_of(data, source)
     rows = load_rows(source)
     index = row or 0
     if not 0 <= index < len(rows):
         raise InputError(f"{source}: --row {index} is out of range (the dataset has {len(rows)} rows)")
     return _messages_of(rows[index], f"{source} row {index}")
+
+
+def _is_rows(data) -> bool:
+    """Whether a .json file's content is a dataset's rows (a list of conversations, as `datasets` reads a JSON
+    array), not one conversation's list of messages."""
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and all(
+            isinstance(item, dict) and ("messages" in item or "conversations" in item) and "role" not in item
+            for item in data
+        )
+    )
 
 
 def _messages_of(data, where: str) -> tuple[list[dict], list[dict] | None]:
@@ -601,13 +615,13 @@ def read_template_kwargs(source: str, row: int | None = None) -> dict:
     """The `chat_template_kwargs` of the conversation `read_conversation` reads ({} when it has none): the
     variables TRL passes to the template for that row (e.g. `enable_thinking`)."""
     path = Path(source)
+    data, where = None, source
     if row is None and path.suffix.lower() == ".json" and path.is_file():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{source}: not valid JSON ({err})") from None
-        where = source
-    else:
+    if data is None or _is_rows(data):  # a dataset (or a JSON array of its rows): the row asked for
         data, where = load_rows(source)[row or 0], f"{source} row {row or 0}"
     kwargs = data.get("chat_template_kwargs") if isinstance(data, dict) else None
     if kwargs is None:

@@ -187,3 +187,34 @@ def test_an_empty_output_path_is_refused_not_ignored(home, argv, capsys):
     said = capsys.readouterr().err
     assert "'' names no file or folder; give a path" in said, said
     assert tree(home) == before
+
+
+# --- show reads a JSON array of rows as the dataset it is -----------------------------------------------------
+
+
+def test_show_of_a_json_array_of_rows_shows_row_0_as_its_help_says(home):
+    """`--row` defaults to 0 (its help); a .json holding a list of rows was read as one conversation instead and
+    refused with `messages[0].role is missing`."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]},
+    ]
+    (home / "rows.json").write_text(json.dumps(rows))
+    shown = {}
+    for row in (None, 0, 1):
+        code, out, err = run_out(
+            [
+                "show",
+                "rows.json",
+                "--template",
+                "chatml",
+                "--format",
+                "plain",
+                *([] if row is None else ["--row", str(row)]),
+            ],
+            home,
+        )
+        assert code == 0, err
+        shown[row] = out
+    assert shown[None] == shown[0] != shown[1]
+    assert "Hello!" in shown[None] and "See you" in shown[1]
