@@ -196,6 +196,8 @@ def load_recipe(path: str, overrides: dict | None = None) -> Recipe:
 
 def read_yaml(path: str) -> dict:
     file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{path}: is a directory; give the recipe's .yaml file")
     if not file.is_file():
         raise InputError(f"{path}: recipe file not found")
     try:
