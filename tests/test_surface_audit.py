@@ -218,3 +218,21 @@ def test_show_of_a_json_array_of_rows_shows_row_0_as_its_help_says(home):
         shown[row] = out
     assert shown[None] == shown[0] != shown[1]
     assert "Hello!" in shown[None] and "See you" in shown[1]
+
+
+# --- command-line overrides read as trl sft's command line reads them ------------------------------------------
+
+
+def test_strategy_no_on_the_command_line_means_no_as_in_trl_sft(home):
+    """`trl sft --eval_strategy no` is text; YAML 1.1 read `no` as false, and the toolkit refused it
+    (`eval_strategy: expected a string, got a boolean (False)`). yes/no still switch boolean keys."""
+    from sft_toolkit.cli._common import parse_overrides
+
+    overrides = parse_overrides(["--eval_strategy", "no", "--save_strategy=no", "--packing", "yes"])
+    with contextlib.chdir(home):
+        recipe = load_recipe("recipe.yaml", overrides)
+    assert str(getattr(recipe.sft.eval_strategy, "value", recipe.sft.eval_strategy)) == "no"
+    assert str(getattr(recipe.sft.save_strategy, "value", recipe.sft.save_strategy)) == "no"
+    assert recipe.sft.packing is True
+    code, err = run(["check-data", "recipe.yaml", "--eval_strategy", "no", "--packing", "no"], home)
+    assert code == 0, err

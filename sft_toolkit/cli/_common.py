@@ -47,14 +47,25 @@ def parse_overrides(items: list[str]) -> dict:
                 out[key] = True
             key, _, value = item[2:].partition("=")
             if value:
-                out[key], key = yaml.safe_load(value), None
+                out[key], key = override_value(value), None
         elif key is not None:
-            out[key], key = yaml.safe_load(item), None
+            out[key], key = override_value(item), None
         else:
             raise InputError(f"unexpected argument {item!r}: overrides are --key value pairs")
     if key is not None:
         out[key] = True
     return out
+
+
+# YAML 1.1 reads these as booleans; `trl sft --eval_strategy no` hands the text on (its argparse converts text to a
+# boolean only for a boolean field, as the recipe does for text: `recipe.as_trl_parses`, which takes yes/no too).
+YAML_WORD_BOOLEANS = {"yes", "no"}
+
+
+def override_value(text: str):
+    """A `--KEY VALUE` value: a YAML scalar (a number, true/false, null, a list or mapping), except yes/no, which
+    YAML 1.1 reads as booleans and trl sft's command line keeps as text (`--save_strategy no`)."""
+    return text if text.strip().lower() in YAML_WORD_BOOLEANS else yaml.safe_load(text)
 
 
 def print_data_report(report, title: str) -> None:
