@@ -531,9 +531,12 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
     models = [] if resumes_here else [name for name in MODEL_FILES if os.path.lexists(out / name)]
     if (proven or models) and not getattr(toolkit, "overwrite_output_dir", False):
         held = ", ".join([p.name for p in proven][:5] + models[:3]) + (" …" if len(proven) > 5 else "")
+        # Resuming is offered only where there is a checkpoint to resume from: without one, `true` starts at step 0
+        # and replaces the earlier run's model, which is what overwrite_output_dir says plainly.
+        resume_it = "resume it (resume_from_checkpoint: true), " if proven else ""
         raise InputError(
             f"{where}: holds an earlier run ({held}) that this run would overwrite or mix with; "
-            "nothing was changed; resume it (resume_from_checkpoint: true), set "
+            f"nothing was changed; {resume_it}set "
             "overwrite_output_dir: true (deletes only its checkpoints, those whose trainer_state.json "
             f"shows they are, and replaces only the files its {OWNER_FILE} record lists), or choose another "
             "output_dir"

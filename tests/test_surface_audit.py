@@ -14,14 +14,14 @@ import shlex
 import shutil
 
 import pytest
-from test_no_data_loss import home, refused, run, tree, write_recipe
+from test_no_data_loss import fake_checkpoint, home, no_training, refused, run, tree, write_recipe
 
 from sft_toolkit.cli import main
 from sft_toolkit.prepared import load_prepared
 from sft_toolkit.recipe import load_recipe
 from sft_toolkit.templates import load_template
 
-__all__ = ["home"]  # fixture, shared with test_no_data_loss
+__all__ = ["home", "no_training"]  # fixtures, shared with test_no_data_loss
 
 
 # --- an output file never goes inside a dataset folder --------------------------------------------------------
@@ -236,3 +236,19 @@ def test_strategy_no_on_the_command_line_means_no_as_in_trl_sft(home):
     assert recipe.sft.packing is True
     code, err = run(["check-data", "recipe.yaml", "--eval_strategy", "no", "--packing", "no"], home)
     assert code == 0, err
+
+
+# --- the ways out an earlier run's refusal offers ----------------------------------------------------------------
+
+
+def test_resuming_is_offered_only_where_there_is_a_checkpoint(home, no_training):
+    """A run saved without checkpoints (save_strategy: no, as the handbook recipe) left only its model: `resume it`
+    there starts at step 0 and replaces that model, so it is not offered; with a checkpoint it is."""
+    (home / "run").mkdir()
+    (home / "run" / "config.json").write_text("{}")
+    refused(home, ["train", "recipe.yaml"], "holds an earlier run (config.json)")
+    code, err = run(["train", "recipe.yaml"], home)
+    assert "resume it" not in err and "set overwrite_output_dir: true" in err, err
+    fake_checkpoint(home / "run", 1, state_step=1)
+    code, err = run(["train", "recipe.yaml"], home)
+    assert code == 2 and "resume it (resume_from_checkpoint: true), set overwrite_output_dir: true" in err, err
