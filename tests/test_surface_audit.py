@@ -252,3 +252,14 @@ def test_resuming_is_offered_only_where_there_is_a_checkpoint(home, no_training)
     fake_checkpoint(home / "run", 1, state_step=1)
     code, err = run(["train", "recipe.yaml"], home)
     assert code == 2 and "resume it (resume_from_checkpoint: true), set overwrite_output_dir: true" in err, err
+
+
+def test_quickstart_with_a_users_recipe_builds_nothing_beside_their_model(home):
+    """`quickstart --recipe R` built tiny-chat/ beside R's model and data/eval.jsonl and data/README.md (a dataset card
+    naming configs) inside the user's data folder, none of which R reads."""
+    write_recipe(home, "mine.yaml", max_length=4)  # check-data fails (nothing left to train): no training
+    before = tree(home)
+    code, out, err = run_out(["quickstart", "--recipe", "mine.yaml"], home)
+    assert code == 1 and "3/4 check-data: FAIL" in out, out + err
+    assert "1/4 assets: none built (the recipe's model model is not a tiny-chat folder)" in out
+    assert tree(home) == before

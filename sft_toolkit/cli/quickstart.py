@@ -16,20 +16,29 @@ from ..recipe import load_recipe
 from ..templates import load_template
 from ..train import GuardStop, train
 
+QUICKSTART_MODEL = "tiny-chat"  # the folder name `build_quickstart_assets` builds the model under
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quickstart", help="build tiny local assets, lint, check data and train on CPU")
-    p.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    p.add_argument(
+        "--recipe",
+        default=str(DEFAULT_RECIPE),
+        help="the recipe to run (default: recipes/quickstart.yaml); when its model_name_or_path is a tiny-chat folder, "
+        "the tiny assets (tiny-chat/ and data/ beside it) are built where missing",
+    )
     p.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
 
 
 def run(args) -> int:
     overrides = {} if args.max_steps is None else {"max_steps": args.max_steps}
     recipe = load_recipe(args.recipe, overrides)
-    root = Path(recipe.model.model_name_or_path).parent
-    print(f"1/4 assets: {json.dumps({k: str(v) for k, v in build_quickstart_assets(root).items()})}")
+    model = Path(recipe.model.model_name_or_path)
+    if model.name == QUICKSTART_MODEL:
+        print(f"1/4 assets: {json.dumps({k: str(v) for k, v in build_quickstart_assets(model.parent).items()})}")
+    else:  # a recipe of the user's own model: its folder gets no tiny-chat/ and data/ it would not use
+        print(f"1/4 assets: none built (the recipe's model {model} is not a {QUICKSTART_MODEL} folder)")
 
     template = load_template(recipe.sft.chat_template_path)
     result = lint(template.source, template.origin, tokenizer=None)
