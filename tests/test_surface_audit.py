@@ -263,3 +263,15 @@ def test_quickstart_with_a_users_recipe_builds_nothing_beside_their_model(home):
     assert code == 1 and "3/4 check-data: FAIL" in out, out + err
     assert "1/4 assets: none built (the recipe's model model is not a tiny-chat folder)" in out
     assert tree(home) == before
+
+
+# --- merge never saves where training deletes whole ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["run/checkpoint-1/merged", "run/.incomplete", "run/.incomplete/final/merged"])
+def test_merge_never_saves_inside_a_checkpoint_or_the_staging_folder(home, target):
+    """RUN_DIR may be a checkpoint-N (merge's help); a merged model saved inside it was deleted with it by the next
+    run's rotation or overwrite_output_dir, which prove a checkpoint by its trainer_state.json alone."""
+    checkpoint = fake_checkpoint(home / "run", 1, state_step=1)
+    (checkpoint / "adapter_config.json").write_text("{}")
+    refused(home, ["merge", "run/checkpoint-1", "-o", target], "which training deletes whole")
