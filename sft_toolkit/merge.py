@@ -14,7 +14,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .outputs import STAGING, checkpoint_step
+from .outputs import check_not_deleted_whole
 from .problems import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,14 +36,7 @@ def check_merge_target(target: Path) -> None:
             f"{target}: exists and is not empty; the merge writes only into a new or empty directory "
             "(move that one away or give another)"
         )
-    where = Path(os.path.abspath(target))  # (as written, `..` resolved)
-    for folder in (where, *where.parents):
-        if checkpoint_step(folder) is not None or folder.name == STAGING:
-            raise InputError(
-                f"{target}: {'is' if folder == where else 'lies inside'} {folder}, which training deletes whole (checkpoint rotation, "
-                "overwrite_output_dir, or the cleanup of an interrupted save) with the merged model in it; give the "
-                "merged model a directory outside it"
-            )
+    check_not_deleted_whole(target, "the merged model")
 
 
 # A merge is saved beside its target as `.NAME.MERGE_STAGE-TOKEN`, then renamed into place; a killed merge leaves

@@ -140,6 +140,28 @@ def overlap(out: Path, inputs: Iterable[Input]) -> str | None:
     return None
 
 
+def deleted_whole(out: str | Path) -> Path | None:
+    """The folder at or above `out` that training deletes whole, whatever it holds: a checkpoint-N (rotation,
+    overwrite_output_dir) or a run's staging folder (an interrupted save's cleanup); None when there is none. An
+    output the user names there would go with it."""
+    where = Path(os.path.abspath(out))  # (as written, `..` resolved)
+    for folder in (where, *where.parents):
+        if checkpoint_step(folder) is not None or folder.name == STAGING:
+            return folder
+    return None
+
+
+def check_not_deleted_whole(out: str | Path, what: str = "the output") -> None:
+    """InputError when `out` is or lies inside a folder training deletes whole (`deleted_whole`)."""
+    folder = deleted_whole(out)
+    if folder is not None:
+        raise InputError(
+            f"{out}: {'is' if Path(os.path.abspath(out)) == folder else 'lies inside'} {folder}, which training "
+            f"deletes whole (checkpoint rotation, overwrite_output_dir, or the cleanup of an interrupted save) with "
+            f"{what} in it; give a path outside it"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Directories the toolkit fills as a whole
 
@@ -228,6 +250,7 @@ def check_output_dir(out: str | Path, kind: str, inputs: Iterable[Input] = ()) -
             f"{out}: {collision}: writing there would replace the input; nothing was changed; "
             "choose an output directory outside the recipe's inputs"
         )
+    check_not_deleted_whole(out)
     if Path.cwd().resolve().is_relative_to(_real(out)):
         raise InputError(
             f"{out}: is or holds the current directory, which cannot be replaced; name a new folder for it to write"
@@ -405,6 +428,7 @@ def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: s
                 f"{given}: lies inside the input {item.key} ({item.path}), whose every file is read as data; a "
                 "file written there would become part of it; nothing was changed; give an output file outside it"
             )
+    check_not_deleted_whole(given)
     for parent in target.parents:
         if parent.exists():
             if not parent.is_dir():

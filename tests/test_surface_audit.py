@@ -275,3 +275,19 @@ def test_merge_never_saves_inside_a_checkpoint_or_the_staging_folder(home, targe
     checkpoint = fake_checkpoint(home / "run", 1, state_step=1)
     (checkpoint / "adapter_config.json").write_text("{}")
     refused(home, ["merge", "run/checkpoint-1", "-o", target], "which training deletes whole")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check-data", "recipe.yaml", "--report", "run/checkpoint-1/report.json"],
+        ["add-markers", "chatml", "-o", "run/checkpoint-1/training.jinja"],
+        ["show", "conversation.json", "--template", "chatml", "--html", "run/.incomplete/page.html"],
+        ["prepare", "recipe.yaml", "-o", "run/checkpoint-1/prepared"],
+    ],
+    ids=["report", "markers", "html", "prepare"],
+)
+def test_no_output_is_written_where_training_deletes_whole(home, argv):
+    """A report or prepared folder inside checkpoint-N went with it at the next rotation or overwrite_output_dir."""
+    fake_checkpoint(home / "run", 1, state_step=1)
+    refused(home, argv, "which training deletes whole")
