@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -193,6 +194,11 @@ def save(
 
 def read_manifest(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / MANIFEST
+    if not Path(prepared_dir).is_dir():
+        raise InputError(
+            f"{prepared_dir}: {'no such directory' if not os.path.lexists(prepared_dir) else 'not a directory'}; "
+            "give the folder `sft-toolkit prepare -o DIR` saved"
+        )
     if not path.is_file():
         raise InputError(
             f"{prepared_dir}: no {MANIFEST}; not a directory `sft-toolkit prepare` wrote (or it did not "

@@ -174,12 +174,13 @@ def test_quickstart_says_no_step_was_logged_rather_than_printing_nan():
         ["show", "conversation.json", "--template", "chatml", "--html", ""],
         ["prepare", "recipe.yaml", "-o", ""],
         ["merge", "run", "-o", ""],
+        ["train", "recipe.yaml", "--prepared", ""],
     ],
-    ids=["report", "markers", "html", "prepare", "merge"],
+    ids=["report", "markers", "html", "prepare", "merge", "prepared"],
 )
 def test_an_empty_output_path_is_refused_not_ignored(home, argv, capsys):
     """`--report ""` wrote no report and exited 0; `add-markers -o ""` printed to stdout as if no -o was given;
-    `prepare -o ""` was read as the current folder."""
+    `prepare -o ""` was read as the current folder; `train --prepared ""` trained from the recipe's dataset."""
     before = tree(home)
     with contextlib.chdir(home), pytest.raises(SystemExit) as stop:
         main(argv)

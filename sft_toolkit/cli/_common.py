@@ -31,9 +31,9 @@ def process_count(text: str) -> int:
     return count
 
 
-def output_path(text: str) -> str:
-    """An output option's path (`-o`, `--report`, `--html`): an empty one names nothing (and was taken as no option, or
-    as the current folder)."""
+def path_argument(text: str) -> str:
+    """An option's path (`-o`, `--report`, `--html`, `--prepared`): an empty one names nothing (and was taken as no
+    option, or as the current folder)."""
     if not text:
         raise argparse.ArgumentTypeError(f"{text!r} names no file or folder; give a path")
     return text

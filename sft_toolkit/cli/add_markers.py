@@ -16,7 +16,7 @@ from ..outputs import check_output_file, existing_inputs, write_file
 from ..problems import InputError
 from ..templates import load_template, load_templates
 from ..tokenizer import load_tokenizer
-from ._common import output_path
+from ._common import path_argument
 
 
 def add_parser(sub) -> None:
@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
         metavar="INPUT",
         help="a .jinja file, a tokenizer directory, a tokenizer_config.json, or a bundled template name",
     )
-    p.add_argument("-o", "--output", type=output_path, help="where to write the training template (default: stdout)")
+    p.add_argument("-o", "--output", type=path_argument, help="where to write the training template (default: stdout)")
     p.add_argument(
         "--tokenizer",
         help="tokenizer directory, hub id or offline:NAME: its special tokens are used "

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..check_data import check_data, to_markdown
 from ..outputs import check_derived_file, check_output_file, recipe_inputs, write_file
 from ..recipe import load_recipe
-from ._common import add_overrides_argument, output_path, parse_overrides, print_data_report, process_count
+from ._common import add_overrides_argument, parse_overrides, path_argument, print_data_report, process_count
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--report",
         metavar="FILE",
-        type=output_path,
+        type=path_argument,
         help="write the JSON report to FILE and a Markdown report beside it",
     )
     p.add_argument("--max-zero-rows", type=int, help="rows allowed to end with zero trainable tokens (default 0)")

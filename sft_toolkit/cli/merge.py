@@ -13,7 +13,7 @@ import sys
 
 from ..merge import MERGE_STAGE, merge_run
 from ..outputs import leftovers
-from ._common import output_path
+from ._common import path_argument
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         "--output",
         required=True,
         metavar="DIR",
-        type=output_path,
+        type=path_argument,
         help="new or empty directory for the merged model",
     )
     p.add_argument(

@@ -15,7 +15,7 @@ import sys
 from ..prepare import prepare
 from ..recipe import GuardMode, load_recipe
 from ..train import GuardStop
-from ._common import add_overrides_argument, output_path, parse_overrides, print_data_report, process_count
+from ._common import add_overrides_argument, parse_overrides, path_argument, print_data_report, process_count
 
 
 def add_parser(sub) -> None:
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
         "--output",
         required=True,
         metavar="DIR",
-        type=output_path,
+        type=path_argument,
         help="where to save (DIR/dataset, DIR/manifest.json)",
     )
     p.add_argument("--format", choices=("text", "json"), default="text")

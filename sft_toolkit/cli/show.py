@@ -18,7 +18,7 @@ from ..problems import InputError
 from ..show import char_views, to_html, to_plain, to_rich, token_views
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
-from ._common import output_path
+from ._common import path_argument
 
 
 def add_parser(sub) -> None:
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tokenizer", help="tokenizer directory, hub id or offline:NAME (without it: characters, not tokens)"
     )
-    p.add_argument("--html", metavar="FILE", type=output_path, help="also write a self-contained HTML page")
+    p.add_argument("--html", metavar="FILE", type=path_argument, help="also write a self-contained HTML page")
     p.add_argument(
         "--format",
         choices=("text", "plain", "json"),

@@ -13,7 +13,7 @@ from ..masks import RenderLimit
 from ..problems import InputError
 from ..recipe import GuardMode, load_recipe
 from ..train import GuardStop, train
-from ._common import add_overrides_argument, parse_overrides
+from ._common import add_overrides_argument, parse_overrides, path_argument
 
 ACCOUNTING = (
     "rows",
@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--prepared",
         metavar="DIR",
+        type=path_argument,
         help="train from a dataset `sft-toolkit prepare` saved (checked against the recipe; not re-tokenized)",
     )
     add_overrides_argument(p)
