@@ -376,8 +376,10 @@ def _no_other_keys(where: str, mapping: dict, known: tuple[str, ...]) -> None:
     """The handbook reads only `known` from `mapping` and ignores the rest: refused here, by name."""
     other = [str(key) for key in mapping if key not in known]
     if other:
+        close = difflib.get_close_matches(other[0], known, n=1, cutoff=0.6)
         raise InputError(
             f"{where}: {', '.join(other)}: not read by the handbook's mixture (it reads {', '.join(known)})"
+            + (f"; did you mean '{close[0]}'?" if close else "")
         )
 
 
