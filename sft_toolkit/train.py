@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,7 +257,10 @@ def _ensure_markers(recipe: Recipe) -> tuple[Recipe, Repairs]:
     if has_generation_markers(training_template(tokenizer, recipe.sft) or tokenizer.chat_template):
         return recipe, Repairs()
     where = recipe.sft.chat_template_path or recipe.model.model_name_or_path
-    convert = f"run `sft-toolkit add-markers {where} -o training.jinja` and set chat_template_path: training.jinja"
+    convert = (
+        f"run `sft-toolkit add-markers {shlex.quote(str(where))} -o training.jinja` and set chat_template_path: "
+        "training.jinja"
+    )
     fix = f"{convert}, or set mask_guard: repair to add verified markers automatically"
     guard_mode = recipe.guard_mode
     if guard_mode is GuardMode.WARN:

@@ -292,3 +292,19 @@ def test_no_output_is_written_where_training_deletes_whole(home, argv):
     """A report or prepared folder inside checkpoint-N went with it at the next rotation or overwrite_output_dir."""
     fake_checkpoint(home / "run", 1, state_step=1)
     refused(home, argv, "which training deletes whole")
+
+
+def test_the_add_markers_command_the_guard_suggests_works_when_pasted(home):
+    """The guard's way out for an unmarked template named the path unquoted: a space in it split the command."""
+    import re
+
+    unmarked = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", load_template("chatml").source)
+    (home / "my template.jinja").write_text(unmarked)
+    write_recipe(home, "unmarked.yaml", chat_template_path="my template.jinja")
+    code, out, err = run_out(["train", "unmarked.yaml"], home)
+    assert code == 1, out + err
+    suggested = shlex.split((out + err).split("run `", 1)[1].split("`", 1)[0])
+    assert suggested == ["sft-toolkit", "add-markers", "my template.jinja", "-o", "training.jinja"]
+    code, out, err = run_out(suggested[1:], home)
+    assert code == 0, err
+    assert re.search(r"\{%-?\s*generation\s*-?%\}", (home / "training.jinja").read_text())
