@@ -308,3 +308,12 @@ def test_the_add_markers_command_the_guard_suggests_works_when_pasted(home):
     code, out, err = run_out(suggested[1:], home)
     assert code == 0, err
     assert re.search(r"\{%-?\s*generation\s*-?%\}", (home / "training.jinja").read_text())
+
+
+def test_report_named_in_capitals_gets_the_markdown_it_names(home):
+    """`--report REPORT.MD` wrote the JSON report into REPORT.MD and the Markdown into REPORT.md beside it."""
+    code, err = run(["check-data", "recipe.yaml", "--report", "REPORT.MD"], home)
+    assert code == 0, err
+    assert (home / "REPORT.MD").read_text().startswith("# check-data: ")
+    assert json.loads((home / "REPORT.json").read_text())["ok"] is True
+    assert not (home / "REPORT.md").exists()

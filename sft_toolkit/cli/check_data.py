@@ -89,6 +89,6 @@ def _json_report(path: Path) -> bool:
 def _report_paths(report: str) -> tuple[Path, Path]:
     """--report FILE: the JSON report at FILE (FILE.json for FILE.md) and the Markdown report beside it."""
     json_path = Path(report)
-    if json_path.suffix == ".md":
-        json_path = json_path.with_suffix(".json")
+    if json_path.suffix.lower() == ".md":  # (REPORT.MD too: the Markdown is written where it is named)
+        return json_path.with_suffix(".json"), json_path
     return json_path, json_path.with_suffix(".md")
