@@ -156,11 +156,13 @@ def _leaves(value) -> list[str]:
     return []  # booleans and null: templates spell them differently (True, true)
 
 
-def forms(piece: str) -> list[str]:
-    """A text as a template may print it: as written, or JSON-escaped (`tojson`), without the quotes."""
+def forms(piece: str, text: str) -> list[str]:
+    """A text as a template may print it into `text`: as written, or JSON-escaped (`tojson`), without the quotes.
+    Every escaped form that differs from the text as written has a backslash, so a `text` without one can only
+    hold the text as written."""
     out = [piece]
-    if piece.isascii() and piece.isprintable() and '"' not in piece and "\\" not in piece:
-        return out  # JSON writes it as it is
+    if "\\" not in text or (piece.isascii() and piece.isprintable() and '"' not in piece and "\\" not in piece):
+        return out  # JSON writes it as it is, or `text` holds no escaped form
     for encoded in (json.dumps(piece, ensure_ascii=False), json.dumps(piece)):
         if encoded[1:-1] not in out:
             out.append(encoded[1:-1])
@@ -169,7 +171,9 @@ def forms(piece: str) -> list[str]:
 
 def _find(text: str, piece: str, start: int, stop: int | None = None) -> tuple[int, int] | None:
     """The first occurrence of any form of `piece` in text[start:stop]."""
-    found = [(at, at + len(f)) for f in forms(piece) if (at := text.find(f, start, stop if stop else len(text))) >= 0]
+    found = [
+        (at, at + len(f)) for f in forms(piece, text) if (at := text.find(f, start, stop if stop else len(text))) >= 0
+    ]
     return min(found, default=None)
 
 
@@ -180,7 +184,7 @@ def _find_trained(text: str, piece: str, start: int, stop, trained: TrainedSpans
     if found is None or trained.all_trained(*found):
         return found, found is not None
     limit = stop()
-    for form in forms(piece):
+    for form in forms(piece, text):
         at = text.find(form, start, limit)
         while at >= 0:
             if trained.all_trained(at, at + len(form)):
@@ -333,7 +337,7 @@ def _inside_assistant_text(text: str, at: tuple[int, int], messages: list[dict],
     from the answer that quotes it)."""
     for i in assistant:
         for piece in content_pieces(messages[i]) + call_pieces(messages[i]):
-            for form in forms(piece):
+            for form in forms(piece, text):
                 k = text.find(form)
                 while k >= 0:
                     if k <= at[0] and at[1] <= k + len(form):

@@ -478,8 +478,8 @@ def _tokenize_rows(
 
     Each row is rendered as `apply_chat_template` renders it (`render_jinja_template` with the tokenizer's special
     tokens and the row's `chat_template_kwargs`, the template compiled once per process by transformers' cache);
-    the batch's masks come from its token offsets by transformers' rule (`masks.batch_assistant_mask`), its ids,
-    labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows this does
+    the batch's masks are transformers' rule read at the generation spans' edges (`masks.batch_assistant_mask`),
+    its ids, labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows this does
     not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
     row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself would
     take, a render that fails; and the whole batch when the tokenizer call fails.
@@ -561,19 +561,7 @@ def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, enc
         token_counts[positions] = counts
         total = int(counts.sum())
         ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
-        offsets = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encoded)),
-            dtype=np.int64,
-            count=2 * total,
-        )
-        spans = [span for _, _, _, row_spans in rendered for span in row_spans]
-        mask = batch_assistant_mask(
-            offsets,
-            counts,
-            spans,
-            [len(row_spans) for *_, row_spans in rendered],
-            [len(text) for _, _, text, _ in rendered],
-        )
+        mask = batch_assistant_mask(encoded, [row_spans for *_, row_spans in rendered], counts)
         labels = np.where(mask, ids, -100)
         starts = np.concatenate([[0], np.cumsum(counts)])
         trained = np.flatnonzero(mask)
