@@ -33,7 +33,8 @@ class Report:
     # {"reason", "message"}): coverage.py
     coverage_problem_rows: list[dict] = field(default_factory=list)
     # Rows whose trained characters could not be told (a Python tokenizer whose decoded prefixes are not the row's
-    # text): their content coverage is not checked, and they are listed here instead of passing as checked.
+    # text, a row that renders differently when rendered again): their content coverage is not checked, and they
+    # are listed here instead of passing as checked.
     coverage_unchecked_rows: list[int] = field(default_factory=list)
     dropped_rows: int = 0  # rows TRL filters out (no packing)
     truncated_assistant_tokens: int = 0
@@ -319,7 +320,7 @@ def _coverage_rows(tokenized, report: Report) -> None:
     columns = tokenized.column_names or list(tokenized.features or {})  # a streamed dataset may know neither
     if "coverage_reason" not in columns:
         return  # plain text and pre-tokenized rows: no messages to hold the mask against
-    if "coverage_unchecked" in columns:  # prompt/completion rows (preprocess._prompt_completion_row)
+    if "coverage_unchecked" in columns:  # rows whose coverage has no verdict (coverage.columns)
         for table in _batches(tokenized, ["src_row", "coverage_unchecked"]):
             unchecked = table.filter(pc.equal(table["coverage_unchecked"], 1))
             report.coverage_unchecked_rows += [int(r) for r in unchecked["src_row"].to_pylist()]

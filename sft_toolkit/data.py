@@ -65,6 +65,7 @@ def load_rows(
                 _require_split(source, split, splits, split_key)
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             with fresh_cache([path]):
+                check_json_data_files(source, split, name=name)
                 return _load_builder(source, name, split, streaming, split_key, config_key)
         if looks_local(source):
             raise InputError(f"{source}: no such file or directory")
@@ -385,6 +386,13 @@ def _loadable(i: int, source):
         return dataclasses.replace(source, path=builder, data_files=str(path))
     if not path.exists() and looks_local(source.path) and source.data_files is None:
         raise InputError(f"{where}: no such file or directory")
+    if path.is_dir() or (source.path == "json" and source.data_files is not None):
+        try:
+            check_json_data_files(
+                source.path, source.split, name=source.name, data_dir=source.data_dir, data_files=source.data_files
+            )
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
     return source
 
 
@@ -467,6 +475,74 @@ def check_json_file(path: Path) -> None:
                 raise InputError(f"{path}: row {index} (counted from 0): {where} {NON_FINITE_HELP}")
 
 
+def check_json_data_files(source: str, split: str, **load_kwargs) -> None:
+    """`check_json_file`'s NaN/Infinity check on each JSON / JSON Lines file that `datasets.load_dataset(source,
+    split=split, **load_kwargs)` reads for a local folder (or the `json` builder given `data_files`): the files as
+    `datasets` resolves them (`load_dataset_builder`: the dataset card's `configs:`, else its data-file patterns,
+    the builder its files' extensions pick), so a `weight: NaN` in one file of a folder is named like one in a
+    single file instead of loading as null (a switched-off turn trained). Files another builder reads are not
+    JSON; a source `datasets` can't resolve is left for the load to report."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source, **load_kwargs)
+        files = builder.config.data_files.get(split, []) if builder.config.data_files else []
+    except Exception:  # noqa: BLE001 - load_dataset says what is wrong with the source, in recipe terms
+        return
+    if builder.name != "json":
+        return
+    for file in files:
+        path = Path(file)
+        if path.suffix.lower() in (".json", ".jsonl") and path.is_file():
+            _check_json_values(path)
+
+
+def _check_json_values(path: Path) -> None:
+    """A NonFinite in a checked field of a `.json` file's rows or a `.jsonl` file's lines, named by file, row
+    (or line) and field; lines that are not JSON are left for `datasets` to report. Only text that spells `NaN`
+    or `Infinity` is parsed, and a file unchanged since its check in this process is not read again."""
+    stat = path.stat()
+    state = ("values", str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if state in _CHECKED_JSONL:
+        return
+    _check_json_text(path)
+    _CHECKED_JSONL.add(state)
+
+
+def _spells_non_finite(raw: bytes) -> bool:
+    return b"NaN" in raw or b"Infinity" in raw
+
+
+def _check_json_text(path: Path) -> None:
+    if path.suffix.lower() == ".json":
+        try:
+            text = path.read_bytes()
+            if not _spells_non_finite(text):
+                return
+            rows = json.loads(text, parse_constant=NonFinite)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":
+                return
+            rows = None  # JSON Lines written to a .json file, which datasets reads as such
+        except (OSError, UnicodeDecodeError):
+            return
+        if rows is not None:
+            for index, row in enumerate(rows if isinstance(rows, list) else []):
+                if where := _non_finite_row_field(row):
+                    raise InputError(f"{path}: row {index} (counted from 0): {where} {NON_FINITE_HELP}")
+            return
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not _spells_non_finite(raw):
+                continue
+            try:
+                row = json.loads(raw, parse_constant=NonFinite)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if where := _non_finite_row_field(row):
+                raise InputError(f"{path}:{number}: {where} {NON_FINITE_HELP}")
+
+
 # The fields of a row that decide what is trained: a NonFinite in one of them changes it without a word.
 CHECKED_FIELDS = (
     "messages",
@@ -496,7 +572,8 @@ def _non_finite_row_field(row) -> str | None:
     return None
 
 
-# The .jsonl files `check_jsonl` passed in this process, by identity and state (device, inode, size, change
+# The .jsonl files `check_jsonl` passed in this process (and a folder's JSON files `_check_json_values` passed,
+# tagged "values"), by identity and state (device, inode, size, change
 # times): `prepare` reads the dataset three times (the first row twice, then all of it) and a file unchanged
 # since its check needs no second one.
 _CHECKED_JSONL: set[tuple] = set()
