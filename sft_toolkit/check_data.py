@@ -502,7 +502,8 @@ REASON_HELP = {
     "conversation or drop the row",
     coverage.ASSISTANT_CONTENT_UNTRAINED: "part of this assistant message's text (content or tool calls) is not "
     "trained, or only markup is: lint the template; for content parts, check "
-    "the template renders them",
+    "the template renders them; a row whose chat_template_kwargs hold truncation / max_length has its tokens cut "
+    "there: remove them (the recipe's max_length truncates with a count)",
     coverage.NON_ASSISTANT_TEXT_TRAINED: "text of this user/system/tool message is trained: the template's "
     "{% generation %} block covers it (lint the template), or it is in a completion, which completion_only_loss "
     "trains whole (set assistant_only_loss: true, or move it into the prompt)",

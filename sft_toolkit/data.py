@@ -494,6 +494,8 @@ def check_json_data_files(source: str, split: str, **load_kwargs) -> None:
     for file in files:
         path = Path(file)
         if path.suffix.lower() in (".json", ".jsonl") and path.is_file():
+            with contextlib.suppress(ValueError):  # named under the folder as the user gave it
+                path = Path(source) / path.resolve().relative_to(Path(source).resolve())
             _check_json_values(path)
 
 

@@ -703,10 +703,15 @@ def _coverage(tokenizer, template, tools, example, messages, kept, processed) ->
     except (InputError, TemplateRaised, RenderLimit, control.MappingError):
         return None
     offsets = processed.encodings[0].offsets
-    if any(end > len(rendered.text) for _, end in offsets[-1:]) or control.token_mask(
+    if any(end > len(rendered.text) for _, end in offsets) or control.token_mask(
         processed, rendered.spans, len(processed["input_ids"])
     ) != list(processed["assistant_masks"]):
         return None
+    # Only the characters the row's tokens cover can be trained: a row whose `chat_template_kwargs` truncate its
+    # tokens (`truncation`, `max_length`: `apply_chat_template` arguments, which TRL passes on too) loses the rest.
+    characters = [(start, end) for start, end in offsets if start < end]
+    covered = (min(s for s, _ in characters), max(e for _, e in characters)) if characters else (0, 0)
+    spans = [(max(a, covered[0]), min(b, covered[1])) for a, b in spans if min(b, covered[1]) > max(a, covered[0])]
     return coverage.coverage_problems(rendered.text, spans, messages, kept)
 
 

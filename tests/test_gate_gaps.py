@@ -4,7 +4,8 @@
   render its tokens came from) is counted in `coverage_unchecked_rows`, as prompt/completion rows are, never
   passed as checked;
 - a row that asks for the generation prompt in its `chat_template_kwargs` is checked on the render it is trained
-  on, instead of its check failing unseen;
+  on, instead of its check failing unseen; one whose `chat_template_kwargs` truncate its tokens is checked on the
+  characters its tokens keep;
 - `NaN` / `Infinity` in a JSON or JSON Lines file inside a dataset folder is refused by file, line and field,
   as in a single file, instead of loading as null (a `weight: NaN` turn trained).
 """
@@ -129,6 +130,25 @@ def test_a_row_asking_for_the_generation_prompt_is_checked_on_the_render_it_trai
     found = [(r["index"], r["reason"], r["message"]) for r in report["coverage_problem_rows"]]
     assert found == [(0, "non_assistant_text_trained", 2), (1, "non_assistant_text_trained", 2)]
     assert report["coverage_unchecked_rows"] == []
+
+
+def test_a_row_whose_template_kwargs_truncate_its_tokens_leaves_the_answer_untrained_and_fails(tmp_path):
+    """`chat_template_kwargs: {truncation: true, max_length: N}` are `apply_chat_template` arguments, which TRL
+    passes on as well: the row's tokens end N tokens in, mid-answer. The row used to pass, its cut answer counted
+    as neither truncated nor wrong; the characters past its last token are untrained, and it fails."""
+    messages = [
+        {"role": "user", "content": "What is the answer?"},
+        {"role": "assistant", "content": "The answer is forty-two, as everyone knows."},
+    ]
+    code, whole, out = check(tmp_path, [{"messages": messages}])
+    assert code == 0 and whole["coverage_problem_rows"] == [], out
+    cut = {"truncation": True, "max_length": whole["tokens"] - 10}  # ten tokens short of the end of the answer
+    code, report, out = check(tmp_path, [{"messages": messages, "chat_template_kwargs": cut}])
+    assert report["tokens"] == whole["tokens"] - 10 and 0 < report["trainable_tokens"] < whole["trainable_tokens"]
+    assert code == 1, out
+    assert [(r["index"], r["reason"], r["message"]) for r in report["coverage_problem_rows"]] == [
+        (0, "assistant_content_untrained", 1)
+    ]
 
 
 # ------------------------------------------------------------------------------ NaN in a dataset folder
