@@ -558,6 +558,8 @@ def to_markdown(report: Report, title: str) -> str:
     ]
     if report.problems():
         lines += ["## Problems", ""] + [f"- {p}" for p in report.problems()] + [""]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     if report.zero_mask_rows:
         lines += ["## Rows with nothing to train", "", "| row | reason | what to do |", "|---|---|---|"]
         lines += [f"| {r['index']} | {r['reason']} | {reason_help(r['reason'])} |" for r in report.zero_mask_rows]

@@ -215,6 +215,8 @@ def load_splits(recipe, *, with_eval: bool | None = None) -> Splits:
     where = f"{source}" + (f" (config {config!r})" if config else "")
     train = load_rows(source, script.dataset_train_split, name=config)
     splits = Splits(train=train, train_label=where)
+    if unread := unread_data_files(source, name=config):
+        splits.notes.append(unread_files_note(f"dataset_name: {source}", unread))
     if with_eval:
         splits.eval = load_rows(source, script.dataset_test_split, name=config, split_key="dataset_test_split")
         splits.eval_label = f"{where} split {script.dataset_test_split!r}"
@@ -237,6 +239,10 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
         )
     sources = [_loadable(i, source) for i, source in enumerate(mixture.datasets)]
     labels = [_source_label(i, source) for i, source in enumerate(mixture.datasets)]
+    for label, source in zip(labels, sources):
+        if source.data_dir is None and source.data_files is None:
+            if unread := unread_data_files(source.path, name=source.name):
+                notes.append(unread_files_note(label, unread))
     lengths = []
     with fresh_cache([source.path for source in sources]):
         for i, source in enumerate(sources):
@@ -308,6 +314,8 @@ def _load_handbook_mixture(recipe, with_eval: bool) -> Splits:
         rows = load_rows(
             source.id, source.split, name=source.config, split_key=f"{where}.split", config_key=f"{where}.config"
         )
+        if unread := unread_data_files(source.id, name=source.config):
+            notes.append(unread_files_note(f"{where} ({source.id})", unread))
         if source.columns is not None:
             missing = [column for column in source.columns if column not in rows.column_names]
             if missing:
@@ -497,6 +505,59 @@ def check_json_data_files(source: str, split: str, **load_kwargs) -> None:
             with contextlib.suppress(ValueError):  # named under the folder as the user gave it
                 path = Path(source) / path.resolve().relative_to(Path(source).resolve())
             _check_json_values(path)
+
+
+def unread_data_files(source: str, **load_kwargs) -> list[str]:
+    """The data files (`.jsonl`, `.json`, `.parquet`, `.csv`) in a local folder that `datasets.load_dataset(source,
+    **load_kwargs)` reads into no split, relative to the folder: it infers a folder's splits from its file names
+    (`train`, `test`, `valid`, `dev`... in a name make a split, and once one does, files named after none are left
+    out) and reads only the files of the most common format, so rows can go unread without a word. Empty when the
+    folder's dataset card lists its `configs:` (the files are then the user's choice) or `datasets` can't
+    resolve the folder (the load reports that)."""
+    import datasets
+
+    folder = Path(source)
+    if not folder.is_dir() or _card_lists_configs(folder):
+        return []
+    try:
+        with fresh_cache([folder]):
+            builder = datasets.load_dataset_builder(source, **load_kwargs)
+        read = {Path(f).resolve() for files in (builder.config.data_files or {}).values() for f in files}
+    except Exception:  # noqa: BLE001 - load_dataset says what is wrong with the source, in recipe terms
+        return []
+    unread = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if name.startswith(".") or path.suffix.lower() not in FILE_BUILDERS or path.resolve() in read:
+                continue
+            unread.append(str(path.relative_to(folder)))
+    return unread
+
+
+def unread_files_note(where: str, unread: list[str]) -> str:
+    """The report's warning about a folder's `unread_data_files` (`where`: the recipe key or source naming it)."""
+    shown = ", ".join(unread[:10]) + (f" and {len(unread) - 10} more" if len(unread) > 10 else "")
+    return (
+        f"{where}: {len(unread)} data files in the folder are read into no split, so their rows are not trained or "
+        f"counted: {shown} (datasets splits a folder by its file names: a file named after a split, e.g. "
+        "test_cases.jsonl, makes names without one unread; and it reads one format only); rename the files, or "
+        "list them under configs: in the folder's README.md"
+    )
+
+
+def _card_lists_configs(folder: Path) -> bool:
+    """Whether the folder's README.md (its dataset card) has `configs:` in its YAML header."""
+    import yaml
+
+    readme = folder / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+        header = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") and text.count("---") >= 2 else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True  # a card that can't be read: no verdict on its files
+    return isinstance(header, dict) and "configs" in header
 
 
 def _check_json_values(path: Path) -> None:

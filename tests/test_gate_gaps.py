@@ -204,3 +204,51 @@ def test_a_dataset_folder_of_finite_numbers_loads_every_file_and_its_switched_of
         {"index": 1, "reason": "all_turns_switched_off"},
         {"index": 3, "reason": "all_turns_switched_off"},
     ]
+
+
+# ------------------------------------------------------------------------------ folder files read into no split
+
+
+def folder_of(tmp_path: Path, files: dict[str, int]) -> Path:
+    """A dataset folder: each .jsonl file with that many conversations (a .parquet file: written by datasets)."""
+    from datasets import Dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, rows in files.items():
+        lines = [conversation(f"{name} {i}", "1") for i in range(rows)]
+        if name.endswith(".parquet"):
+            Dataset.from_list([json.loads(line) for line in lines]).to_parquet(str(folder / name))
+        else:
+            (folder / name).write_text("".join(lines))
+    return folder
+
+
+def test_a_folder_file_named_after_no_split_is_reported_unread(tmp_path):
+    """`datasets` reads a folder by its file names: once one names a split (`test_cases.jsonl`: test;
+    `more_train.jsonl`: train), a file named after none (`chats.jsonl`) is in no split, its rows neither trained
+    nor counted. The report names it, beside rows that count only the file read."""
+    folder = folder_of(tmp_path, {"chats.jsonl": 3, "test_cases.jsonl": 1, "more_train.jsonl": 2})
+    code, report, out = check(tmp_path, None, dataset_name=str(folder))
+    assert code == 0 and report["rows"] == 2, out
+    (warning,) = report["warnings"]
+    assert warning.startswith(f"dataset_name: {folder}: 1 data files in the folder are read into no split")
+    assert "chats.jsonl" in warning and "test_cases.jsonl" not in warning.split("(")[0]
+    assert f"warning: {warning}" in out
+    assert f"- {warning}" in (tmp_path / "report.md").read_text()
+
+
+def test_a_folder_file_of_another_format_is_reported_unread(tmp_path):
+    """`datasets` reads one format of a folder (the most common one): the parquet file beside two .jsonl files is
+    left out, in a mixture source as in dataset_name."""
+    folder = folder_of(tmp_path, {"a.jsonl": 1, "b.jsonl": 1, "c.parquet": 5})
+    code, report, out = check(tmp_path, None, datasets=[{"path": str(folder)}])
+    assert code == 0 and report["rows"] == 2, out
+    (warning,) = report["warnings"]
+    assert warning.startswith(f"datasets[0] ({folder}, split 'train'): 1 data files") and "c.parquet" in warning
+
+
+def test_a_folder_whose_files_are_all_read_has_no_warning(tmp_path):
+    folder = folder_of(tmp_path, {"a.jsonl": 1, "b.jsonl": 2})
+    code, report, out = check(tmp_path, None, dataset_name=str(folder))
+    assert code == 0 and report["rows"] == 3 and report["warnings"] == [], out
