@@ -78,7 +78,13 @@ class Report:
             )
         if self.coverage_problem_rows:
             out.append(_coverage_problem_text(self.coverage_problem_rows))
-        if self.zero_trainable_sequences:
+        if self.zero_trainable_sequences and not self.settings.get("packing", True):
+            out.append(
+                f"{self.zero_trainable_sequences} of {self.sequences} sequences have zero trainable tokens (wasted "
+                "compute): without max_length the trainer drops no row, so the rows with nothing to train are "
+                "trained as they are; fix or remove them, or set max_length (such rows are then dropped)"
+            )
+        elif self.zero_trainable_sequences:
             out.append(
                 f"{self.zero_trainable_sequences} of {self.sequences} packed sequences have zero trainable tokens "
                 "(wasted compute); use packing_strategy: bfd and drop zero-trainable rows, or raise max_length"
@@ -377,10 +383,10 @@ def _coverage_problem_text(rows: list[dict]) -> str:
 
 def _truncated_stats(tokenized, per_row: _Rows, report: Report) -> None:
     """Without packing: trainable tokens kept per row; TRL drops rows left with none."""
-    if report.settings["max_length"] is None:
+    if report.settings["max_length"] is None:  # nothing truncates, and TRL drops no row: each row is a sequence
         report.trainable_tokens = report.trainable_tokens_before
-        report.sequences = report.rows - int((per_row.before == 0).sum())
-        report.dropped_rows = int((per_row.before == 0).sum())
+        report.sequences = report.rows
+        report.zero_trainable_sequences = int((per_row.before == 0).sum())
         return
     kept = []
     for table in _batches(tokenized, ["labels"]):

@@ -252,3 +252,26 @@ def test_a_folder_whose_files_are_all_read_has_no_warning(tmp_path):
     folder = folder_of(tmp_path, {"a.jsonl": 1, "b.jsonl": 2})
     code, report, out = check(tmp_path, None, dataset_name=str(folder))
     assert code == 0 and report["rows"] == 3 and report["warnings"] == [], out
+
+
+# ------------------------------------------------------------------------------ counts that add up
+
+
+def test_without_max_length_rows_with_nothing_to_train_are_counted_as_the_sequences_they_stay(tmp_path):
+    """With `max_length: null` (and no packing) TRL drops no row: a row with nothing to train reaches the trainer
+    as a sequence with zero trainable tokens. The report used to count it as dropped, and the sequences as one
+    fewer than the dataset it hands the trainer."""
+    from sft_toolkit.check_data import check_data
+    from sft_toolkit.recipe import load_recipe
+
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bbb"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "ddd"}]},
+    ]
+    code, report, out = check(tmp_path, rows, max_length=None, max_zero_rows=1)
+    _, trained = check_data(load_recipe(str(tmp_path / "recipe.yaml")))
+    empty = sum(all(label == -100 for label in labels) for labels in trained["labels"])
+    assert report["sequences"] == len(trained) and report["rows"] == len(trained) + report["dropped_rows"]
+    assert report["zero_trainable_sequences"] == empty == 1
+    assert code == 1 and "1 of 3 sequences have zero trainable tokens" in out
