@@ -148,8 +148,23 @@ def training_template(tokenizer, sft) -> str | None:
     return None
 
 
+def template_kwargs_problem(example: dict) -> str | None:
+    """A row's `chat_template_kwargs` that is not a mapping (TRL unpacks it into `apply_chat_template`'s arguments,
+    and fails on anything else); None when it is one, or absent."""
+    extra = example.get("chat_template_kwargs")
+    if extra is None or isinstance(extra, dict):
+        return None
+    return (
+        f"field 'chat_template_kwargs' must be an object of template variables (e.g. "
+        f'{{"enable_thinking": false}}), got {type(extra).__name__}'
+        + (": write the object itself, not its JSON text" if isinstance(extra, str) else "")
+    )
+
+
 def row_problem(example: dict) -> str | None:
     """A malformed row: say which field is wrong and how (None when the row is usable)."""
+    if problem := template_kwargs_problem(example):
+        return problem
     messages = example.get("messages")
     if not isinstance(messages, list):
         return "field 'messages' must be a list of {role, content} objects"
@@ -915,7 +930,8 @@ def _prompt_completion_row(
     from trl.data_utils import _tokenize, common_prefix_length
 
     prompt, completion = example.get("prompt"), example.get("completion")
-    out = {**row_record(index, _prompt_completion_problem(prompt, completion, policy)), **coverage.columns()}
+    problem = _prompt_completion_problem(prompt, completion, policy) or template_kwargs_problem(example)
+    out = {**row_record(index, problem), **coverage.columns()}
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars

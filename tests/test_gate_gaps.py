@@ -275,3 +275,19 @@ def test_without_max_length_rows_with_nothing_to_train_are_counted_as_the_sequen
     assert report["sequences"] == len(trained) and report["rows"] == len(trained) + report["dropped_rows"]
     assert report["zero_trainable_sequences"] == empty == 1
     assert code == 1 and "1 of 3 sequences have zero trainable tokens" in out
+
+
+# ------------------------------------------------------------------------------ bad input named, not a traceback
+
+
+@pytest.mark.parametrize("prompt_completion", [False, True], ids=["messages", "prompt_completion"])
+def test_template_kwargs_given_as_json_text_are_refused_by_row(tmp_path, prompt_completion):
+    """`chat_template_kwargs` written as JSON text (as `tools` may be): TRL unpacks it as a mapping and fails; the
+    row is named instead of a traceback."""
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    row = {"prompt": messages[:1], "completion": messages[1:]} if prompt_completion else {"messages": messages}
+    written_as_text = {**row, "chat_template_kwargs": '{"enable_thinking": false}'}
+    code, _, out = check(tmp_path, [written_as_text])
+    assert code == 2, out
+    assert "row 0: field 'chat_template_kwargs' must be an object of template variables" in out
+    assert "Traceback" not in out
