@@ -58,7 +58,7 @@ def load_rows(
             check_json_file(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         if path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            if _saved_to_disk(path):
                 _no_config(source, name, config_key, "a save_to_disk folder")
                 loaded = datasets.load_from_disk(str(path))
                 splits = list(loaded) if isinstance(loaded, datasets.DatasetDict) else FILE_SPLITS
@@ -517,7 +517,7 @@ def unread_data_files(source: str, **load_kwargs) -> list[str]:
     import datasets
 
     folder = Path(source)
-    if not folder.is_dir() or _card_lists_configs(folder):
+    if not folder.is_dir() or _card_lists_configs(folder) or _saved_to_disk(folder):
         return []
     try:
         with fresh_cache([folder]):
@@ -545,6 +545,11 @@ def unread_files_note(where: str, unread: list[str]) -> str:
         "test_cases.jsonl, makes names without one unread; and it reads one format only); rename the files, or "
         "list them under configs: in the folder's README.md"
     )
+
+
+def _saved_to_disk(folder: Path) -> bool:
+    """A `save_to_disk` folder (`load_rows` reads it with `load_from_disk`, every file its own)."""
+    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
 def _card_lists_configs(folder: Path) -> bool:
