@@ -184,6 +184,15 @@ def test_nan_in_a_dataset_folder_of_a_mixture_is_refused_naming_the_source(tmp_p
     assert f"datasets[0]: {folder_with_nan}: {folder_with_nan / 'b.jsonl'}:2: messages[1].weight (NaN)" in out
 
 
+def test_nan_in_json_data_files_of_a_mixture_is_refused_naming_the_source(tmp_path, folder_with_nan):
+    """`path: json` with `data_files` (a glob): the files the json builder reads are checked the same way."""
+    code, report, out = check(
+        tmp_path, None, datasets=[{"path": "json", "data_files": str(folder_with_nan / "*.jsonl")}]
+    )
+    assert code == 2, out
+    assert f"datasets[0]: json: {folder_with_nan / 'b.jsonl'}:2: messages[1].weight (NaN)" in out
+
+
 def test_nan_in_a_json_file_of_a_dataset_folder_is_refused_by_row(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
