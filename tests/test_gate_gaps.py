@@ -7,7 +7,10 @@
   on, instead of its check failing unseen; one whose `chat_template_kwargs` truncate its tokens is checked on the
   characters its tokens keep;
 - `NaN` / `Infinity` in a JSON or JSON Lines file inside a dataset folder is refused by file, line and field,
-  as in a single file, instead of loading as null (a `weight: NaN` turn trained).
+  as in a single file, instead of loading as null (a `weight: NaN` turn trained);
+- a folder's data files that `datasets` reads into no split are named in the report's warnings;
+- without `max_length`, rows with nothing to train are counted as the sequences they stay, not as dropped;
+- `chat_template_kwargs` written as JSON text is a named malformed row, not a traceback.
 """
 
 from __future__ import annotations
