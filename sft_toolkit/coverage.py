@@ -60,13 +60,19 @@ class CoverageProblem:
     message: int
 
 
-def columns(problems: list[CoverageProblem] = ()) -> dict:
+def columns(problems: list[CoverageProblem] = (), *, unchecked: bool = False) -> dict:
     """A tokenized row's coverage columns: its first problem (`coverage_reason`, `coverage_message`; "" and -1
-    when none) and every problem, in message order, as JSON `[[reason, message], ...]` (`coverage_problems`;
-    "" when none: a string column types the same in every batch)."""
+    when none), every problem, in message order, as JSON `[[reason, message], ...]` (`coverage_problems`;
+    "" when none: a string column types the same in every batch), and whether the row's coverage could not be
+    checked (`coverage_unchecked`, 1: no verdict, counted in the report, never a pass)."""
     first = problems[0] if problems else CoverageProblem("", -1)
     every = json.dumps([[p.reason, p.message] for p in problems]) if problems else ""
-    return {"coverage_reason": first.reason, "coverage_message": first.message, "coverage_problems": every}
+    return {
+        "coverage_reason": first.reason,
+        "coverage_message": first.message,
+        "coverage_problems": every,
+        "coverage_unchecked": int(unchecked),
+    }
 
 
 def problems_from(column: str) -> list[CoverageProblem]:
