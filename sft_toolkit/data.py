@@ -66,7 +66,14 @@ def load_rows(
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             with fresh_cache([path]):
                 check_json_data_files(source, split, name=name)
-                return _load_builder(source, name, split, streaming, split_key, config_key)
+                try:
+                    return _load_builder(source, name, split, streaming, split_key, config_key)
+                except InputError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - a folder's files that don't load together: which, and why
+                    raise InputError(
+                        f"{source}: cannot load dataset ({folder_load_failure(source, split, name, err)})"
+                    ) from None
         if looks_local(source):
             raise InputError(f"{source}: no such file or directory")
         return _load_builder(source, name, split, streaming, split_key, config_key)
@@ -437,6 +444,10 @@ def _mixture_call(label: str, load, source=None, i: int | None = None):
     except InputError as err:
         raise InputError(f"{label}: {err}") from None
     except Exception as err:  # noqa: BLE001 - datasets / TRL failures of many types
+        if source is not None and Path(source.path).is_dir():
+            kwargs = {"data_dir": source.data_dir, "data_files": source.data_files}
+            reason = folder_load_failure(source.path, source.split, source.name, err, **kwargs)
+            raise InputError(f"{label}: cannot load ({reason})") from None
         raise InputError(f"{label}: cannot load ({type(err).__name__}: {_first_line(err)})") from None
 
 
@@ -751,6 +762,73 @@ def _messages_of(data, where: str) -> tuple[list[dict], list[dict] | None]:
     if isinstance(tools, str):
         tools = json.loads(tools)
     return data["messages"], tools
+
+
+def folder_load_failure(source: str, split: str, name: str | None, err: Exception, **load_kwargs) -> str:
+    """What stopped `datasets` loading a local folder, in the user's terms: the file whose columns or column types
+    differ from the first file's (datasets reads a folder's files into one table, and says only "An error occurred
+    while generating the dataset"), else the innermost error datasets wrapped."""
+    import datasets
+
+    inner = err
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    reason = f"{type(inner).__name__}: {_first_line(inner)}"
+    if isinstance(inner, datasets.table.CastError):
+        reason = f"the files' columns differ: {inner.details()}"
+    try:
+        builder = datasets.load_dataset_builder(source, name=name, **load_kwargs)
+        files = [Path(f) for f in (builder.config.data_files or {}).get(split, [])]
+    except Exception:  # noqa: BLE001 - the folder can't be resolved either: the wrapped error is all there is
+        return reason
+    schemas = []
+    for file in files:
+        try:
+            schemas.append((file, _file_schema(file, builder.name)))
+        except Exception as file_err:  # noqa: BLE001 - this file alone does not load: name it
+            return f"{_under(source, file)}: {type(file_err).__name__}: {_first_line(file_err)}"
+    schemas = [(file, schema) for file, schema in schemas if schema is not None]
+    for file, schema in schemas[1:]:
+        first_file, first = schemas[0]
+        if schema.names != first.names:
+            return (
+                f"{_under(source, file)} has the columns {schema.names}, {_under(source, first_file)} has "
+                f"{first.names}; give every file of the folder the same fields"
+            )
+        for column in schema:
+            if not column.type.equals(first.field(column.name).type):
+                return (
+                    f"{_under(source, file)}: column {column.name!r} is {column.type}, in {_under(source, first_file)} "
+                    f"it is {first.field(column.name).type}; give every file of the folder the same field types "
+                    f"(datasets: {reason})"
+                )
+    return reason
+
+
+def _file_schema(path: Path, builder: str):
+    """The Arrow schema of one data file as pyarrow infers it from the file's first block, without reading the rest
+    (None for a format not compared here)."""
+    if builder == "json" and path.suffix.lower() == ".jsonl":
+        import pyarrow.json
+
+        return pyarrow.json.open_json(path).schema
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_schema(path)
+    if builder == "csv":
+        import pyarrow.csv
+
+        return pyarrow.csv.open_csv(path).schema
+    return None
+
+
+def _under(source: str, file: Path) -> str:
+    """`file` named under the folder as the user gave it."""
+    try:
+        return str(Path(source) / file.resolve().relative_to(Path(source).resolve()))
+    except ValueError:
+        return str(file)
 
 
 def _first_line(err: Exception) -> str:
