@@ -697,7 +697,7 @@ def _check_jsonl_lines(path: Path) -> None:
                 raise InputError(f"{path}:{number}: not valid JSON ({err}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            where = _non_finite_row_field(row)
+            where = _non_finite_row_field(row) if _spells_non_finite(raw) else None  # only such text parses to one
             if where:
                 raise InputError(f"{path}:{number}: {where} {NON_FINITE_HELP}")
             rows += 1
