@@ -220,7 +220,7 @@ def batch_stages(n: int) -> None:
         preprocess.CHECK_COVERAGE = False
         items = [(k, m, t, s) for k, (m, t, s) in enumerate(zip(conversations, texts, spans))]
         table = clock(
-            "ids, offsets, mask, labels, counts, reasons -> Arrow table (_chat_table)",
+            "ids, mask (at the spans' edges), labels, counts, reasons -> Arrow table (_chat_table)",
             lambda: preprocess._chat_table(len(rows), list(range(len(rows))), {}, items, encoded),
         )
         preprocess.CHECK_COVERAGE = True

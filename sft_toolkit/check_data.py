@@ -33,7 +33,8 @@ class Report:
     # {"reason", "message"}): coverage.py
     coverage_problem_rows: list[dict] = field(default_factory=list)
     # Rows whose trained characters could not be told (a Python tokenizer whose decoded prefixes are not the row's
-    # text): their content coverage is not checked, and they are listed here instead of passing as checked.
+    # text, a row that renders differently when rendered again): their content coverage is not checked, and they
+    # are listed here instead of passing as checked.
     coverage_unchecked_rows: list[int] = field(default_factory=list)
     dropped_rows: int = 0  # rows TRL filters out (no packing)
     truncated_assistant_tokens: int = 0
@@ -77,7 +78,13 @@ class Report:
             )
         if self.coverage_problem_rows:
             out.append(_coverage_problem_text(self.coverage_problem_rows))
-        if self.zero_trainable_sequences:
+        if self.zero_trainable_sequences and not self.settings.get("packing", True):
+            out.append(
+                f"{self.zero_trainable_sequences} of {self.sequences} sequences have zero trainable tokens (wasted "
+                "compute): without max_length the trainer drops no row, so the rows with nothing to train are "
+                "trained as they are; fix or remove them, or set max_length (such rows are then dropped)"
+            )
+        elif self.zero_trainable_sequences:
             out.append(
                 f"{self.zero_trainable_sequences} of {self.sequences} packed sequences have zero trainable tokens "
                 "(wasted compute); use packing_strategy: bfd and drop zero-trainable rows, or raise max_length"
@@ -319,7 +326,7 @@ def _coverage_rows(tokenized, report: Report) -> None:
     columns = tokenized.column_names or list(tokenized.features or {})  # a streamed dataset may know neither
     if "coverage_reason" not in columns:
         return  # plain text and pre-tokenized rows: no messages to hold the mask against
-    if "coverage_unchecked" in columns:  # prompt/completion rows (preprocess._prompt_completion_row)
+    if "coverage_unchecked" in columns:  # rows whose coverage has no verdict (coverage.columns)
         for table in _batches(tokenized, ["src_row", "coverage_unchecked"]):
             unchecked = table.filter(pc.equal(table["coverage_unchecked"], 1))
             report.coverage_unchecked_rows += [int(r) for r in unchecked["src_row"].to_pylist()]
@@ -376,10 +383,10 @@ def _coverage_problem_text(rows: list[dict]) -> str:
 
 def _truncated_stats(tokenized, per_row: _Rows, report: Report) -> None:
     """Without packing: trainable tokens kept per row; TRL drops rows left with none."""
-    if report.settings["max_length"] is None:
+    if report.settings["max_length"] is None:  # nothing truncates, and TRL drops no row: each row is a sequence
         report.trainable_tokens = report.trainable_tokens_before
-        report.sequences = report.rows - int((per_row.before == 0).sum())
-        report.dropped_rows = int((per_row.before == 0).sum())
+        report.sequences = report.rows
+        report.zero_trainable_sequences = int((per_row.before == 0).sum())
         return
     kept = []
     for table in _batches(tokenized, ["labels"]):
@@ -501,7 +508,8 @@ REASON_HELP = {
     "conversation or drop the row",
     coverage.ASSISTANT_CONTENT_UNTRAINED: "part of this assistant message's text (content or tool calls) is not "
     "trained, or only markup is: lint the template; for content parts, check "
-    "the template renders them",
+    "the template renders them; a row whose chat_template_kwargs hold truncation / max_length has its tokens cut "
+    "there: remove them (the recipe's max_length truncates with a count)",
     coverage.NON_ASSISTANT_TEXT_TRAINED: "text of this user/system/tool message is trained: the template's "
     "{% generation %} block covers it (lint the template), or it is in a completion, which completion_only_loss "
     "trains whole (set assistant_only_loss: true, or move it into the prompt)",
@@ -556,6 +564,8 @@ def to_markdown(report: Report, title: str) -> str:
     ]
     if report.problems():
         lines += ["## Problems", ""] + [f"- {p}" for p in report.problems()] + [""]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     if report.zero_mask_rows:
         lines += ["## Rows with nothing to train", "", "| row | reason | what to do |", "|---|---|---|"]
         lines += [f"| {r['index']} | {r['reason']} | {reason_help(r['reason'])} |" for r in report.zero_mask_rows]

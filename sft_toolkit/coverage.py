@@ -60,13 +60,19 @@ class CoverageProblem:
     message: int
 
 
-def columns(problems: list[CoverageProblem] = ()) -> dict:
+def columns(problems: list[CoverageProblem] = (), *, unchecked: bool = False) -> dict:
     """A tokenized row's coverage columns: its first problem (`coverage_reason`, `coverage_message`; "" and -1
-    when none) and every problem, in message order, as JSON `[[reason, message], ...]` (`coverage_problems`;
-    "" when none: a string column types the same in every batch)."""
+    when none), every problem, in message order, as JSON `[[reason, message], ...]` (`coverage_problems`;
+    "" when none: a string column types the same in every batch), and whether the row's coverage could not be
+    checked (`coverage_unchecked`, 1: no verdict, counted in the report, never a pass)."""
     first = problems[0] if problems else CoverageProblem("", -1)
     every = json.dumps([[p.reason, p.message] for p in problems]) if problems else ""
-    return {"coverage_reason": first.reason, "coverage_message": first.message, "coverage_problems": every}
+    return {
+        "coverage_reason": first.reason,
+        "coverage_message": first.message,
+        "coverage_problems": every,
+        "coverage_unchecked": int(unchecked),
+    }
 
 
 def problems_from(column: str) -> list[CoverageProblem]:
@@ -156,11 +162,13 @@ def _leaves(value) -> list[str]:
     return []  # booleans and null: templates spell them differently (True, true)
 
 
-def forms(piece: str) -> list[str]:
-    """A text as a template may print it: as written, or JSON-escaped (`tojson`), without the quotes."""
+def forms(piece: str, text: str) -> list[str]:
+    """A text as a template may print it into `text`: as written, or JSON-escaped (`tojson`), without the quotes.
+    Every escaped form that differs from the text as written has a backslash, so a `text` without one can only
+    hold the text as written."""
     out = [piece]
-    if piece.isascii() and piece.isprintable() and '"' not in piece and "\\" not in piece:
-        return out  # JSON writes it as it is
+    if "\\" not in text or (piece.isascii() and piece.isprintable() and '"' not in piece and "\\" not in piece):
+        return out  # JSON writes it as it is, or `text` holds no escaped form
     for encoded in (json.dumps(piece, ensure_ascii=False), json.dumps(piece)):
         if encoded[1:-1] not in out:
             out.append(encoded[1:-1])
@@ -169,7 +177,9 @@ def forms(piece: str) -> list[str]:
 
 def _find(text: str, piece: str, start: int, stop: int | None = None) -> tuple[int, int] | None:
     """The first occurrence of any form of `piece` in text[start:stop]."""
-    found = [(at, at + len(f)) for f in forms(piece) if (at := text.find(f, start, stop if stop else len(text))) >= 0]
+    found = [
+        (at, at + len(f)) for f in forms(piece, text) if (at := text.find(f, start, stop if stop else len(text))) >= 0
+    ]
     return min(found, default=None)
 
 
@@ -180,7 +190,7 @@ def _find_trained(text: str, piece: str, start: int, stop, trained: TrainedSpans
     if found is None or trained.all_trained(*found):
         return found, found is not None
     limit = stop()
-    for form in forms(piece):
+    for form in forms(piece, text):
         at = text.find(form, start, limit)
         while at >= 0:
             if trained.all_trained(at, at + len(form)):
@@ -333,7 +343,7 @@ def _inside_assistant_text(text: str, at: tuple[int, int], messages: list[dict],
     from the answer that quotes it)."""
     for i in assistant:
         for piece in content_pieces(messages[i]) + call_pieces(messages[i]):
-            for form in forms(piece):
+            for form in forms(piece, text):
                 k = text.find(form)
                 while k >= 0:
                     if k <= at[0] and at[1] <= k + len(form):

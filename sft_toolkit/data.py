@@ -58,14 +58,22 @@ def load_rows(
             check_json_file(path)
             return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         if path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            if _saved_to_disk(path):
                 _no_config(source, name, config_key, "a save_to_disk folder")
                 loaded = datasets.load_from_disk(str(path))
                 splits = list(loaded) if isinstance(loaded, datasets.DatasetDict) else FILE_SPLITS
                 _require_split(source, split, splits, split_key)
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             with fresh_cache([path]):
-                return _load_builder(source, name, split, streaming, split_key, config_key)
+                check_json_data_files(source, split, name=name)
+                try:
+                    return _load_builder(source, name, split, streaming, split_key, config_key)
+                except InputError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - a folder's files that don't load together: which, and why
+                    raise InputError(
+                        f"{source}: cannot load dataset ({folder_load_failure(source, split, name, err)})"
+                    ) from None
         if looks_local(source):
             raise InputError(f"{source}: no such file or directory")
         return _load_builder(source, name, split, streaming, split_key, config_key)
@@ -214,6 +222,8 @@ def load_splits(recipe, *, with_eval: bool | None = None) -> Splits:
     where = f"{source}" + (f" (config {config!r})" if config else "")
     train = load_rows(source, script.dataset_train_split, name=config)
     splits = Splits(train=train, train_label=where)
+    if unread := unread_data_files(source, name=config):
+        splits.notes.append(unread_files_note(f"dataset_name: {source}", unread))
     if with_eval:
         splits.eval = load_rows(source, script.dataset_test_split, name=config, split_key="dataset_test_split")
         splits.eval_label = f"{where} split {script.dataset_test_split!r}"
@@ -236,6 +246,10 @@ def _load_mixture(recipe, with_eval: bool) -> Splits:
         )
     sources = [_loadable(i, source) for i, source in enumerate(mixture.datasets)]
     labels = [_source_label(i, source) for i, source in enumerate(mixture.datasets)]
+    for label, source in zip(labels, sources):
+        if source.data_dir is None and source.data_files is None:
+            if unread := unread_data_files(source.path, name=source.name):
+                notes.append(unread_files_note(label, unread))
     lengths = []
     with fresh_cache([source.path for source in sources]):
         for i, source in enumerate(sources):
@@ -307,6 +321,8 @@ def _load_handbook_mixture(recipe, with_eval: bool) -> Splits:
         rows = load_rows(
             source.id, source.split, name=source.config, split_key=f"{where}.split", config_key=f"{where}.config"
         )
+        if unread := unread_data_files(source.id, name=source.config):
+            notes.append(unread_files_note(f"{where} ({source.id})", unread))
         if source.columns is not None:
             missing = [column for column in source.columns if column not in rows.column_names]
             if missing:
@@ -385,6 +401,13 @@ def _loadable(i: int, source):
         return dataclasses.replace(source, path=builder, data_files=str(path))
     if not path.exists() and looks_local(source.path) and source.data_files is None:
         raise InputError(f"{where}: no such file or directory")
+    if path.is_dir() or (source.path == "json" and source.data_files is not None):
+        try:
+            check_json_data_files(
+                source.path, source.split, name=source.name, data_dir=source.data_dir, data_files=source.data_files
+            )
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
     return source
 
 
@@ -421,6 +444,10 @@ def _mixture_call(label: str, load, source=None, i: int | None = None):
     except InputError as err:
         raise InputError(f"{label}: {err}") from None
     except Exception as err:  # noqa: BLE001 - datasets / TRL failures of many types
+        if source is not None and Path(source.path).is_dir():
+            kwargs = {"data_dir": source.data_dir, "data_files": source.data_files}
+            reason = folder_load_failure(source.path, source.split, source.name, err, **kwargs)
+            raise InputError(f"{label}: cannot load ({reason})") from None
         raise InputError(f"{label}: cannot load ({type(err).__name__}: {_first_line(err)})") from None
 
 
@@ -467,6 +494,150 @@ def check_json_file(path: Path) -> None:
                 raise InputError(f"{path}: row {index} (counted from 0): {where} {NON_FINITE_HELP}")
 
 
+def check_json_data_files(source: str, split: str, **load_kwargs) -> None:
+    """`check_json_file`'s NaN/Infinity check on each JSON / JSON Lines file that `datasets.load_dataset(source,
+    split=split, **load_kwargs)` reads for a local folder (or the `json` builder given `data_files`): the files as
+    `datasets` resolves them (`load_dataset_builder`: the dataset card's `configs:`, else its data-file patterns,
+    the builder its files' extensions pick), so a `weight: NaN` in one file of a folder is named like one in a
+    single file instead of loading as null (a switched-off turn trained). Files another builder reads are not
+    JSON; a source `datasets` can't resolve is left for the load to report."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source, **load_kwargs)
+        files = builder.config.data_files.get(split, []) if builder.config.data_files else []
+    except Exception:  # noqa: BLE001 - load_dataset says what is wrong with the source, in recipe terms
+        return
+    if builder.name != "json":
+        return
+    for file in files:
+        path = Path(file)
+        if path.suffix.lower() in (".json", ".jsonl") and path.is_file():
+            with contextlib.suppress(ValueError):  # named under the folder as the user gave it
+                path = Path(source) / path.resolve().relative_to(Path(source).resolve())
+            _check_json_values(path)
+
+
+def unread_data_files(source: str, **load_kwargs) -> list[str]:
+    """The data files (`.jsonl`, `.json`, `.parquet`, `.csv`) in a local folder that `datasets.load_dataset(source,
+    **load_kwargs)` reads into no split, relative to the folder: it infers a folder's splits from its file names
+    (`train`, `test`, `valid`, `dev`... in a name make a split, and once one does, files named after none are left
+    out) and reads only the files of the most common format, so rows can go unread without a word. Empty when the
+    folder's dataset card lists its `configs:` (the files are then the user's choice) or `datasets` can't
+    resolve the folder (the load reports that)."""
+    import datasets
+
+    folder = Path(source)
+    if not folder.is_dir() or _card_lists_configs(folder) or _saved_to_disk(folder):
+        return []
+    try:
+        with fresh_cache([folder]):
+            builder = datasets.load_dataset_builder(source, **load_kwargs)
+        read = {Path(f).resolve() for files in (builder.config.data_files or {}).values() for f in files}
+    except Exception:  # noqa: BLE001 - load_dataset says what is wrong with the source, in recipe terms
+        return []
+    unread = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if name.startswith(".") or path.suffix.lower() not in FILE_BUILDERS or path.resolve() in read:
+                continue
+            unread.append(str(path.relative_to(folder)))
+    return unread
+
+
+def unread_files_note(where: str, unread: list[str]) -> str:
+    """The report's warning about a folder's `unread_data_files` (`where`: the recipe key or source naming it)."""
+    shown = ", ".join(unread[:10]) + (f" and {len(unread) - 10} more" if len(unread) > 10 else "")
+    return (
+        f"{where}: {len(unread)} data files in the folder are read into no split, so their rows are not trained or "
+        f"counted: {shown} (datasets splits a folder by its file names: a file named after a split, e.g. "
+        "test_cases.jsonl, makes names without one unread; and it reads one format only); rename the files, or "
+        "list them under configs: in the folder's README.md"
+    )
+
+
+def _saved_to_disk(folder: Path) -> bool:
+    """A `save_to_disk` folder (`load_rows` reads it with `load_from_disk`, every file its own)."""
+    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _card_lists_configs(folder: Path) -> bool:
+    """Whether the folder's README.md (its dataset card) has `configs:` in its YAML header."""
+    import yaml
+
+    readme = folder / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+        header = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") and text.count("---") >= 2 else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True  # a card that can't be read: no verdict on its files
+    return isinstance(header, dict) and "configs" in header
+
+
+def _check_json_values(path: Path) -> None:
+    """A NonFinite in a checked field of a `.json` file's rows or a `.jsonl` file's lines, named by file, row
+    (or line) and field; lines that are not JSON are left for `datasets` to report. Only text that spells `NaN`
+    or `Infinity` is parsed, and a file unchanged since its check in this process is not read again."""
+    stat = path.stat()
+    state = ("values", str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if state in _CHECKED_JSONL:
+        return
+    _check_json_text(path)
+    _CHECKED_JSONL.add(state)
+
+
+def _spells_non_finite(raw: bytes) -> bool:
+    return b"NaN" in raw or b"Infinity" in raw
+
+
+def _file_spells_non_finite(path: Path) -> bool:
+    """Whether the file's bytes hold `NaN` or `Infinity` anywhere (one scan, memory-mapped: most files don't)."""
+    import mmap
+
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b"NaN") >= 0 or data.find(b"Infinity") >= 0
+
+
+def _check_json_text(path: Path) -> None:
+    try:
+        if not _file_spells_non_finite(path):
+            return
+    except (OSError, ValueError):
+        return  # unreadable here: datasets says what is wrong with the file
+    if path.suffix.lower() == ".json":
+        try:
+            text = path.read_bytes()
+            if not _spells_non_finite(text):
+                return
+            rows = json.loads(text, parse_constant=NonFinite)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":
+                return
+            rows = None  # JSON Lines written to a .json file, which datasets reads as such
+        except (OSError, UnicodeDecodeError):
+            return
+        if rows is not None:
+            for index, row in enumerate(rows if isinstance(rows, list) else []):
+                if where := _non_finite_row_field(row):
+                    raise InputError(f"{path}: row {index} (counted from 0): {where} {NON_FINITE_HELP}")
+            return
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not _spells_non_finite(raw):
+                continue
+            try:
+                row = json.loads(raw, parse_constant=NonFinite)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if where := _non_finite_row_field(row):
+                raise InputError(f"{path}:{number}: {where} {NON_FINITE_HELP}")
+
+
 # The fields of a row that decide what is trained: a NonFinite in one of them changes it without a word.
 CHECKED_FIELDS = (
     "messages",
@@ -496,7 +667,8 @@ def _non_finite_row_field(row) -> str | None:
     return None
 
 
-# The .jsonl files `check_jsonl` passed in this process, by identity and state (device, inode, size, change
+# The .jsonl files `check_jsonl` passed in this process (and a folder's JSON files `_check_json_values` passed,
+# tagged "values"), by identity and state (device, inode, size, change
 # times): `prepare` reads the dataset three times (the first row twice, then all of it) and a file unchanged
 # since its check needs no second one.
 _CHECKED_JSONL: set[tuple] = set()
@@ -525,7 +697,7 @@ def _check_jsonl_lines(path: Path) -> None:
                 raise InputError(f"{path}:{number}: not valid JSON ({err}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-            where = _non_finite_row_field(row)
+            where = _non_finite_row_field(row) if _spells_non_finite(raw) else None  # only such text parses to one
             if where:
                 raise InputError(f"{path}:{number}: {where} {NON_FINITE_HELP}")
             rows += 1
@@ -604,6 +776,73 @@ def _messages_of(data, where: str) -> tuple[list[dict], list[dict] | None]:
     if isinstance(tools, str):
         tools = json.loads(tools)
     return data["messages"], tools
+
+
+def folder_load_failure(source: str, split: str, name: str | None, err: Exception, **load_kwargs) -> str:
+    """What stopped `datasets` loading a local folder, in the user's terms: the file whose columns or column types
+    differ from the first file's (datasets reads a folder's files into one table, and says only "An error occurred
+    while generating the dataset"), else the innermost error datasets wrapped."""
+    import datasets
+
+    inner = err
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    reason = f"{type(inner).__name__}: {_first_line(inner)}"
+    if isinstance(inner, datasets.table.CastError):
+        reason = f"the files' columns differ: {inner.details()}"
+    try:
+        builder = datasets.load_dataset_builder(source, name=name, **load_kwargs)
+        files = [Path(f) for f in (builder.config.data_files or {}).get(split, [])]
+    except Exception:  # noqa: BLE001 - the folder can't be resolved either: the wrapped error is all there is
+        return reason
+    schemas = []
+    for file in files:
+        try:
+            schemas.append((file, _file_schema(file, builder.name)))
+        except Exception as file_err:  # noqa: BLE001 - this file alone does not load: name it
+            return f"{_under(source, file)}: {type(file_err).__name__}: {_first_line(file_err)}"
+    schemas = [(file, schema) for file, schema in schemas if schema is not None]
+    for file, schema in schemas[1:]:
+        first_file, first = schemas[0]
+        if schema.names != first.names:
+            return (
+                f"{_under(source, file)} has the columns {schema.names}, {_under(source, first_file)} has "
+                f"{first.names}; give every file of the folder the same fields"
+            )
+        for column in schema:
+            if not column.type.equals(first.field(column.name).type):
+                return (
+                    f"{_under(source, file)}: column {column.name!r} is {column.type}, in {_under(source, first_file)} "
+                    f"it is {first.field(column.name).type}; give every file of the folder the same field types "
+                    f"(datasets: {reason})"
+                )
+    return reason
+
+
+def _file_schema(path: Path, builder: str):
+    """The Arrow schema of one data file as pyarrow infers it from the file's first block, without reading the rest
+    (None for a format not compared here)."""
+    if builder == "json" and path.suffix.lower() == ".jsonl":
+        import pyarrow.json
+
+        return pyarrow.json.open_json(path).schema
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_schema(path)
+    if builder == "csv":
+        import pyarrow.csv
+
+        return pyarrow.csv.open_csv(path).schema
+    return None
+
+
+def _under(source: str, file: Path) -> str:
+    """`file` named under the folder as the user gave it."""
+    try:
+        return str(Path(source) / file.resolve().relative_to(Path(source).resolve()))
+    except ValueError:
+        return str(file)
 
 
 def _first_line(err: Exception) -> str:

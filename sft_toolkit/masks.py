@@ -705,55 +705,62 @@ def assistant_mask(offsets, spans) -> np.ndarray:
     return mask
 
 
-def batch_assistant_mask(offsets, token_counts, spans, span_counts, widths) -> np.ndarray:
-    """`assistant_mask` of several rows at once, as one flat array: `offsets` are every row's token offsets back
-    to back (`token_counts` per row), `spans` every row's generation spans (`span_counts` per row), and `widths`
-    each row's text length, within which its offsets and spans lie.
+def span_token_ranges(encoding, spans, token_count: int) -> list[tuple[int, int]] | None:
+    """The tokens `assistant_mask` marks for a row's generation `spans`, read at the spans' edges only: a
+    [first, stop) range of token indices per span, or None when the edges can't tell (a span edge on a character
+    no token covers, spans out of order), and the caller walks every offset instead.
 
-    Each row's positions are shifted past the previous row's text, so one `searchsorted` over the batch finds
-    every token's span; where a row's own search would find none, it finds a later row's span, which starts past
-    the token's end (so the token is not marked, as in the row's own mask). Rows whose offsets or spans are out
-    of order, or outside their text, are masked one by one instead.
+    `encoding`: the row's `tokenizers.Encoding`. tokenizers writes offsets in order, starts and ends both
+    non-decreasing: a normalizer aligns each character it writes with the characters it came from, in order;
+    pre-tokenizers split the text in order; a model writes a word's tokens in order (the pieces of one character
+    share its offsets); ByteLevel's `trim_offsets` moves a token's start forward and its end back only over its own
+    spaces. With spans in order too, transformers' walk marks a token exactly when it overlaps a span (its end past the span's start,
+    its start before the span's end; an empty span marks the token straddling it), and those tokens are one run
+    per span: from the first token ending after the span's start (`char_to_token` of the start: the first token
+    holding it) to the last one starting before its end (`char_to_token` of the end's character, moved on, one
+    `token_to_chars` at a time, past the tokens that share it or start before the end). No offset list is read
+    into Python.
     """
-    token = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    for (start, end), (next_start, next_end) in zip(spans, spans[1:]):
+        if next_start < start or next_end < end:
+            return None
+    ranges = []
+    for start, end in spans:
+        if start > end:
+            return None
+        first = encoding.char_to_token(start)  # the first token holding the character
+        if first is None:
+            return None
+        last = first - 1 if end == start else encoding.char_to_token(end - 1)
+        if last is None:
+            return None
+        while last + 1 < token_count and encoding.token_to_chars(last + 1)[0] < end:
+            last += 1
+        if last >= first:
+            ranges.append((first, last + 1))
+    return ranges
+
+
+def batch_assistant_mask(encodings, spans, token_counts) -> np.ndarray:
+    """`assistant_mask` of several rows at once, as one flat array (the rows' tokens back to back): each row's
+    `tokenizers.Encoding`, generation spans and token count. A row's marked tokens come from its spans' edges
+    (`span_token_ranges`); a row whose edges can't tell has its offsets walked by `assistant_mask`."""
     token_counts = np.asarray(token_counts, dtype=np.int64)
-    span_counts = np.asarray(span_counts, dtype=np.int64)
-    widths = np.asarray(widths, dtype=np.int64)
-    rows = np.arange(len(token_counts))
-    token_row, span_row = np.repeat(rows, token_counts), np.repeat(rows, span_counts)
-    base = np.concatenate([[0], np.cumsum(widths + 1)])[:-1]
-    within = bool(
-        (token.size == 0 or token.min() >= 0)
-        and (bounds.size == 0 or bounds.min() >= 0)
-        and (_row_maxima(token.max(axis=1, initial=0), token_counts) <= widths).all()
-        and (_row_maxima(bounds.max(axis=1, initial=0), span_counts) <= widths).all()
+    starts = np.concatenate([[0], np.cumsum(token_counts)])
+    opened, closed, walked = [], [], []
+    for row, (encoding, row_spans) in enumerate(zip(encodings, spans)):
+        ranges = span_token_ranges(encoding, row_spans, int(token_counts[row]))
+        if ranges is None:
+            walked.append(row)
+            continue
+        for first, stop in ranges:
+            opened.append(starts[row] + first)
+            closed.append(starts[row] + stop)
+    total = int(starts[-1])
+    depth = np.bincount(np.asarray(opened, dtype=np.int64), minlength=total + 1) - np.bincount(
+        np.asarray(closed, dtype=np.int64), minlength=total + 1
     )
-    token = token + base[token_row, None]
-    bounds = bounds + base[span_row, None]
-    if within and np.all(bounds[1:, 1] >= bounds[:-1, 1]) and np.all(token[1:, 0] >= token[:-1, 0]):
-        at = np.searchsorted(bounds[:, 1], token[:, 0], side="right")
-        inside = at < len(bounds)
-        mask = np.zeros(len(token), dtype=bool)
-        mask[inside] = token[inside, 1] > bounds[at[inside], 0]
-        return mask
-    token_ends, span_ends = np.cumsum(token_counts), np.cumsum(span_counts)
-    token -= base[token_row, None]
-    bounds -= base[span_row, None]
-    return np.concatenate(
-        [np.zeros(0, dtype=bool)]
-        + [
-            assistant_mask(token[t_end - t_n : t_end], bounds[s_end - s_n : s_end])
-            for t_n, t_end, s_n, s_end in zip(token_counts, token_ends, span_counts, span_ends)
-        ]
-    )
-
-
-def _row_maxima(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The largest of each row's `values` (rows of `counts` values back to back; 0 for an empty row)."""
-    maxima = np.zeros(len(counts), dtype=np.int64)
-    filled = counts > 0
-    if filled.any():
-        starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
-        maxima[filled] = np.maximum.reduceat(values, starts[filled])
-    return maxima
+    mask = np.cumsum(depth[:total]) > 0
+    for row in walked:
+        mask[starts[row] : starts[row + 1]] = assistant_mask(encodings[row].offsets, spans[row])
+    return mask

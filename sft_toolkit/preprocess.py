@@ -148,8 +148,23 @@ def training_template(tokenizer, sft) -> str | None:
     return None
 
 
+def template_kwargs_problem(example: dict) -> str | None:
+    """A row's `chat_template_kwargs` that is not a mapping (TRL unpacks it into `apply_chat_template`'s arguments,
+    and fails on anything else); None when it is one, or absent."""
+    extra = example.get("chat_template_kwargs")
+    if extra is None or isinstance(extra, dict):
+        return None
+    return (
+        f"field 'chat_template_kwargs' must be an object of template variables (e.g. "
+        f'{{"enable_thinking": false}}), got {type(extra).__name__}'
+        + (": write the object itself, not its JSON text" if isinstance(extra, str) else "")
+    )
+
+
 def row_problem(example: dict) -> str | None:
     """A malformed row: say which field is wrong and how (None when the row is usable)."""
+    if problem := template_kwargs_problem(example):
+        return problem
     messages = example.get("messages")
     if not isinstance(messages, list):
         return "field 'messages' must be a list of {role, content} objects"
@@ -447,7 +462,10 @@ def _tokenize_row(
     if trainable == 0 or (assistant_only_loss and reason == EMPTY_ASSISTANT_CONTENT):
         out["reason"] = reason
     if assistant_only_loss and not out["reason"] and CHECK_COVERAGE:
-        found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept)
+        found = _coverage(tokenizer, template, tools, example, original if controlled else messages, kept, processed)
+        if found is None:
+            out.update(coverage.columns(unchecked=True))
+            return out
         if kept is not None:  # switched-off turns, held to the final labels (what the trainer gets)
             spans = coverage.trained_spans(processed.encodings[0].offsets, labels)
             found = sorted(
@@ -478,8 +496,8 @@ def _tokenize_rows(
 
     Each row is rendered as `apply_chat_template` renders it (`render_jinja_template` with the tokenizer's special
     tokens and the row's `chat_template_kwargs`, the template compiled once per process by transformers' cache);
-    the batch's masks come from its token offsets by transformers' rule (`masks.batch_assistant_mask`), its ids,
-    labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows this does
+    the batch's masks are transformers' rule read at the generation spans' edges (`masks.batch_assistant_mask`),
+    its ids, labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows this does
     not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
     row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself would
     take, a render that fails; and the whole batch when the tokenizer call fails.
@@ -561,19 +579,7 @@ def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, enc
         token_counts[positions] = counts
         total = int(counts.sum())
         ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
-        offsets = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encoded)),
-            dtype=np.int64,
-            count=2 * total,
-        )
-        spans = [span for _, _, _, row_spans in rendered for span in row_spans]
-        mask = batch_assistant_mask(
-            offsets,
-            counts,
-            spans,
-            [len(row_spans) for *_, row_spans in rendered],
-            [len(text) for _, _, text, _ in rendered],
-        )
+        mask = batch_assistant_mask(encoded, [row_spans for *_, row_spans in rendered], counts)
         labels = np.where(mask, ids, -100)
         starts = np.concatenate([[0], np.cumsum(counts)])
         trained = np.flatnonzero(mask)
@@ -673,24 +679,42 @@ def _template_variables(tokenizer, example) -> dict:
     return {**tokenizer.special_tokens_map, **(example.get("chat_template_kwargs") or {})}
 
 
-def _coverage(tokenizer, template, tools, example, messages, kept) -> list[coverage.CoverageProblem]:
+def _coverage(tokenizer, template, tools, example, messages, kept, processed) -> list[coverage.CoverageProblem] | None:
     """The row's content-coverage problems (sft_toolkit/coverage.py), from its render's spans.
 
     `kept`: the trained assistant messages under per-message control (None: all of them, `messages` carry
-    no control fields)."""
+    no control fields). `processed`: the row's tokenization (`apply_chat_template`'s, with its assistant mask).
+    The row is rendered again for its text, as `apply_chat_template` rendered it (a row's `add_generation_prompt`
+    in `chat_template_kwargs` included); None (unchecked: counted in the report, never a pass) where that render
+    fails, though the same render succeeded while tokenizing, or its spans don't give the row's tokens their mask
+    (a template that renders differently on each call: the text checked would not be the text trained).
+    """
+    variables = _template_variables(tokenizer, example)
+    generation_prompt = bool(variables.pop("add_generation_prompt", False))
     try:
         rendered = render(
             tokenizer.get_chat_template(template, tools),
             control.strip_control(messages),
+            add_generation_prompt=generation_prompt,
             tools=tools,
-            template_kwargs=_template_variables(tokenizer, example),
+            template_kwargs=variables,
             placeholders=False,
         )
         spans = rendered.spans
         if kept is not None:
             spans = [span for i, own in control.assign_spans(messages, rendered).items() if i in kept for span in own]
     except (InputError, TemplateRaised, RenderLimit, control.MappingError):
-        return []  # the same render succeeded while tokenizing; nothing more to say here
+        return None
+    offsets = processed.encodings[0].offsets
+    if any(end > len(rendered.text) for _, end in offsets) or control.token_mask(
+        processed, rendered.spans, len(processed["input_ids"])
+    ) != list(processed["assistant_masks"]):
+        return None
+    # Only the characters the row's tokens cover can be trained: a row whose `chat_template_kwargs` truncate its
+    # tokens (`truncation`, `max_length`: `apply_chat_template` arguments, which TRL passes on too) loses the rest.
+    characters = [(start, end) for start, end in offsets if start < end]
+    covered = (min(s for s, _ in characters), max(e for _, e in characters)) if characters else (0, 0)
+    spans = [(max(a, covered[0]), min(b, covered[1])) for a, b in spans if min(b, covered[1]) > max(a, covered[0])]
     return coverage.coverage_problems(rendered.text, spans, messages, kept)
 
 
@@ -894,8 +918,8 @@ def _prompt_completion_row(
     from trl.data_utils import _tokenize, common_prefix_length
 
     prompt, completion = example.get("prompt"), example.get("completion")
-    out = {**row_record(index, _prompt_completion_problem(prompt, completion, policy)), **coverage.columns()}
-    out["coverage_unchecked"] = 0  # 1: the row's trained characters could not be told (`_prompt_completion_coverage`)
+    problem = _prompt_completion_problem(prompt, completion, policy) or template_kwargs_problem(example)
+    out = {**row_record(index, problem), **coverage.columns()}
     if out["problem"]:
         return out
     limit = MAX_ROW_CHARS if max_row_chars is None else max_row_chars
@@ -955,8 +979,8 @@ def _prompt_completion_row(
         found = _prompt_completion_coverage(
             tokenizer, template, example, prompt, completion, ids, labels, offsets, completion_only_loss
         )
-        if found is None:
-            out["coverage_unchecked"] = 1
+        if found is None:  # the row's trained characters could not be told
+            out.update(coverage.columns(unchecked=True))
         else:
             out.update(coverage.columns(found))
     return out

@@ -7,6 +7,9 @@ its end-of-turn trained (R003).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -112,37 +115,87 @@ def test_assistant_mask_is_transformers_rule(offsets, spans, ordered):
     assert assistant_mask(offsets, spans).tolist() == transformers_mask(offsets, spans)
 
 
-ROW = st.tuples(
-    st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=20),
-    st.lists(st.tuples(POSITIONS, POSITIONS).map(sorted), max_size=4),
-    st.booleans(),
-    st.integers(-4, 8),
+EDGE_TEXT = st.text(
+    alphabet=st.characters(
+        codec="utf-8",
+        categories=("L", "N", "P", "Zs", "Mn", "So"),
+        include_characters="\n\t ~\u00e9\u0301\u2615\U0001f600",
+    ),
+    max_size=40,
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(rows=st.lists(ROW, max_size=6))
-@example(rows=[([(0, 5)], [], True, 0), ([(6, 7)], [(0, 10)], True, 0)])  # in order only if rows overlap
-@example(rows=[([(0, 3)], [], True, -2), ([(1, 2)], [(0, 5)], True, 0)])  # a token past its text's width
-def test_batch_assistant_mask_is_each_rows_own_mask(rows):
-    """The batch path's one search over a whole batch marks, row by row, what the row's own mask marks:
-    rows without tokens or spans, rows whose spans would match the next row's tokens if positions weren't
-    shifted apart, rows out of order (the batch falls back to the rows' own masks), and a text wider than
-    every offset in it."""
-    from sft_toolkit.masks import assistant_mask, batch_assistant_mask
+@st.composite
+def rows_with_spans(draw):
+    """A text and generation spans: empty ones, ones that touch, ones at the text's ends; in order, or not (which
+    no render writes, and transformers' walk still reads its own way)."""
+    text = draw(EDGE_TEXT)
+    edges = sorted(draw(st.lists(st.integers(0, len(text)), max_size=6)))
+    spans = [(edges[i], edges[i + 1]) for i in range(0, len(edges) - 1, 2)]
+    return text, draw(st.permutations(spans)) if draw(st.booleans()) else spans
 
-    shaped = []
-    for offsets, spans, ordered, slack in rows:
-        if ordered:
-            offsets, spans = sorted(offsets), sorted(spans, key=lambda s: s[1])
-        width = max(max([end for _, end in offsets + spans], default=0) + slack, 0)
-        shaped.append((offsets, spans, width))
-    expected = [m for offsets, spans, _ in shaped for m in assistant_mask(offsets, spans).tolist()]
-    found = batch_assistant_mask(
-        [p for offsets, _, _ in shaped for token in offsets for p in token],
-        [len(offsets) for offsets, _, _ in shaped],
-        [p for _, spans, _ in shaped for span in spans for p in span],
-        [len(spans) for _, spans, _ in shaped],
-        [width for _, _, width in shaped],
+
+def _edited_tokenizer(tmp_path, name, **parts):
+    """The test tokenizer (tests/bad_inputs/tokenizer) with some of its pipeline replaced."""
+    import shutil
+
+    from sft_toolkit.tokenizer import load_tokenizer
+
+    folder = tmp_path / name
+    shutil.copytree(Path(__file__).parent / "bad_inputs" / "tokenizer", folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec.update(parts)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return load_tokenizer(str(folder))
+
+
+@pytest.fixture(scope="module")
+def edge_tokenizers(tmp_path_factory):
+    """Every real vocabulary the tests build, the test tokenizer, one whose normalizer deletes `~` (characters
+    no token covers) and one that trims its offsets (GPT-2's ByteLevel `trim_offsets`: tokens of no characters)."""
+    from sft_toolkit import offline_tokenizers
+    from sft_toolkit.tokenizer import load_tokenizer
+
+    tmp_path = tmp_path_factory.mktemp("edge-tokenizers")
+    found = {name: offline_tokenizers.load(name) for name in offline_tokenizers.NAMES}
+    found["test"] = load_tokenizer(str(Path(__file__).parent / "bad_inputs" / "tokenizer"))
+    found["deletes ~"] = _edited_tokenizer(
+        tmp_path, "deleting", normalizer={"type": "Replace", "pattern": {"String": "~"}, "content": ""}
     )
-    assert found.tolist() == expected
+    found["trimmed"] = _edited_tokenizer(
+        tmp_path,
+        "trimmed",
+        post_processor={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    )
+    return found
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(rows_with_spans(), min_size=1, max_size=4))
+def test_batch_assistant_mask_is_transformers_rule_on_real_encodings(edge_tokenizers, rows):
+    """check-data's batch path marks, row by row, exactly the tokens transformers' walk over the row's offsets
+    marks, for every real vocabulary: tokens that share a character (a multi-byte character's byte tokens),
+    combining marks, spans that are empty, touch, or start on a character the normalizer deleted or trimming left
+    out (read from the offsets then), and spans out of order (walked)."""
+    from sft_toolkit.masks import batch_assistant_mask
+
+    for name, tokenizer in edge_tokenizers.items():
+        backend = tokenizer.backend_tokenizer
+        encodings = backend.encode_batch([text for text, _ in rows], add_special_tokens=False)
+        expected = [m for e, (_, spans) in zip(encodings, rows) for m in transformers_mask(e.offsets, spans)]
+        found = batch_assistant_mask(encodings, [spans for _, spans in rows], [len(e.ids) for e in encodings])
+        assert found.tolist() == expected, name
+
+
+def test_the_edges_decide_where_they_can_and_the_offsets_decide_elsewhere(edge_tokenizers):
+    """Which way a row's mask is found: at its spans' edges; from every offset when an edge is a character no token
+    covers, or the spans are out of order."""
+    from sft_toolkit.masks import span_token_ranges
+
+    text = "Hello ~world \u2615 done"
+    spans = [(text.index("~"), len(text))]
+    qwen = edge_tokenizers["qwen2"].backend_tokenizer.encode(text, add_special_tokens=False)
+    assert span_token_ranges(qwen, spans, len(qwen.ids)) == [(qwen.char_to_token(text.index("~")), len(qwen.ids))]
+    assert span_token_ranges(qwen, [(6, 8), (0, 2)], len(qwen.ids)) is None
+    deleting = edge_tokenizers["deletes ~"].backend_tokenizer.encode(text, add_special_tokens=False)
+    assert span_token_ranges(deleting, spans, len(deleting.ids)) is None
