@@ -14,14 +14,14 @@ import shlex
 import shutil
 
 import pytest
-from test_no_data_loss import fake_checkpoint, home, no_training, refused, run, tree, write_recipe
+from test_no_data_loss import fake_checkpoint, home, no_training, refused, run, tiny_model, tree, write_recipe
 
 from sft_toolkit.cli import main
 from sft_toolkit.prepared import load_prepared
 from sft_toolkit.recipe import load_recipe
 from sft_toolkit.templates import load_template
 
-__all__ = ["home", "no_training"]  # fixtures, shared with test_no_data_loss
+__all__ = ["home", "no_training", "tiny_model"]  # fixtures, shared with test_no_data_loss
 
 
 # --- an output file never goes inside a dataset folder --------------------------------------------------------
@@ -317,3 +317,36 @@ def test_report_named_in_capitals_gets_the_markdown_it_names(home):
     assert (home / "REPORT.MD").read_text().startswith("# check-data: ")
     assert json.loads((home / "REPORT.json").read_text())["ok"] is True
     assert not (home / "REPORT.md").exists()
+
+
+# --- a second run replaces what the first one wrote ----------------------------------------------------------
+
+
+def test_a_merge_and_merge_adapter_run_again_replace_their_own_merged_model(home, tiny_model):
+    """`merge -o DIR` a second time, and a merge_adapter run again with overwrite_output_dir, were refused
+    ("exists and is not empty") by the merged model the toolkit itself had saved."""
+    write_recipe(
+        home,
+        model_name_or_path=str(tiny_model),
+        use_peft=True,
+        lora_r=4,
+        merge_adapter=True,
+        overwrite_output_dir=True,
+        max_steps=1,
+        save_steps=1,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_length=128,
+    )
+    for _ in range(2):
+        code, err = run(["train", "recipe.yaml"], home)
+        assert code == 0, err
+        assert (home / "run" / "merged" / "model.safetensors").is_file()
+    for _ in range(2):
+        code, err = run(["merge", "run", "-o", "exported"], home)
+        assert code == 0, err
+    assert sorted(p.name for p in home.iterdir() if p.name.startswith(".")) == []  # nothing left beside it
+    (home / "exported" / "notes.txt").write_text("mine now")
+    refused(home, ["merge", "run", "-o", "exported"], "exists and is not empty")

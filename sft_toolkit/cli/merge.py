@@ -2,7 +2,8 @@
 
 RUN_DIR is a `train` output_dir (or a checkpoint-N in it) of a run with `use_peft: true`; DIR receives an
 ordinary model (`AutoModelForCausalLM.from_pretrained(DIR)`) with the run's tokenizer and training chat
-template. DIR must be new or empty. Exit 0 saved, 2 bad input (no adapter, DIR not empty, base missing).
+template. DIR must be new or empty, or hold an earlier merge (its ownership record verified). Exit 0 saved, 2 bad
+input (no adapter, DIR not empty, base missing).
 The same as the recipe key `merge_adapter: true`, which does it at the end of training.
 """
 
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
         required=True,
         metavar="DIR",
         type=path_argument,
-        help="new or empty directory for the merged model",
+        help="new or empty directory for the merged model (or one an earlier merge saved)",
     )
     p.add_argument(
         "--trust-remote-code",
