@@ -697,6 +697,12 @@ def _check_consistency(source: str, built: dict, handbook_mixture: HandbookMixtu
             "split with dataset_test_split"
         )
     _check_eval(source, built)
+    for key, value in (
+        ("chat_template_path", built["sft"].chat_template_path),
+        ("prepared", built["toolkit"].prepared),
+    ):
+        if isinstance(value, str) and not value.strip():  # (trl sft fails on an empty chat_template_path)
+            raise InputError(f"{source}: {key}: {value!r} names no file or folder; give a path, or remove the key")
     if not built["model"].model_name_or_path:
         raise InputError(
             f"{source}: model_name_or_path is required (a local directory or a hub id; the tokenizer "
