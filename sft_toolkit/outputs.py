@@ -417,8 +417,12 @@ def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: s
     target = _real(given) if given.is_symlink() else given
     for item in inputs:
         theirs = _real(item.path)
-        if _real(target) == theirs or os.path.lexists(target) and _real(target).is_relative_to(theirs):
-            part = "is" if _real(target) == theirs else "is part of"
+        # The same file under another name: a case variant on a case-insensitive disk (macOS, Windows), a hard link.
+        same = (
+            _real(target) == theirs or target.exists() and item.path.exists() and os.path.samefile(target, item.path)
+        )
+        if same or os.path.lexists(target) and _real(target).is_relative_to(theirs):
+            part = "is" if same else "is part of"
             raise InputError(
                 f"{given}: {part} the input {item.key} ({item.path}); writing there would replace it; "
                 "nothing was changed; give another output file"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shlex
 import shutil
 
@@ -350,3 +351,11 @@ def test_a_merge_and_merge_adapter_run_again_replace_their_own_merged_model(home
     assert sorted(p.name for p in home.iterdir() if p.name.startswith(".")) == []  # nothing left beside it
     (home / "exported" / "notes.txt").write_text("mine now")
     refused(home, ["merge", "run", "-o", "exported"], "exists and is not empty")
+
+
+def test_an_output_that_is_an_input_under_another_name_is_refused(home):
+    """`-o My.jinja` for `my.jinja` on a case-insensitive disk (macOS, Windows) is the input itself; paths compared
+    as text missed it. A hard link stands in for the case variant here."""
+    (home / "mine.jinja").write_text(load_template("chatml").source)
+    os.link(home / "mine.jinja", home / "Mine.jinja")
+    refused(home, ["add-markers", "mine.jinja", "-o", "Mine.jinja"], "is the input INPUT (mine.jinja)")
