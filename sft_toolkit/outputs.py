@@ -131,7 +131,7 @@ def overlap(out: Path, inputs: Iterable[Input]) -> str | None:
     mine = _real(out)
     for item in inputs:
         theirs = _real(item.path)
-        if mine == theirs:
+        if mine == theirs or out.exists() and item.path.exists() and os.path.samefile(out, item.path):
             return f"is the input {item.key} ({item.path})"
         if theirs.is_relative_to(mine):
             return f"contains the input {item.key} ({item.path})"
