@@ -14,7 +14,8 @@ wrote, and refuses everything else with an `InputError` that names the path and 
 - A new directory is filled under a temporary sibling (`.DIR.partial-TOKEN`) and renamed into place, so an
   interrupted run never leaves a half directory under the name a later run trusts.
 - An output never is, contains or lies inside an input of the same recipe (dataset, model, template,
-  prepared data, the recipe file): replacing it would delete what it is made from.
+  prepared data, the recipe file): replacing it would delete what it is made from. A mixture source's
+  `data_files` glob is an input too: no output matches it (it would be read as data) or contains its folder.
 - A symbolic link is never followed to replace or delete what it points to.
 - `checkpoint-N` is a checkpoint only when it is a real directory whose `trainer_state.json` records
   `global_step` N (`checkpoint_step`); only those are ever overwritten, rotated or deleted (also by
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import hashlib
 import json
 import os
@@ -70,6 +72,9 @@ class Input:
     path: Path
     # A folder every file of which is read (a dataset, a prepared dataset): a new file put inside changes it too.
     whole_folder: bool = False
+    # `path` is a glob pattern (a mixture source's `data_files`, made absolute as `datasets` resolves it): every
+    # file it matches is read, those there now and those written later.
+    pattern: bool = False
 
 
 # The keys of `recipe_inputs` that name data: a folder of them is loaded file by file (`whole_folder`).
@@ -97,15 +102,43 @@ def recipe_inputs(recipe) -> list[Input]:
         ("prepared", recipe.toolkit.prepared),
         ("recipe file", recipe.source),
     ]
+    patterns = [
+        Input(f"datasets[{i}].data_files {pattern}", _absolute_pattern(pattern, source), pattern=True)
+        for i, source in enumerate(mixture.datasets if mixture else ())
+        for pattern in _data_files(getattr(source, "data_files", None))
+        if glob.has_magic(pattern)
+    ]
     return [
         replace(item, whole_folder=item.key.startswith(DATA_KEYS) and item.path.is_dir())
         for item in existing_inputs(candidates)
-    ]
+    ] + patterns
+
+
+def _absolute_pattern(pattern: str, source) -> Path:
+    """A `data_files` glob made absolute as `datasets` resolves it: against the source's folder (and `data_dir`
+    in it) when `path` is a folder, else against `data_dir`, else the working directory."""
+    folder = Path(source.path) if Path(source.path).is_dir() else Path()
+    base = (folder / (source.data_dir or "")).expanduser()
+    return Path(os.path.abspath(base / Path(pattern).expanduser()))
+
+
+def _pattern_collision(out: Path, item: Input) -> str | None:
+    """How `out` collides with a glob input: it matches the pattern (a file there is read as data, now or on the
+    next run), or it contains the folder the pattern reads from. `fnmatch`'s `*` also crosses `/`, so this refuses
+    a little more than `datasets` would read, never less."""
+    pattern = str(item.path)
+    if any(fnmatch.fnmatchcase(str(candidate), pattern) for candidate in (Path(os.path.abspath(out)), _real(out))):
+        return f"matches the input {item.key}, so it would be read as data"
+    parts = item.path.parts
+    root = Path(*parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))])
+    if _real(root).is_relative_to(_real(out)):
+        return f"contains the folder the input {item.key} reads"
+    return None
 
 
 def _data_files(value) -> list[str]:
-    """The paths a mixture source's `data_files` names: a path, a list of them, or a mapping of split -> either
-    (glob patterns name no existing path and are left to `datasets`)."""
+    """The paths and glob patterns a mixture source's `data_files` names: a path, a list of them, or a mapping of
+    split -> either."""
     if isinstance(value, dict):
         return [path for files in value.values() for path in _data_files(files)]
     if isinstance(value, (list, tuple)):
@@ -130,6 +163,10 @@ def overlap(out: Path, inputs: Iterable[Input]) -> str | None:
     """How `out` collides with an input (is it, contains it, lies inside it), or None."""
     mine = _real(out)
     for item in inputs:
+        if item.pattern:
+            if found := _pattern_collision(out, item):
+                return found
+            continue
         theirs = _real(item.path)
         if mine == theirs or out.exists() and item.path.exists() and os.path.samefile(out, item.path):
             return f"is the input {item.key} ({item.path})"
@@ -416,6 +453,10 @@ def check_output_file(path: str | Path, inputs: Iterable[Input] = (), example: s
         raise InputError(f"{given}: is a directory; give a file path (e.g. {given / example})")
     target = _real(given) if given.is_symlink() else given
     for item in inputs:
+        if item.pattern:
+            if found := _pattern_collision(target, item):
+                raise InputError(f"{given}: {found}; nothing was changed; give an output file it does not match")
+            continue
         theirs = _real(item.path)
         # The same file under another name: a case variant on a case-insensitive disk (macOS, Windows), a hard link.
         same = (
@@ -526,7 +567,7 @@ def check_train_output(recipe, *, resume_step: Callable[[str], int | None]) -> l
         if item.key == "recipe file":
             continue
         collision = overlap(out, [item])
-        if collision and (item.key == "model_name_or_path" or not collision.startswith("contains")):
+        if collision and (item.key == "model_name_or_path" or item.pattern or not collision.startswith("contains")):
             raise InputError(
                 f"{where}: {collision}: training would write its checkpoints and weights there; "
                 "nothing was changed; choose another output_dir"
