@@ -755,15 +755,19 @@ def offsets_in_order(backend) -> bool:
     """Whether the encodings of `backend` (a `tokenizers.Tokenizer`) have their offsets in order, starts and ends
     both non-decreasing, so that `span_token_ranges` may read a row's mask at its spans' edges.
 
-    True unless the post-processor trims offsets (ByteLevel's or RobertaProcessing's `trim_offsets`, as GPT-2's
-    and RoBERTa's do, even with `add_special_tokens=False`) or is one this function does not know. Trimming moves a
-    token's start past the leading spaces of its *text*, counted in characters of the token, not of the input: a
-    space the pipeline wrote shares its offsets with the character it was written for (ByteLevel's
-    `add_prefix_space` before the text after an added token, NFKC's '¨' -> ' ̈'), so the space's token starts
-    after that character while the next token, the character's own, starts at it
-    (`tests/test_mask_edges_adversarial.py`). transformers' walk then skips a span at that token; the edges would
-    not.
+    True unless one of two parts of the pipeline can write them out of order
+    (`tests/test_mask_edges_adversarial.py` builds both), and transformers' walk then marks other tokens than the
+    edges would:
+    - a post-processor that trims offsets (ByteLevel's or RobertaProcessing's `trim_offsets`, GPT-2's and
+      RoBERTa's, applied even with `add_special_tokens=False`), or one this function does not know. Trimming moves
+      a token's start past the leading spaces of its *text*: a space the pipeline wrote shares its offsets with the
+      character it was written for (ByteLevel's `add_prefix_space` before the text after an added token, NFKC's
+      '¸' -> ' ̧'), so the space's token starts after that character while the next token starts at it;
+    - an added token that strips the whitespace around it (`lstrip`/`rstrip`): its offsets take in the whitespace
+      after it even where another added token ('\n') matches there, and that token follows with offsets inside.
     """
+    if any(token.lstrip or token.rstrip for token in backend.get_added_tokens_decoder().values()):
+        return False
     processor = backend.post_processor
     if processor is None:
         return True

@@ -37,10 +37,17 @@ from sft_toolkit.masks import batch_assistant_mask, offsets_in_order, span_token
 ADDED_SPECIAL = ["<|im_start|>", "<|im_end|>"]
 # Added tokens that are not special, one per option that changes where an added token matches and what it covers.
 ADDED = [
-    AddedToken("<tool>", lstrip=True, rstrip=True, normalized=False),
+    AddedToken("<tool>", normalized=False),
     AddedToken("call", single_word=True, normalized=True),
     AddedToken(" ab", normalized=True),
     AddedToken("FI", normalized=False),
+]
+# Added tokens that take in the whitespace around them (Phi-3's chat tokens strip on the right), and a newline that is
+# an added token of its own.
+STRIPPING = [
+    AddedToken("<|im_end|>", rstrip=True, special=True),
+    AddedToken("<tool>", lstrip=True, rstrip=True, special=True),
+    AddedToken("\n", special=True),
 ]
 
 # Characters that normalizers expand, fold, decompose or delete, spaces the pipeline may add or trim, and characters
@@ -91,6 +98,10 @@ CHARACTERS = [
     "\u3000",
     *ADDED_SPECIAL,
     *(token.content for token in ADDED),
+    # as chat templates write them
+    "<|im_start|>assistant\n",
+    "<|im_end|>\n",
+    " <tool> \n",
 ]
 
 
@@ -156,8 +167,8 @@ NFKC_EXPANDING = normalizers.Sequence(
 )
 GPT2_REGEX = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
-# name -> (model and trainer, normalizer, pre-tokenizer, post-processor). Byte-level BPE only with a pre-tokenizer
-# that ends in ByteLevel (its alphabet); the other models with any.
+# name -> (model and trainer, normalizer, pre-tokenizer, post-processor[, added tokens]). Byte-level BPE only with a
+# pre-tokenizer that ends in ByteLevel (its alphabet); the other models with any.
 PIPELINES = {
     "byte-level, prefix space": (_bpe_byte_level, None, pre_tokenizers.ByteLevel(add_prefix_space=True), None),
     "byte-level, prefix space, trimmed (GPT-2 style)": (
@@ -256,10 +267,24 @@ PIPELINES = {
         pre_tokenizers.Split(Regex(r"\S+\s*"), behavior="isolated"),
         processors.Sequence([processors.ByteLevel(trim_offsets=True), processors.TemplateProcessing(single="$A")]),
     ),
+    "byte-level, stripping added tokens": (
+        _bpe_byte_level,
+        None,
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        None,
+        STRIPPING,
+    ),
+    "NFKC expanding, whitespace, WordPiece, stripping added tokens": (
+        _wordpiece,
+        NFKC_EXPANDING,
+        pre_tokenizers.Whitespace(),
+        None,
+        STRIPPING,
+    ),
 }
 
 
-def _build(model_and_trainer, normalizer, pre_tokenizer, post_processor):
+def _build(model_and_trainer, normalizer, pre_tokenizer, post_processor, added=ADDED):
     model, trainer = model_and_trainer()
     tokenizer = Tokenizer(model)
     if normalizer is not None:
@@ -268,7 +293,8 @@ def _build(model_and_trainer, normalizer, pre_tokenizer, post_processor):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(CORPUS, trainer)
     tokenizer.add_special_tokens(ADDED_SPECIAL)
-    tokenizer.add_tokens(ADDED)
+    for token in added:
+        (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
     if post_processor is not None:
         tokenizer.post_processor = post_processor
     return tokenizer
@@ -366,6 +392,23 @@ def test_nfkc_space_and_trimming_break_the_premise(pipelines):
     encoding = tokenizer.encode(text, add_special_tokens=False)
     assert not _in_order(encoding.offsets)
     assert not offsets_in_order(tokenizer)
+    expected = transformers_mask(encoding.offsets, spans)
+    edges = span_token_ranges(encoding, spans, len(encoding.ids))
+    assert [i for first, stop in edges for i in range(first, stop)] != [i for i, m in enumerate(expected) if m]
+    found = batch_assistant_mask([encoding], [spans], [len(encoding.ids)], in_order=offsets_in_order(tokenizer))
+    assert found.tolist() == expected
+
+
+def test_stripping_added_tokens_break_the_premise(pipelines):
+    """An added token that strips the whitespace after it (`rstrip`) takes in a newline that is an added token of its
+    own, which follows with offsets inside it: an empty span right before that newline's end marks only the stripping
+    token in transformers' walk, and the newline's token too at the edges."""
+    tokenizer = pipelines["byte-level, stripping added tokens"]
+    text = "hi<|im_end|>\n\nok"
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    assert not _in_order(encoding.offsets)
+    assert not offsets_in_order(tokenizer)
+    spans = [(text.index("ok") - 1, text.index("ok") - 1)]
     expected = transformers_mask(encoding.offsets, spans)
     edges = span_token_ranges(encoding, spans, len(encoding.ids))
     assert [i for first, stop in edges for i in range(first, stop)] != [i for i, m in enumerate(expected) if m]
