@@ -8,8 +8,9 @@ ligatures and compatibility characters, 'İ', `Replace` with longer and empty co
 `BertNormalizer`), pre-tokenizers that add or split spaces (ByteLevel's and Metaspace's prefix, Split in every
 behaviour, Digits, Punctuation, UnicodeScripts), BPE with byte fallback, WordPiece, Unigram and WordLevel models,
 added tokens with lstrip/rstrip/single_word/normalized, and post-processors that trim offsets; and texts that mix
-those characters with whitespace runs, newlines and added-token strings. The premise fails for one kind of pipeline:
-a post-processor that trims offsets (`masks.offsets_in_order` says so, and those rows are walked).
+those characters with whitespace runs, newlines and added-token strings. The premise fails for two kinds of pipeline,
+and the edges then mark other tokens than the walk: a post-processor that trims offsets, and added tokens that strip
+the whitespace around them. `masks.offsets_in_order` says so for both, and their rows are walked.
 """
 
 from __future__ import annotations
