@@ -221,7 +221,14 @@ def batch_stages(n: int) -> None:
         items = [(k, m, t, s) for k, (m, t, s) in enumerate(zip(conversations, texts, spans))]
         table = clock(
             "ids, mask (at the spans' edges), labels, counts, reasons -> Arrow table (_chat_table)",
-            lambda: preprocess._chat_table(len(rows), list(range(len(rows))), {}, items, encoded),
+            lambda: preprocess._chat_table(
+                len(rows),
+                list(range(len(rows))),
+                {},
+                items,
+                encoded,
+                masks.offsets_in_order(tokenizer.backend_tokenizer),
+            ),
         )
         preprocess.CHECK_COVERAGE = True
         clock(

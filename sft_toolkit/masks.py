@@ -710,11 +710,10 @@ def span_token_ranges(encoding, spans, token_count: int) -> list[tuple[int, int]
     [first, stop) range of token indices per span, or None when the edges can't tell (a span edge on a character
     no token covers, spans out of order), and the caller walks every offset instead.
 
-    `encoding`: the row's `tokenizers.Encoding`. tokenizers writes offsets in order, starts and ends both
-    non-decreasing: a normalizer aligns each character it writes with the characters it came from, in order;
-    pre-tokenizers split the text in order; a model writes a word's tokens in order (the pieces of one character
-    share its offsets); ByteLevel's `trim_offsets` moves a token's start forward and its end back only over its own
-    spaces. With spans in order too, transformers' walk marks a token exactly when it overlaps a span (its end past the span's start,
+    `encoding`: the row's `tokenizers.Encoding`, from a tokenizer whose offsets are in order (`offsets_in_order`),
+    starts and ends both non-decreasing: a normalizer aligns each character it writes with the characters it came
+    from, in order; pre-tokenizers split the text in order; a model writes a word's tokens in order (the pieces of
+    one character share its offsets). With spans in order too, transformers' walk marks a token exactly when it overlaps a span (its end past the span's start,
     its start before the span's end; an empty span marks the token straddling it), and those tokens are one run
     per span: from the first token ending after the span's start (`char_to_token` of the start: the first token
     holding it) to the last one starting before its end (`char_to_token` of the end's character, moved on, one
@@ -741,15 +740,50 @@ def span_token_ranges(encoding, spans, token_count: int) -> list[tuple[int, int]
     return ranges
 
 
-def batch_assistant_mask(encodings, spans, token_counts) -> np.ndarray:
+# Post-processors that leave the model's offsets as they are: ByteLevel and RobertaProcessing only without
+# `trim_offsets`, which `offsets_in_order` reads from their settings.
+_OFFSET_KEEPING_PROCESSORS = frozenset({"TemplateProcessing", "BertProcessing", "ByteLevel", "RobertaProcessing"})
+
+
+def _keeps_offsets(spec: dict) -> bool:
+    if spec.get("type") == "Sequence":
+        return all(_keeps_offsets(part) for part in spec.get("processors", []))
+    return spec.get("type") in _OFFSET_KEEPING_PROCESSORS and not spec.get("trim_offsets", False)
+
+
+def offsets_in_order(backend) -> bool:
+    """Whether the encodings of `backend` (a `tokenizers.Tokenizer`) have their offsets in order, starts and ends
+    both non-decreasing, so that `span_token_ranges` may read a row's mask at its spans' edges.
+
+    True unless one of two parts of the pipeline can write them out of order
+    (`tests/test_mask_edges_adversarial.py` builds both), and transformers' walk then marks other tokens than the
+    edges would:
+    - a post-processor that trims offsets (ByteLevel's or RobertaProcessing's `trim_offsets`, GPT-2's and
+      RoBERTa's, applied even with `add_special_tokens=False`), or one this function does not know. Trimming moves
+      a token's start past the leading spaces of its *text*: a space the pipeline wrote shares its offsets with the
+      character it was written for (ByteLevel's `add_prefix_space` before the text after an added token, NFKC's
+      '¸' -> ' ̧'), so the space's token starts after that character while the next token starts at it;
+    - an added token that strips the whitespace around it (`lstrip`/`rstrip`): its offsets take in the whitespace
+      after it even where another added token ('\n') matches there, and that token follows with offsets inside.
+    """
+    if any(token.lstrip or token.rstrip for token in backend.get_added_tokens_decoder().values()):
+        return False
+    processor = backend.post_processor
+    if processor is None:
+        return True
+    return _keeps_offsets(json.loads(processor.__getstate__()))
+
+
+def batch_assistant_mask(encodings, spans, token_counts, *, in_order: bool) -> np.ndarray:
     """`assistant_mask` of several rows at once, as one flat array (the rows' tokens back to back): each row's
-    `tokenizers.Encoding`, generation spans and token count. A row's marked tokens come from its spans' edges
-    (`span_token_ranges`); a row whose edges can't tell has its offsets walked by `assistant_mask`."""
+    `tokenizers.Encoding`, generation spans and token count. When the tokenizer's offsets are in order
+    (`in_order`: `offsets_in_order` of the tokenizer that wrote `encodings`), a row's marked tokens come from its
+    spans' edges (`span_token_ranges`); every other row has its offsets walked by `assistant_mask`."""
     token_counts = np.asarray(token_counts, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(token_counts)])
     opened, closed, walked = [], [], []
     for row, (encoding, row_spans) in enumerate(zip(encodings, spans)):
-        ranges = span_token_ranges(encoding, row_spans, int(token_counts[row]))
+        ranges = span_token_ranges(encoding, row_spans, int(token_counts[row])) if in_order else None
         if ranges is None:
             walked.append(row)
             continue

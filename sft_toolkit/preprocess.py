@@ -32,6 +32,7 @@ from .masks import (
     TemplateRaised,
     batch_assistant_mask,
     normalize_messages,
+    offsets_in_order,
     render,
     template_error_text,
 )
@@ -532,7 +533,8 @@ def _tokenize_rows(
             for k, *_ in rendered:
                 by_row[k] = _tokenize_row(rows[k], indices[k], **row_kwargs)
             rendered = []
-    return _chat_table(len(rows), indices, by_row, rendered, encoded)
+    in_order = offsets_in_order(tokenizer.backend_tokenizer)
+    return _chat_table(len(rows), indices, by_row, rendered, encoded, in_order)
 
 
 def _encodings(tokenizer, texts: list[str]) -> list:
@@ -556,9 +558,10 @@ def _encodings(tokenizer, texts: list[str]) -> list:
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False).encodings
 
 
-def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, encoded):
+def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, encoded, in_order: bool):
     """The batch's CHAT_COLUMNS as an Arrow table: the rendered rows' tokens, labels and counts from their
-    encodings (`encoded`, in `rendered`'s order) in numpy (labels by transformers' mask rule, the zero-mask
+    encodings (`encoded`, in `rendered`'s order) in numpy (labels by transformers' mask rule, read at the spans'
+    edges when the tokenizer's offsets are `in_order`, the zero-mask
     reason, the content-coverage problem from the same render's spans), and the records `_tokenize_row`
     returned for the others, in batch order."""
     import numpy as np
@@ -579,7 +582,7 @@ def _chat_table(size: int, indices, by_row: dict[int, dict], rendered: list, enc
         token_counts[positions] = counts
         total = int(counts.sum())
         ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
-        mask = batch_assistant_mask(encoded, [row_spans for *_, row_spans in rendered], counts)
+        mask = batch_assistant_mask(encoded, [row_spans for *_, row_spans in rendered], counts, in_order=in_order)
         labels = np.where(mask, ids, -100)
         starts = np.concatenate([[0], np.cumsum(counts)])
         trained = np.flatnonzero(mask)

@@ -177,13 +177,16 @@ def test_batch_assistant_mask_is_transformers_rule_on_real_encodings(edge_tokeni
     marks, for every real vocabulary: tokens that share a character (a multi-byte character's byte tokens),
     combining marks, spans that are empty, touch, or start on a character the normalizer deleted or trimming left
     out (read from the offsets then), and spans out of order (walked)."""
-    from sft_toolkit.masks import batch_assistant_mask
+    from sft_toolkit.masks import batch_assistant_mask, offsets_in_order
 
     for name, tokenizer in edge_tokenizers.items():
         backend = tokenizer.backend_tokenizer
         encodings = backend.encode_batch([text for text, _ in rows], add_special_tokens=False)
         expected = [m for e, (_, spans) in zip(encodings, rows) for m in transformers_mask(e.offsets, spans)]
-        found = batch_assistant_mask(encodings, [spans for _, spans in rows], [len(e.ids) for e in encodings])
+        counts = [len(e.ids) for e in encodings]
+        found = batch_assistant_mask(
+            encodings, [spans for _, spans in rows], counts, in_order=offsets_in_order(backend)
+        )
         assert found.tolist() == expected, name
 
 
