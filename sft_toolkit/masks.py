@@ -713,12 +713,12 @@ def span_token_ranges(encoding, spans, token_count: int) -> list[tuple[int, int]
     `encoding`: the row's `tokenizers.Encoding`, from a tokenizer whose offsets are in order (`offsets_in_order`),
     starts and ends both non-decreasing: a normalizer aligns each character it writes with the characters it came
     from, in order; pre-tokenizers split the text in order; a model writes a word's tokens in order (the pieces of
-    one character share its offsets). With spans in order too, transformers' walk marks a token exactly when it overlaps a span (its end past the span's start,
-    its start before the span's end; an empty span marks the token straddling it), and those tokens are one run
-    per span: from the first token ending after the span's start (`char_to_token` of the start: the first token
-    holding it) to the last one starting before its end (`char_to_token` of the end's character, moved on, one
-    `token_to_chars` at a time, past the tokens that share it or start before the end). No offset list is read
-    into Python.
+    one character share its offsets). With spans in order too, transformers' walk marks a token exactly when it
+    overlaps a span (its end past the span's start, its start before the span's end; an empty span marks the token
+    straddling it), and those tokens are one run per span: from the first token ending after the span's start
+    (`char_to_token` of the start: the first token holding it) to the last one starting before its end
+    (`char_to_token` of the end's character, moved on, one `token_to_chars` at a time, past the tokens that share
+    it or start before the end). No offset list is read into Python.
     """
     for (start, end), (next_start, next_end) in zip(spans, spans[1:]):
         if next_start < start or next_end < end:

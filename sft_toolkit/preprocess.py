@@ -498,8 +498,8 @@ def _tokenize_rows(
     Each row is rendered as `apply_chat_template` renders it (`render_jinja_template` with the tokenizer's special
     tokens and the row's `chat_template_kwargs`, the template compiled once per process by transformers' cache);
     the batch's masks are transformers' rule read at the generation spans' edges (`masks.batch_assistant_mask`),
-    its ids, labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows this does
-    not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
+    its ids, labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows
+    this does not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
     row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself would
     take, a render that fails; and the whole batch when the tokenizer call fails.
     `tests/test_check_data_matches_trl.py` proves the result equals TRL's, row for row.
@@ -533,6 +533,15 @@ def _tokenize_rows(
             for k, *_ in rendered:
                 by_row[k] = _tokenize_row(rows[k], indices[k], **row_kwargs)
             rendered = []
+        except BaseException as err:
+            if type(err).__name__ != "PanicException":  # a Rust panic (pyo3) is a BaseException, not an Exception
+                raise
+            # The tokenizer crashed inside Rust; its later results in this process can't be trusted (tests
+            # found batches that no longer matched their texts after one), so no row is tokenized with it again.
+            raise InputError(
+                f"the tokenizer {tokenizer.name_or_path} crashed on this data (tokenizers: {err}); its pipeline "
+                "(tokenizer.json: normalizer, added tokens) can't encode these rows: fix or replace it"
+            ) from None
     in_order = offsets_in_order(tokenizer.backend_tokenizer)
     return _chat_table(len(rows), indices, by_row, rendered, encoded, in_order)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -310,3 +312,25 @@ def test_check_data_takes_the_recipe_overrides_train_takes(tmp_path):
     assert main(["check-data", recipe, "--format", "json"]) == 0
     assert main(["check-data", recipe, "--format", "json", "--max_length", "8"]) == 1  # the answer is cut away
     assert main(["check-data", recipe, "--max_lenght", "8"]) == 2  # a misspelt key is bad input, named
+
+
+def test_a_tokenizer_that_crashes_in_rust_is_bad_input(tmp_path):
+    """A tokenizer.json whose normalizer makes `tokenizers` panic (a Replace whose regex matches the empty string:
+    'index out of bounds' inside Rust) is named as the tokenizer at fault (exit 2), not a traceback: a Rust panic
+    is a BaseException that the per-row fallback does not catch, and the tokenizer is not used again."""
+    import shutil
+    from pathlib import Path
+
+    from sft_toolkit.cli import main
+
+    folder = tmp_path / "crashing"
+    shutil.copytree(Path(__file__).parent / "bad_inputs" / "tokenizer", folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Replace", "pattern": {"Regex": "^"}, "content": "x"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    recipe = write_recipe(tmp_path, [qa("Hi", "Hello")], model_name_or_path=str(folder), chat_template_path="chatml")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check-data", recipe])
+    assert code == 2
+    assert "crashed on this data" in err.getvalue() and "Traceback" not in err.getvalue()
