@@ -501,21 +501,25 @@ def check_json_data_files(source: str, split: str, **load_kwargs) -> None:
     the builder its files' extensions pick), so a `weight: NaN` in one file of a folder is named like one in a
     single file instead of loading as null (a switched-off turn trained). Files another builder reads are not
     JSON; a source `datasets` can't resolve is left for the load to report."""
+    resolved = _split_files(source, split, **load_kwargs)
+    if resolved is None or resolved[0] != "json":
+        return
+    for file in resolved[1]:
+        if file.suffix.lower() in (".json", ".jsonl") and file.is_file():
+            _check_json_values(_under(source, file))
+
+
+def _split_files(source: str, split: str, **load_kwargs) -> tuple[str, list[Path]] | None:
+    """The builder `datasets.load_dataset(source, split=split, **load_kwargs)` uses and the files it reads for the
+    split, as `datasets` resolves them (`load_dataset_builder`: the dataset card's `configs:`, else its data-file
+    patterns); None when it can't resolve the source (the load says why, in recipe terms)."""
     import datasets
 
     try:
         builder = datasets.load_dataset_builder(source, **load_kwargs)
-        files = builder.config.data_files.get(split, []) if builder.config.data_files else []
     except Exception:  # noqa: BLE001 - load_dataset says what is wrong with the source, in recipe terms
-        return
-    if builder.name != "json":
-        return
-    for file in files:
-        path = Path(file)
-        if path.suffix.lower() in (".json", ".jsonl") and path.is_file():
-            with contextlib.suppress(ValueError):  # named under the folder as the user gave it
-                path = Path(source) / path.resolve().relative_to(Path(source).resolve())
-            _check_json_values(path)
+        return None
+    return builder.name, [Path(f) for f in (builder.config.data_files or {}).get(split, [])]
 
 
 def unread_data_files(source: str, **load_kwargs) -> list[str]:
@@ -790,15 +794,14 @@ def folder_load_failure(source: str, split: str, name: str | None, err: Exceptio
     reason = f"{type(inner).__name__}: {_first_line(inner)}"
     if isinstance(inner, datasets.table.CastError):
         reason = f"the files' columns differ: {inner.details()}"
-    try:
-        builder = datasets.load_dataset_builder(source, name=name, **load_kwargs)
-        files = [Path(f) for f in (builder.config.data_files or {}).get(split, [])]
-    except Exception:  # noqa: BLE001 - the folder can't be resolved either: the wrapped error is all there is
+    resolved = _split_files(source, split, name=name, **load_kwargs)
+    if resolved is None:  # the folder can't be resolved either: the wrapped error is all there is
         return reason
+    builder_name, files = resolved
     schemas = []
     for file in files:
         try:
-            schemas.append((file, _file_schema(file, builder.name)))
+            schemas.append((file, _file_schema(file, builder_name)))
         except Exception as file_err:  # noqa: BLE001 - this file alone does not load: name it
             return f"{_under(source, file)}: {type(file_err).__name__}: {_first_line(file_err)}"
     schemas = [(file, schema) for file, schema in schemas if schema is not None]
@@ -837,12 +840,12 @@ def _file_schema(path: Path, builder: str):
     return None
 
 
-def _under(source: str, file: Path) -> str:
-    """`file` named under the folder as the user gave it."""
+def _under(source: str, file: Path) -> Path:
+    """`file` named under the folder as the user gave it (as it is when it lies elsewhere)."""
     try:
-        return str(Path(source) / file.resolve().relative_to(Path(source).resolve()))
+        return Path(source) / file.resolve().relative_to(Path(source).resolve())
     except ValueError:
-        return str(file)
+        return file
 
 
 def _first_line(err: Exception) -> str:
