@@ -815,8 +815,8 @@ def folder_load_failure(source: str, split: str, name: str | None, err: Exceptio
         for column in schema:
             if not column.type.equals(first.field(column.name).type):
                 return (
-                    f"{_under(source, file)}: column {column.name!r} is {column.type}, in {_under(source, first_file)} "
-                    f"it is {first.field(column.name).type}; give every file of the folder the same field types "
+                    f"{_under(source, file)}: column {column.name!r} is {column.type}, in "
+                    f"{_under(source, first_file)} it is {first.field(column.name).type}; give every file of the folder the same field types "
                     f"(datasets: {reason})"
                 )
     return reason

@@ -499,9 +499,9 @@ def _tokenize_rows(
     tokens and the row's `chat_template_kwargs`, the template compiled once per process by transformers' cache);
     the batch's masks are transformers' rule read at the generation spans' edges (`masks.batch_assistant_mask`),
     its ids, labels and counts are built in numpy and returned as an Arrow table (no Python int per token). Rows
-    this does not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or oversized
-    row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself would
-    take, a render that fails; and the whole batch when the tokenizer call fails.
+    this does not cover take `_tokenize_row` unchanged, so they are reported exactly as before: a malformed or
+    oversized row, text parts, per-message control, a `chat_template_kwargs` key that `apply_chat_template` itself
+    would take, a render that fails; and the whole batch when the tokenizer call fails.
     `tests/test_check_data_matches_trl.py` proves the result equals TRL's, row for row.
     """
     row_kwargs = {
